@@ -1,0 +1,398 @@
+"""One typed, frozen config for every entry point, validated once.
+
+Flower's run-config is a flat dict of dotted kebab-case keys (``ralt.learning-rate``); the CLI takes the
+same keys. ``AppConfig.from_flat`` is the only function that maps those keys onto the dataclasses below,
+and it rejects unknown keys (with a suggestion), wrong types and out-of-range values. The dataclass
+defaults are the truth: ``pyproject.toml``'s ``[tool.flwr.app.config]`` repeats them, and a test checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from fedrag_app.errors import ConfigError
+
+
+def _help(text: str, default: Any) -> Any:
+    """A dataclass field whose help text travels with it (PEFT style)."""
+    return field(default=default, metadata={"help": text})
+
+
+def _one_of(section: str, name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"run-config key '{section}.{_kebab(name)}' = {value!r}: must be one of {allowed}")
+
+
+def _positive(section: str, name: str, value: float, *, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        bound = ">= 0" if zero_ok else "> 0"
+        raise ConfigError(f"run-config key '{section}.{_kebab(name)}' = {value!r}: must be {bound}")
+
+
+def _fraction(section: str, name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"run-config key '{section}.{_kebab(name)}' = {value!r}: must be in [0, 1]")
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how computation runs."""
+
+    device: str = _help("auto | cpu | cuda; auto picks CUDA when present", "auto")
+    num_threads: int = _help("torch intra-op threads; 0 = one per core", 0)
+    seed: int = _help("seed for python, numpy and torch", 1234)
+
+    def __post_init__(self) -> None:
+        _one_of("runtime", "device", self.device, ("auto", "cpu", "cuda"))
+        _positive("runtime", "num_threads", self.num_threads, zero_ok=True)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data comes from: a local directory laid out like shared/data, or hub ids."""
+
+    dir: str = _help("local data directory (web_questions/, mmlu/, wikipedia/); '' = $FEDRAG_DATA_DIR, else hub", "")
+    web_questions: str = _help("hub id of Web Questions, used when no local directory is set", "stanfordnlp/web_questions")
+    mmlu: str = _help("hub id of MMLU, used when no local directory is set", "cais/mmlu")
+    corpus: str = _help("passage corpus: a JSONL file with id/title/text; '' = <dir>/wikipedia/passages.jsonl", "")
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """The causal LM and its LoRA adapter."""
+
+    model: str = _help("short name, hub id or local path of a causal LM", "smollm2-135m-instruct")
+    quantization: str = _help("none | 4bit | 8bit (bitsandbytes; 4bit = QLoRA)", "none")
+    adapter_path: str = _help("PEFT adapter folder to start from; '' = fresh LoRA from the keys below", "")
+    lora_r: int = _help("LoRA rank", 8)
+    lora_alpha: int = _help("LoRA alpha (scale = alpha / r)", 16)
+    lora_dropout: float = _help("LoRA dropout", 0.05)
+    lora_target_modules: tuple[str, ...] = _help("comma-separated module names LoRA wraps", ("q_proj", "v_proj"))
+    max_new_tokens: int = _help("greedy generation length", 32)
+
+    def __post_init__(self) -> None:
+        _one_of("generator", "quantization", self.quantization, ("none", "4bit", "8bit"))
+        _positive("generator", "lora_r", self.lora_r)
+        _positive("generator", "lora_alpha", self.lora_alpha)
+        _fraction("generator", "lora_dropout", self.lora_dropout)
+        _positive("generator", "max_new_tokens", self.max_new_tokens)
+        if not self.lora_target_modules:
+            raise ConfigError("run-config key 'generator.lora-target-modules' is empty: name at least one module")
+
+
+@dataclass(frozen=True)
+class RetrieverConfig:
+    """The dual encoder: a query encoder and a context encoder (shared weights unless context-model is set)."""
+
+    model: str = _help("short name, hub id or local path of a sentence-transformers model (query encoder)", "all-minilm-l6-v2")
+    context_model: str = _help("separate context encoder; '' = share the query encoder's weights", "")
+    train_context_encoder: bool = _help("LSR also trains the context encoder (then the store is re-indexed)", False)
+    train_top_layers: int = _help("train only the top N transformer layers of the query encoder; 0 = all", 0)
+    wire_dtype: str = _help("float32 | float16: dtype of retriever weights sent over the network", "float32")
+
+    def __post_init__(self) -> None:
+        _positive("retriever", "train_top_layers", self.train_top_layers, zero_ok=True)
+        _one_of("retriever", "wire_dtype", self.wire_dtype, ("float32", "float16"))
+        if self.train_context_encoder and not self.context_model:
+            raise ConfigError(
+                "run-config key 'retriever.train-context-encoder' = true needs 'retriever.context-model': "
+                "with shared weights the query encoder already moves the context embeddings"
+            )
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """The Qdrant knowledge store: an embedded Qdrant Edge shard folder, or a Qdrant server URL."""
+
+    path: str = _help("embedded shard folder; '' = <cache>/shards/<corpus>-<retriever>", "")
+    url: str = _help("Qdrant server URL (http://host:6333) or ':memory:'; overrides path", "")
+    collection: str = _help("collection name on a Qdrant server", "passages")
+    index_batch_size: int = _help("passages encoded and upserted per batch while indexing", 128)
+    passages_limit: int = _help("index only the first N passages; 0 = all", 0)
+
+    def __post_init__(self) -> None:
+        _positive("store", "index_batch_size", self.index_batch_size)
+        _positive("store", "passages_limit", self.passages_limit, zero_ok=True)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What a training run does (centralized, or one client's local round)."""
+
+    mode: str = _help("ralt (generator) | lsr (retriever) | ra-dit (both)", "ra-dit")
+    ra_dit_schedule: str = _help("alternate (LSR on odd rounds, RALT on even) | joint (LSR then RALT each round)", "joint")
+    num_examples: int = _help("use the first N training pairs; 0 = all", 0)
+    epochs: int = _help("passes over the training pairs per round", 1)
+    max_steps: int = _help("stop after N optimizer steps per phase; 0 = run the epochs", 0)
+    output_dir: str = _help("where `fedrag-app train` writes adapter, retriever and metrics", "outputs/train")
+
+    def __post_init__(self) -> None:
+        _one_of("train", "mode", self.mode, ("ralt", "lsr", "ra-dit"))
+        _one_of("train", "ra_dit_schedule", self.ra_dit_schedule, ("alternate", "joint"))
+        _positive("train", "num_examples", self.num_examples, zero_ok=True)
+        _positive("train", "epochs", self.epochs)
+        _positive("train", "max_steps", self.max_steps, zero_ok=True)
+
+
+@dataclass(frozen=True)
+class RaltConfig:
+    """Retrieval-augmented LM fine-tuning of the generator (ALGORITHMS.md, RALT)."""
+
+    learning_rate: float = _help("AdamW learning rate for the LoRA weights", 1e-4)
+    batch_size: int = _help("questions per step; each contributes top-k sequences", 4)
+    top_k: int = _help("retrieved passages per question, one training sequence each", 2)
+    max_seq_len: int = _help("tokens per sequence; the context is truncated, never the answer", 512)
+    no_context_ratio: float = _help("share of extra examples with no retrieved passage", 0.0)
+    length_grouping: bool = _help("group sequences of similar length into a batch to cut padding", True)
+
+    def __post_init__(self) -> None:
+        _positive("ralt", "learning_rate", self.learning_rate)
+        _positive("ralt", "batch_size", self.batch_size)
+        _positive("ralt", "top_k", self.top_k)
+        _positive("ralt", "max_seq_len", self.max_seq_len)
+        _fraction("ralt", "no_context_ratio", self.no_context_ratio)
+
+
+@dataclass(frozen=True)
+class LsrConfig:
+    """LM-supervised retrieval: trains the query encoder towards passages the LM finds useful."""
+
+    learning_rate: float = _help("AdamW learning rate for the retriever", 1e-5)
+    batch_size: int = _help("questions per step", 4)
+    top_k: int = _help("candidate passages per question", 4)
+    retriever_temperature: float = _help("tau: p_R = softmax(score / tau)", 0.1)
+    lm_temperature: float = _help("beta: p_LSR = softmax(log p_LM(answer | passage, question) / beta)", 1.0)
+    lm_score: str = _help("sum | mean of answer-token log-probs", "mean")
+    kl_direction: str = _help("lsr-retriever = KL(p_LSR || p_R) (REPLUG/Atlas) | retriever-lsr = KL(p_R || p_LSR)", "lsr-retriever")
+    max_seq_len: int = _help("tokens per scored sequence", 512)
+
+    def __post_init__(self) -> None:
+        _positive("lsr", "learning_rate", self.learning_rate)
+        _positive("lsr", "batch_size", self.batch_size)
+        if self.top_k < 2:
+            raise ConfigError(f"run-config key 'lsr.top-k' = {self.top_k}: LSR needs at least 2 candidates")
+        _positive("lsr", "retriever_temperature", self.retriever_temperature)
+        _positive("lsr", "lm_temperature", self.lm_temperature)
+        _one_of("lsr", "lm_score", self.lm_score, ("sum", "mean"))
+        _one_of("lsr", "kl_direction", self.kl_direction, ("lsr-retriever", "retriever-lsr"))
+        _positive("lsr", "max_seq_len", self.max_seq_len)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation protocol (ALGORITHMS.md, Evaluation)."""
+
+    mmlu_subject: str = _help("MMLU subject", "global_facts")
+    mmlu_split: str = _help("MMLU split: test | val | dev", "test")
+    mmlu_limit: int = _help("first N MMLU questions; 0 = all", 0)
+    web_questions_limit: int = _help("first N Web Questions test questions; 0 = all 2,032", 200)
+    top_k: int = _help("passages put in the prompt", 2)
+    recall_k: int = _help("k of retrieval answer-recall@k and MRR@k", 10)
+    use_retrieval: bool = _help("false = closed-book baseline", True)
+    batch_size: int = _help("prompts per forward pass", 8)
+
+    def __post_init__(self) -> None:
+        _one_of("eval", "mmlu_split", self.mmlu_split, ("test", "val", "dev"))
+        _positive("eval", "mmlu_limit", self.mmlu_limit, zero_ok=True)
+        _positive("eval", "web_questions_limit", self.web_questions_limit, zero_ok=True)
+        _positive("eval", "top_k", self.top_k, zero_ok=True)
+        _positive("eval", "recall_k", self.recall_k)
+        _positive("eval", "batch_size", self.batch_size)
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    """How `fedrag-app partition` splits questions and documents across institutions."""
+
+    num_partitions: int = _help("number of client partitions (institutions)", 3)
+    scheme: str = _help("iid | dirichlet (non-IID over the question's Freebase topic cluster)", "iid")
+    dirichlet_alpha: float = _help("Dirichlet concentration; smaller = more skewed", 0.5)
+    heldout_fraction: float = _help("share of each partition kept as its local held-out split", 0.1)
+    doc_overlap: float = _help("share of articles also given to a second institution", 0.0)
+    dir: str = _help("output folder; '' = data_partitions/ in the current directory", "")
+
+    def __post_init__(self) -> None:
+        _positive("partition", "num_partitions", self.num_partitions)
+        _one_of("partition", "scheme", self.scheme, ("iid", "dirichlet"))
+        _positive("partition", "dirichlet_alpha", self.dirichlet_alpha)
+        _fraction("partition", "heldout_fraction", self.heldout_fraction)
+        _fraction("partition", "doc_overlap", self.doc_overlap)
+
+
+@dataclass(frozen=True)
+class FedConfig:
+    """The federation: rounds, node counts, timeouts, checkpoints."""
+
+    num_server_rounds: int = _help("FedAvg rounds", 2)
+    fraction_train: float = _help("share of nodes sampled for training each round", 1.0)
+    fraction_evaluate: float = _help("share of nodes sampled for federated evaluation; 0 = none", 1.0)
+    min_nodes: int = _help("min train / evaluate / available nodes (1 = centralized)", 2)
+    round_timeout_s: int = _help("seconds to wait for replies in a round before going on without the rest", 3600)
+    output_dir: str = _help("absolute folder for checkpoints, metrics and plots; '' = $FEDRAG_OUTPUT_DIR or ./outputs/fed", "")
+    resume: bool = _help("continue from the last complete checkpoint in output-dir", False)
+    server_eval: bool = _help("server-side MMLU + Web Questions evaluation after each round", True)
+
+    def __post_init__(self) -> None:
+        _positive("fed", "num_server_rounds", self.num_server_rounds)
+        _fraction("fed", "fraction_train", self.fraction_train)
+        _fraction("fed", "fraction_evaluate", self.fraction_evaluate)
+        _positive("fed", "min_nodes", self.min_nodes)
+        _positive("fed", "round_timeout_s", self.round_timeout_s)
+
+
+SECTIONS: dict[str, type] = {
+    "runtime": RuntimeConfig,
+    "data": DataConfig,
+    "generator": GeneratorConfig,
+    "retriever": RetrieverConfig,
+    "store": StoreConfig,
+    "train": TrainConfig,
+    "ralt": RaltConfig,
+    "lsr": LsrConfig,
+    "eval": EvalConfig,
+    "partition": PartitionConfig,
+    "fed": FedConfig,
+}
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """Everything a run needs. Build it once with ``from_flat`` and pass the sub-configs down."""
+
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ralt: RaltConfig = field(default_factory=RaltConfig)
+    lsr: LsrConfig = field(default_factory=LsrConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    fed: FedConfig = field(default_factory=FedConfig)
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any], *, source: str = "run-config") -> "AppConfig":
+        """Build from dotted kebab-case keys (``{"ralt.learning-rate": 1e-4}``); unknown keys are errors."""
+        grouped: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+        known = all_keys()
+        for key, raw in flat.items():
+            section, _, name = key.partition(".")
+            if key not in known:
+                hint = difflib.get_close_matches(key, known, n=1)
+                did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
+                raise ConfigError(f"{source} key '{key}' is unknown{did_you_mean}")
+            target = _field(SECTIONS[section], name.replace("-", "_"))
+            grouped[section][target.name] = _coerce(f"{source} key '{key}'", raw, target.type)
+        return cls(**{name: SECTIONS[name](**values) for name, values in grouped.items()})
+
+    @classmethod
+    def from_toml(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> "AppConfig":
+        """Read a TOML file of the same keys (nested tables or dotted keys), then apply overrides."""
+        path = Path(path)
+        try:
+            with path.open("rb") as f:
+                doc = tomllib.load(f)
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file {path} does not exist") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path}: {e}") from e
+        doc = doc.get("tool", {}).get("flwr", {}).get("app", {}).get("config", doc)
+        flat = flatten(doc)
+        flat.update(overrides or {})
+        return cls.from_flat(flat, source=str(path))
+
+    def to_flat(self) -> dict[str, Any]:
+        """The inverse of ``from_flat``: dotted kebab-case keys with run-config-compatible values."""
+        out: dict[str, Any] = {}
+        for section in SECTIONS:
+            sub = getattr(self, section)
+            for f in fields(sub):
+                value = getattr(sub, f.name)
+                out[f"{section}.{_kebab(f.name)}"] = ",".join(value) if isinstance(value, tuple) else value
+        return out
+
+    def replace(self, **sections: Any) -> "AppConfig":
+        """A copy with whole sections replaced, e.g. ``cfg.replace(store=StoreConfig(path=...))``."""
+        return dataclasses.replace(self, **sections)
+
+
+def all_keys() -> list[str]:
+    """Every dotted kebab-case key the app reads."""
+    return [f"{s}.{_kebab(f.name)}" for s, cls in SECTIONS.items() for f in fields(cls)]
+
+
+def flatten(doc: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested TOML tables -> dotted keys (what Flower does to [tool.flwr.app.config])."""
+    out: dict[str, Any] = {}
+    for key, value in doc.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{full}."))
+        else:
+            out[full] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'ralt.top-k=4' -> ('ralt.top-k', 4); the value is read as TOML, falling back to a bare string."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    return key.strip(), parsed
+
+
+def default_data_dir() -> str:
+    """$FEDRAG_DATA_DIR if set, else '' (meaning: load from the hub)."""
+    return os.environ.get("FEDRAG_DATA_DIR", "")
+
+
+def _field(cls: type, name: str) -> dataclasses.Field:
+    for f in fields(cls):
+        if f.name == name:
+            return f
+    raise AssertionError(f"{cls.__name__} has no field {name}")
+
+
+def _coerce(where: str, raw: Any, type_name: Any) -> Any:
+    """Check a run-config value against a field type; lists arrive as comma-separated strings."""
+    type_name = str(type_name)
+    if type_name == "bool":
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "false"):
+            return raw.lower() == "true"
+    elif type_name == "int":
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        if isinstance(raw, float) and raw.is_integer():
+            return int(raw)
+    elif type_name == "float":
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            return float(raw)
+    elif type_name == "str":
+        if isinstance(raw, str):
+            return raw
+    elif type_name.startswith("tuple"):
+        if isinstance(raw, str):
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        if isinstance(raw, (list, tuple)) and all(isinstance(p, str) for p in raw):
+            return tuple(raw)
+    else:  # pragma: no cover - a new field type was added without a rule here
+        raise AssertionError(f"no coercion rule for type {type_name}")
+    expected = "comma-separated string" if type_name.startswith("tuple") else type_name
+    raise ConfigError(f"{where} = {raw!r} ({type(raw).__name__}): expected {expected}")

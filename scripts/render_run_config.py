@@ -1,0 +1,32 @@
+"""Print the [tool.flwr.app.config] table from AppConfig's defaults and help texts.
+
+The dataclass defaults are the truth; pyproject.toml repeats them, and tests/test_config.py checks that
+the two agree. Run this after adding a config field and paste its output into pyproject.toml.
+"""
+
+from dataclasses import fields
+
+from fedrag_app.config import SECTIONS
+
+
+def render() -> str:
+    lines = ["[tool.flwr.app.config]"]
+    for section, cls in SECTIONS.items():
+        lines.append(f"# --- {section}: {cls.__doc__.strip().splitlines()[0]}")
+        for f in fields(cls):
+            value = f.default
+            if isinstance(value, tuple):
+                value = ",".join(value)
+            if isinstance(value, bool):
+                literal = "true" if value else "false"
+            elif isinstance(value, str):
+                literal = f'"{value}"'
+            else:
+                literal = repr(value)
+            lines.append(f"# {f.metadata['help']}")
+            lines.append(f"{section}.{f.name.replace('_', '-')} = {literal}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(render())

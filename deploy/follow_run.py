@@ -1,0 +1,86 @@
+"""Launch a run with `flwr run <app> <connection>` and follow it to its final status with `flwr ls --format json`.
+
+`flwr run` exits 0 even when the run later fails (FLOWER.md section 7), so its exit code says only that the run
+was submitted; the verdict is the status the SuperLink reports: ``finished:completed`` is success, and
+``finished:failed`` / ``finished:stopped`` are failures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+COMPLETED = "finished:completed"
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+def launch_run(app_dir: str, connection: str, run_config: list[str], *, flwr: str = "flwr", timeout_s: float = 300) -> int:
+    """Submit the app; returns the run id. `run_config` items are `key=value` overrides (values as TOML)."""
+    argv = [flwr, "run", app_dir, connection, "--format", "json"]
+    if run_config:
+        # One --run-config string: flwr 1.42 merges repeated ones with dict.update on the *nested* keys, so
+        # `-c fed.a=1 -c fed.b=2` silently drops fed.a (flwr.common.config.parse_config_args).
+        argv += ["--run-config", " ".join(run_config)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, env=_cli_env())
+    reply = _last_json(done.stdout)
+    if done.returncode != 0 or not reply.get("success") or "run-id" not in reply:
+        raise RunFailed(f"`{' '.join(argv)}` did not submit a run (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return int(reply["run-id"])
+
+
+def run_status(connection: str, run_id: int, *, flwr: str = "flwr") -> str:
+    """The run's status as the SuperLink reports it, e.g. 'running' or 'finished:completed'."""
+    argv = [flwr, "ls", connection, "--run-id", str(run_id), "--format", "json"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=_cli_env())
+    reply = _last_json(done.stdout)
+    runs = reply.get("runs") or []
+    if done.returncode != 0 or not reply.get("success") or not runs:
+        raise RunFailed(f"`{' '.join(argv)}` failed (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return str(runs[0]["status"])
+
+
+def wait_for_run(connection: str, run_id: int, *, timeout_s: float, poll_s: float = 3.0, flwr: str = "flwr",
+                 on_status=None) -> str:
+    """Poll until the run finishes or `timeout_s` passes; returns the final status (raises on a timeout)."""
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            status = run_status(connection, run_id, flwr=flwr)
+        except (RunFailed, subprocess.TimeoutExpired) as e:  # the SuperLink may be restarting; keep polling
+            status = f"unreachable ({str(e).splitlines()[0]})"
+        if status != last and on_status:
+            on_status(status)
+        last = status
+        if status.startswith("finished"):
+            return status
+        time.sleep(poll_s)
+    raise RunFailed(f"run {run_id} still '{last}' after {timeout_s:.0f} s")
+
+
+def _cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    return env
+
+
+def _last_json(text: str) -> dict:
+    """The CLI may print log lines before its JSON; read the JSON object that ends the output."""
+    start = text.find("{")
+    while start != -1:
+        try:
+            return json.loads(text[start:])
+        except json.JSONDecodeError:
+            start = text.find("{", start + 1)
+    return {}
+
+
+if __name__ == "__main__":  # pragma: no cover - convenience: python follow_run.py CONNECTION RUN_ID
+    print(wait_for_run(sys.argv[1], int(sys.argv[2]), timeout_s=float(os.environ.get("TIMEOUT_S", 3600))))

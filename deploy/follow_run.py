@@ -20,24 +20,25 @@ class RunFailed(RuntimeError):
     pass
 
 
-def launch_run(app_dir: str, connection: str, run_config: list[str], *, flwr: str = "flwr", timeout_s: float = 300) -> int:
+def launch_run(app_dir: str, connection: str, run_config: list[str], *, flwr: str = "flwr", timeout_s: float = 300,
+               env: dict | None = None) -> int:
     """Submit the app; returns the run id. `run_config` items are `key=value` overrides (values as TOML)."""
     argv = [flwr, "run", app_dir, connection, "--format", "json"]
     if run_config:
         # One --run-config string: flwr 1.42 merges repeated ones with dict.update on the *nested* keys, so
         # `-c fed.a=1 -c fed.b=2` silently drops fed.a (flwr.common.config.parse_config_args).
         argv += ["--run-config", " ".join(run_config)]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, env=_cli_env())
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, env=_cli_env(env))
     reply = _last_json(done.stdout)
     if done.returncode != 0 or not reply.get("success") or "run-id" not in reply:
         raise RunFailed(f"`{' '.join(argv)}` did not submit a run (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
     return int(reply["run-id"])
 
 
-def run_status(connection: str, run_id: int, *, flwr: str = "flwr") -> str:
+def run_status(connection: str, run_id: int, *, flwr: str = "flwr", env: dict | None = None) -> str:
     """The run's status as the SuperLink reports it, e.g. 'running' or 'finished:completed'."""
     argv = [flwr, "ls", connection, "--run-id", str(run_id), "--format", "json"]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=_cli_env())
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=_cli_env(env))
     reply = _last_json(done.stdout)
     runs = reply.get("runs") or []
     if done.returncode != 0 or not reply.get("success") or not runs:
@@ -46,13 +47,13 @@ def run_status(connection: str, run_id: int, *, flwr: str = "flwr") -> str:
 
 
 def wait_for_run(connection: str, run_id: int, *, timeout_s: float, poll_s: float = 3.0, flwr: str = "flwr",
-                 on_status=None) -> str:
+                 on_status=None, env: dict | None = None) -> str:
     """Poll until the run finishes or `timeout_s` passes; returns the final status (raises on a timeout)."""
     deadline = time.monotonic() + timeout_s
     last = ""
     while time.monotonic() < deadline:
         try:
-            status = run_status(connection, run_id, flwr=flwr)
+            status = run_status(connection, run_id, flwr=flwr, env=env)
         except (RunFailed, subprocess.TimeoutExpired) as e:  # the SuperLink may be restarting; keep polling
             status = f"unreachable ({str(e).splitlines()[0]})"
         if status != last and on_status:
@@ -64,8 +65,8 @@ def wait_for_run(connection: str, run_id: int, *, timeout_s: float, poll_s: floa
     raise RunFailed(f"run {run_id} still '{last}' after {timeout_s:.0f} s")
 
 
-def _cli_env() -> dict[str, str]:
-    env = dict(os.environ)
+def _cli_env(base: dict | None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     return env

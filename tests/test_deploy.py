@@ -235,7 +235,8 @@ def test_superlink_killed_mid_run_resume_continues_from_last_checkpoint(tmp_path
         assert done_before and done_before[-1] < 3
         fed.start_superlink()  # same database: registered keys and runs survive
         fed.wait_online(["a", "b", "c"])
-        assert fed.run_status(first) != "finished:completed"
+        assert fed.run_status(first) == "running"  # its ServerApp is gone; the operator stops it (README section 7)
+        fed.stop_run(first)
         resumed = fed.launch({**run, "fed.resume": True})
         status = fed.wait_run(resumed, timeout_s=420)
         run_log = fed.run_log(resumed)

@@ -104,10 +104,14 @@ def cmd_supernode(args) -> int:
 
 
 def cmd_run(args) -> int:
-    run_id = follow_run.launch_run(args.app, args.connection, args.run_config, flwr=args.flwr)
-    print(f"run {run_id} submitted; following its status (flwr log {run_id} {args.connection} --stream for logs)", flush=True)
-    status = follow_run.wait_for_run(args.connection, run_id, timeout_s=args.timeout_s, flwr=args.flwr,
-                                     on_status=lambda s: print(f"run {run_id}: {s}", flush=True))
+    try:
+        run_id = follow_run.launch_run(args.app, args.connection, args.run_config, flwr=args.flwr)
+        print(f"run {run_id} submitted; following its status (flwr log {run_id} {args.connection} --stream for logs)", flush=True)
+        status = follow_run.wait_for_run(args.connection, run_id, timeout_s=args.timeout_s, flwr=args.flwr,
+                                         on_status=lambda s: print(f"run {run_id}: {s}", flush=True))
+    except follow_run.RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(json.dumps({"run-id": run_id, "status": status}))
     return 0 if status == follow_run.COMPLETED else 1
 

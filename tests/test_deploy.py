@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import stat
 import subprocess
@@ -26,7 +27,7 @@ from tests.deploy_helpers import DEPLOY, REPO, Federation, free_port, wait_until
 sys.path.insert(0, str(DEPLOY))
 import compose_files  # noqa: E402
 import credentials  # noqa: E402
-from flower_commands import superlink_argv, supernode_argv  # noqa: E402
+from flower_commands import SuperLinkSettings, SuperNodeSettings, superlink_argv, supernode_argv  # noqa: E402
 
 DATA_DIR = Path(__import__("os").environ["FEDRAG_DATA_DIR"])  # set by conftest.py
 QA_PER_NODE = 8
@@ -295,3 +296,18 @@ def test_misconfigured_nodes_reply_with_clear_errors_and_the_server_carries_on(t
         assert checkpoint_rounds(out)[-1] == 1
     finally:
         fed.close()
+
+
+def test_start_commands_exec_the_same_builders_the_compose_files_use(tmp_path):
+    def printed(*args: str) -> list[str]:
+        done = subprocess.run([sys.executable, str(DEPLOY / "fedrag_deploy.py"), *args, "--print"],
+                              capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        return shlex.split(done.stdout)
+
+    link = printed("superlink", "--tls-dir", "/c", "--database", "/s/state.db", "--host", "0.0.0.0", "--port", "8000")
+    assert link == superlink_argv(SuperLinkSettings(tls_dir="/c", database="/s/state.db", host="0.0.0.0", port=8000))
+    node = printed("supernode", "--superlink", "h:8000", "--ca-cert", "/c/ca.crt", "--private-key", "/k/a",
+                   "--node-config", "/n/node.toml", "--port", "9094")
+    assert node == supernode_argv(SuperNodeSettings(superlink="h:8000", ca_cert="/c/ca.crt", private_key="/k/a",
+                                                    node_config_file="/n/node.toml", port=9094))

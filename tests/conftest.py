@@ -46,3 +46,24 @@ def retriever():
     from fedrag_app.retriever import load_retriever
 
     return load_retriever(RetrieverConfig())
+
+
+SMALL_CORPUS = 300  # passages in the shared test shard: the first articles of the real corpus
+
+
+@pytest.fixture(scope="session")
+def small_passages(data_dir):
+    from fedrag_app.config import DataConfig
+    from fedrag_app.data import iter_passages
+
+    return list(iter_passages(DataConfig(dir=str(data_dir)), limit=SMALL_CORPUS))
+
+
+@pytest.fixture(scope="session")
+def small_shard_path(tmp_path_factory, small_passages, retriever) -> str:
+    """A real Qdrant Edge shard of the first 300 Wikipedia passages, built once per session. Open it, use it, close it."""
+    from fedrag_app.ingest import build_shard
+
+    path = tmp_path_factory.mktemp("shards") / "wiki300"
+    build_shard(small_passages, retriever, path=str(path), progress=False)
+    return str(path)

@@ -89,7 +89,7 @@ def _qa(obj: dict, where: str) -> QAExample:
     answers = obj["answers"]
     if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
         raise DataError(f"{where}: field 'answers' must be a non-empty list of strings")
-    return QAExample(str(obj.get("id", "")), str(obj["question"]), tuple(answers), _topic(obj.get("url", "")))
+    return QAExample(str(obj.get("id", "")), str(obj["question"]), tuple(answers), str(obj.get("topic") or _topic(obj.get("url", ""))))
 
 
 def load_qa_jsonl(path: str | Path, limit: int = 0) -> list[QAExample]:

@@ -19,7 +19,8 @@ from fedrag_app.config import AppConfig, parse_override
 from fedrag_app.errors import FedRagAppError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fine-tuning of retrieval-augmented generation.")
-console = Console()
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="TOML file of run-config keys (or a pyproject.toml)")
 SetOpt = typer.Option(None, "--set", "-s", help="override one key, e.g. --set ralt.top-k=4 (repeatable)")
@@ -33,6 +34,14 @@ def load_config(config: Optional[Path], sets: Optional[list[str]], **extra: obje
     if config is not None:
         return AppConfig.from_toml(config, overrides)
     return AppConfig.from_flat(overrides, source="--set")
+
+
+def _quiet_libraries() -> None:
+    """Our progress bars are the ones that matter; the libraries' own per-load bars are noise here."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
 
 
 def _models(cfg: AppConfig, *, generator: bool = True):
@@ -108,10 +117,11 @@ def ask(
 
 
 def main() -> None:
+    _quiet_libraries()
     try:
         app()
     except FedRagAppError as e:
-        console.print(f"[bold red]error:[/] {e}")
+        err_console.print(f"[bold red]error:[/] {e}")
         sys.exit(1)
 
 

@@ -1,0 +1,49 @@
+"""The CLI end to end on the real models: index a real slice of the corpus, then ask; bad input exits 1."""
+
+import json
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from fedrag_app.cli import app
+
+
+def test_index_then_ask_answers_from_retrieved_passages(tmp_path, data_dir):
+    corpus = tmp_path / "passages.jsonl"
+    with open(data_dir / "wikipedia" / "passages.jsonl") as src:
+        lines = [line for line in src if '"George Washington"' in line]
+    corpus.write_text("".join(lines))
+    store = tmp_path / "shard"
+    runner = CliRunner()
+    result = runner.invoke(app, ["index", str(corpus), "--store", str(store)])
+    assert result.exit_code == 0, result.output
+    assert f"{len(lines)} passages" in result.output
+    result = runner.invoke(app, ["ask", "who was the first president of the united states", "--store", str(store)])
+    assert result.exit_code == 0, result.output
+    assert "George Washington" in result.output  # both as a retrieved title and in the answer
+    assert "retrieved passages" in result.output
+
+
+def test_unknown_key_exits_1_with_one_clear_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fedrag_app.cli", "ask", "x", "--set", "eval.topk=3"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "'eval.topk' is unknown (did you mean 'eval.top-k'?)" in proc.stderr
+
+
+def test_missing_store_exits_1_and_says_how_to_build_it(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fedrag_app.cli", "ask", "x", "--store", str(tmp_path / "none")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "fedrag-app index" in proc.stderr
+
+
+def test_malformed_corpus_line_exits_1_naming_the_line(tmp_path):
+    corpus = tmp_path / "bad.jsonl"
+    corpus.write_text(json.dumps({"id": "a", "title": "t", "text": "x"}) + "\n{oops\n")
+    proc = subprocess.run([sys.executable, "-m", "fedrag_app.cli", "index", str(corpus), "--store", str(tmp_path / "s")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "bad.jsonl:2: malformed JSON" in proc.stderr
+    assert not (tmp_path / "s").exists()

@@ -1,0 +1,112 @@
+"""Knowledge-store benchmark (issue 2): indexing throughput and search latency/recall, Qdrant Edge vs qdrant-client.
+
+    python benchmarks/bench_store.py                 # full 45,739-passage corpus (encoding takes ~25 min on 2 cores)
+    python benchmarks/bench_store.py --limit 5000    # the FedRAG W1 shape
+
+Embeddings are cached in --cache so the store figures can be re-measured without re-encoding.
+Prints: encode passages/s, encode+upsert passages/s and the store's share, search p50/p95 (query already
+encoded) and recall@10 against exact search for both backends, and the W1 shape (5,000 passages, top-k 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fedrag_app.config import DataConfig, RetrieverConfig
+from fedrag_app.data import iter_passages, load_web_questions
+from fedrag_app.knowledge_store import KnowledgeStore
+from fedrag_app.prompts import format_passage
+from fedrag_app.retriever import load_retriever
+
+
+def encode(retriever, passages, cache: Path, batch_size: int) -> tuple[np.ndarray, float | None]:
+    if cache.exists():
+        emb = np.load(cache)
+        if len(emb) == len(passages):
+            return emb, None
+    t0 = time.perf_counter()
+    emb = retriever.encode_passages([format_passage(p.title, p.text) for p in passages], batch_size=batch_size, progress=True)
+    seconds = time.perf_counter() - t0
+    np.save(cache, emb)
+    return emb, seconds
+
+
+def fill(store: KnowledgeStore, passages, emb: np.ndarray, batch: int = 1024) -> float:
+    t0 = time.perf_counter()
+    for i in range(0, len(passages), batch):
+        chunk = passages[i : i + batch]
+        store.add([p.id for p in chunk], emb[i : i + batch], [p.title for p in chunk], [p.text for p in chunk])
+    store.finalize()
+    return time.perf_counter() - t0
+
+
+def latency(store: KnowledgeStore, queries: np.ndarray, top_k: int) -> tuple[float, float, list[list[str]]]:
+    store.search(queries[0], top_k)  # warm-up
+    times, ids = [], []
+    for q in queries:
+        t0 = time.perf_counter()
+        hits = store.search(q, top_k)
+        times.append((time.perf_counter() - t0) * 1e3)
+        ids.append([h.id for h in hits])
+    return float(np.percentile(times, 50)), float(np.percentile(times, 95)), ids
+
+
+def recall(found: list[list[str]], exact: list[list[str]]) -> float:
+    return float(np.mean([len(set(f) & set(e)) / len(e) for f, e in zip(found, exact)]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--limit", type=int, default=0, help="passages to index (0 = all 45,739)")
+    ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--cache", default="/tmp/fedrag_bench_store_emb.npy")
+    args = ap.parse_args()
+
+    data = DataConfig(dir=os.environ.get("FEDRAG_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data")))
+    passages = list(iter_passages(data, limit=args.limit))
+    retriever = load_retriever(RetrieverConfig())
+    cache = Path(args.cache).with_suffix(f".{len(passages)}.npy")
+    emb, encode_s = encode(retriever, passages, cache, args.batch_size)
+    questions = [e.question for e in load_web_questions("train", data, limit=args.queries)]
+    t0 = time.perf_counter()
+    queries = retriever.encode_queries(questions).numpy()
+    query_encode_ms = (time.perf_counter() - t0) * 1e3 / len(questions)
+    exact10 = [[passages[i].id for i in row] for row in np.argsort(-(queries @ emb.T), axis=1)[:, :10]]
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-store-"))
+    rows = []
+    try:
+        for name, kwargs in (("qdrant-edge", {"path": tmp / "edge"}), ("qdrant-client local", {"url": ":memory:"})):
+            with KnowledgeStore.create(embedding_model=retriever.name, dim=retriever.dim, **kwargs) as store:
+                upsert_s = fill(store, passages, emb)
+                p50, p95, ids = latency(store, queries, 10)
+                p50_2, p95_2, _ = latency(store, queries, 2)
+                rows.append((name, upsert_s, p50, p95, recall(ids, exact10), p50_2, p95_2))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    n = len(passages)
+    print(f"\npassages: {n}   queries: {len(queries)} (Web Questions train)   torch threads: {os.cpu_count()} cores")
+    if encode_s is not None:
+        edge_upsert = rows[0][1]
+        print(f"encode only        : {n / encode_s:8.1f} passages/s  ({encode_s:.1f} s)")
+        print(f"encode + upsert    : {n / (encode_s + edge_upsert):8.1f} passages/s  (Qdrant Edge; store share "
+              f"{edge_upsert / (encode_s + edge_upsert):.1%}, target <= 15%)")
+    else:
+        print(f"encode             : cached in {cache} (delete it to re-measure encoding)")
+    print(f"query encode       : {query_encode_ms:8.2f} ms/query (MiniLM, batch of all queries)")
+    print(f"{'backend':22s} {'upsert+index s':>14s} {'p50 ms@10':>10s} {'p95 ms@10':>10s} {'recall@10':>10s} {'p50 ms@2':>9s} {'p95 ms@2':>9s}")
+    for name, up, p50, p95, rec, p50_2, p95_2 in rows:
+        print(f"{name:22s} {up:14.2f} {p50:10.3f} {p95:10.3f} {rec:10.4f} {p50_2:9.3f} {p95_2:9.3f}")
+
+
+if __name__ == "__main__":
+    main()

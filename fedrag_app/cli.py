@@ -61,6 +61,7 @@ def index(
     corpus: Optional[Path] = typer.Argument(None, help="passages JSONL (id/title/text) or a folder holding passages.jsonl"),
     limit: Optional[int] = typer.Option(None, help="index only the first N passages"),
     store: Optional[str] = typer.Option(None, help="shard folder to write (default: in the cache, per corpus+retriever)"),
+    rebuild: bool = typer.Option(False, help="re-index even if the shard exists (swapped in atomically)"),
     config: Optional[Path] = ConfigOpt,
     sets: Optional[list[str]] = SetOpt,
     data_dir: Optional[str] = DataDirOpt,
@@ -68,6 +69,7 @@ def index(
     """Encode a passage corpus and build a Qdrant shard (embedded Qdrant Edge by default)."""
     from fedrag_app.data import iter_passages
     from fedrag_app.ingest import build_shard
+    from fedrag_app.knowledge_store import KnowledgeStore
     from fedrag_app.rag import store_location
 
     if corpus is not None and corpus.is_dir():
@@ -76,8 +78,12 @@ def index(
                                        "store.passages-limit": limit, "store.path": store, "data.dir": data_dir})
     _, retriever = _models(cfg, generator=False)
     where = store_location(cfg)
+    if "path" in where and Path(where["path"]).exists() and not rebuild:
+        with KnowledgeStore.open(**where, embedding_model=retriever.name, dim=retriever.dim) as kb:
+            console.print(f"[green]already indexed[/] {kb.count()} passages in {where['path']} (--rebuild to redo)")
+        return
     stats = build_shard(iter_passages(cfg.data, limit=cfg.store.passages_limit), retriever,
-                        batch_size=cfg.store.index_batch_size, progress=True, **where)
+                        batch_size=cfg.store.index_batch_size, progress=True, replace=rebuild, **where)
     console.print(f"[green]indexed[/] {stats} -> {where.get('path') or where.get('url')}")
 
 

@@ -19,6 +19,8 @@ def test_index_then_ask_answers_from_retrieved_passages(tmp_path, data_dir):
     result = runner.invoke(app, ["index", str(corpus), "--store", str(store)])
     assert result.exit_code == 0, result.output
     assert f"{len(lines)} passages" in result.output
+    again = runner.invoke(app, ["index", str(corpus), "--store", str(store)])
+    assert again.exit_code == 0 and f"already indexed {len(lines)} passages" in again.output
     result = runner.invoke(app, ["ask", "who was the first president of the united states", "--store", str(store)])
     assert result.exit_code == 0, result.output
     assert "George Washington" in result.output  # both as a retrieved title and in the answer

@@ -1,0 +1,55 @@
+"""One local round of training: what a federated client does each round, and what centralized training repeats.
+
+Centralized training is the one-client case: ``fedrag-app train`` calls this function round after round on
+all the data; a ClientApp calls it once per server round on its partition. Seeding from seed + round makes the
+same inputs give the same weights, which is what lets a test prove the two paths agree.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from fedrag_app.config import AppConfig, TrainConfig
+from fedrag_app.data import QAExample
+from fedrag_app.generator import Generator
+from fedrag_app.knowledge_store import KnowledgeStore
+from fedrag_app.lsr import train_lsr
+from fedrag_app.ralt import train_ralt
+from fedrag_app.retriever import DualEncoder
+from fedrag_app.runtime import seed_everything
+
+
+@dataclass
+class RoundResult:
+    metrics: dict[str, float]  # scalars only: never text from the data
+    num_examples: int  # the FedAvg weight
+
+
+def phases(cfg: TrainConfig, server_round: int) -> list[str]:
+    """Which trainers run this round: RALT, LSR, or RA-DIT's joint (LSR then RALT) / alternating schedule."""
+    if cfg.mode != "ra-dit":
+        return [cfg.mode]
+    if cfg.ra_dit_schedule == "joint":
+        return ["lsr", "ralt"]  # retriever first, so RALT retrieves with the updated retriever
+    return ["lsr"] if server_round % 2 == 1 else ["ralt"]
+
+
+def run_local_round(cfg: AppConfig, gen: Generator, retriever: DualEncoder, store: KnowledgeStore,
+                    examples: list[QAExample], *, server_round: int = 1) -> RoundResult:
+    """Train in place per cfg.train (mode, schedule, epochs, max steps, number of examples)."""
+    seed = cfg.runtime.seed + server_round
+    seed_everything(seed)
+    if cfg.train.num_examples:
+        examples = examples[: cfg.train.num_examples]
+    start = time.perf_counter()
+    metrics: dict[str, float] = {"server-round": float(server_round)}
+    for phase in phases(cfg.train, server_round):
+        if phase == "lsr":
+            metrics.update(train_lsr(gen, retriever, store, examples, cfg.lsr, epochs=cfg.train.epochs,
+                                     max_steps=cfg.train.max_steps, seed=seed))
+        else:
+            metrics.update(train_ralt(gen, retriever, store, examples, cfg.ralt, epochs=cfg.train.epochs,
+                                      max_steps=cfg.train.max_steps, seed=seed))
+    metrics["local-seconds"] = time.perf_counter() - start
+    return RoundResult(metrics=metrics, num_examples=len(examples))

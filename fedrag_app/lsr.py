@@ -1,0 +1,110 @@
+"""LSR: LM-supervised retrieval, training the query encoder towards the passages the generator finds useful.
+
+p_R(c|x)   = softmax_c(<E_q(x), E_c(c)> / τ)                      with gradient through the query encoder
+p_LSR(c|x) = softmax_c(log p_LM(y | prompt(c, x)) / β)            under no_grad, all k passages in one forward
+loss       = KL(p_LSR ‖ p_R) (REPLUG/Atlas), or KL(p_R ‖ p_LSR) (RA-DIT's writing) — named in lsr.kl-direction.
+
+FedRAG builds its retrieval scores as a fresh leaf tensor from floats, so its retriever never moves; here the
+scores come out of the query encoder's forward pass. The LM scores are log-likelihoods (FedRAG softmaxes raw
+probabilities that underflow to 0, giving a uniform target).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedrag_app.config import LsrConfig
+from fedrag_app.data import QAExample
+from fedrag_app.generator import Generator
+from fedrag_app.knowledge_store import Hit, KnowledgeStore
+from fedrag_app.lm_scoring import answer_logprobs
+from fedrag_app.prompts import format_passage
+from fedrag_app.ralt import build_sequence, collate, retrieve
+from fedrag_app.retriever import DualEncoder
+
+
+def lsr_loss(retriever_scores: torch.Tensor, lm_scores: torch.Tensor, *, retriever_temperature: float,
+             lm_temperature: float, kl_direction: str = "lsr-retriever") -> torch.Tensor:
+    """Mean over the batch of KL between p_LSR and p_R; both inputs (B, k)."""
+    log_p_r = F.log_softmax(retriever_scores / retriever_temperature, dim=-1)  # (B, k)
+    log_p_lsr = F.log_softmax(lm_scores.detach() / lm_temperature, dim=-1)  # (B, k), a fixed target
+    if kl_direction == "lsr-retriever":  # KL(p_LSR || p_R)
+        kl = (log_p_lsr.exp() * (log_p_lsr - log_p_r)).sum(-1)
+    elif kl_direction == "retriever-lsr":  # KL(p_R || p_LSR)
+        kl = (log_p_r.exp() * (log_p_r - log_p_lsr)).sum(-1)
+    else:
+        raise ValueError(f"kl_direction must be 'lsr-retriever' or 'retriever-lsr', got {kl_direction!r}")
+    return kl.mean()
+
+
+@torch.no_grad()
+def lm_scores(gen: Generator, examples: list[QAExample], hits: list[list[Hit]], cfg: LsrConfig) -> torch.Tensor:
+    """(B, k) log p_LM(answer | passage, question): the B·k sequences of a batch in one forward pass."""
+    seqs = [build_sequence(gen.tokenizer, ex.question, format_passage(h.title, h.text), ex.target, cfg.max_seq_len)
+            for ex, ex_hits in zip(examples, hits) for h in ex_hits]
+    was_training = gen.model.training
+    gen.model.eval()  # no dropout in the supervision signal
+    try:
+        inputs = collate(seqs, gen.tokenizer.pad_token_id, gen.device)
+        scores = answer_logprobs(gen.model, **inputs, reduction=cfg.lm_score)  # (B·k,)
+    finally:
+        gen.model.train(was_training)
+    return scores.view(len(examples), -1).float().cpu()
+
+
+def retriever_scores(retriever: DualEncoder, examples: list[QAExample], hits: list[list[Hit]]) -> torch.Tensor:
+    """(B, k) cosine scores with gradient into the trainable encoder(s)."""
+    queries = retriever.encode_queries([e.question for e in examples], grad=True)  # (B, D)
+    k = len(hits[0])
+    if retriever.train_context:
+        texts = [format_passage(h.title, h.text) for ex_hits in hits for h in ex_hits]
+        contexts = retriever.encode_passages(texts, grad=True).view(len(examples), k, -1)  # (B, k, D)
+    else:  # the frozen context encoder's embeddings, as stored in the index
+        contexts = torch.from_numpy(np.stack([np.stack([h.vector for h in ex_hits]) for ex_hits in hits])).to(queries)
+    return torch.einsum("bd,bkd->bk", queries, contexts)  # (B, k)
+
+
+def train_lsr(gen: Generator, retriever: DualEncoder, store: KnowledgeStore, examples: list[QAExample],
+              cfg: LsrConfig, *, epochs: int = 1, max_steps: int = 0, seed: int = 0) -> dict[str, float]:
+    """One LSR phase: candidates and LM scores once (both fixed during the phase), then AdamW on the retriever."""
+    rng = random.Random(seed)
+    start = time.perf_counter()
+    hits = retrieve(retriever, store, [e.question for e in examples], cfg.top_k, with_vectors=True)
+    keep = [i for i, h in enumerate(hits) if len(h) == cfg.top_k]  # a store smaller than k cannot rank k
+    examples, hits = [examples[i] for i in keep], [hits[i] for i in keep]
+    batches = [list(range(s, min(s + cfg.batch_size, len(examples)))) for s in range(0, len(examples), cfg.batch_size)]
+    targets = torch.cat([lm_scores(gen, [examples[i] for i in b], [hits[i] for i in b], cfg) for b in batches]) \
+        if batches else torch.zeros(0, cfg.top_k)  # (N, k)
+    optimizer = torch.optim.AdamW(retriever.trainable_parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+    losses: list[float] = []
+    retriever.query_model.train()
+    try:
+        for _ in range(epochs):
+            rng.shuffle(batches)
+            for b in batches:
+                scores = retriever_scores(retriever, [examples[i] for i in b], [hits[i] for i in b])
+                loss = lsr_loss(scores, targets[b].to(scores), retriever_temperature=cfg.retriever_temperature,
+                                lm_temperature=cfg.lm_temperature, kl_direction=cfg.kl_direction)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                if max_steps and len(losses) >= max_steps:
+                    break
+            if max_steps and len(losses) >= max_steps:
+                break
+    finally:
+        retriever.query_model.eval()
+    return {
+        "lsr-loss-first": losses[0] if losses else 0.0,
+        "lsr-loss-last": losses[-1] if losses else 0.0,
+        "lsr-loss-mean": sum(losses) / len(losses) if losses else 0.0,
+        "lsr-steps": float(len(losses)),
+        "lsr-seconds": time.perf_counter() - start,
+        "lsr-needs-reindex": float(retriever.train_context and bool(losses)),
+    }

@@ -1,0 +1,113 @@
+"""RALT on the real SmolLM2: labels, truncation, the shared template, the loss maths, and that it learns."""
+
+import random
+
+import pytest
+import torch
+
+from fedrag_app.config import RaltConfig
+from fedrag_app.data import QAExample
+from fedrag_app.generator import load_lora_state_dict, lora_state_dict
+from fedrag_app.knowledge_store import Hit
+from fedrag_app.lm_scoring import answer_nll
+from fedrag_app.prompts import answer_target, build_prompt, format_passage
+from fedrag_app.ralt import IGNORE, build_ralt_sequences, build_sequence, collate, make_batches, trainable_lora_parameters
+
+PASSAGE = format_passage("George Washington", "George Washington was the first president of the United States, from 1789 to 1797.")
+
+
+@pytest.fixture
+def restore_lora(generator):
+    saved = lora_state_dict(generator)
+    yield
+    load_lora_state_dict(generator, saved)
+
+
+def test_prompt_and_context_tokens_carry_ignore_and_the_answer_is_labelled(generator):
+    tok = generator.tokenizer
+    seq = build_sequence(tok, "who was the first president?", PASSAGE, "George Washington", 512)
+    prompt_ids = tok(build_prompt(tok, "who was the first president?", [PASSAGE]), add_special_tokens=False)["input_ids"]
+    answer_ids = tok(answer_target(tok, "George Washington"), add_special_tokens=False)["input_ids"]
+    assert seq.input_ids == prompt_ids + answer_ids
+    assert seq.labels == [IGNORE] * len(prompt_ids) + answer_ids
+    assert answer_ids[-1] == tok.eos_token_id
+
+
+def test_training_prompt_is_the_inference_prompt(generator):
+    tok = generator.tokenizer
+    seq = build_sequence(tok, "q?", PASSAGE, "a", 512)
+    n_prompt = sum(1 for t in seq.labels if t == IGNORE)
+    assert tok.decode(seq.input_ids[:n_prompt]) == build_prompt(tok, "q?", [PASSAGE])
+
+
+def test_truncation_cuts_the_passage_and_keeps_answer_and_eos_whole(generator):
+    tok = generator.tokenizer
+    long_passage = format_passage("Long", " ".join(["filler words about history"] * 200))
+    answer = "Jazmyn Bieber, Jaxon Bieber"
+    seq = build_sequence(tok, "what is the name of justin bieber brother?", long_passage, answer, 128)
+    answer_ids = tok(answer_target(tok, answer), add_special_tokens=False)["input_ids"]
+    assert len(seq.input_ids) <= 128
+    assert seq.input_ids[-len(answer_ids):] == answer_ids
+    assert [t for t in seq.labels if t != IGNORE] == answer_ids
+    assert "Question: what is the name of justin bieber brother?" in tok.decode(seq.input_ids)
+
+
+def test_k_sequences_per_pair_plus_no_context_share(generator):
+    examples = [QAExample(str(i), f"question {i}?", (f"answer {i}",), "") for i in range(4)]
+    hits = [[Hit(f"p{i}{j}", 1.0, "T", f"text {j}") for j in range(3)] for i in range(4)]
+    seqs = build_ralt_sequences(generator.tokenizer, examples, hits, RaltConfig(top_k=2, no_context_ratio=0.5), random.Random(0))
+    assert len(seqs) == 4 * 2 + 2
+    no_ctx = [s for s in seqs if "Context:" not in generator.tokenizer.decode(s.input_ids)]
+    assert len(no_ctx) == 2
+
+
+def test_length_grouping_puts_similar_lengths_together():
+    from fedrag_app.ralt import LabelledSequence
+
+    seqs = [LabelledSequence([1] * n, [IGNORE] * n) for n in random.Random(1).sample(range(10, 400), 64)]
+    grouped = make_batches(seqs, 8, length_grouping=True, rng=random.Random(0))
+    plain = make_batches(seqs, 8, length_grouping=False, rng=random.Random(0))
+
+    def padding(batches):
+        return sum(max(len(s.input_ids) for s in b) * len(b) - sum(len(s.input_ids) for s in b) for b in batches)
+
+    assert sorted(id(s) for b in grouped for s in b) == sorted(id(s) for s in seqs)
+    assert padding(grouped) < padding(plain) / 4
+
+
+def test_loss_equals_manual_cross_entropy_over_answer_and_eos(generator):
+    tok = generator.tokenizer
+    seqs = [build_sequence(tok, "who was the first president?", PASSAGE, "George Washington", 512),
+            build_sequence(tok, "capital of france?", None, "Paris", 512)]
+    batch = collate(seqs, tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        ours = answer_nll(generator.model, **batch)
+        per_seq = []
+        for s in seqs:  # unpadded, full logits, the textbook shift
+            logits = generator.model(input_ids=torch.tensor([s.input_ids])).logits[0]  # (T, V)
+            labels = torch.tensor(s.labels)
+            per_seq.append(torch.nn.functional.cross_entropy(logits[:-1], labels[1:], ignore_index=IGNORE))
+    assert ours.item() == pytest.approx(torch.stack(per_seq).mean().item(), rel=1e-4)
+
+
+def test_only_lora_trains(generator):
+    params = trainable_lora_parameters(generator)
+    assert sum(p.numel() for p in params) == 460_800
+
+
+def test_loss_falls_over_a_few_steps_on_a_fixed_tiny_set(generator, restore_lora):
+    tok = generator.tokenizer
+    seqs = [build_sequence(tok, "who was the first president?", PASSAGE, "George Washington", 256),
+            build_sequence(tok, "what is the capital of france?", None, "Paris", 256)]
+    batch = collate(seqs, tok.pad_token_id, "cpu")
+    optimizer = torch.optim.AdamW(trainable_lora_parameters(generator), lr=2e-3)
+    generator.model.train()
+    losses = []
+    for _ in range(6):
+        loss = answer_nll(generator.model, **batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    generator.model.eval()
+    assert losses[-1] < losses[0] * 0.7, losses

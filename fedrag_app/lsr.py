@@ -2,6 +2,8 @@
 
 p_R(c|x)   = softmax_c(<E_q(x), E_c(c)> / τ)                      with gradient through the query encoder
 p_LSR(c|x) = softmax_c(log p_LM(y | prompt(c, x)) / β)            under no_grad, all k passages in one forward
+             (y = the answer tokens; the end-of-turn token is not scored: a small chat model that would go on
+             "Paris is the capital…" after a supporting passage must not be punished for it)
 loss       = KL(p_LSR ‖ p_R) (REPLUG/Atlas), or KL(p_R ‖ p_LSR) (RA-DIT's writing) — named in lsr.kl-direction.
 
 FedRAG builds its retrieval scores as a fresh leaf tensor from floats, so its retriever never moves; here the
@@ -28,11 +30,19 @@ from fedrag_app.ralt import build_sequence, collate, retrieve
 from fedrag_app.retriever import DualEncoder
 
 
+def log_distributions(retriever_scores: torch.Tensor, lm_scores: torch.Tensor, *, retriever_temperature: float,
+                      lm_temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p_R, log p_LSR), each (B, k); p_LSR is a fixed target (no gradient)."""
+    log_p_r = F.log_softmax(retriever_scores / retriever_temperature, dim=-1)
+    log_p_lsr = F.log_softmax(lm_scores.detach() / lm_temperature, dim=-1)
+    return log_p_r, log_p_lsr
+
+
 def lsr_loss(retriever_scores: torch.Tensor, lm_scores: torch.Tensor, *, retriever_temperature: float,
              lm_temperature: float, kl_direction: str = "lsr-retriever") -> torch.Tensor:
     """Mean over the batch of KL between p_LSR and p_R; both inputs (B, k)."""
-    log_p_r = F.log_softmax(retriever_scores / retriever_temperature, dim=-1)  # (B, k)
-    log_p_lsr = F.log_softmax(lm_scores.detach() / lm_temperature, dim=-1)  # (B, k), a fixed target
+    log_p_r, log_p_lsr = log_distributions(retriever_scores, lm_scores, retriever_temperature=retriever_temperature,
+                                           lm_temperature=lm_temperature)
     if kl_direction == "lsr-retriever":  # KL(p_LSR || p_R)
         kl = (log_p_lsr.exp() * (log_p_lsr - log_p_r)).sum(-1)
     elif kl_direction == "retriever-lsr":  # KL(p_R || p_LSR)
@@ -45,7 +55,8 @@ def lsr_loss(retriever_scores: torch.Tensor, lm_scores: torch.Tensor, *, retriev
 @torch.no_grad()
 def lm_scores(gen: Generator, examples: list[QAExample], hits: list[list[Hit]], cfg: LsrConfig) -> torch.Tensor:
     """(B, k) log p_LM(answer | passage, question): the B·k sequences of a batch in one forward pass."""
-    seqs = [build_sequence(gen.tokenizer, ex.question, format_passage(h.title, h.text), ex.target, cfg.max_seq_len)
+    seqs = [build_sequence(gen.tokenizer, ex.question, format_passage(h.title, h.text), ex.target, cfg.max_seq_len,
+                           label_eos=False)
             for ex, ex_hits in zip(examples, hits) for h in ex_hits]
     was_training = gen.model.training
     gen.model.eval()  # no dropout in the supervision signal

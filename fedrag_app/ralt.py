@@ -46,8 +46,12 @@ def retrieve(retriever: DualEncoder, store: KnowledgeStore, questions: list[str]
     return hits
 
 
-def build_sequence(tokenizer, question: str, passage: str | None, answer: str, max_seq_len: int) -> LabelledSequence:
-    """Prompt (shared template) + answer + EOS, labels on the answer only; the passage absorbs any truncation."""
+def build_sequence(tokenizer, question: str, passage: str | None, answer: str, max_seq_len: int,
+                   *, label_eos: bool = True) -> LabelledSequence:
+    """Prompt (shared template) + answer + EOS, labels on the answer only; the passage absorbs any truncation.
+
+    ``label_eos=False`` leaves EOS out of the labels (LSR scores how likely the answer is, not that it ends there).
+    """
     target = tokenizer(answer_target(tokenizer, answer), add_special_tokens=False)["input_ids"]
     assert len(target) < max_seq_len, f"answer of {len(target)} tokens does not fit max_seq_len {max_seq_len}"
 
@@ -65,7 +69,8 @@ def build_sequence(tokenizer, question: str, passage: str | None, answer: str, m
             budget -= 2
     if len(ids) + len(target) > max_seq_len:  # the question alone is too long: keep the prompt's end
         ids = ids[len(ids) + len(target) - max_seq_len :]
-    return LabelledSequence(ids + target, [IGNORE] * len(ids) + target)
+    labels = target if label_eos else target[:-1] + [IGNORE]
+    return LabelledSequence(ids + target, [IGNORE] * len(ids) + labels)
 
 
 def build_ralt_sequences(tokenizer, examples: list[QAExample], hits: list[list[Hit]], cfg: RaltConfig,

@@ -1,0 +1,113 @@
+"""LSR on the real MiniLM and SmolLM2: the retriever moves (FedRAG's does not), the LM scores are right, and
+the ranking moves toward the passage that holds the answer."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedrag_app.config import LsrConfig, RetrieverConfig
+from fedrag_app.data import QAExample
+from fedrag_app.knowledge_store import Hit, KnowledgeStore
+from fedrag_app.lsr import log_distributions, lm_scores, lsr_loss, retriever_scores, train_lsr
+from fedrag_app.prompts import format_passage
+from fedrag_app.ralt import IGNORE, build_sequence
+from fedrag_app.retriever import load_retriever
+
+QUESTION = QAExample("q", "what is the capital of france?", ("Paris",), "france")
+PASSAGES = [
+    ("Amazon River", "The Amazon River in South America is the largest river by discharge volume of water."),
+    ("France", "Paris is the capital and most populous city of France, on the river Seine."),
+    ("Mount Everest", "Mount Everest is Earth's highest mountain above sea level, in the Himalayas."),
+    ("Jupiter", "Jupiter is the fifth planet from the Sun and the largest in the Solar System."),
+]
+
+
+def test_one_lsr_step_changes_the_query_encoder(generator, small_shard_path):
+    retriever = load_retriever(RetrieverConfig())
+    before = retriever.trainable_state_dict()
+    examples = [QAExample(str(i), q, (a,), "") for i, (q, a) in enumerate(
+        [("what is the name of justin bieber brother?", "Jaxon Bieber"), ("who was the first president?", "George Washington")])]
+    with KnowledgeStore.open(path=small_shard_path) as store:
+        metrics = train_lsr(generator, retriever, store, examples, LsrConfig(top_k=4, learning_rate=1e-4), max_steps=1)
+    after = retriever.trainable_state_dict()
+    assert metrics["lsr-steps"] == 1
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) > 50, "LSR must move the query encoder's weights"
+
+
+def test_lm_score_equals_a_hand_computation_from_full_logits(generator):
+    hits = [[Hit(t, 0.0, t, x) for t, x in PASSAGES[:2]]]
+    cfg = LsrConfig(lm_score="sum")
+    ours = lm_scores(generator, [QUESTION], hits, cfg)[0]  # (k,)
+    for j, (title, text) in enumerate(PASSAGES[:2]):
+        seq = build_sequence(generator.tokenizer, QUESTION.question, format_passage(title, text), QUESTION.target, 512,
+                             label_eos=False)
+        with torch.no_grad():
+            logits = generator.model(input_ids=torch.tensor([seq.input_ids])).logits[0]  # (T, V)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        hand = sum(logp[t - 1, tok].item() for t, tok in enumerate(seq.labels) if tok != IGNORE)  # t-1 predicts t
+        off_by_one = sum(logp[t, tok].item() for t, tok in enumerate(seq.labels) if tok != IGNORE and t < len(logp))
+        assert ours[j].item() == pytest.approx(hand, abs=1e-3)
+        assert abs(ours[j].item() - off_by_one) > 1.0  # FedRAG's indexing gives a different number
+    assert ours[1] > ours[0], "the passage that states the answer must make it more likely"
+
+
+def test_temperatures_sharpen_and_flatten_the_distributions():
+    retr, lm = torch.tensor([[0.3, 0.5, 0.1]]), torch.tensor([[-4.0, -1.0, -6.0]])
+
+    def entropy(log_p):
+        return -(log_p.exp() * log_p).sum().item()
+
+    sharp_r, sharp_l = log_distributions(retr, lm, retriever_temperature=0.05, lm_temperature=0.5)
+    flat_r, flat_l = log_distributions(retr, lm, retriever_temperature=1.0, lm_temperature=5.0)
+    assert entropy(sharp_r) < entropy(flat_r) and entropy(sharp_l) < entropy(flat_l)
+    np.testing.assert_allclose(flat_l.exp().numpy(), F.softmax(lm / 5.0, dim=-1).numpy(), rtol=1e-6)
+    assert sharp_r.exp().argmax().item() == 1 and sharp_l.exp().argmax().item() == 1
+
+
+def test_kl_direction_matches_a_hand_written_kl_on_a_2x3_example():
+    retr = torch.tensor([[0.2, 0.4, 0.1], [0.9, 0.3, 0.5]])
+    lm = torch.tensor([[-3.0, -1.0, -2.0], [-0.5, -4.0, -1.5]])
+    p_r, p_lsr = F.softmax(retr / 0.1, -1), F.softmax(lm / 1.0, -1)
+    kl_lsr_r = (p_lsr * (p_lsr.log() - p_r.log())).sum(-1).mean()
+    kl_r_lsr = (p_r * (p_r.log() - p_lsr.log())).sum(-1).mean()
+    kw = dict(retriever_temperature=0.1, lm_temperature=1.0)
+    assert lsr_loss(retr, lm, kl_direction="lsr-retriever", **kw).item() == pytest.approx(kl_lsr_r.item(), rel=1e-5)
+    assert lsr_loss(retr, lm, kl_direction="retriever-lsr", **kw).item() == pytest.approx(kl_r_lsr.item(), rel=1e-5)
+    assert lsr_loss(retr, lm, kl_direction="lsr-retriever", **kw).item() == pytest.approx(
+        F.kl_div(F.log_softmax(retr / 0.1, -1), p_lsr, reduction="batchmean").item(), rel=1e-5)
+
+
+PRESIDENT = QAExample("p", "who was the first president of the united states?", ("George Washington",), "")
+PRESIDENT_PASSAGES = [  # the retriever likes the first for its wording; only the second holds the answer
+    ("President of the United States", "The president of the United States is the head of state and head of "
+     "government of the United States, elected every four years."),
+    ("George Washington", "George Washington commanded the Continental Army and in 1789 was inaugurated as the first "
+     "to hold the nation's highest office."),
+    ("White House", "The White House in Washington, D.C. is the official residence and workplace of the president."),
+    ("Mount Everest", "Mount Everest is Earth's highest mountain above sea level."),
+]
+
+
+def test_the_answer_passage_gains_retrieval_probability(generator):
+    retriever = load_retriever(RetrieverConfig())
+    vectors = retriever.encode_passages([format_passage(t, x) for t, x in PRESIDENT_PASSAGES])
+    hits = [[Hit(t, 0.0, t, x, v) for (t, x), v in zip(PRESIDENT_PASSAGES, vectors)]]
+    cfg = LsrConfig(top_k=4, retriever_temperature=0.1, lm_temperature=1.0, learning_rate=5e-5)
+    target = lm_scores(generator, [PRESIDENT], hits, cfg)  # (1, 4): fixed during LSR
+    assert target.argmax().item() == 1, "the LM must find the answer passage most useful"
+    optimizer = torch.optim.AdamW(retriever.trainable_parameters(), lr=cfg.learning_rate)
+
+    def p_answer() -> float:
+        with torch.no_grad():
+            return F.softmax(retriever_scores(retriever, [PRESIDENT], hits) / cfg.retriever_temperature, -1)[0, 1].item()
+
+    before = p_answer()
+    assert before < 0.8, "the case must leave room to rise"
+    for _ in range(5):
+        loss = lsr_loss(retriever_scores(retriever, [PRESIDENT], hits), target, retriever_temperature=0.1, lm_temperature=1.0)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert p_answer() > before + 0.05, (before, p_answer())

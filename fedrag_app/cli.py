@@ -122,6 +122,27 @@ def ask(
         console.print(table)
 
 
+@app.command()
+def train(
+    mode: Optional[str] = typer.Option(None, help="ralt | lsr | ra-dit (train.mode)"),
+    output: Optional[str] = typer.Option(None, help="output folder (train.output-dir)"),
+    config: Optional[Path] = ConfigOpt,
+    sets: Optional[list[str]] = SetOpt,
+    data_dir: Optional[str] = DataDirOpt,
+) -> None:
+    """Centralized training: fed.num-server-rounds rounds of the same local round a federated client runs."""
+    from fedrag_app.training_run import train_centralized
+
+    cfg = load_config(config, sets, **{"train.mode": mode, "train.output-dir": output, "data.dir": data_dir})
+    history = train_centralized(cfg, progress=True)
+    table = Table("round", *[k for k in history[-1] if k.endswith(("loss-first", "loss-last", "seconds"))], title="training")
+    for row in history:
+        table.add_row(str(row["round"]), *[f"{v:.4g}" for k, v in row.items() if k.endswith(("loss-first", "loss-last", "seconds"))])
+    console.print(table)
+    out = Path(cfg.train.output_dir).resolve()
+    console.print(f"[green]wrote[/] {out}/adapter (PEFT), {out}/retriever (sentence-transformers), {out}/metrics.jsonl")
+
+
 def main() -> None:
     _quiet_libraries()
     try:

@@ -49,3 +49,18 @@ def test_malformed_corpus_line_exits_1_naming_the_line(tmp_path):
     assert proc.returncode == 1
     assert "bad.jsonl:2: malformed JSON" in proc.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_train_writes_adapter_retriever_and_metrics(tmp_path, small_shard_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, [
+        "train", "--mode", "ra-dit", "--output", str(out),
+        "--set", f"store.path={small_shard_path}", "--set", "train.num-examples=4", "--set", "train.max-steps=1",
+        "--set", "ralt.batch-size=2", "--set", "lsr.batch-size=2", "--set", "lsr.top-k=2", "--set", "fed.num-server-rounds=1",
+        "--set", "ralt.max-seq-len=192", "--set", "lsr.max-seq-len=192"])
+    assert result.exit_code == 0, result.output
+    assert (out / "adapter" / "adapter_config.json").exists() and (out / "adapter" / "adapter_model.safetensors").exists()
+    assert (out / "retriever" / "query" / "modules.json").exists()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["ralt-steps"] == 1 and rows[0]["lsr-steps"] == 1
+    assert json.loads((out / "config.json").read_text())["train.mode"] == "ra-dit"

@@ -143,6 +143,43 @@ def train(
     console.print(f"[green]wrote[/] {out}/adapter (PEFT), {out}/retriever (sentence-transformers), {out}/metrics.jsonl")
 
 
+@app.command()
+def evaluate(
+    adapter: Optional[str] = typer.Option(None, help="PEFT adapter folder (default: the untrained LoRA = the base model)"),
+    retriever_path: Optional[str] = typer.Option(None, "--retriever", help="retriever folder from `train` or a checkpoint"),
+    no_retrieval: bool = typer.Option(False, "--no-retrieval", help="closed-book baseline"),
+    output: Optional[Path] = typer.Option(None, help="write the results as JSON here"),
+    config: Optional[Path] = ConfigOpt,
+    sets: Optional[list[str]] = SetOpt,
+    data_dir: Optional[str] = DataDirOpt,
+) -> None:
+    """MMLU (letter log-likelihood and generation), Web Questions EM/F1, retrieval recall@k and MRR."""
+    from fedrag_app.atomic import write_json
+    from fedrag_app.evaluate import format_table, run_evaluation
+    from fedrag_app.generator import load_generator
+    from fedrag_app.rag import open_store
+    from fedrag_app.retriever import load_retriever
+    from fedrag_app.runtime import apply_runtime
+
+    cfg = load_config(config, sets, **{"generator.adapter-path": adapter, "data.dir": data_dir,
+                                       "eval.use-retrieval": False if no_retrieval else None})
+    device = apply_runtime(cfg.runtime)
+    with console.status("loading models and store"):
+        gen = load_generator(cfg.generator, device=device)
+        retriever = load_retriever(cfg.retriever, device=device, path=retriever_path) if cfg.eval.use_retrieval else None
+        kb = open_store(cfg, retriever) if retriever is not None else None
+    try:
+        with console.status("evaluating"):
+            results = run_evaluation(cfg, gen, retriever, kb)
+    finally:
+        if kb is not None:
+            kb.close()
+    console.print(format_table(results))
+    if output is not None:
+        write_json(output, {"results": results, "config": cfg.to_flat()})
+        console.print(f"[green]wrote[/] {output}")
+
+
 def main() -> None:
     _quiet_libraries()
     try:

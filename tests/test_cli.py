@@ -64,3 +64,16 @@ def test_train_writes_adapter_retriever_and_metrics(tmp_path, small_shard_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["ralt-steps"] == 1 and rows[0]["lsr-steps"] == 1
     assert json.loads((out / "config.json").read_text())["train.mode"] == "ra-dit"
+
+
+def test_evaluate_writes_results_json(tmp_path, small_shard_path):
+    out = tmp_path / "results.json"
+    result = CliRunner().invoke(app, [
+        "evaluate", "--output", str(out), "--set", f"store.path={small_shard_path}", "--set", "eval.mmlu-limit=2",
+        "--set", "eval.web-questions-limit=2", "--set", "generator.max-new-tokens=6"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads(out.read_text())
+    assert saved["results"]["mmlu-loglik-n"] == 2 and "retrieval-recall@10" in saved["results"]
+    closed = CliRunner().invoke(app, ["evaluate", "--no-retrieval", "--set", "eval.mmlu-limit=2",
+                                      "--set", "eval.web-questions-limit=2", "--set", "generator.max-new-tokens=6"])
+    assert closed.exit_code == 0 and "retrieval-recall" not in closed.output

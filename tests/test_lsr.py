@@ -91,6 +91,7 @@ PRESIDENT_PASSAGES = [  # the retriever likes the first for its wording; only th
 
 
 def test_the_answer_passage_gains_retrieval_probability(generator):
+    torch.manual_seed(0)  # the query encoder trains with dropout: fix its masks so the test does not depend on order
     retriever = load_retriever(RetrieverConfig())
     vectors = retriever.encode_passages([format_passage(t, x) for t, x in PRESIDENT_PASSAGES])
     hits = [[Hit(t, 0.0, t, x, v) for (t, x), v in zip(PRESIDENT_PASSAGES, vectors)]]

@@ -1,0 +1,73 @@
+"""answer_logprobs on the real SmolLM2: t−1 scores t, padding changes nothing, the LM head sees answer positions only."""
+
+import pytest
+import torch
+
+from fedrag_app.lm_scoring import answer_logprobs, answer_nll
+from fedrag_app.ralt import IGNORE, build_sequence, collate
+
+PAIRS = [("what is the capital of france?", "Paris"), ("who wrote hamlet?", "William Shakespeare, Shakespeare")]
+
+
+@pytest.fixture(scope="module")
+def batch(generator):
+    """Two right-padded sequences of different lengths (no passage, so they are short)."""
+    seqs = [build_sequence(generator.tokenizer, q, None, a, 256) for q, a in PAIRS]
+    assert len(seqs[0].input_ids) != len(seqs[1].input_ids)
+    return seqs, collate(seqs, generator.tokenizer.pad_token_id, "cpu")
+
+
+def hand_logprobs(model, seq) -> list[float]:
+    """Unpadded forward, full (T, V) logits, log p of each labelled token read at the position before it."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([seq.input_ids])).logits[0].float()  # (T, V)
+    logp = torch.log_softmax(logits, dim=-1)
+    return [logp[t - 1, tok].item() for t, tok in enumerate(seq.labels) if tok != IGNORE]
+
+
+def test_sum_and_mean_equal_a_hand_computation_from_full_logits(generator, batch):
+    seqs, inputs = batch
+    with torch.no_grad():
+        summed = answer_logprobs(generator.model, **inputs, reduction="sum")  # (B,)
+        mean = answer_logprobs(generator.model, **inputs, reduction="mean")  # (B,)
+    for row, seq in enumerate(seqs):
+        hand = hand_logprobs(generator.model, seq)
+        assert len(hand) == seq.answer_tokens
+        assert summed[row].item() == pytest.approx(sum(hand), abs=2e-3)
+        assert mean[row].item() == pytest.approx(sum(hand) / len(hand), abs=2e-4)
+
+
+def test_padding_a_sequence_beside_a_longer_one_does_not_change_its_score(generator, batch):
+    seqs, inputs = batch
+    with torch.no_grad():
+        together = answer_logprobs(generator.model, **inputs)  # (2,)
+        for row, seq in enumerate(seqs):
+            alone = answer_logprobs(generator.model, **collate([seq], generator.tokenizer.pad_token_id, "cpu"))  # (1,)
+            assert together[row].item() == pytest.approx(alone.item(), abs=1e-3)
+
+
+def test_the_lm_head_runs_only_at_positions_that_predict_an_answer_token(generator, batch):
+    seqs, inputs = batch
+    head = generator.model.get_base_model().get_output_embeddings()
+    rows_seen: list[int] = []
+    hook = head.register_forward_hook(lambda module, args, out: rows_seen.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            answer_logprobs(generator.model, **inputs)
+    finally:
+        hook.remove()
+    assert rows_seen == [sum(s.answer_tokens for s in seqs)]
+    assert rows_seen[0] < inputs["attention_mask"].sum().item() / 5  # most positions never reach the head
+
+
+def test_ralt_loss_is_the_mean_over_sequences_of_per_token_mean_nll_and_reaches_lora(generator, batch):
+    seqs, inputs = batch
+    loss = answer_nll(generator.model, **inputs)
+    expected = sum(-sum(h) / len(h) for h in (hand_logprobs(generator.model, s) for s in seqs)) / len(seqs)
+    assert loss.item() == pytest.approx(expected, abs=2e-4)
+    loss.backward()
+    grads = [p.grad for n, p in generator.model.named_parameters() if "lora_B" in n]
+    try:
+        assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    finally:
+        generator.model.zero_grad(set_to_none=True)

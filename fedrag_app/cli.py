@@ -180,6 +180,30 @@ def evaluate(
         console.print(f"[green]wrote[/] {output}")
 
 
+@app.command()
+def partition(
+    num_partitions: Optional[int] = typer.Option(None, "--num-partitions", "-n", help="institutions (partition.num-partitions)"),
+    scheme: Optional[str] = typer.Option(None, help="iid | dirichlet (partition.scheme)"),
+    out: Optional[str] = typer.Option(None, "--out", help="output folder (partition.dir; default ./data_partitions)"),
+    config: Optional[Path] = ConfigOpt,
+    sets: Optional[list[str]] = SetOpt,
+    data_dir: Optional[str] = DataDirOpt,
+) -> None:
+    """Split questions (flwr-datasets) and articles across institutions and build one Qdrant shard each."""
+    from fedrag_app.partition import make_partitions
+
+    cfg = load_config(config, sets, **{"partition.num-partitions": num_partitions, "partition.scheme": scheme,
+                                       "partition.dir": str(Path(out).resolve()) if out else None, "data.dir": data_dir})
+    _, retriever = _models(cfg, generator=False)
+    manifest = make_partitions(cfg, retriever, progress=True)
+    table = Table("client", "questions", "held-out", "topics", "articles", "passages", title=f"{manifest['scheme']} partitions")
+    for c in manifest["clients"]:
+        table.add_row(str(c["partition-id"]), str(c["questions"]), str(c["heldout-questions"]), str(c["topics"]),
+                      str(c["articles"]), str(c["passages"]))
+    console.print(table)
+    console.print(f"[green]wrote[/] {manifest['dir']}/manifest.json")
+
+
 def main() -> None:
     _quiet_libraries()
     try:

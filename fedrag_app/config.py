@@ -214,10 +214,14 @@ class PartitionConfig:
     dirichlet_alpha: float = _help("Dirichlet concentration; smaller = more skewed", 0.5)
     heldout_fraction: float = _help("share of each partition kept as its local held-out split", 0.1)
     doc_overlap: float = _help("share of articles also given to a second institution", 0.0)
-    dir: str = _help("output folder; '' = data_partitions/ in the current directory", "")
+    questions_per_client: int = _help("keep the first N training questions of each client; 0 = all (~1,260 each for 3)", 48)
+    passages_per_client: int = _help("index the first N passages of each client's articles; 0 = all (~15k each for 3)", 1500)
+    dir: str = _help("absolute output folder; '' = $FEDRAG_PARTITIONS_DIR, else ./data_partitions", "")
 
     def __post_init__(self) -> None:
         _positive("partition", "num_partitions", self.num_partitions)
+        _positive("partition", "questions_per_client", self.questions_per_client, zero_ok=True)
+        _positive("partition", "passages_per_client", self.passages_per_client, zero_ok=True)
         _one_of("partition", "scheme", self.scheme, ("iid", "dirichlet"))
         _positive("partition", "dirichlet_alpha", self.dirichlet_alpha)
         _fraction("partition", "heldout_fraction", self.heldout_fraction)

@@ -1,0 +1,98 @@
+"""Flower ClientApp: an institution's node. Thin: unpack, call the library, pack.
+
+train    -> run_local_round (RALT / LSR / RA-DIT) on its own questions against its own Qdrant shard;
+            replies with one ArrayRecord ("lora.*", "retriever.*") and one MetricRecord of scalars.
+evaluate -> Web Questions EM/F1 and retrieval recall@k/MRR on its held-out questions (scalars only).
+query.retrieve -> top-k passages from its shard, only if its node-config sets federated-retrieval=true.
+
+Models are loaded once per process (simulation reuses Ray actors across nodes and rounds; every message
+overwrites the weights with the global ones). Shards are opened per message and closed at its end, so no
+two nodes in one process ever hold the same lock.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedrag_app.config import AppConfig
+from fedrag_app.evaluate import evaluate_retrieval, evaluate_web_questions
+from fedrag_app.generator import Generator, load_generator, load_lora_state_dict, lora_state_dict
+from fedrag_app.errors import ConfigError
+from fedrag_app.knowledge_store import KnowledgeStore
+from fedrag_app.local_round import run_local_round
+from fedrag_app.node_data import NodeData, node_data, node_questions
+from fedrag_app.ralt import retrieve
+from fedrag_app.records import metric_record, pack_weights, unpack_weights
+from fedrag_app.retriever import DualEncoder, load_retriever
+from fedrag_app.runtime import apply_runtime
+
+app = ClientApp()
+_MODELS: dict = {}  # (generator config, retriever config, runtime) -> (Generator, DualEncoder), one per process
+
+
+def _models(cfg: AppConfig) -> tuple[Generator, DualEncoder]:
+    key = (cfg.generator, cfg.retriever, cfg.runtime)
+    if key not in _MODELS:
+        _MODELS.clear()  # another run's models: free them first
+        device = apply_runtime(cfg.runtime)
+        _MODELS[key] = (load_generator(cfg.generator, device=device), load_retriever(cfg.retriever, device=device))
+    return _MODELS[key]
+
+
+def _open_store(node: NodeData, retriever: DualEncoder) -> KnowledgeStore:
+    return KnowledgeStore.open(**node.store, embedding_model=retriever.name, dim=retriever.dim)
+
+
+def _prepare(msg: Message, context: Context) -> tuple[AppConfig, NodeData, Generator, DualEncoder]:
+    """Config once, the node's data locations, and the models set to the global weights in the message."""
+    cfg = AppConfig.from_flat(context.run_config)
+    node = node_data(cfg, context.node_config)
+    gen, retriever = _models(cfg)
+    lora, retr = unpack_weights(msg.content["arrays"], lora_state_dict(gen), retriever.trainable_state_dict())
+    load_lora_state_dict(gen, lora)
+    retriever.load_trainable_state_dict(retr)
+    return cfg, node, gen, retriever
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, node, gen, retriever = _prepare(msg, context)
+    examples, _ = node_questions(node, cfg.partition.heldout_fraction)
+    config = msg.content["config"]
+    server_round = int(config["server-round"]) + int(config.get("round-offset", 0))
+    with _open_store(node, retriever) as store:
+        result = run_local_round(cfg, gen, retriever, store, examples, server_round=server_round)
+    arrays = pack_weights(lora_state_dict(gen), retriever.trainable_state_dict(), retriever_dtype=cfg.retriever.wire_dtype)
+    metrics = metric_record({"num-examples": result.num_examples, **result.metrics, "bytes-sent": arrays.count_bytes()})
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    cfg, node, gen, retriever = _prepare(msg, context)
+    _, heldout = node_questions(node, cfg.partition.heldout_fraction)
+    depth = max(cfg.eval.top_k, cfg.eval.recall_k)
+    with _open_store(node, retriever) as store:
+        hits = retrieve(retriever, store, [e.question for e in heldout], depth)
+    scores = evaluate_web_questions(gen, heldout, hits, top_k=cfg.eval.top_k, batch_size=cfg.eval.batch_size,
+                                    max_new_tokens=cfg.generator.max_new_tokens)
+    scores.update(evaluate_retrieval(hits, heldout, cfg.eval.recall_k))
+    metrics = metric_record({"num-examples": len(heldout), **{f"client-{k}": v for k, v in scores.items()}})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+@app.query("retrieve")
+def retrieve_passages(msg: Message, context: Context) -> Message:
+    cfg = AppConfig.from_flat(context.run_config)
+    node = node_data(cfg, context.node_config)
+    if not node.federated_retrieval:
+        raise ConfigError("federated retrieval is off on this node: passage text stays here unless its node-config "
+                          "sets federated-retrieval=true")
+    query = msg.content["query"]
+    _, retriever = _models(cfg)
+    with _open_store(node, retriever) as store:
+        hits = store.search(retriever.encode_queries([str(query["question"])]).numpy()[0], int(query.get("top-k", cfg.eval.top_k)))
+    docs = ConfigRecord({"ids": [h.id for h in hits], "titles": [h.title for h in hits], "texts": [h.text for h in hits],
+                         "scores": [h.score for h in hits]})
+    return Message(RecordDict({"docs": docs}), reply_to=msg)

@@ -1,0 +1,57 @@
+"""The Flower edge: weights and metrics in and out of Flower records. The only library module importing flwr.
+
+One ArrayRecord carries both models, keys prefixed "lora.<peft key>" and "retriever.<param>" (Flower's
+reply contract wants exactly one ArrayRecord and one MetricRecord). Arrays travel as fp32, or the configured
+wire dtype for the retriever, never bf16 (numpy has no bf16). Unpacking checks keys, shapes and finiteness
+against what the receiver expects, so a bad update is refused by name instead of being loaded.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, MetricRecord
+
+from fedrag_app.aggregation import check_update
+from fedrag_app.errors import WeightsError
+
+LORA, RETRIEVER = "lora.", "retriever."
+
+
+def pack_weights(lora: dict[str, torch.Tensor], retriever: dict[str, torch.Tensor], *,
+                 retriever_dtype: str = "float32") -> ArrayRecord:
+    """Both weight sets in one ArrayRecord, in a stable key order."""
+    arrays: dict[str, Array] = {}
+    for prefix, state, dtype in ((LORA, lora, np.float32), (RETRIEVER, retriever, np.dtype(retriever_dtype))):
+        for key in sorted(state):
+            arrays[prefix + key] = Array(np.ascontiguousarray(state[key].detach().float().cpu().numpy().astype(dtype)))
+    return ArrayRecord(arrays)
+
+
+def record_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {key: array.numpy() for key, array in record.items()}
+
+
+def numpy_to_record(state: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in state.items()})
+
+
+def unpack_weights(record: ArrayRecord, lora_reference: dict[str, torch.Tensor],
+                   retriever_reference: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Split a record into fp32 (lora, retriever) state dicts, checked against the receiver's own weights."""
+    state = record_to_numpy(record)
+    reference = {LORA + k: v.numpy() for k, v in lora_reference.items()}
+    reference.update({RETRIEVER + k: v.numpy() for k, v in retriever_reference.items()})
+    problem = check_update(state, reference)
+    if problem:
+        raise WeightsError(f"received weights do not fit this model: {problem}")
+    lora = {k[len(LORA):]: torch.from_numpy(v.astype(np.float32)) for k, v in state.items() if k.startswith(LORA)}
+    retr = {k[len(RETRIEVER):]: torch.from_numpy(v.astype(np.float32)) for k, v in state.items() if k.startswith(RETRIEVER)}
+    return lora, retr
+
+
+def metric_record(metrics: dict[str, float | int]) -> MetricRecord:
+    """Scalars only: a value that is not a number is a programming error, not data to send."""
+    for key, value in metrics.items():
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), f"metric '{key}' is not a number: {value!r}"
+    return MetricRecord({k: float(v) if isinstance(v, float) else int(v) for k, v in metrics.items()})

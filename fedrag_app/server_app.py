@@ -41,21 +41,17 @@ class CheckedFedAvg(FedAvg):
         self.reference, self.last_train_metrics, self.last_evaluate_metrics = reference, {}, {}
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        ok = [m for m in replies if not m.has_error()]
-        log(INFO, "aggregate_train: Received %s results and %s failures", len(ok), len(replies) - len(ok))
-        for m in replies:
-            if m.has_error():
-                log(WARNING, "node %s failed round %s: %s", m.metadata.src_node_id, server_round, m.error.reason)
+        ok, _ = self._check_and_log_replies(list(replies), is_train=True, validate=False)  # logs counts and errors
         kept, updates = [], []
         for m in ok:
-            state = record_to_numpy(m.content["arrays"])
-            problem = check_update(state, self.reference)
+            problem = _reply_problem(m.content, self.weighted_by_key)
+            state = record_to_numpy(m.content["arrays"]) if problem is None else {}
+            problem = problem or check_update(state, self.reference)
             if problem:
                 log(WARNING, "dropped the update of node %s in round %s: %s", m.metadata.src_node_id, server_round, problem)
                 continue
             kept.append(m)
-            updates.append((state, float(m.content["metrics"]["num-examples"])))
+            updates.append((state, float(m.content["metrics"][self.weighted_by_key])))
         if not kept:
             return None, None
         metrics = self.train_metrics_aggr_fn([m.content for m in kept], self.weighted_by_key)
@@ -66,6 +62,16 @@ class CheckedFedAvg(FedAvg):
         metrics = super().aggregate_evaluate(server_round, replies)
         self.last_evaluate_metrics = dict(metrics) if metrics else {}
         return metrics
+
+
+def _reply_problem(content, weight_key: str) -> str | None:
+    """Why a reply's records cannot be read (not the numbers in them), or None."""
+    if set(content.array_records) != {"arrays"} or set(content.metric_records) != {"metrics"}:
+        return f"expected one ArrayRecord 'arrays' and one MetricRecord 'metrics', got {sorted(content.keys())}"
+    weight = content["metrics"].get(weight_key)
+    if not isinstance(weight, (int, float)) or weight <= 0:
+        return f"metric '{weight_key}' = {weight!r}: expected a positive number"
+    return None
 
 
 def output_dir(cfg: FedConfig) -> Path:

@@ -35,7 +35,8 @@ def plot_metrics(rows: list[dict], png_path: str | Path) -> None:
 
     fig, (losses, scores) = plt.subplots(1, 2, figsize=(11, 4))
     for key in PLOTTED:
-        points = [(r["round"], r[key]) for r in rows if key in r]
+        # the federated server prefixes client training metrics with "train-"; the centralized run does not
+        points = [(r["round"], r.get(key, r.get(f"train-{key}"))) for r in rows if key in r or f"train-{key}" in r]
         if points:
             axis = losses if "loss" in key else scores
             axis.plot(*zip(*points), marker="o", label=key)

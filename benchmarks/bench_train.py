@@ -1,0 +1,198 @@
+"""Training benchmark (issue 3): RALT and LSR on the FedRAG W2/W3 workload, ours beside the FedRAG library.
+
+    python benchmarks/bench_train.py                       # ours only
+    python benchmarks/bench_train.py --peer /work/peer-venv/bin/python --repeats 2   # + fed-rag, interleaved
+
+Workload (PEER-BENCHMARK.md): the first 64 Web Questions train pairs (answers joined with ", "), a store of the
+first 5,000 Wikipedia passages, top-k 2, batch 4, 16 steps, lr 1e-4, fp32, 2 threads, seed 1234.
+Each workload runs in its own process (peak RSS is per process). Prints, per workload: seconds/step (median
+of steps 2..N, and whole phase / steps, which includes retrieval and LSR's LM scoring), RALT non-padding
+tokens/s, peak RSS, the machine's measured fp32 matmul rate, the model FLOPs utilisation reached, and the
+ratio to fed-rag measured in the same run (benchmarks/peer_fedrag.py under the peer's own virtualenv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+HERE = Path(__file__).resolve().parent
+SEED, QUESTIONS, PASSAGES = 1234, 64, 5000
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """Best fp32 matmul rate of this machine on the configured threads (the denominator of MFU)."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def linear_params(model) -> int:
+    """Parameters of the decoder's matrix multiplies (embedding and LM head excluded)."""
+    import torch
+
+    return sum(m.weight.numel() for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and ".layers." in n and "lora_" not in n)
+
+
+def ralt_step_flops(model, inputs) -> float:
+    """Useful FLOPs of one RALT step: frozen linears (forward + input-gradient = 2 x 2N per token), causal
+    attention (forward + backward = 3 x), and the LM head at answer positions only (2 x)."""
+    cfg = model.config
+    n = linear_params(model)
+    lengths = inputs["attention_mask"].sum(dim=1).tolist()
+    answers = int((inputs["labels"] != -100).sum())
+    tokens = sum(lengths)
+    attention = sum(2 * L * L * cfg.hidden_size for L in lengths) * cfg.num_hidden_layers  # QK^T + AV, causal half
+    head = 2 * cfg.hidden_size * cfg.vocab_size * answers
+    return 4 * n * tokens + 3 * attention + 2 * head
+
+
+def shard_path(retriever) -> str:
+    """The 5,000-passage Qdrant Edge shard, built once and cached."""
+    from fedrag_app.config import AppConfig
+    from fedrag_app.data import iter_passages
+    from fedrag_app.ingest import build_shard
+    from fedrag_app.rag import store_location
+
+    cfg = AppConfig.from_flat({"store.passages-limit": PASSAGES})
+    path = store_location(cfg)["path"]
+    if not (Path(path) / "manifest.json").exists():
+        build_shard(list(iter_passages(cfg.data, limit=PASSAGES)), retriever, path=path, progress=True)
+    return path
+
+
+def run_ours(workload: str, steps: int) -> dict:
+    import torch
+
+    from fedrag_app.config import AppConfig
+    from fedrag_app.data import load_web_questions
+    from fedrag_app.generator import load_generator
+    from fedrag_app.knowledge_store import KnowledgeStore
+    from fedrag_app.lsr import train_lsr
+    from fedrag_app.ralt import train_ralt
+    from fedrag_app.retriever import load_retriever
+    from fedrag_app.runtime import apply_runtime
+
+    cfg = AppConfig.from_flat({"runtime.seed": SEED, "runtime.num-threads": 2, "ralt.batch-size": 4, "ralt.top-k": 2,
+                               "ralt.learning-rate": 1e-4, "lsr.batch-size": 4, "lsr.top-k": 2, "lsr.learning-rate": 1e-4})
+    apply_runtime(cfg.runtime)
+    gen, retriever = load_generator(cfg.generator), load_retriever(cfg.retriever)
+    path = shard_path(retriever)
+    examples = load_web_questions("train", cfg.data)[:QUESTIONS]
+    peak = matmul_peak_gflops()
+    marks, tokens, flops = [], [], []
+
+    def on_step(step: int, loss: float, inputs: dict | None) -> None:
+        marks.append(time.perf_counter())
+        if inputs is not None:
+            tokens.append(int(inputs["attention_mask"].sum()))
+            flops.append(ralt_step_flops(gen.model, inputs))
+
+    before = hashlib.sha256(b"".join(v.numpy().tobytes() for _, v in sorted(retriever.trainable_state_dict().items()))).hexdigest()
+    with KnowledgeStore.open(path=path) as store:
+        t0 = time.perf_counter()
+        if workload == "ralt":
+            metrics = train_ralt(gen, retriever, store, examples, cfg.ralt, max_steps=steps, seed=SEED, on_step=on_step)
+        else:
+            metrics = train_lsr(gen, retriever, store, examples, cfg.lsr, max_steps=steps, seed=SEED, on_step=on_step)
+        total = time.perf_counter() - t0
+    after = hashlib.sha256(b"".join(v.numpy().tobytes() for _, v in sorted(retriever.trainable_state_dict().items()))).hexdigest()
+    intervals = [b - a for a, b in zip(marks, marks[1:])]  # step 1 excluded, as for the peer
+    out = {"system": "fedrag_app", "workload": workload, "steps": len(marks), "seconds_total": total,
+           "s_per_step_median": statistics.median(intervals), "s_per_step_whole_phase": total / len(marks),
+           "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "matmul_peak_gflops": peak,
+           "loss_first": metrics[f"{workload}-loss-first"], "loss_last": metrics[f"{workload}-loss-last"],
+           "torch_threads": torch.get_num_threads()}
+    if workload == "ralt":
+        timed = sum(intervals)
+        out["tokens_per_s"] = sum(tokens[1:]) / timed
+        out["tokens_per_step_median"] = statistics.median(tokens)
+        out["achieved_gflops"] = sum(flops[1:]) / timed / 1e9
+        out["mfu"] = out["achieved_gflops"] / peak
+    else:
+        out["retriever_changed"] = before != after
+    return out
+
+
+def in_subprocess(python: str, script: Path, workload: str, steps: int, *extra: str) -> dict:
+    done = subprocess.run([python, str(script), "--workload", workload, "--steps", str(steps), *extra],
+                          capture_output=True, text=True, cwd=HERE.parent)
+    if done.returncode != 0:
+        return {"error": (done.stderr or done.stdout)[-2000:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def report(rows: list[dict]) -> None:
+    for workload in ("ralt", "lsr"):
+        ours = [r for r in rows if r.get("workload") == workload and r.get("system") == "fedrag_app"]
+        peer = [r for r in rows if r.get("workload") == workload and r.get("system") != "fedrag_app" and "error" not in r]
+        if not ours:
+            continue
+        med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
+        print(f"\n== {workload.upper()} ({len(ours)} run(s) ours, {len(peer)} peer)")
+        print(f"  ours: {med(ours, 's_per_step_median'):.2f} s/step median (whole phase {med(ours, 's_per_step_whole_phase'):.2f}),"
+              f" peak RSS {med(ours, 'peak_rss_mib'):.0f} MiB, loss {ours[0]['loss_first']:.4f} -> {ours[0]['loss_last']:.4f}")
+        if workload == "ralt":
+            print(f"  ours: {med(ours, 'tokens_per_s'):.0f} non-padding tokens/s, {med(ours, 'achieved_gflops'):.0f} GFLOP/s"
+                  f" of a measured fp32 matmul peak {med(ours, 'matmul_peak_gflops'):.0f} GFLOP/s -> MFU {med(ours, 'mfu'):.0%}")
+        else:
+            print(f"  ours: retriever weights changed: {ours[0]['retriever_changed']}")
+        if peer:
+            key = "tokens_per_s" if workload == "ralt" else None
+            print(f"  fed-rag: {med(peer, 's_per_step_median'):.2f} s/step median, peak RSS {med(peer, 'peak_rss_mib'):.0f} MiB"
+                  + (f", {med(peer, 'tokens_per_s'):.0f} tokens/s" if key else f", retriever changed: {peer[0].get('retriever_changed')}"))
+            ratio = med(ours, key) / med(peer, key) if key else med(peer, "s_per_step_median") / med(ours, "s_per_step_whole_phase")
+            print(f"  ratio (ours / fed-rag throughput, same run): {ratio:.1f}x")
+    errors = [r for r in rows if "error" in r]
+    for r in errors:
+        print(f"\n(a run failed: {r['error'][-400:]})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workload", choices=["ralt", "lsr", "both"], default="both")
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--peer", default="", help="python of a virtualenv with fed-rag==0.0.27 (runs benchmarks/peer_fedrag.py)")
+    ap.add_argument("--json", default="", help="also write every run's figures here")
+    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(run_ours(args.workload, args.steps)))
+        return
+    rows = []
+    for _ in range(args.repeats):
+        for workload in (["ralt", "lsr"] if args.workload == "both" else [args.workload]):
+            rows.append(in_subprocess(sys.executable, Path(__file__), workload, args.steps, "--one"))
+            if args.peer:
+                peer = in_subprocess(args.peer, HERE / "peer_fedrag.py", workload, args.steps)
+                rows.append({**peer, "system": "fed-rag", "workload": workload})
+            print(json.dumps(rows[-1])[:300], flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    report(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""The Flower edge without a runtime: records, the checked FedAvg, and the ClientApp handlers on hand-built messages.
+
+Real models, a real Qdrant Edge shard; Messages and Contexts built by hand (FLOWER.md: "Unit-testing handlers").
+The one-client federated round is checked bit for bit against `fedrag-app train` (centralized = one client).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Error, Message, Metadata, RecordDict
+
+from fedrag_app import client_app
+from fedrag_app.config import AppConfig
+from fedrag_app.data import load_web_questions, write_qa_jsonl
+from fedrag_app.errors import WeightsError
+from fedrag_app.generator import lora_state_dict
+from fedrag_app.records import metric_record, pack_weights, record_to_numpy, unpack_weights
+from fedrag_app.server_app import CheckedFedAvg
+
+TINY = {"runtime.num-threads": 0, "train.mode": "ra-dit", "train.max-steps": 1, "train.num-examples": 4,
+        "ralt.batch-size": 2, "ralt.top-k": 1, "ralt.max-seq-len": 128, "lsr.batch-size": 2, "lsr.top-k": 2,
+        "lsr.max-seq-len": 128, "eval.top-k": 1, "eval.recall-k": 5}
+
+
+def message(content: RecordDict, message_type: str, *, src: int = 0, dst: int = 7) -> Message:
+    md = Metadata(run_id=1, message_id=f"m{src}", src_node_id=src, dst_node_id=dst, reply_to_message_id="",
+                  group_id="1", created_at=time.time(), ttl=3600, message_type=message_type)
+    return Message(content=content, metadata=md)
+
+
+def reply(content: RecordDict | Error, src: int) -> Message:
+    md = Metadata(run_id=1, message_id=f"r{src}", src_node_id=src, dst_node_id=0, reply_to_message_id="m0",
+                  group_id="1", created_at=time.time(), ttl=3600, message_type="train")
+    if isinstance(content, Error):
+        return Message(error=content, metadata=md)
+    return Message(content=content, metadata=md)
+
+
+def context(node_config: dict, run_config: dict) -> Context:
+    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=run_config)
+
+
+# --- records -------------------------------------------------------------------------------------------------
+def test_pack_unpack_round_trip_is_exact_and_wire_dtype_applies_to_the_retriever_only():
+    lora = {"a.lora_A.weight": torch.randn(2, 3), "a.lora_B.weight": torch.randn(3, 2)}
+    retr = {"query.w": torch.randn(4)}
+    record = pack_weights(lora, retr)
+    assert sorted(record) == ["lora.a.lora_A.weight", "lora.a.lora_B.weight", "retriever.query.w"]
+    back_lora, back_retr = unpack_weights(record, lora, retr)
+    assert all(torch.equal(back_lora[k], lora[k]) for k in lora) and torch.equal(back_retr["query.w"], retr["query.w"])
+    half = record_to_numpy(pack_weights(lora, retr, retriever_dtype="float16"))
+    assert half["retriever.query.w"].dtype == np.float16 and half["lora.a.lora_A.weight"].dtype == np.float32
+
+
+@pytest.mark.parametrize("spoil, named", [
+    (lambda s: s.update({"retriever.query.w": np.full(4, np.nan, np.float32)}), "NaN"),
+    (lambda s: s.update({"retriever.query.w": np.zeros(5, np.float32)}), "shape"),
+    (lambda s: s.pop("lora.a.lora_B.weight"), "missing"),
+])
+def test_unpack_refuses_weights_that_do_not_fit_and_names_them(spoil, named):
+    from fedrag_app.records import numpy_to_record
+
+    lora, retr = {"a.lora_A.weight": torch.zeros(2, 3), "a.lora_B.weight": torch.zeros(3, 2)}, {"query.w": torch.zeros(4)}
+    state = record_to_numpy(pack_weights(lora, retr))
+    spoil(state)
+    with pytest.raises(WeightsError, match=named):
+        unpack_weights(numpy_to_record(state), lora, retr)
+
+
+def test_metric_record_refuses_text():
+    with pytest.raises(AssertionError, match="answer"):
+        metric_record({"answer": "Paris"})
+
+
+# --- the server's FedAvg ---------------------------------------------------------------------------------------
+def _update(value: float, n: int, *, shape=(2, 2)) -> RecordDict:
+    from fedrag_app.records import numpy_to_record
+
+    arrays = numpy_to_record({"lora.w": np.full(shape, value, np.float32), "retriever.v": np.full(3, -value, np.float32)})
+    return RecordDict({"arrays": arrays, "metrics": metric_record({"num-examples": n, "loss": value})})
+
+
+def test_checked_fedavg_weights_by_examples_and_drops_bad_updates(caplog):
+    reference = {"lora.w": np.zeros((2, 2), np.float32), "retriever.v": np.zeros(3, np.float32)}
+    strategy = CheckedFedAvg(reference)
+    replies = [reply(_update(1.0, 1), 1), reply(_update(4.0, 3), 2),
+               reply(_update(float("nan"), 100), 3),             # NaN: dropped, not averaged
+               reply(_update(9.0, 100, shape=(3, 2)), 4),        # wrong shape: dropped
+               reply(Error(code=0, reason="node crashed"), 5)]   # an error reply
+    with caplog.at_level(logging.INFO):
+        arrays, metrics = strategy.aggregate_train(1, replies)
+    state = record_to_numpy(arrays)
+    assert np.allclose(state["lora.w"], (1 * 1 + 3 * 4) / 4) and np.allclose(state["retriever.v"], -(13 / 4))
+    assert metrics["loss"] == pytest.approx(13 / 4)
+    text = caplog.text
+    assert "Received 4 results and 1 failures" in text and "node crashed" in text
+    assert "node 3" in text and "NaN" in text and "node 4" in text and "shape" in text
+
+
+def test_checked_fedavg_returns_nothing_when_every_update_is_bad():
+    reference = {"lora.w": np.zeros((2, 2), np.float32), "retriever.v": np.zeros(3, np.float32)}
+    assert CheckedFedAvg(reference).aggregate_train(1, [reply(_update(float("inf"), 2), 1)]) == (None, None)
+
+
+def test_one_update_averages_to_itself_exactly():
+    from fedrag_app.aggregation import fedavg
+
+    state = {"w": np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)}
+    assert np.array_equal(fedavg([(state, 37.0)])["w"], state["w"])
+
+
+# --- the ClientApp handlers ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def node(tmp_path_factory, small_shard_path, data_dir):
+    """An institution's files: 6 training questions, 2 held-out ones, and its shard; node-config as on a SuperNode."""
+    folder = tmp_path_factory.mktemp("node")
+    questions = load_web_questions("train", AppConfig().data)
+    write_qa_jsonl(folder / "train.jsonl", questions[:6])
+    write_qa_jsonl(folder / "heldout.jsonl", questions[6:8])
+    yield {"partition-id": 0, "num-partitions": 1, "data-path": str(folder / "train.jsonl"),
+           "heldout-path": str(folder / "heldout.jsonl"), "store-path": small_shard_path}
+    client_app._MODELS.clear()
+
+
+def _global_weights(cfg: AppConfig):
+    gen, retriever = client_app._models(cfg)
+    return pack_weights(lora_state_dict(gen), retriever.trainable_state_dict())
+
+
+def test_train_reply_is_one_array_record_and_scalar_metrics_with_changed_weights(node):
+    cfg = AppConfig.from_flat(TINY)
+    sent = _global_weights(cfg)
+    content = RecordDict({"arrays": sent, "config": ConfigRecord({"server-round": 1})})
+    out = client_app.train(message(content, "train"), context(node, TINY))
+    assert set(out.content.array_records) == {"arrays"} and set(out.content.metric_records) == {"metrics"}
+    assert not out.content.config_records, "a train reply carries no text"
+    got, before = record_to_numpy(out.content["arrays"]), record_to_numpy(sent)
+    assert sorted(got) == sorted(before)
+    assert any(not np.array_equal(got[k], before[k]) for k in got if k.startswith("lora.")), "RALT moved no LoRA weight"
+    assert any(not np.array_equal(got[k], before[k]) for k in got if k.startswith("retriever.")), "LSR moved no retriever weight"
+    metrics = out.content["metrics"]
+    assert metrics["num-examples"] == 4 and metrics["ralt-steps"] == 1 and metrics["lsr-steps"] == 1
+    assert all(isinstance(v, (int, float)) for v in metrics.values())
+
+
+def test_evaluate_reply_is_scalars_only(node):
+    cfg = AppConfig.from_flat(TINY)
+    content = RecordDict({"arrays": _global_weights(cfg), "config": ConfigRecord({"server-round": 1})})
+    out = client_app.evaluate(message(content, "evaluate"), context(node, TINY))
+    assert not out.content.array_records and not out.content.config_records
+    metrics = out.content["metrics"]
+    assert metrics["num-examples"] == 2 and 0 <= metrics["client-wq-f1"] <= 1
+    assert 0 <= metrics["client-retrieval-recall@5"] <= 1
+
+
+def test_retrieval_query_is_refused_unless_the_node_opts_in(node):
+    content = RecordDict({"query": ConfigRecord({"question": "who founded the red cross", "top-k": 2})})
+    with pytest.raises(Exception, match="federated-retrieval"):
+        client_app.retrieve_passages(message(content, "query.retrieve"), context(node, TINY))
+    out = client_app.retrieve_passages(message(content, "query.retrieve"),
+                                       context({**node, "federated-retrieval": True}, TINY))
+    docs = out.content["docs"]
+    assert len(docs["ids"]) == len(docs["texts"]) == 2 and all(isinstance(t, str) and t for t in docs["texts"])
+
+
+@pytest.mark.parametrize("bad, named", [({"data-path": 7}, "data-path"), ({"data-path": "rel/train.jsonl"}, "absolute"),
+                                        ({"qdrant-path": "/x"}, "qdrant-path")])
+def test_bad_node_config_names_the_key(node, bad, named):
+    from fedrag_app.errors import ConfigError
+
+    content = RecordDict({"arrays": _global_weights(AppConfig.from_flat(TINY)), "config": ConfigRecord({"server-round": 1})})
+    with pytest.raises(ConfigError, match=named):
+        client_app.train(message(content, "train"), context({**node, **bad}, TINY))
+
+
+def test_one_client_federated_round_equals_centralized_training(node, small_shard_path, tmp_path):
+    """Centralized mode is the single-client case: same data, seed and start -> the same weights, bit for bit."""
+    from peft.utils import load_peft_weights
+
+    from fedrag_app.aggregation import fedavg
+    from fedrag_app.retriever import load_retriever
+    from fedrag_app.training_run import train_centralized
+
+    run = {**TINY, "fed.num-server-rounds": 1, "train.output-dir": str(tmp_path / "central"),
+           "store.path": small_shard_path}
+    cfg = AppConfig.from_flat(run)
+    client_app._MODELS.clear()  # the client starts from a fresh load, as train_centralized does
+    sent = _global_weights(cfg)
+    content = RecordDict({"arrays": sent, "config": ConfigRecord({"server-round": 1})})
+    out = client_app.train(message(content, "train"), context(node, run))
+    federated = fedavg([(record_to_numpy(out.content["arrays"]), out.content["metrics"]["num-examples"])])
+
+    history = train_centralized(cfg, progress=False)
+    adapter = load_peft_weights(str(tmp_path / "central" / "adapter"), device="cpu")
+    central = load_retriever(cfg.retriever, path=str(tmp_path / "central" / "retriever")).trainable_state_dict()
+    assert history[0]["ralt-loss-mean"] == out.content["metrics"]["ralt-loss-mean"]
+    assert history[0]["lsr-loss-mean"] == out.content["metrics"]["lsr-loss-mean"]
+    lora_keys = [k for k in federated if k.startswith("lora.")]
+    assert lora_keys and all(torch.equal(torch.from_numpy(federated[k]), adapter[_peft_key(k)]) for k in lora_keys)
+    for key, value in central.items():
+        if f"retriever.{key}" in federated:
+            assert torch.equal(torch.from_numpy(federated[f"retriever.{key}"]), value), key
+
+
+def _peft_key(record_key: str) -> str:
+    """lora.<peft state key> -> the key save_pretrained writes (adapter name dropped)."""
+    return record_key[len("lora."):].replace(".default.", ".")

@@ -1,0 +1,79 @@
+"""Partitioning real Web Questions and Wikipedia across institutions: disjoint, complete, skewed when asked."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from fedrag_app.config import AppConfig, PartitionConfig
+from fedrag_app.data import load_qa_jsonl, load_web_questions
+from fedrag_app.knowledge_store import KnowledgeStore
+from fedrag_app.partition import assign_articles, make_partitions, split_questions, topic_label
+
+
+@pytest.fixture(scope="module")
+def questions(data_dir):
+    return load_web_questions("train", AppConfig().data)
+
+
+def _skew(parts, labels_of) -> float:
+    """Mean total-variation distance between each client's topic mix and the overall mix."""
+    overall = Counter(label for part in parts for label in labels_of(part))
+    total = sum(overall.values())
+    distances = []
+    for part in parts:
+        mine = Counter(labels_of(part))
+        n = sum(mine.values())
+        distances.append(0.5 * sum(abs(mine[k] / n - overall[k] / total) for k in overall))
+    return sum(distances) / len(distances)
+
+
+def test_iid_split_is_disjoint_and_complete(questions):
+    parts = split_questions(questions, PartitionConfig(num_partitions=3), seed=0)
+    seen = [e.question for part in parts for e in part]
+    assert len(seen) == len(set(seen)) == len(questions)
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_dirichlet_split_is_skewed_by_topic_and_keeps_an_entity_together(questions):
+    labels = lambda part: [topic_label(e) for e in part]  # noqa: E731
+    iid = split_questions(questions, PartitionConfig(num_partitions=3), seed=0)
+    skewed = split_questions(questions, PartitionConfig(num_partitions=3, scheme="dirichlet", dirichlet_alpha=0.1), seed=0)
+    assert sum(map(len, skewed)) == len(questions)
+    assert _skew(skewed, labels) > 3 * _skew(iid, labels)
+    by_topic = {}
+    for e in questions:
+        by_topic.setdefault(e.topic, set()).add(topic_label(e))
+    assert all(len(v) == 1 for v in by_topic.values())
+
+
+def test_each_article_has_one_owner_unless_overlap_is_asked():
+    titles = [f"article {i}" for i in range(2000)]
+    owners = assign_articles(titles, PartitionConfig(num_partitions=4), seed=1)
+    assert all(len(o) == 1 for o in owners.values())
+    assert set(Counter(o[0] for o in owners.values())) == {0, 1, 2, 3}
+    shared = assign_articles(titles, PartitionConfig(num_partitions=4, doc_overlap=0.3), seed=1)
+    doubles = [o for o in shared.values() if len(o) == 2]
+    assert 0.25 < len(doubles) / len(titles) < 0.35 and all(o[0] != o[1] for o in doubles)
+
+
+def test_make_partitions_writes_per_client_files_shards_and_manifest(tmp_path, retriever):
+    cfg = AppConfig.from_flat({"partition.num-partitions": 2, "partition.questions-per-client": 5,
+                               "partition.passages-per-client": 24, "partition.dir": str(tmp_path / "parts")})
+    manifest = make_partitions(cfg, retriever, progress=False)
+    assert json.loads((tmp_path / "parts" / "manifest.json").read_text()) == manifest
+    train = [load_qa_jsonl(c["train"]) for c in manifest["clients"]]
+    heldout = [load_qa_jsonl(c["heldout"]) for c in manifest["clients"]]
+    assert [len(t) for t in train] == [5, 5] and all(len(h) >= 1 for h in heldout)
+    all_questions = [e.question for part in train + heldout for e in part]
+    assert len(all_questions) == len(set(all_questions)), "a question is in two places"
+    titles = []
+    for client in manifest["clients"]:
+        with KnowledgeStore.open(path=client["shard"], embedding_model=retriever.name, dim=retriever.dim) as store:
+            assert store.count() == client["passages"] == 24
+            hits = store.search(retriever.encode_queries(["history"]).numpy()[0], 24)
+            titles.append({h.title for h in hits})
+    assert not titles[0] & titles[1], "an article is in both shards with doc-overlap 0"
+    assert not list(tmp_path.rglob("*.tmp"))

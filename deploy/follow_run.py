@@ -65,6 +65,37 @@ def wait_for_run(connection: str, run_id: int, *, timeout_s: float, poll_s: floa
     raise RunFailed(f"run {run_id} still '{last}' after {timeout_s:.0f} s")
 
 
+def local_superlink_pids(flwr_home: str) -> list[int]:
+    """PIDs of the detached local simulation SuperLink started under `flwr_home` (it inherits FLWR_HOME, and
+    no flwr command stops it: FLOWER.md section 3)."""
+    from pathlib import Path
+
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env, cmd = (entry / "environ").read_bytes().split(b"\0"), (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"FLWR_HOME={flwr_home}".encode() in env and b"flower-superlink" in cmd:
+            pids.append(int(entry.name))
+    return pids
+
+
+def stop_local_superlink(flwr_home: str, timeout_s: float = 30) -> None:
+    import signal
+
+    for pid in local_superlink_pids(flwr_home):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout_s
+    while local_superlink_pids(flwr_home) and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
 def _cli_env(base: dict | None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")

@@ -1,7 +1,8 @@
 """Flower ClientApp: an institution's node. Thin: unpack, call the library, pack.
 
 train    -> run_local_round (RALT / LSR / RA-DIT) on its own questions against its own Qdrant shard;
-            replies with one ArrayRecord ("lora.*", "retriever.*") and one MetricRecord of scalars.
+            replies with one ArrayRecord ("lora.*" and/or "retriever.*": what the mode trains) and one
+            MetricRecord of scalars.
 evaluate -> Web Questions EM/F1 and retrieval recall@k/MRR on its held-out questions (scalars only).
 query.retrieve -> top-k passages from its shard, only if its node-config sets federated-retrieval=true.
 
@@ -12,15 +13,17 @@ two nodes in one process ever hold the same lock.
 
 from __future__ import annotations
 
+import time
+
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedrag_app.config import AppConfig
 from fedrag_app.evaluate import evaluate_retrieval, evaluate_web_questions
-from fedrag_app.generator import Generator, load_generator, load_lora_state_dict, lora_state_dict
+from fedrag_app.generator import Generator, load_generator
 from fedrag_app.errors import ConfigError
 from fedrag_app.knowledge_store import KnowledgeStore
-from fedrag_app.local_round import run_local_round
+from fedrag_app.local_round import exchanged_weights, load_exchanged_weights, run_local_round
 from fedrag_app.node_data import NodeData, node_data, node_questions
 from fedrag_app.ralt import retrieve
 from fedrag_app.records import metric_record, pack_weights, unpack_weights
@@ -49,22 +52,23 @@ def _prepare(msg: Message, context: Context) -> tuple[AppConfig, NodeData, Gener
     cfg = AppConfig.from_flat(context.run_config)
     node = node_data(cfg, context.node_config)
     gen, retriever = _models(cfg)
-    lora, retr = unpack_weights(msg.content["arrays"], lora_state_dict(gen), retriever.trainable_state_dict())
-    load_lora_state_dict(gen, lora)
-    retriever.load_trainable_state_dict(retr)
+    lora, retr = unpack_weights(msg.content["arrays"], *exchanged_weights(cfg.train, gen, retriever))
+    load_exchanged_weights(gen, retriever, lora, retr)
     return cfg, node, gen, retriever
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    started = time.perf_counter()
     cfg, node, gen, retriever = _prepare(msg, context)
     examples, _ = node_questions(node, cfg.partition.heldout_fraction)
     config = msg.content["config"]
     server_round = int(config["server-round"]) + int(config.get("round-offset", 0))
     with _open_store(node, retriever) as store:
         result = run_local_round(cfg, gen, retriever, store, examples, server_round=server_round)
-    arrays = pack_weights(lora_state_dict(gen), retriever.trainable_state_dict(), retriever_dtype=cfg.retriever.wire_dtype)
-    metrics = metric_record({"num-examples": result.num_examples, **result.metrics, "bytes-sent": arrays.count_bytes()})
+    arrays = pack_weights(*exchanged_weights(cfg.train, gen, retriever), retriever_dtype=cfg.retriever.wire_dtype)
+    metrics = metric_record({"num-examples": result.num_examples, **result.metrics, "bytes-sent": arrays.count_bytes(),
+                             "handler-seconds": time.perf_counter() - started})  # incl. model load, unpack, pack
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from fedrag_app.config import AppConfig, TrainConfig
 from fedrag_app.data import QAExample
-from fedrag_app.generator import Generator
+from fedrag_app.generator import Generator, load_lora_state_dict, lora_state_dict
 from fedrag_app.knowledge_store import KnowledgeStore
 from fedrag_app.lsr import train_lsr
 from fedrag_app.ralt import train_ralt
@@ -33,6 +33,27 @@ def phases(cfg: TrainConfig, server_round: int) -> list[str]:
     if cfg.ra_dit_schedule == "joint":
         return ["lsr", "ralt"]  # retriever first, so RALT retrieves with the updated retriever
     return ["lsr"] if server_round % 2 == 1 else ["ralt"]
+
+
+def exchanged_parts(cfg: TrainConfig) -> tuple[bool, bool]:
+    """(LoRA, retriever): what this mode can change, and so all that travels each round.
+
+    RALT never changes the retriever and LSR never changes the adapter, so sending them would only cost bytes
+    (88 MB of query encoder per message with the defaults)."""
+    return cfg.mode in ("ralt", "ra-dit"), cfg.mode in ("lsr", "ra-dit")
+
+
+def exchanged_weights(cfg: TrainConfig, gen: Generator, retriever: DualEncoder) -> tuple[dict, dict]:
+    """The (LoRA, retriever) state dicts that travel; a part that does not travel is {}."""
+    lora, retr = exchanged_parts(cfg)
+    return (lora_state_dict(gen) if lora else {}), (retriever.trainable_state_dict() if retr else {})
+
+
+def load_exchanged_weights(gen: Generator, retriever: DualEncoder, lora: dict, retr: dict) -> None:
+    if lora:
+        load_lora_state_dict(gen, lora)
+    if retr:
+        retriever.load_trainable_state_dict(retr)
 
 
 def run_local_round(cfg: AppConfig, gen: Generator, retriever: DualEncoder, store: KnowledgeStore,

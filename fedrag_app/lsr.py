@@ -26,7 +26,7 @@ from fedrag_app.generator import Generator
 from fedrag_app.knowledge_store import Hit, KnowledgeStore
 from fedrag_app.lm_scoring import answer_logprobs
 from fedrag_app.prompts import format_passage
-from fedrag_app.ralt import build_sequence, collate, retrieve
+from fedrag_app.ralt import StepCallback, build_sequence, collate, retrieve
 from fedrag_app.retriever import DualEncoder
 
 
@@ -81,7 +81,8 @@ def retriever_scores(retriever: DualEncoder, examples: list[QAExample], hits: li
 
 
 def train_lsr(gen: Generator, retriever: DualEncoder, store: KnowledgeStore, examples: list[QAExample],
-              cfg: LsrConfig, *, epochs: int = 1, max_steps: int = 0, seed: int = 0) -> dict[str, float]:
+              cfg: LsrConfig, *, epochs: int = 1, max_steps: int = 0, seed: int = 0,
+              on_step: StepCallback | None = None) -> dict[str, float]:
     """One LSR phase: candidates and LM scores once (both fixed during the phase), then AdamW on the retriever."""
     rng = random.Random(seed)
     start = time.perf_counter()
@@ -105,6 +106,8 @@ def train_lsr(gen: Generator, retriever: DualEncoder, store: KnowledgeStore, exa
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.item())
+                if on_step is not None:
+                    on_step(len(losses), losses[-1], None)
                 if max_steps and len(losses) >= max_steps:
                     break
             if max_steps and len(losses) >= max_steps:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -116,6 +117,9 @@ def collate(batch: list[LabelledSequence], pad_id: int, device) -> dict[str, tor
     return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "labels": labels.to(device)}
 
 
+StepCallback = Callable[[int, float, "dict[str, torch.Tensor] | None"], None]
+
+
 def trainable_lora_parameters(gen: Generator) -> list[torch.nn.Parameter]:
     """The LoRA weights, and a check that nothing else trains (the base stays frozen)."""
     named = [(n, p) for n, p in gen.model.named_parameters() if p.requires_grad]
@@ -125,8 +129,11 @@ def trainable_lora_parameters(gen: Generator) -> list[torch.nn.Parameter]:
 
 
 def train_ralt(gen: Generator, retriever: DualEncoder, store: KnowledgeStore, examples: list[QAExample],
-               cfg: RaltConfig, *, epochs: int = 1, max_steps: int = 0, seed: int = 0) -> dict[str, float]:
-    """One RALT phase: retrieve once, then AdamW over length-grouped batches; returns scalar metrics."""
+               cfg: RaltConfig, *, epochs: int = 1, max_steps: int = 0, seed: int = 0,
+               on_step: StepCallback | None = None) -> dict[str, float]:
+    """One RALT phase: retrieve once, then AdamW over length-grouped batches; returns scalar metrics.
+
+    ``on_step(step, loss, batch)`` is called after each optimizer step (benchmarks time and count with it)."""
     rng = random.Random(seed)
     start = time.perf_counter()
     hits = retrieve(retriever, store, [e.question for e in examples], cfg.top_k)
@@ -146,6 +153,8 @@ def train_ralt(gen: Generator, retriever: DualEncoder, store: KnowledgeStore, ex
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.item())
                 tokens += int(inputs["attention_mask"].sum())
+                if on_step is not None:
+                    on_step(len(losses), losses[-1], inputs)
                 if max_steps and len(losses) >= max_steps:
                     break
             if max_steps and len(losses) >= max_steps:

@@ -9,6 +9,7 @@ Replies whose weights cannot be averaged (NaN/Inf, wrong keys or shapes) are log
 from __future__ import annotations
 
 import os
+import time
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Iterable
@@ -23,7 +24,8 @@ from fedrag_app.checkpoint import latest_checkpoint, load_checkpoint, save_check
 from fedrag_app.config import AppConfig, FedConfig
 from fedrag_app.errors import ConfigError, StoreError
 from fedrag_app.evaluate import run_evaluation
-from fedrag_app.generator import load_generator, load_lora_state_dict, lora_state_dict
+from fedrag_app.local_round import exchanged_parts, exchanged_weights, load_exchanged_weights
+from fedrag_app.generator import load_generator
 from fedrag_app.rag import open_store
 from fedrag_app.records import metric_record, numpy_to_record, pack_weights, record_to_numpy, unpack_weights
 from fedrag_app.reporting import append_metrics, plot_metrics
@@ -39,6 +41,13 @@ class CheckedFedAvg(FedAvg):
     def __init__(self, reference: dict, **kwargs):
         super().__init__(**kwargs)
         self.reference, self.last_train_metrics, self.last_evaluate_metrics = reference, {}, {}
+        self.round_costs: dict[str, float] = {}
+        self._sent_at, self._sent_bytes = 0.0, 0
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._sent_at, self._sent_bytes = time.perf_counter(), arrays.count_bytes() * len(messages)
+        return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         ok, _ = self._check_and_log_replies(list(replies), is_train=True, validate=False)  # logs counts and errors
@@ -52,6 +61,13 @@ class CheckedFedAvg(FedAvg):
                 continue
             kept.append(m)
             updates.append((state, float(m.content["metrics"][self.weighted_by_key])))
+        local = [float(m.content["metrics"].get("local-seconds", 0.0)) for m in kept]
+        handler = [float(m.content["metrics"].get("handler-seconds", 0.0)) for m in kept]
+        self.round_costs = {  # what Flower adds on top of the clients' own work, and what crossed the network
+            "round-train-seconds": time.perf_counter() - self._sent_at, "round-local-seconds-sum": sum(local),
+            "round-local-seconds-max": max(local, default=0.0), "round-handler-seconds-sum": sum(handler),
+            "round-handler-seconds-max": max(handler, default=0.0), "round-bytes-down": float(self._sent_bytes),
+            "round-bytes-up": float(sum(m.content["arrays"].count_bytes() for m in kept))}
         if not kept:
             return None, None
         metrics = self.train_metrics_aggr_fn([m.content for m in kept], self.weighted_by_key)
@@ -94,10 +110,13 @@ def main(grid: Grid, context: Context) -> None:
         load_checkpoint(ckpt, gen, retriever)
         done = ckpt.round
         log(INFO, "resuming from %s (round %s)", ckpt.path, done)
+        if not all(exchanged_parts(cfg.train)):
+            log(WARNING, "train.mode=%s sends only what it trains: nodes keep their configured %s, not the checkpoint's",
+                cfg.train.mode, "retriever" if cfg.train.mode == "ralt" else "adapter")
     if done >= cfg.fed.num_server_rounds:
         log(INFO, "all %s rounds are done in %s", cfg.fed.num_server_rounds, out)
         return
-    initial = pack_weights(lora_state_dict(gen), retriever.trainable_state_dict(), retriever_dtype=cfg.retriever.wire_dtype)
+    initial = pack_weights(*exchanged_weights(cfg.train, gen, retriever), retriever_dtype=cfg.retriever.wire_dtype)
     m = cfg.fed.min_nodes
     strategy = CheckedFedAvg(record_to_numpy(initial), fraction_train=cfg.fed.fraction_train,
                              fraction_evaluate=cfg.fed.fraction_evaluate, min_train_nodes=m, min_evaluate_nodes=m,
@@ -111,13 +130,11 @@ def main(grid: Grid, context: Context) -> None:
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
             return None
-        lora, retr = unpack_weights(arrays, lora_state_dict(gen), retriever.trainable_state_dict())
-        load_lora_state_dict(gen, lora)
-        retriever.load_trainable_state_dict(retr)
+        load_exchanged_weights(gen, retriever, *unpack_weights(arrays, *exchanged_weights(cfg.train, gen, retriever)))
         metrics = run_evaluation(cfg, gen, retriever, store) if cfg.fed.server_eval else {}
         n = done + server_round
         save_checkpoint(out, n, gen, retriever, metrics, cfg.to_flat())
-        row = {"round": n, **{f"train-{k}": v for k, v in strategy.last_train_metrics.items()},
+        row = {"round": n, **strategy.round_costs, **{f"train-{k}": v for k, v in strategy.last_train_metrics.items()},
                **strategy.last_evaluate_metrics, **metrics}
         plot_metrics(append_metrics(out / "metrics.jsonl", row), out / "metrics.png")
         log(INFO, "round %s: checkpoint and metrics in %s", n, out)

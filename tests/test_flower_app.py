@@ -210,3 +210,18 @@ def test_one_client_federated_round_equals_centralized_training(node, small_shar
 def _peft_key(record_key: str) -> str:
     """lora.<peft state key> -> the key save_pretrained writes (adapter name dropped)."""
     return record_key[len("lora."):].replace(".default.", ".")
+
+
+@pytest.mark.parametrize("mode, prefixes", [("ralt", {"lora."}), ("lsr", {"retriever."})])
+def test_only_what_the_mode_trains_travels(node, mode, prefixes):
+    from fedrag_app.local_round import exchanged_weights
+
+    run = {**TINY, "train.mode": mode}
+    cfg = AppConfig.from_flat(run)
+    gen, retriever = client_app._models(cfg)
+    sent = pack_weights(*exchanged_weights(cfg.train, gen, retriever))
+    assert {k.split(".", 1)[0] + "." for k in sent} == prefixes
+    out = client_app.train(message(RecordDict({"arrays": sent, "config": ConfigRecord({"server-round": 1})}), "train"),
+                           context(node, run))
+    assert sorted(out.content["arrays"]) == sorted(sent)
+    assert out.content["metrics"]["bytes-sent"] == sent.count_bytes()

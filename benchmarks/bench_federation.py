@@ -80,7 +80,7 @@ def simulate(args) -> list[dict]:
     started = time.perf_counter()
     try:
         run_id = follow_run.launch_run(str(REPO), "local", run_config, flwr=str(bin_dir / "flwr"), env=env,
-                                       timeout_s=300)
+                                       timeout_s=300, federation_config=f"num-supernodes={args.clients}")
         status = follow_run.wait_for_run("local", run_id, timeout_s=args.timeout, flwr=str(bin_dir / "flwr"), env=env,
                                          on_status=lambda s: print(f"  run {run_id}: {s}", flush=True))
     finally:

@@ -21,9 +21,12 @@ class RunFailed(RuntimeError):
 
 
 def launch_run(app_dir: str, connection: str, run_config: list[str], *, flwr: str = "flwr", timeout_s: float = 300,
-               env: dict | None = None) -> int:
-    """Submit the app; returns the run id. `run_config` items are `key=value` overrides (values as TOML)."""
+               env: dict | None = None, federation_config: str = "") -> int:
+    """Submit the app; returns the run id. `run_config` items are `key=value` overrides (values as TOML);
+    `federation_config` is passed as --federation-config (simulation: e.g. "num-supernodes=3")."""
     argv = [flwr, "run", app_dir, connection, "--format", "json"]
+    if federation_config:
+        argv += ["--federation-config", federation_config]
     if run_config:
         # One --run-config string: flwr 1.42 merges repeated ones with dict.update on the *nested* keys, so
         # `-c fed.a=1 -c fed.b=2` silently drops fed.a (flwr.common.config.parse_config_args).

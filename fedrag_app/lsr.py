@@ -52,20 +52,34 @@ def lsr_loss(retriever_scores: torch.Tensor, lm_scores: torch.Tensor, *, retriev
     return kl.mean()
 
 
-@torch.no_grad()
-def lm_scores(gen: Generator, examples: list[QAExample], hits: list[list[Hit]], cfg: LsrConfig) -> torch.Tensor:
-    """(B, k) log p_LM(answer | passage, question): the B·k sequences of a batch in one forward pass."""
-    seqs = [build_sequence(gen.tokenizer, ex.question, format_passage(h.title, h.text), ex.target, cfg.max_seq_len,
+def scoring_sequences(gen: Generator, examples: list[QAExample], hits: list[list[Hit]], cfg: LsrConfig) -> list:
+    """The B·k sequences (passage, question -> answer without end-of-turn), example-major."""
+    return [build_sequence(gen.tokenizer, ex.question, format_passage(h.title, h.text), ex.target, cfg.max_seq_len,
                            label_eos=False)
             for ex, ex_hits in zip(examples, hits) for h in ex_hits]
+
+
+@torch.no_grad()
+def score_sequences(gen: Generator, seqs: list, cfg: LsrConfig, batch_size: int) -> torch.Tensor:
+    """log p_LM(answer | context) per sequence, in length-sorted batches (little padding), in the input order."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].input_ids))
+    out = torch.zeros(len(seqs))
     was_training = gen.model.training
     gen.model.eval()  # no dropout in the supervision signal
     try:
-        inputs = collate(seqs, gen.tokenizer.pad_token_id, gen.device)
-        scores = answer_logprobs(gen.model, **inputs, reduction=cfg.lm_score)  # (B·k,)
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            inputs = collate([seqs[i] for i in idx], gen.tokenizer.pad_token_id, gen.device)
+            out[idx] = answer_logprobs(gen.model, **inputs, reduction=cfg.lm_score).float().cpu()
     finally:
         gen.model.train(was_training)
-    return scores.view(len(examples), -1).float().cpu()
+    return out
+
+
+def lm_scores(gen: Generator, examples: list[QAExample], hits: list[list[Hit]], cfg: LsrConfig) -> torch.Tensor:
+    """(B, k) log p_LM(answer | passage, question): the targets of LSR, fixed during a phase."""
+    seqs = scoring_sequences(gen, examples, hits, cfg)
+    return score_sequences(gen, seqs, cfg, batch_size=cfg.batch_size * cfg.top_k).view(len(examples), -1)
 
 
 def retriever_scores(retriever: DualEncoder, examples: list[QAExample], hits: list[list[Hit]]) -> torch.Tensor:
@@ -90,8 +104,7 @@ def train_lsr(gen: Generator, retriever: DualEncoder, store: KnowledgeStore, exa
     keep = [i for i, h in enumerate(hits) if len(h) == cfg.top_k]  # a store smaller than k cannot rank k
     examples, hits = [examples[i] for i in keep], [hits[i] for i in keep]
     batches = [list(range(s, min(s + cfg.batch_size, len(examples)))) for s in range(0, len(examples), cfg.batch_size)]
-    targets = torch.cat([lm_scores(gen, [examples[i] for i in b], [hits[i] for i in b], cfg) for b in batches]) \
-        if batches else torch.zeros(0, cfg.top_k)  # (N, k)
+    targets = lm_scores(gen, examples, hits, cfg) if examples else torch.zeros(0, cfg.top_k)  # (N, k), all at once
     optimizer = torch.optim.AdamW(retriever.trainable_parameters(), lr=cfg.learning_rate, weight_decay=0.0)
     losses: list[float] = []
     retriever.query_model.train()

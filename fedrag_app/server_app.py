@@ -99,8 +99,35 @@ def output_dir(cfg: FedConfig) -> Path:
     return path
 
 
+def retry_transient_pulls(grid: Grid, attempts: int = 6, sleep=time.sleep) -> None:
+    """Retry pulling replies when the SuperLink answers 5xx instead of failing the whole run.
+
+    flwr 1.42's SuperLink answers 500 when its SQLite database stays locked past its 5 s busy_timeout, which
+    happens on a loaded machine (seen with three SuperNodes and the SuperLink on 2 cores). The failed
+    transaction marked nothing delivered, so pulling again is safe."""
+    pull = getattr(grid, "pull_messages", None)
+    if pull is None:
+        return
+
+    def pull_with_retry(message_ids):
+        ids = list(message_ids)
+        for attempt in range(1, attempts + 1):
+            try:
+                return pull(ids)
+            except Exception as e:  # httpx.HTTPStatusError, without importing the transport here
+                status = getattr(getattr(e, "response", None), "status_code", None)
+                if status is None or status < 500 or attempt == attempts:
+                    raise
+                log(WARNING, "the SuperLink answered %s to pull-messages (attempt %s of %s): retrying", status, attempt,
+                    attempts)
+                sleep(2**attempt)
+
+    grid.pull_messages = pull_with_retry
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    retry_transient_pulls(grid)
     cfg = AppConfig.from_flat(context.run_config)
     out = output_dir(cfg.fed)
     device = apply_runtime(cfg.runtime)

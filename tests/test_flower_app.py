@@ -225,3 +225,31 @@ def test_only_what_the_mode_trains_travels(node, mode, prefixes):
                            context(node, run))
     assert sorted(out.content["arrays"]) == sorted(sent)
     assert out.content["metrics"]["bytes-sent"] == sent.count_bytes()
+
+
+def test_pulls_are_retried_on_a_superlink_5xx_but_not_on_other_errors():
+    from types import SimpleNamespace
+
+    from fedrag_app.server_app import retry_transient_pulls
+
+    class Grid:
+        def __init__(self, failures):
+            self.failures, self.calls = list(failures), 0
+
+        def pull_messages(self, ids):
+            self.calls += 1
+            if self.failures:
+                error = RuntimeError("HTTP error")
+                error.response = SimpleNamespace(status_code=self.failures.pop(0))
+                raise error
+            return [f"reply to {i}" for i in ids]
+
+    waits = []
+    grid = Grid([500, 503])
+    retry_transient_pulls(grid, sleep=waits.append)
+    assert grid.pull_messages({"m1"}) == ["reply to m1"] and grid.calls == 3 and waits == [2, 4]
+    refused = Grid([403])
+    retry_transient_pulls(refused, sleep=waits.append)
+    with pytest.raises(RuntimeError):
+        refused.pull_messages({"m1"})
+    assert refused.calls == 1

@@ -60,26 +60,25 @@ def scoring_sequences(gen: Generator, examples: list[QAExample], hits: list[list
 
 
 @torch.no_grad()
-def score_sequences(gen: Generator, seqs: list, cfg: LsrConfig, batch_size: int) -> torch.Tensor:
-    """log p_LM(answer | context) per sequence, in length-sorted batches (little padding), in the input order."""
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].input_ids))
+def lm_scores(gen: Generator, examples: list[QAExample], hits: list[list[Hit]], cfg: LsrConfig) -> torch.Tensor:
+    """(B, k) log p_LM(answer | passage, question): LSR's targets, fixed during a phase.
+
+    All k candidates of a question go through one batched forward; questions are grouped by length
+    (cfg.batch_size questions per forward) so that little of it is padding."""
+    seqs = scoring_sequences(gen, examples, hits, cfg)
+    k = len(seqs) // max(1, len(examples))
+    groups = sorted(range(len(examples)), key=lambda q: max(len(s.input_ids) for s in seqs[q * k : (q + 1) * k]))
     out = torch.zeros(len(seqs))
     was_training = gen.model.training
     gen.model.eval()  # no dropout in the supervision signal
     try:
-        for s in range(0, len(order), batch_size):
-            idx = order[s : s + batch_size]
+        for start in range(0, len(groups), cfg.batch_size):
+            idx = [q * k + j for q in groups[start : start + cfg.batch_size] for j in range(k)]
             inputs = collate([seqs[i] for i in idx], gen.tokenizer.pad_token_id, gen.device)
             out[idx] = answer_logprobs(gen.model, **inputs, reduction=cfg.lm_score).float().cpu()
     finally:
         gen.model.train(was_training)
-    return out
-
-
-def lm_scores(gen: Generator, examples: list[QAExample], hits: list[list[Hit]], cfg: LsrConfig) -> torch.Tensor:
-    """(B, k) log p_LM(answer | passage, question): the targets of LSR, fixed during a phase."""
-    seqs = scoring_sequences(gen, examples, hits, cfg)
-    return score_sequences(gen, seqs, cfg, batch_size=cfg.batch_size * cfg.top_k).view(len(examples), -1)
+    return out.view(len(examples), k)
 
 
 def retriever_scores(retriever: DualEncoder, examples: list[QAExample], hits: list[list[Hit]]) -> torch.Tensor:

@@ -104,6 +104,11 @@ class ScoringMeter:
         lsr.collate, lsr.lm_scores = counted_collate, timed_scores
 
 
+def digest(state: dict) -> str:
+    """sha256 over a state dict's tensors in key order: did training change the weights?"""
+    return hashlib.sha256(b"".join(v.numpy().tobytes() for _, v in sorted(state.items()))).hexdigest()
+
+
 def shard_path(retriever) -> str:
     """The 5,000-passage Qdrant Edge shard, built once and cached."""
     from fedrag_app.config import AppConfig
@@ -146,7 +151,7 @@ def run_ours(workload: str, steps: int) -> dict:
             flops.append(ralt_step_flops(gen.model, inputs))
 
     meter = ScoringMeter(gen) if workload == "lsr" else None
-    before = hashlib.sha256(b"".join(v.numpy().tobytes() for _, v in sorted(retriever.trainable_state_dict().items()))).hexdigest()
+    before = digest(retriever.trainable_state_dict())
     with KnowledgeStore.open(path=path) as store:
         t0 = time.perf_counter()
         if workload == "ralt":
@@ -154,7 +159,7 @@ def run_ours(workload: str, steps: int) -> dict:
         else:
             metrics = train_lsr(gen, retriever, store, examples, cfg.lsr, max_steps=steps, seed=SEED, on_step=on_step)
         total = time.perf_counter() - t0
-    after = hashlib.sha256(b"".join(v.numpy().tobytes() for _, v in sorted(retriever.trainable_state_dict().items()))).hexdigest()
+    after = digest(retriever.trainable_state_dict())
     intervals = [b - a for a, b in zip(marks, marks[1:])]  # step 1 excluded, as for the peer
     out = {"system": "fedrag_app", "workload": workload, "steps": len(marks), "seconds_total": total,
            "s_per_step_median": statistics.median(intervals), "s_per_step_whole_phase": total / len(marks),

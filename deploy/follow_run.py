@@ -49,6 +49,17 @@ def run_status(connection: str, run_id: int, *, flwr: str = "flwr", env: dict | 
     return str(runs[0]["status"])
 
 
+def stop_run(connection: str, run_id: int, *, flwr: str = "flwr", env: dict | None = None) -> None:
+    """Stop a run; a run that finished meanwhile (the SuperLink marks an orphaned run failed on restart,
+    racing the operator's stop) counts as stopped, any other refusal raises."""
+    argv = [flwr, "stop", str(run_id), connection, "--format", "json"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=_cli_env(env))
+    reply = _last_json(done.stdout)
+    if reply.get("success") or "already finished" in str(reply.get("error-message", "")):
+        return
+    raise RunFailed(f"`{' '.join(argv)}` failed (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
+
+
 def wait_for_run(connection: str, run_id: int, *, timeout_s: float, poll_s: float = 3.0, flwr: str = "flwr",
                  on_status=None, env: dict | None = None) -> str:
     """Poll until the run finishes or `timeout_s` passes; returns the final status (raises on a timeout)."""

@@ -105,9 +105,7 @@ class Federation:
         return follow_run.run_status(CONNECTION, run_id, flwr=str(VENV_BIN / "flwr"), env=self.env)
 
     def stop_run(self, run_id: int) -> None:
-        done = subprocess.run([str(VENV_BIN / "flwr"), "stop", str(run_id), CONNECTION, "--format", "json"],
-                              capture_output=True, text=True, timeout=60, env=self.env)
-        assert follow_run._last_json(done.stdout).get("success"), done.stdout + done.stderr
+        follow_run.stop_run(CONNECTION, run_id, flwr=str(VENV_BIN / "flwr"), env=self.env)
 
     def run_log(self, run_id: int) -> str:
         """The ServerApp's log as the SuperLink stored it (`flwr log RUN_ID <conn> --show`)."""

@@ -52,7 +52,7 @@ def bytes_table() -> list[tuple[str, int]]:
         cfg = AppConfig.from_flat(overrides)
         gen = gen or load_generator(cfg.generator)
         retriever = load_retriever(cfg.retriever)
-        record = pack_weights(*exchanged_weights(cfg.train, gen, retriever), retriever_dtype=cfg.retriever.wire_dtype)
+        record = pack_weights(*exchanged_weights(cfg, gen, retriever), retriever_dtype=cfg.retriever.wire_dtype)
         rows.append((name, record.count_bytes()))
     return rows
 

@@ -1,6 +1,6 @@
 """Knowledge-store benchmark (issue 2): indexing throughput and search latency/recall, Qdrant Edge vs qdrant-client.
 
-    python benchmarks/bench_store.py                 # full 45,739-passage corpus (encoding takes ~25 min on 2 cores)
+    python benchmarks/bench_store.py                 # full 45,739-passage corpus (encoding ≈50 min on 2 cores)
     python benchmarks/bench_store.py --limit 5000    # the FedRAG W1 shape
 
 Embeddings are cached in --cache so the store figures can be re-measured without re-encoding.
@@ -24,6 +24,8 @@ from fedrag_app.data import iter_passages, load_web_questions
 from fedrag_app.knowledge_store import KnowledgeStore
 from fedrag_app.prompts import format_passage
 from fedrag_app.retriever import load_retriever
+
+from bench_train import matmul_peak_gflops  # same folder: the MFU denominator both benchmarks use
 
 
 def encode(retriever, passages, cache: Path, batch_size: int) -> tuple[np.ndarray, float | None]:
@@ -58,6 +60,18 @@ def latency(store: KnowledgeStore, queries: np.ndarray, top_k: int) -> tuple[flo
     return float(np.percentile(times, 50)), float(np.percentile(times, 95)), ids
 
 
+def encode_flops(model, texts: list[str]) -> float:
+    """Useful FLOPs of encoding ``texts`` with a BERT-style sentence-transformer: the encoder layers' linears
+    (2N per token) and bidirectional attention (QK^T + AV = 4 L^2 H per layer); padding not counted."""
+    import torch
+
+    bert = model[0].auto_model
+    n = sum(m.weight.numel() for name, m in bert.named_modules() if isinstance(m, torch.nn.Linear) and ".layer." in name)
+    lengths = [len(ids) for ids in model.tokenizer(texts, truncation=True, max_length=model.max_seq_length)["input_ids"]]
+    cfg = bert.config
+    return sum(2 * n * L + 4 * L * L * cfg.hidden_size * cfg.num_hidden_layers for L in lengths)
+
+
 def recall(found: list[list[str]], exact: list[list[str]]) -> float:
     return float(np.mean([len(set(f) & set(e)) / len(e) for f, e in zip(found, exact)]))
 
@@ -66,7 +80,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--limit", type=int, default=0, help="passages to index (0 = all 45,739)")
     ap.add_argument("--queries", type=int, default=200)
-    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--cache", default="/tmp/fedrag_bench_store_emb.npy")
     args = ap.parse_args()
 
@@ -75,6 +89,9 @@ def main() -> None:
     retriever = load_retriever(RetrieverConfig())
     cache = Path(args.cache).with_suffix(f".{len(passages)}.npy")
     emb, encode_s = encode(retriever, passages, cache, args.batch_size)
+    if encode_s is not None:
+        flops = encode_flops(retriever.context_model, [format_passage(p.title, p.text) for p in passages])
+        peak = matmul_peak_gflops()
     questions = [e.question for e in load_web_questions("train", data, limit=args.queries)]
     t0 = time.perf_counter()
     queries = retriever.encode_queries(questions).numpy()
@@ -97,7 +114,9 @@ def main() -> None:
     print(f"\npassages: {n}   queries: {len(queries)} (Web Questions train)   torch threads: {os.cpu_count()} cores")
     if encode_s is not None:
         edge_upsert = rows[0][1]
-        print(f"encode only        : {n / encode_s:8.1f} passages/s  ({encode_s:.1f} s)")
+        print(f"encode only        : {n / encode_s:8.1f} passages/s  ({encode_s:.1f} s, batch {args.batch_size}); "
+              f"{flops / encode_s / 1e9:.1f} GFLOP/s = MFU {flops / encode_s / 1e9 / peak:.0%} of the measured "
+              f"fp32 matmul peak {peak:.1f} GFLOP/s")
         print(f"encode + upsert    : {n / (encode_s + edge_upsert):8.1f} passages/s  (Qdrant Edge; store share "
               f"{edge_upsert / (encode_s + edge_upsert):.1%}, target <= 15%)")
     else:

@@ -1,15 +1,12 @@
 """Tensor-only checks and averaging of client updates (numpy; no Flower), used by the ServerApp's strategy.
 
 A reply whose weights cannot be averaged (NaN/Inf, missing or extra keys, wrong shapes) is refused with a
-reason, never averaged in. Plain FedAvg is the example-weighted mean; LoRA-aware variants live in
-lora_aggregation.py.
+reason, never averaged in. Plain FedAvg is Flower's own; LoRA-aware variants live in lora_aggregation.py.
 """
 
 from __future__ import annotations
 
 import numpy as np
-
-from fedrag_app.lora_aggregation import weighted_mean
 
 State = dict[str, np.ndarray]
 
@@ -25,11 +22,3 @@ def check_update(state: State, reference: State) -> str | None:
         if not np.isfinite(state[key]).all():
             return f"'{key}' holds NaN or Inf"
     return None
-
-
-def fedavg(updates: list[tuple[State, float]]) -> State:
-    """Weighted mean of the usable updates, each key kept in its wire dtype."""
-    assert updates, "fedavg needs at least one update"
-    states, weights = [s for s, _ in updates], [w for _, w in updates]
-    mean = weighted_mean(states, weights)
-    return {k: v.astype(states[0][k].dtype) for k, v in mean.items()}

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import LocalDpMod, fixedclipping_mod
 
 from fedrag_app.config import AppConfig
 from fedrag_app.evaluate import evaluate_retrieval, evaluate_web_questions
-from fedrag_app.generator import Generator, load_generator
+from fedrag_app.generator import Generator, load_generator, lora_a_fingerprint
 from fedrag_app.errors import ConfigError
 from fedrag_app.knowledge_store import KnowledgeStore
 from fedrag_app.local_round import exchanged_weights, load_exchanged_weights, run_local_round
@@ -43,6 +46,24 @@ def _models(cfg: AppConfig) -> tuple[Generator, DualEncoder]:
     return _MODELS[key]
 
 
+def privacy_mod(msg: Message, context: Context, call_next) -> Message:
+    """dp.mode picks Flower's own client-side DP mod for this run: fixedclipping_mod (client-clip: the node clips its
+    update to the clipping norm the server's DP wrapper sends) or LocalDpMod (local: it clips and adds its own
+    noise). Both require the train message's one ArrayRecord and one ConfigRecord, and reply keys in the order
+    received, which is the layout this app uses."""
+    dp = AppConfig.from_flat(context.run_config).dp
+    if dp.mode == "client-clip":
+        return fixedclipping_mod(msg, context, call_next)
+    if dp.mode == "local":
+        def train_then_unseed(m: Message, c: Context) -> Message:
+            reply = call_next(m, c)
+            np.random.seed()  # training seeded numpy from runtime.seed; the mod's noise must not be predictable
+            return reply
+
+        return LocalDpMod(dp.clipping_norm, dp.clipping_norm, dp.local_epsilon, dp.delta)(msg, context, train_then_unseed)
+    return call_next(msg, context)
+
+
 def _open_store(node: NodeData, retriever: DualEncoder) -> KnowledgeStore:
     return KnowledgeStore.open(**node.store, embedding_model=retriever.name, dim=retriever.dim)
 
@@ -52,12 +73,12 @@ def _prepare(msg: Message, context: Context) -> tuple[AppConfig, NodeData, Gener
     cfg = AppConfig.from_flat(context.run_config)
     node = node_data(cfg, context.node_config)
     gen, retriever = _models(cfg)
-    lora, retr = unpack_weights(msg.content["arrays"], *exchanged_weights(cfg.train, gen, retriever))
-    load_exchanged_weights(gen, retriever, lora, retr)
+    lora, retr = unpack_weights(msg.content["arrays"], *exchanged_weights(cfg, gen, retriever))
+    load_exchanged_weights(cfg, gen, retriever, lora, retr)
     return cfg, node, gen, retriever
 
 
-@app.train()
+@app.train(mods=[privacy_mod])
 def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     cfg, node, gen, retriever = _prepare(msg, context)
@@ -66,8 +87,12 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config["server-round"]) + int(config.get("round-offset", 0))
     with _open_store(node, retriever) as store:
         result = run_local_round(cfg, gen, retriever, store, examples, server_round=server_round)
-    arrays = pack_weights(*exchanged_weights(cfg.train, gen, retriever), retriever_dtype=cfg.retriever.wire_dtype)
-    metrics = metric_record({"num-examples": result.num_examples, **result.metrics, "bytes-sent": arrays.count_bytes(),
+    arrays = pack_weights(*exchanged_weights(cfg, gen, retriever), retriever_dtype=cfg.retriever.wire_dtype)
+    extra = {"dp-weight": 1} if cfg.dp.central else {}  # central DP averages nodes with equal weights
+    if cfg.fed.lora_aggregation == "ffa":
+        extra["lora-a-fingerprint"] = lora_a_fingerprint(gen)  # the server checks every node froze the same A
+    metrics = metric_record({"num-examples": result.num_examples, **result.metrics, **extra,
+                             "bytes-sent": arrays.count_bytes(),
                              "handler-seconds": time.perf_counter() - started})  # incl. model load, unpack, pack
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 

@@ -112,7 +112,7 @@ class StoreConfig:
     path: str = _help("embedded shard folder; '' = <cache>/shards/<corpus>-<retriever>", "")
     url: str = _help("Qdrant server URL (http://host:6333) or ':memory:'; overrides path", "")
     collection: str = _help("collection name on a Qdrant server", "passages")
-    index_batch_size: int = _help("passages encoded and upserted per batch while indexing", 128)
+    index_batch_size: int = _help("passages per encoder forward while indexing (16 is fastest on CPU)", 16)
     passages_limit: int = _help("index only the first N passages; 0 = all", 0)
 
     def __post_init__(self) -> None:
@@ -240,13 +240,42 @@ class FedConfig:
     output_dir: str = _help("absolute folder for checkpoints, metrics and plots; '' = $FEDRAG_OUTPUT_DIR or ./outputs/fed", "")
     resume: bool = _help("continue from the last complete checkpoint in output-dir", False)
     server_eval: bool = _help("server-side MMLU + Web Questions evaluation after each round", True)
+    lora_aggregation: str = _help("fedavg (average A and B) | ffa (A frozen at its seeded start, only B trains and "
+                                  "travels: exact) | product (mean of B·A per layer, refactored by truncated SVD)",
+                                  "fedavg")
 
     def __post_init__(self) -> None:
+        _one_of("fed", "lora_aggregation", self.lora_aggregation, ("fedavg", "ffa", "product"))
         _positive("fed", "num_server_rounds", self.num_server_rounds)
         _fraction("fed", "fraction_train", self.fraction_train)
         _fraction("fed", "fraction_evaluate", self.fraction_evaluate)
         _positive("fed", "min_nodes", self.min_nodes)
         _positive("fed", "round_timeout_s", self.round_timeout_s)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Client-level differential privacy with Flower's DP wrappers and mods, over every weight a client sends."""
+
+    mode: str = _help("off | client-clip (nodes clip, server adds noise) | server-clip (server clips and adds noise) | "
+                      "local (each node clips and adds its own noise)", "off")
+    clipping_norm: float = _help("L2 bound on one client's update (all sent weights together)", 1.0)
+    noise_multiplier: float = _help("central modes: noise std = multiplier x clipping-norm / nodes per round", 1.0)
+    delta: float = _help("the delta at which epsilon is reported (central) or spent per round (local)", 1e-5)
+    local_epsilon: float = _help("local mode: epsilon each node spends per round", 8.0)
+
+    def __post_init__(self) -> None:
+        _one_of("dp", "mode", self.mode, ("off", "client-clip", "server-clip", "local"))
+        _positive("dp", "clipping_norm", self.clipping_norm)
+        _positive("dp", "noise_multiplier", self.noise_multiplier, zero_ok=True)
+        _positive("dp", "local_epsilon", self.local_epsilon)
+        if not 0.0 < self.delta < 1.0:
+            raise ConfigError(f"run-config key 'dp.delta' = {self.delta!r}: must be in (0, 1)")
+
+    @property
+    def central(self) -> bool:
+        """The server adds the noise (and accounts for it): nodes are then averaged with equal weights."""
+        return self.mode in ("client-clip", "server-clip")
 
 
 SECTIONS: dict[str, type] = {
@@ -261,6 +290,7 @@ SECTIONS: dict[str, type] = {
     "eval": EvalConfig,
     "partition": PartitionConfig,
     "fed": FedConfig,
+    "dp": PrivacyConfig,
 }
 
 
@@ -279,6 +309,13 @@ class AppConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     fed: FedConfig = field(default_factory=FedConfig)
+    dp: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    def __post_init__(self) -> None:
+        if self.dp.central and self.fed.lora_aggregation == "product":
+            raise ConfigError("run-config keys 'dp.mode' = 'client-clip'/'server-clip' and 'fed.lora-aggregation' = "
+                              "'product' do not combine: the DP accountant covers FedAvg's aggregation only "
+                              "(use fed.lora-aggregation = 'ffa' or 'fedavg')")
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any], *, source: str = "run-config") -> "AppConfig":

@@ -120,10 +120,11 @@ def lora_state_dict(gen: Generator) -> dict[str, torch.Tensor]:
     return {k: state[k].detach().to("cpu", torch.float32).clone() for k in sorted(state)}
 
 
-def load_lora_state_dict(gen: Generator, state: dict[str, torch.Tensor]) -> None:
-    """Set the adapter from ``state``; a missing/unexpected key or a wrong shape is a WeightsError."""
+def load_lora_state_dict(gen: Generator, state: dict[str, torch.Tensor], *, keep_a: bool = False) -> None:
+    """Set the adapter from ``state``; a missing/unexpected key or a wrong shape is a WeightsError.
+    ``keep_a``: ``state`` holds only the B factors (FFA-LoRA), the adapter keeps its own A."""
     current = get_peft_model_state_dict(gen.model)
-    missing = sorted(set(current) - set(state))
+    missing = sorted(k for k in set(current) - set(state) if not (keep_a and ".lora_A." in k))
     unexpected = sorted(set(state) - set(current))
     if missing or unexpected:
         raise WeightsError(f"LoRA weights do not match the adapter: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -131,6 +132,19 @@ def load_lora_state_dict(gen: Generator, state: dict[str, torch.Tensor]) -> None
         if tuple(value.shape) != tuple(current[key].shape):
             raise WeightsError(f"LoRA weight '{key}' has shape {tuple(value.shape)}, adapter expects {tuple(current[key].shape)}")
     set_peft_model_state_dict(gen.model, {k: v.to(current[k].device, current[k].dtype) for k, v in state.items()})
+
+
+def set_lora_a_trainable(gen: Generator, trainable: bool) -> None:
+    """FFA-LoRA freezes every A at its shared start, so averaging the B factors averages the updates B·A exactly."""
+    for name, param in gen.model.named_parameters():
+        if ".lora_A." in name:
+            param.requires_grad_(trainable)
+
+
+def lora_a_fingerprint(gen: Generator) -> float:
+    """A number that differs when two nodes' A factors differ (FFA-LoRA needs them identical everywhere)."""
+    state = get_peft_model_state_dict(gen.model)
+    return float(sum(torch.sum(state[k].double() * (i + 1)).item() for i, k in enumerate(sorted(state)) if ".lora_A." in k))
 
 
 def save_adapter(gen: Generator, out_dir) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from fedrag_app.config import AppConfig, TrainConfig
 from fedrag_app.data import QAExample
-from fedrag_app.generator import Generator, load_lora_state_dict, lora_state_dict
+from fedrag_app.generator import Generator, load_lora_state_dict, lora_state_dict, set_lora_a_trainable
 from fedrag_app.knowledge_store import KnowledgeStore
 from fedrag_app.lsr import train_lsr
 from fedrag_app.ralt import train_ralt
@@ -43,15 +43,19 @@ def exchanged_parts(cfg: TrainConfig) -> tuple[bool, bool]:
     return cfg.mode in ("ralt", "ra-dit"), cfg.mode in ("lsr", "ra-dit")
 
 
-def exchanged_weights(cfg: TrainConfig, gen: Generator, retriever: DualEncoder) -> tuple[dict, dict]:
-    """The (LoRA, retriever) state dicts that travel; a part that does not travel is {}."""
-    lora, retr = exchanged_parts(cfg)
-    return (lora_state_dict(gen) if lora else {}), (retriever.trainable_state_dict() if retr else {})
+def exchanged_weights(cfg: AppConfig, gen: Generator, retriever: DualEncoder) -> tuple[dict, dict]:
+    """The (LoRA, retriever) state dicts that travel; a part that does not travel is {}. Under FFA-LoRA
+    (fed.lora-aggregation = ffa) the A factors never change, so only the B factors travel: half the adapter."""
+    lora, retr = exchanged_parts(cfg.train)
+    lora_state = lora_state_dict(gen) if lora else {}
+    if cfg.fed.lora_aggregation == "ffa":
+        lora_state = {k: v for k, v in lora_state.items() if ".lora_A." not in k}
+    return lora_state, (retriever.trainable_state_dict() if retr else {})
 
 
-def load_exchanged_weights(gen: Generator, retriever: DualEncoder, lora: dict, retr: dict) -> None:
+def load_exchanged_weights(cfg: AppConfig, gen: Generator, retriever: DualEncoder, lora: dict, retr: dict) -> None:
     if lora:
-        load_lora_state_dict(gen, lora)
+        load_lora_state_dict(gen, lora, keep_a=cfg.fed.lora_aggregation == "ffa")
     if retr:
         retriever.load_trainable_state_dict(retr)
 
@@ -61,6 +65,7 @@ def run_local_round(cfg: AppConfig, gen: Generator, retriever: DualEncoder, stor
     """Train in place per cfg.train (mode, schedule, epochs, max steps, number of examples)."""
     seed = cfg.runtime.seed + server_round
     seed_everything(seed)
+    set_lora_a_trainable(gen, cfg.fed.lora_aggregation != "ffa")
     if cfg.train.num_examples:
         examples = examples[: cfg.train.num_examples]
     start = time.perf_counter()

@@ -4,6 +4,8 @@ After every round: a server-side evaluation (MMLU + Web Questions, sizes from ev
 atomically (PEFT adapter + sentence-transformers retriever + state.json), a metrics JSONL row and a PNG plot.
 ``fed.resume`` restarts from the last complete checkpoint and keeps numbering rounds from there.
 Replies whose weights cannot be averaged (NaN/Inf, wrong keys or shapes) are logged and dropped.
+Run-config switches: fed.lora-aggregation (fedavg | ffa | product) and dp.mode (off | client-clip | server-clip |
+local: Flower's DP wrappers and mods; epsilon from Flower's RDP accountant goes into every metrics row).
 """
 
 from __future__ import annotations
@@ -14,19 +16,23 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.common import log
-from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp import GaussianPrivacyEvent, Grid, NeighboringRelation, RdpAccountant, SamplingMethod, ServerApp
+from flwr.serverapp import PrivacyConfig as DpAccounting
+from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
+                                     DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy)
 
-from fedrag_app.aggregation import check_update, fedavg
+from fedrag_app.aggregation import check_update
 from fedrag_app.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from fedrag_app.config import AppConfig, FedConfig
+from fedrag_app.config import AppConfig, FedConfig, PrivacyConfig
 from fedrag_app.errors import ConfigError, StoreError
 from fedrag_app.evaluate import run_evaluation
 from fedrag_app.local_round import exchanged_parts, exchanged_weights, load_exchanged_weights
-from fedrag_app.generator import load_generator
+from fedrag_app.generator import load_generator, lora_a_fingerprint
 from fedrag_app.rag import open_store
+from fedrag_app.lora_aggregation import product_average
 from fedrag_app.records import metric_record, numpy_to_record, pack_weights, record_to_numpy, unpack_weights
 from fedrag_app.reporting import append_metrics, plot_metrics
 from fedrag_app.retriever import load_retriever
@@ -35,32 +41,37 @@ from fedrag_app.runtime import apply_runtime
 app = ServerApp()
 
 
-class CheckedFedAvg(FedAvg):
-    """FedAvg that refuses updates it cannot average, and keeps the last round's client metrics for reporting."""
+class CheckedStrategy(Strategy):
+    """Wraps the aggregation strategy (FedAvg or LoRA product averaging, inside Flower's DP wrapper when DP is on).
 
-    def __init__(self, reference: dict, **kwargs):
-        super().__init__(**kwargs)
-        self.reference, self.last_train_metrics, self.last_evaluate_metrics = reference, {}, {}
+    Drops, with a logged reason, the replies whose weights cannot be averaged (unreadable records, NaN/Inf, wrong
+    keys or shapes, under FFA-LoRA a different frozen A) before the inner strategy sees them; error replies pass
+    through so Flower's own checks log and count them. Keeps the round's costs and client metrics for reporting."""
+
+    def __init__(self, inner: Strategy, fedavg: FedAvg, reference: dict, *, a_fingerprint: float | None = None):
+        super().__init__()
+        self.inner, self.fedavg, self.reference, self.a_fingerprint = inner, fedavg, reference, a_fingerprint
+        self.last_train_metrics, self.last_evaluate_metrics = {}, {}
         self.round_costs: dict[str, float] = {}
         self._sent_at, self._sent_bytes = 0.0, 0
 
+    def summary(self) -> None:
+        self.inner.summary()
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         self._sent_at, self._sent_bytes = time.perf_counter(), arrays.count_bytes() * len(messages)
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        ok, _ = self._check_and_log_replies(list(replies), is_train=True, validate=False)  # logs counts and errors
-        kept, updates = [], []
-        for m in ok:
-            problem = _reply_problem(m.content, self.weighted_by_key)
-            state = record_to_numpy(m.content["arrays"]) if problem is None else {}
-            problem = problem or check_update(state, self.reference)
+        passed = []
+        for m in replies:
+            problem = None if m.has_error() else self._problem(m.content)
             if problem:
                 log(WARNING, "dropped the update of node %s in round %s: %s", m.metadata.src_node_id, server_round, problem)
-                continue
-            kept.append(m)
-            updates.append((state, float(m.content["metrics"][self.weighted_by_key])))
+            else:
+                passed.append(m)
+        kept = [m for m in passed if not m.has_error()]
         local = [float(m.content["metrics"].get("local-seconds", 0.0)) for m in kept]
         handler = [float(m.content["metrics"].get("handler-seconds", 0.0)) for m in kept]
         self.round_costs = {  # what Flower adds on top of the clients' own work, and what crossed the network
@@ -68,16 +79,93 @@ class CheckedFedAvg(FedAvg):
             "round-local-seconds-max": max(local, default=0.0), "round-handler-seconds-sum": sum(handler),
             "round-handler-seconds-max": max(handler, default=0.0), "round-bytes-down": float(self._sent_bytes),
             "round-bytes-up": float(sum(m.content["arrays"].count_bytes() for m in kept))}
-        if not kept:
-            return None, None
-        metrics = self.train_metrics_aggr_fn([m.content for m in kept], self.weighted_by_key)
-        self.last_train_metrics = dict(metrics)
-        return numpy_to_record(fedavg(updates)), metrics
+        if self.inner is not self.fedavg:  # Flower's DP noise draws from numpy's global RNG, seeded by runtime.seed
+            np.random.seed()  # fresh OS entropy: noise that anyone knowing the seed could subtract protects nothing
+        arrays, metrics = self.inner.aggregate_train(server_round, passed)
+        self.last_train_metrics = dict(metrics) if metrics else {}
+        if arrays is not None and (extra := getattr(self.fedavg, "last_aggregation_metrics", None)):
+            self.round_costs.update(extra)
+        return arrays, metrics
+
+    def _problem(self, content) -> str | None:
+        problem = _reply_problem(content, self.fedavg.weighted_by_key)
+        problem = problem or check_update(record_to_numpy(content["arrays"]), self.reference)
+        if problem is None and self.a_fingerprint is not None:
+            theirs = content["metrics"].get("lora-a-fingerprint")
+            if theirs is None or abs(float(theirs) - self.a_fingerprint) > 1e-6 * max(1.0, abs(self.a_fingerprint)):
+                problem = (f"its frozen LoRA A (fingerprint {theirs}) is not the server's ({self.a_fingerprint}): "
+                           "FFA-LoRA needs the same generator, LoRA config and runtime.seed on every node")
+        return problem
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        metrics = super().aggregate_evaluate(server_round, replies)
+        metrics = self.inner.aggregate_evaluate(server_round, replies)
         self.last_evaluate_metrics = dict(metrics) if metrics else {}
         return metrics
+
+    def privacy_metrics(self, rounds_done: int, cfg: PrivacyConfig) -> dict[str, float]:
+        """epsilon spent so far: Flower's RDP accountant in the central modes; per-round epsilon x rounds (basic
+        composition) in local mode; nothing when DP is off."""
+        spent = self.inner.privacy_spent() if hasattr(self.inner, "privacy_spent") else None
+        if spent is not None:
+            return {"dp-epsilon": float(spent.epsilon), "dp-delta": float(spent.delta), "dp-releases": spent.num_releases}
+        if cfg.mode == "local":
+            return {"dp-epsilon": cfg.local_epsilon * rounds_done, "dp-delta": cfg.delta * rounds_done}
+        return {}
+
+
+class LoraProductFedAvg(FedAvg):
+    """FedAvg whose LoRA factors are aggregated as the weighted mean of B·A per layer, refactored to rank r by
+    truncated SVD (lora_aggregation.product_average); the retriever is averaged as in FedAvg."""
+
+    def __init__(self, *, rank: int, alpha: float, **kwargs):
+        super().__init__(**kwargs)
+        self.rank, self.alpha, self.last_aggregation_metrics = rank, alpha, {}
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid, _ = self._check_and_log_replies(list(replies), is_train=True)
+        if not valid:
+            return None, None
+        contents = [m.content for m in valid]
+        states = [record_to_numpy(c["arrays"]) for c in contents]
+        weights = [float(c["metrics"][self.weighted_by_key]) for c in contents]
+        state, lost = product_average(states, weights, rank=self.rank, alpha=self.alpha)
+        self.last_aggregation_metrics = {f"lora-{k}": v for k, v in lost.items()}
+        dtypes = {k: v.dtype for k, v in states[0].items()}
+        merged = numpy_to_record({k: state[k].astype(dtypes[k]) for k in states[0]})  # the replies' key order
+        return merged, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+
+
+def build_strategy(cfg: AppConfig, reference: dict, a_fingerprint: float | None, *, rounds_done: int = 0) -> CheckedStrategy:
+    """FedAvg (or LoRA product averaging), wrapped in Flower's DP strategy when dp.mode is central, then checked.
+
+    Under central DP every node weighs the same ('dp-weight' = 1: the noise is calibrated to C / nodes) and each
+    round samples exactly fed.min-nodes nodes (the fixed sample size Flower's accountant requires). A resumed run
+    charges the accountant for every round already done (the same release each round; at worst an over-count)."""
+    m, central = cfg.fed.min_nodes, cfg.dp.central
+    kwargs = dict(fraction_train=1e-9 if central else cfg.fed.fraction_train,  # max(int(n * 1e-9), m) = m nodes
+                  fraction_evaluate=cfg.fed.fraction_evaluate, min_train_nodes=m, min_evaluate_nodes=m,
+                  min_available_nodes=m, weighted_by_key="dp-weight" if central else "num-examples")
+    if cfg.fed.lora_aggregation == "product":
+        fedavg: FedAvg = LoraProductFedAvg(rank=cfg.generator.lora_r, alpha=cfg.generator.lora_alpha, **kwargs)
+    else:
+        fedavg = FedAvg(**kwargs)
+    inner: Strategy = fedavg
+    if central:
+        accountant = None
+        if cfg.dp.noise_multiplier > 0:
+            accountant = RdpAccountant(DpAccounting(target_delta=cfg.dp.delta, population_size=m,
+                                                    neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                                                    sampling_method=SamplingMethod.NO_AMPLIFICATION))
+            if rounds_done:
+                accountant.compose(GaussianPrivacyEvent(cfg.dp.noise_multiplier, m, m), count=rounds_done)
+        wrapper = (DifferentialPrivacyClientSideFixedClipping if cfg.dp.mode == "client-clip"
+                   else DifferentialPrivacyServerSideFixedClipping)
+        inner = wrapper(fedavg, cfg.dp.noise_multiplier, cfg.dp.clipping_norm, m, accountant=accountant)
+    return CheckedStrategy(inner, fedavg, reference,
+                           a_fingerprint=a_fingerprint if cfg.fed.lora_aggregation == "ffa" else None)
 
 
 def _reply_problem(content, weight_key: str) -> str | None:
@@ -143,11 +231,8 @@ def main(grid: Grid, context: Context) -> None:
     if done >= cfg.fed.num_server_rounds:
         log(INFO, "all %s rounds are done in %s", cfg.fed.num_server_rounds, out)
         return
-    initial = pack_weights(*exchanged_weights(cfg.train, gen, retriever), retriever_dtype=cfg.retriever.wire_dtype)
-    m = cfg.fed.min_nodes
-    strategy = CheckedFedAvg(record_to_numpy(initial), fraction_train=cfg.fed.fraction_train,
-                             fraction_evaluate=cfg.fed.fraction_evaluate, min_train_nodes=m, min_evaluate_nodes=m,
-                             min_available_nodes=m)
+    initial = pack_weights(*exchanged_weights(cfg, gen, retriever), retriever_dtype=cfg.retriever.wire_dtype)
+    strategy = build_strategy(cfg, record_to_numpy(initial), lora_a_fingerprint(gen), rounds_done=done)
     try:
         store = open_store(cfg, retriever) if cfg.fed.server_eval and cfg.eval.use_retrieval else None
     except StoreError as e:
@@ -157,12 +242,13 @@ def main(grid: Grid, context: Context) -> None:
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
             return None
-        load_exchanged_weights(gen, retriever, *unpack_weights(arrays, *exchanged_weights(cfg.train, gen, retriever)))
+        load_exchanged_weights(cfg, gen, retriever, *unpack_weights(arrays, *exchanged_weights(cfg, gen, retriever)))
         metrics = run_evaluation(cfg, gen, retriever, store) if cfg.fed.server_eval else {}
         n = done + server_round
         save_checkpoint(out, n, gen, retriever, metrics, cfg.to_flat())
-        row = {"round": n, **strategy.round_costs, **{f"train-{k}": v for k, v in strategy.last_train_metrics.items()},
-               **strategy.last_evaluate_metrics, **metrics}
+        row = {"round": n, **strategy.round_costs, **strategy.privacy_metrics(n, cfg.dp),
+               **{f"train-{k}": v for k, v in strategy.last_train_metrics.items()}, **strategy.last_evaluate_metrics,
+               **metrics}
         plot_metrics(append_metrics(out / "metrics.jsonl", row), out / "metrics.png")
         log(INFO, "round %s: checkpoint and metrics in %s", n, out)
         return metric_record(metrics)

@@ -20,7 +20,7 @@ from fedrag_app.data import load_web_questions, write_qa_jsonl
 from fedrag_app.errors import WeightsError
 from fedrag_app.generator import lora_state_dict
 from fedrag_app.records import metric_record, pack_weights, record_to_numpy, unpack_weights
-from fedrag_app.server_app import CheckedFedAvg
+from fedrag_app.server_app import build_strategy
 
 TINY = {"runtime.num-threads": 0, "train.mode": "ra-dit", "train.max-steps": 1, "train.num-examples": 4,
         "ralt.batch-size": 2, "ralt.top-k": 1, "ralt.max-seq-len": 128, "lsr.batch-size": 2, "lsr.top-k": 2,
@@ -85,9 +85,14 @@ def _update(value: float, n: int, *, shape=(2, 2)) -> RecordDict:
     return RecordDict({"arrays": arrays, "metrics": metric_record({"num-examples": n, "loss": value})})
 
 
+def checked(reference: dict, run: dict | None = None, a_fingerprint: float | None = None):
+    """The ServerApp's strategy as main() builds it, for a run config."""
+    return build_strategy(AppConfig.from_flat(run or {}), reference, a_fingerprint)
+
+
 def test_checked_fedavg_weights_by_examples_and_drops_bad_updates(caplog):
     reference = {"lora.w": np.zeros((2, 2), np.float32), "retriever.v": np.zeros(3, np.float32)}
-    strategy = CheckedFedAvg(reference)
+    strategy = checked(reference)
     replies = [reply(_update(1.0, 1), 1), reply(_update(4.0, 3), 2),
                reply(_update(float("nan"), 100), 3),             # NaN: dropped, not averaged
                reply(_update(9.0, 100, shape=(3, 2)), 4),        # wrong shape: dropped
@@ -98,20 +103,13 @@ def test_checked_fedavg_weights_by_examples_and_drops_bad_updates(caplog):
     assert np.allclose(state["lora.w"], (1 * 1 + 3 * 4) / 4) and np.allclose(state["retriever.v"], -(13 / 4))
     assert metrics["loss"] == pytest.approx(13 / 4)
     text = caplog.text
-    assert "Received 4 results and 1 failures" in text and "node crashed" in text
+    assert "Received 2 results and 1 failures" in text and "node crashed" in text  # counted after the drops
     assert "node 3" in text and "NaN" in text and "node 4" in text and "shape" in text
 
 
 def test_checked_fedavg_returns_nothing_when_every_update_is_bad():
     reference = {"lora.w": np.zeros((2, 2), np.float32), "retriever.v": np.zeros(3, np.float32)}
-    assert CheckedFedAvg(reference).aggregate_train(1, [reply(_update(float("inf"), 2), 1)]) == (None, None)
-
-
-def test_one_update_averages_to_itself_exactly():
-    from fedrag_app.aggregation import fedavg
-
-    state = {"w": np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)}
-    assert np.array_equal(fedavg([(state, 37.0)])["w"], state["w"])
+    assert checked(reference).aggregate_train(1, [reply(_update(float("inf"), 2), 1)]) == (None, None)
 
 
 # --- the ClientApp handlers ------------------------------------------------------------------------------------
@@ -182,7 +180,6 @@ def test_one_client_federated_round_equals_centralized_training(node, small_shar
     """Centralized mode is the single-client case: same data, seed and start -> the same weights, bit for bit."""
     from peft.utils import load_peft_weights
 
-    from fedrag_app.aggregation import fedavg
     from fedrag_app.retriever import load_retriever
     from fedrag_app.training_run import train_centralized
 
@@ -193,7 +190,8 @@ def test_one_client_federated_round_equals_centralized_training(node, small_shar
     sent = _global_weights(cfg)
     content = RecordDict({"arrays": sent, "config": ConfigRecord({"server-round": 1})})
     out = client_app.train(message(content, "train"), context(node, run))
-    federated = fedavg([(record_to_numpy(out.content["arrays"]), out.content["metrics"]["num-examples"])])
+    arrays, _ = checked(record_to_numpy(sent), run).aggregate_train(1, [reply(out.content, 1)])  # the server's path
+    federated = record_to_numpy(arrays)
 
     history = train_centralized(cfg, progress=False)
     adapter = load_peft_weights(str(tmp_path / "central" / "adapter"), device="cpu")
@@ -219,7 +217,7 @@ def test_only_what_the_mode_trains_travels(node, mode, prefixes):
     run = {**TINY, "train.mode": mode}
     cfg = AppConfig.from_flat(run)
     gen, retriever = client_app._models(cfg)
-    sent = pack_weights(*exchanged_weights(cfg.train, gen, retriever))
+    sent = pack_weights(*exchanged_weights(cfg, gen, retriever))
     assert {k.split(".", 1)[0] + "." for k in sent} == prefixes
     out = client_app.train(message(RecordDict({"arrays": sent, "config": ConfigRecord({"server-round": 1})}), "train"),
                            context(node, run))

@@ -1,0 +1,176 @@
+"""Client-level DP and LoRA-aware aggregation through the real Flower pieces: the ClientApp with its DP mod on hand-built
+messages (real SmolLM2 + MiniLM, a real shard), and the ServerApp's strategy as main() builds it (Flower's DP
+wrappers and RDP accountant), fed with hand-built replies.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, RecordDict
+
+from fedrag_app import client_app
+from fedrag_app.config import AppConfig
+from fedrag_app.errors import ConfigError
+from fedrag_app.generator import load_generator, lora_a_fingerprint
+from fedrag_app.local_round import exchanged_weights
+from fedrag_app.records import metric_record, numpy_to_record, pack_weights, record_to_numpy
+from fedrag_app.runtime import apply_runtime
+from tests.test_flower_app import TINY, checked, context, message, node, reply  # noqa: F401  (node is a fixture)
+from tests.test_flwr_run import rdp_epsilon
+
+RALT = {**TINY, "train.mode": "ralt"}
+
+
+@pytest.fixture
+def in_a_server_app(monkeypatch):
+    """Messages are built inside a ServerApp process, which knows its run and node: pretend to be one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+class Nodes:
+    """What FedAvg's configure_train asks of a Grid: the connected node ids."""
+
+    def __init__(self, n: int):
+        self.ids = list(range(1, n + 1))
+
+    def get_node_ids(self):
+        return self.ids
+
+
+def _update_norm(reply_record, sent_record) -> float:
+    got, sent = record_to_numpy(reply_record), record_to_numpy(sent_record)
+    return float(np.sqrt(sum(np.sum((got[k].astype(np.float64) - sent[k]) ** 2) for k in sent)))
+
+
+def _client_round(run: dict, node_config: dict, clipping_norm: float | None = None):
+    """One train message through the ClientApp (its mods included), as the server's strategy would send it."""
+    cfg = AppConfig.from_flat(run)
+    gen, retriever = client_app._models(cfg)
+    sent = pack_weights(*exchanged_weights(cfg, gen, retriever))
+    config = {"server-round": 1} if clipping_norm is None else {"server-round": 1, "clipping_norm": clipping_norm}
+    out = client_app.app(message(RecordDict({"arrays": sent, "config": ConfigRecord(config)}), "train"),
+                         context(node_config, run))
+    assert not out.has_error(), out.error
+    return sent, out
+
+
+# --- client-side DP ------------------------------------------------------------------------------------------------
+def test_client_clip_bounds_the_update_norm_on_the_reply_message(node):
+    clip = 1e-3
+    sent, plain = _client_round(RALT, node)
+    assert _update_norm(plain.content["arrays"], sent) > 10 * clip, "the test needs an update larger than the clip"
+    run = {**RALT, "dp.mode": "client-clip", "dp.clipping-norm": clip}
+    sent, clipped = _client_round(run, node, clipping_norm=clip)  # the key Flower's DP wrapper puts in the config
+    assert sorted(clipped.content["arrays"]) == sorted(sent), "the mod needs the reply keys the server sent"
+    assert _update_norm(clipped.content["arrays"], sent) <= clip * 1.001  # fp32 rounding of weight + clipped update
+    assert clipped.content["metrics"]["dp-weight"] == 1
+
+
+def test_local_dp_adds_noise_of_the_calibrated_std_and_never_the_same_noise_twice(node):
+    clip, eps, delta = 1e-4, 8.0, 1e-5
+    run = {**RALT, "dp.mode": "local", "dp.clipping-norm": clip, "dp.local-epsilon": eps, "dp.delta": delta}
+    sent, first = _client_round(run, node)
+    _, second = _client_round(run, node)  # the same seeded training: only the noise may differ
+    expected = clip * np.sqrt(2 * np.log(1.25 / delta)) / eps
+    noise = [np.concatenate([(record_to_numpy(out.content["arrays"])[k] - record_to_numpy(sent)[k]).ravel()
+                             for k in sorted(sent)]) for out in (first, second)]
+    assert noise[0].size > 100_000
+    assert np.std(noise[0]) == pytest.approx(expected, rel=0.01)  # the clipped update (norm <= 1e-4) is negligible
+    assert np.corrcoef(noise[0], noise[1])[0, 1] < 0.01, "two rounds drew the same noise: it is predictable"
+
+
+# --- server-side DP ------------------------------------------------------------------------------------------------
+def _dp_replies(n: int, states: list[dict]):
+    return [reply(RecordDict({"arrays": numpy_to_record(s), "metrics": metric_record({"num-examples": 10 + i,
+                                                                                        "dp-weight": 1})}), i + 1)
+            for i, s in enumerate(states)]
+
+
+def test_server_clip_clips_every_reply_to_the_clipping_norm(in_a_server_app):
+    reference = {"lora.w": np.zeros(1000, np.float32)}
+    run = {"dp.mode": "server-clip", "dp.clipping-norm": 0.5, "dp.noise-multiplier": 0.0, "fed.min-nodes": 3}
+    strategy = checked(reference, run)
+    list(strategy.configure_train(1, numpy_to_record(reference), ConfigRecord({}), Nodes(3)))
+    replies = _dp_replies(3, [{"lora.w": np.full(1000, v, np.float32)} for v in (0.01, 1.0, -3.0)])
+    arrays, _ = strategy.aggregate_train(1, replies)
+    norms = [_update_norm(r.content["arrays"], numpy_to_record(reference)) for r in replies]
+    assert norms[0] == pytest.approx(0.01 * np.sqrt(1000), rel=1e-5)  # under the bound: untouched
+    assert norms[1] == pytest.approx(0.5, rel=1e-5) and norms[2] == pytest.approx(0.5, rel=1e-5)
+    clipped = 0.5 / np.sqrt(1000)  # per element, for the two replies over the bound
+    assert np.allclose(record_to_numpy(arrays)["lora.w"], (0.01 + clipped - clipped) / 3, atol=1e-6)
+
+
+def test_central_noise_has_the_configured_std_and_epsilon_matches_the_accountant(in_a_server_app):
+    z, clip, m, rounds = 2.0, 0.5, 3, 3
+    reference = {"lora.w": np.zeros(200_000, np.float32)}
+    run = {"dp.mode": "client-clip", "dp.clipping-norm": clip, "dp.noise-multiplier": z, "dp.delta": 1e-5,
+           "fed.min-nodes": m}
+    strategy = checked(reference, run)
+    for server_round in range(1, rounds + 1):
+        sent = list(strategy.configure_train(server_round, numpy_to_record(reference), ConfigRecord({}), Nodes(5)))
+        assert len(sent) == m, "central DP samples exactly fed.min-nodes nodes (the accountant's sample size)"
+        assert sent[0].content["config"]["clipping_norm"] == clip  # what fixedclipping_mod reads on the node
+        arrays, _ = strategy.aggregate_train(server_round, _dp_replies(m, [dict(reference)] * m))
+        assert np.std(record_to_numpy(arrays)["lora.w"]) == pytest.approx(z * clip / m, rel=0.01)
+    spent = strategy.privacy_metrics(rounds, AppConfig.from_flat(run).dp)
+    assert spent["dp-epsilon"] == pytest.approx(rdp_epsilon(z, rounds, 1e-5), rel=1e-9)
+    assert spent["dp-releases"] == rounds
+
+
+def test_a_resumed_run_charges_the_accountant_for_the_rounds_already_done():
+    from fedrag_app.server_app import build_strategy
+
+    run = {"dp.mode": "server-clip", "dp.noise-multiplier": 1.5, "fed.min-nodes": 2}
+    cfg = AppConfig.from_flat(run)
+    strategy = build_strategy(cfg, {"lora.w": np.zeros(4, np.float32)}, None, rounds_done=4)
+    assert strategy.privacy_metrics(4, cfg.dp)["dp-epsilon"] == pytest.approx(rdp_epsilon(1.5, 4, cfg.dp.delta))
+
+
+def test_product_aggregation_refuses_central_dp_by_name():
+    with pytest.raises(ConfigError, match="fed.lora-aggregation"):
+        AppConfig.from_flat({"dp.mode": "client-clip", "fed.lora-aggregation": "product"})
+
+
+# --- LoRA-aware aggregation in the app -----------------------------------------------------------------------------
+def test_ffa_lora_sends_only_b_keeps_a_frozen_and_matches_the_servers_a(node):
+    run = {**RALT, "fed.lora-aggregation": "ffa"}
+    client_app._MODELS.clear()
+    sent, out = _client_round(run, node)
+    keys = list(out.content["arrays"])
+    assert keys and all(".lora_B." in k for k in keys), "FFA-LoRA sends the B factors only"
+    gen, _ = client_app._models(AppConfig.from_flat(run))
+    assert not any(p.requires_grad for n, p in gen.model.named_parameters() if ".lora_A." in n)
+    cfg = AppConfig.from_flat(run)
+    apply_runtime(cfg.runtime)  # the server's start: a fresh seeded load must give every node's A
+    server_a = lora_a_fingerprint(load_generator(cfg.generator))
+    assert out.content["metrics"]["lora-a-fingerprint"] == server_a
+    strategy = checked(record_to_numpy(sent), run, a_fingerprint=server_a)
+    arrays, _ = strategy.aggregate_train(1, [reply(out.content, 1)])
+    assert arrays is not None
+    other = RecordDict({"arrays": out.content["arrays"],
+                        "metrics": metric_record({"num-examples": 4, "lora-a-fingerprint": server_a + 1.0})})
+    assert checked(record_to_numpy(sent), run, a_fingerprint=server_a).aggregate_train(1, [reply(other, 2)]) == (None, None)
+
+
+def test_product_aggregation_in_the_strategy_is_the_exact_mean_of_the_products():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((4, 6)).astype(np.float32)  # a shared A: the mean of B_i A has rank <= 4, so exact
+    states = [{"lora.m.lora_A.weight": a, "lora.m.lora_B.weight": rng.standard_normal((5, 4)).astype(np.float32),
+               "retriever.v": np.full(3, float(i), np.float32)} for i in range(2)]
+    reference = {k: np.zeros_like(v) for k, v in states[0].items()}
+    run = {"fed.lora-aggregation": "product", "generator.lora-r": 4, "generator.lora-alpha": 8}
+    strategy = checked(reference, run)
+    replies = [reply(RecordDict({"arrays": numpy_to_record(s), "metrics": metric_record({"num-examples": n})}), i)
+               for i, (s, n) in enumerate(zip(states, (1, 3)))]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    out = record_to_numpy(arrays)
+    want = (1 * states[0]["lora.m.lora_B.weight"] @ a + 3 * states[1]["lora.m.lora_B.weight"] @ a) / 4
+    assert np.allclose(out["lora.m.lora_B.weight"] @ out["lora.m.lora_A.weight"], want, atol=1e-4)
+    assert np.allclose(out["retriever.v"], 0.75)
+    assert list(out) == list(states[0]), "the aggregate keeps the replies' key order"
+    assert strategy.round_costs["lora-svd-energy-lost-max"] == pytest.approx(0.0, abs=1e-10)

@@ -32,6 +32,7 @@ import follow_run  # noqa: E402
 
 OPTIONS = {  # name -> run-config overrides
     "LoRA only (train.mode=ralt)": {"train.mode": "ralt"},
+    "LoRA B factors only (train.mode=ralt, FFA-LoRA)": {"train.mode": "ralt", "fed.lora-aggregation": "ffa"},
     "LoRA + full query encoder (ra-dit default)": {},
     "LoRA + query encoder fp16 on the wire": {"retriever.wire-dtype": "float16"},
     "LoRA + top 2 query-encoder layers": {"retriever.train-top-layers": 2},

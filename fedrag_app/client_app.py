@@ -28,6 +28,7 @@ from fedrag_app.errors import ConfigError
 from fedrag_app.knowledge_store import KnowledgeStore
 from fedrag_app.local_round import exchanged_weights, load_exchanged_weights, run_local_round
 from fedrag_app.node_data import NodeData, node_data, node_questions
+from fedrag_app.personal import personal_adapter
 from fedrag_app.ralt import retrieve
 from fedrag_app.records import metric_record, pack_weights, unpack_weights
 from fedrag_app.retriever import DualEncoder, load_retriever
@@ -85,7 +86,7 @@ def train(msg: Message, context: Context) -> Message:
     examples, _ = node_questions(node, cfg.partition.heldout_fraction)
     config = msg.content["config"]
     server_round = int(config["server-round"]) + int(config.get("round-offset", 0))
-    with _open_store(node, retriever) as store:
+    with _open_store(node, retriever) as store, personal_adapter(cfg, gen, node.state_dir, node.partition_id, keep=True):
         result = run_local_round(cfg, gen, retriever, store, examples, server_round=server_round)
     arrays = pack_weights(*exchanged_weights(cfg, gen, retriever), retriever_dtype=cfg.retriever.wire_dtype)
     extra = {"dp-weight": 1} if cfg.dp.central else {}  # central DP averages nodes with equal weights
@@ -106,8 +107,14 @@ def evaluate(msg: Message, context: Context) -> Message:
         hits = retrieve(retriever, store, [e.question for e in heldout], depth)
     scores = evaluate_web_questions(gen, heldout, hits, top_k=cfg.eval.top_k, batch_size=cfg.eval.batch_size,
                                     max_new_tokens=cfg.generator.max_new_tokens)
+    if cfg.fed.personal_adapter:  # the global model above; the node's personalised model (global + its own) here
+        with personal_adapter(cfg, gen, node.state_dir, node.partition_id, keep=False):
+            personal = evaluate_web_questions(gen, heldout, hits, top_k=cfg.eval.top_k, batch_size=cfg.eval.batch_size,
+                                              max_new_tokens=cfg.generator.max_new_tokens)
+        scores.update({f"personal-{k}": v for k, v in personal.items()})
     scores.update(evaluate_retrieval(hits, heldout, cfg.eval.recall_k))
-    metrics = metric_record({"num-examples": len(heldout), **{f"client-{k}": v for k, v in scores.items()}})
+    weight = {"dp-weight": 1} if cfg.dp.central else {}  # the server's FedAvg weighs evaluation replies by it too
+    metrics = metric_record({"num-examples": len(heldout), **weight, **{f"client-{k}": v for k, v in scores.items()}})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 

@@ -68,15 +68,8 @@ def load_generator(
     if adapter_path:
         model = PeftModel.from_pretrained(base, adapter_path, is_trainable=True)
     else:
-        lora = LoraConfig(
-            r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            target_modules=list(cfg.lora_target_modules),
-            task_type="CAUSAL_LM",
-        )
         try:
-            model = get_peft_model(base, lora)
+            model = get_peft_model(base, _lora_config(cfg))
         except ValueError as e:
             raise ConfigError(f"generator.lora-target-modules = {','.join(cfg.lora_target_modules)!r}: {e}") from e
     for param in model.parameters():  # LoRA weights train and travel in fp32 even on a bf16 base
@@ -84,6 +77,14 @@ def load_generator(
             param.data = param.data.float()
     model.eval()
     return Generator(model=model, tokenizer=load_tokenizer(cfg), name=cfg.model)
+
+
+PERSONAL = "personal"  # the PEFT adapter name of a node's own, never-shared adapter
+
+
+def _lora_config(cfg: GeneratorConfig) -> LoraConfig:
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM")
 
 
 @torch.no_grad()
@@ -137,7 +138,7 @@ def load_lora_state_dict(gen: Generator, state: dict[str, torch.Tensor], *, keep
 def set_lora_a_trainable(gen: Generator, trainable: bool) -> None:
     """FFA-LoRA freezes every A at its shared start, so averaging the B factors averages the updates B·A exactly."""
     for name, param in gen.model.named_parameters():
-        if ".lora_A." in name:
+        if ".lora_A.default." in name:  # the global adapter's A; a personal adapter's A is the node's own
             param.requires_grad_(trainable)
 
 
@@ -145,6 +146,39 @@ def lora_a_fingerprint(gen: Generator) -> float:
     """A number that differs when two nodes' A factors differ (FFA-LoRA needs them identical everywhere)."""
     state = get_peft_model_state_dict(gen.model)
     return float(sum(torch.sum(state[k].double() * (i + 1)).item() for i, k in enumerate(sorted(state)) if ".lora_A." in k))
+
+
+def attach_personal_adapter(gen: Generator, cfg: GeneratorConfig, state: dict[str, torch.Tensor] | None, *,
+                            seed: int) -> None:
+    """Stack a node's own LoRA adapter ("personal") on the global one ("default"); both are active and both train.
+    ``state`` restores the node's adapter from earlier rounds; without it a fresh one starts (B = 0: the global
+    model unchanged). Only "default" is ever exchanged: lora_state_dict reads that adapter alone."""
+    model = gen.model
+    if PERSONAL in model.peft_config:
+        detach_personal_adapter(gen)
+        model.delete_adapter(PERSONAL)
+    torch.manual_seed(seed)  # a node's fresh personal A is its own, and reproducible
+    model.add_adapter(PERSONAL, _lora_config(cfg))
+    if state is not None:
+        current = get_peft_model_state_dict(model, adapter_name=PERSONAL)
+        if sorted(current) != sorted(state) or any(tuple(state[k].shape) != tuple(current[k].shape) for k in current):
+            raise WeightsError("the saved personal adapter does not fit generator.lora-* (delete it to start afresh)")
+        set_peft_model_state_dict(model, {k: v.to(current[k].device, current[k].dtype) for k, v in state.items()},
+                                  adapter_name=PERSONAL)
+    model.base_model.set_adapter(["default", PERSONAL])
+    for name, param in model.named_parameters():
+        if f".{PERSONAL}." in name:
+            param.data = param.data.float()
+
+
+def detach_personal_adapter(gen: Generator) -> None:
+    """Back to the global adapter alone (what the server averages and evaluates)."""
+    gen.model.base_model.set_adapter("default")
+
+
+def personal_state_dict(gen: Generator) -> dict[str, torch.Tensor]:
+    state = get_peft_model_state_dict(gen.model, adapter_name=PERSONAL)
+    return {k: state[k].detach().to("cpu", torch.float32).clone() for k in sorted(state)}
 
 
 def save_adapter(gen: Generator, out_dir) -> None:

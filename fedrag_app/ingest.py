@@ -41,23 +41,20 @@ class IndexStats:
                 f"store {self.upsert_s + self.index_s:.1f} s = {store_share:.0%})")
 
 
-CHUNK = 512  # passages encoded and upserted together
-
-
 def _batches(items: Iterable[Passage], size: int) -> Iterator[list[Passage]]:
     it = iter(items)
     while batch := list(islice(it, size)):
         yield batch
 
 
-def _fill(store: KnowledgeStore, passages: Iterable[Passage], encoder, batch_size: int, total: int | None,
-          progress: bool) -> IndexStats:
+def _fill(store: KnowledgeStore, passages: Iterable[Passage], encoder, batch_size: int, chunk_size: int,
+          total: int | None, progress: bool) -> IndexStats:
     encode_s = upsert_s = 0.0
     count = 0
     columns = (TextColumn("indexing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, disable=not progress) as bar:
         task = bar.add_task("index", total=total)
-        for batch in _batches(passages, CHUNK):  # the encoder sorts a chunk by length: little padding per forward
+        for batch in _batches(passages, chunk_size):  # the encoder sorts a chunk by length: little padding per forward
             t0 = time.perf_counter()
             vectors = encoder.encode_passages([format_passage(p.title, p.text) for p in batch], batch_size=batch_size)
             t1 = time.perf_counter()
@@ -72,7 +69,7 @@ def _fill(store: KnowledgeStore, passages: Iterable[Passage], encoder, batch_siz
 
 
 def build_shard(passages: Iterable[Passage], encoder, *, path: str | None = None, url: str | None = None,
-                collection: str = "passages", batch_size: int = 16, total: int | None = None,
+                collection: str = "passages", batch_size: int = 16, chunk_size: int = 512, total: int | None = None,
                 progress: bool = True, replace: bool = False) -> IndexStats:
     """Encode ``passages`` with ``encoder.encode_passages`` and store them; atomic for a shard folder.
 
@@ -80,7 +77,7 @@ def build_shard(passages: Iterable[Passage], encoder, *, path: str | None = None
     """
     if url:
         with KnowledgeStore.create(url=url, collection=collection, embedding_model=encoder.name, dim=encoder.dim) as store:
-            return _fill(store, passages, encoder, batch_size, total, progress)
+            return _fill(store, passages, encoder, batch_size, chunk_size, total, progress)
     target = Path(path).expanduser().resolve()
     if target.exists() and not replace:
         raise StoreError(f"{target} already exists: remove it, choose another store.path, or re-index with replace")
@@ -88,7 +85,7 @@ def build_shard(passages: Iterable[Passage], encoder, *, path: str | None = None
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
     try:
         with KnowledgeStore.create(path=tmp / "store", embedding_model=encoder.name, dim=encoder.dim) as store:
-            stats = _fill(store, passages, encoder, batch_size, total, progress)
+            stats = _fill(store, passages, encoder, batch_size, chunk_size, total, progress)
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old")

@@ -8,6 +8,8 @@ Node-config keys (docs/FEDERATION.md), all optional in simulation where only par
   store-url          URL of its own Qdrant server
   store-collection   collection on that server (default: store.collection)
   federated-retrieval  true to answer query.retrieve messages (sends passage text off the node); default false
+  state-path         absolute folder for what the node keeps between rounds (its personal adapter);
+                     default: node-state-<partition-id> beside its training questions
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from fedrag_app.errors import ConfigError
 from fedrag_app.partition import MANIFEST, partitions_dir
 
 NODE_KEYS = {"partition-id": int, "num-partitions": int, "data-path": str, "heldout-path": str, "store-path": str,
-             "store-url": str, "store-collection": str, "federated-retrieval": bool}
+             "store-url": str, "store-collection": str, "federated-retrieval": bool, "state-path": str}
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,12 @@ class NodeData:
     heldout_path: Path | None
     store: dict[str, str]  # KnowledgeStore.open kwargs: {"path": …} or {"url": …, "collection": …}
     federated_retrieval: bool = False
+    state_path: Path | None = None  # node-config state-path, if given
+
+    @property
+    def state_dir(self) -> Path:
+        """Where the node keeps state between rounds (never sent): its personal adapter."""
+        return self.state_path or self.train_path.parent / f"node-state-{self.partition_id}"
 
 
 def _checked(node_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -65,7 +73,8 @@ def node_data(cfg: AppConfig, node_config: Mapping[str, Any]) -> NodeData:
         else:
             raise ConfigError("node-config needs 'store-path' (Qdrant Edge shard) or 'store-url' (Qdrant server)")
         heldout = Path(nc["heldout-path"]) if "heldout-path" in nc else None
-        return NodeData(pid, Path(nc["data-path"]), heldout, store, bool(nc.get("federated-retrieval", False)))
+        return NodeData(pid, Path(nc["data-path"]), heldout, store, bool(nc.get("federated-retrieval", False)),
+                        Path(nc["state-path"]) if "state-path" in nc else None)
     manifest_path = partitions_dir(cfg.partition) / MANIFEST
     if not manifest_path.exists():
         raise ConfigError(f"no partition manifest at {manifest_path}: run `fedrag-app partition` first, or set "
@@ -75,7 +84,7 @@ def node_data(cfg: AppConfig, node_config: Mapping[str, Any]) -> NodeData:
         raise ConfigError(f"partition-id {pid} is outside the {len(clients)} partitions in {manifest_path}")
     entry = clients[pid]
     return NodeData(pid, Path(entry["train"]), Path(entry["heldout"]), {"path": entry["shard"]},
-                    bool(nc.get("federated-retrieval", False)))
+                    bool(nc.get("federated-retrieval", False)), Path(nc["state-path"]) if "state-path" in nc else None)
 
 
 def node_questions(node: NodeData, heldout_fraction: float) -> tuple[list[QAExample], list[QAExample]]:

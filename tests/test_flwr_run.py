@@ -22,7 +22,7 @@ import follow_run  # noqa: E402
 
 
 PRIVATE = ["train.mode='ralt'", "fed.lora-aggregation='ffa'", "dp.mode='client-clip'", "dp.clipping-norm=0.05",
-           "dp.noise-multiplier=0.8", "dp.delta=1e-5"]
+           "dp.noise-multiplier=0.8", "dp.delta=0.00001"]
 
 
 def rdp_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
@@ -49,7 +49,9 @@ def test_partition_then_flwr_run_two_clients_two_rounds(tmp_path, data_dir, vari
                   "fed.server-eval=true", "eval.mmlu-limit=2", "eval.web-questions-limit=2", "eval.batch-size=2",
                   "runtime.num-threads=1", "train.mode='ra-dit'", "train.num-examples=4", "train.max-steps=1",
                   "ralt.batch-size=2", "ralt.top-k=1", "ralt.max-seq-len=128", "lsr.batch-size=2", "lsr.top-k=2",
-                  "lsr.max-seq-len=128", "retriever.train-top-layers=1", "store.passages-limit=64", *variant]
+                  "lsr.max-seq-len=128", "retriever.train-top-layers=1", "store.passages-limit=64"]
+    overridden = {item.split("=")[0] for item in variant}
+    run_config = [item for item in run_config if item.split("=")[0] not in overridden] + variant
     try:
         run_id = follow_run.launch_run(str(REPO), "local", run_config, flwr=str(VENV_BIN / "flwr"), timeout_s=180, env=env)
         status = follow_run.wait_for_run("local", run_id, timeout_s=900, flwr=str(VENV_BIN / "flwr"), env=env)

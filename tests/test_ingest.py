@@ -24,7 +24,8 @@ class FailingEncoder:
 def test_interrupted_build_leaves_nothing_that_opens_and_a_rerun_succeeds(tmp_path, retriever, small_passages):
     target = tmp_path / "shard"
     with pytest.raises(KeyboardInterrupt):
-        build_shard(small_passages[:60], FailingEncoder(retriever, 1), path=str(target), batch_size=20, progress=False)
+        build_shard(small_passages[:60], FailingEncoder(retriever, 1), path=str(target), batch_size=20, chunk_size=20,
+                    progress=False)
     assert not target.exists() and list(tmp_path.iterdir()) == []
     stats = build_shard(small_passages[:60], retriever, path=str(target), batch_size=20, progress=False)
     assert stats.passages == 60

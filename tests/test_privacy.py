@@ -1,6 +1,6 @@
-"""Client-level DP and LoRA-aware aggregation through the real Flower pieces: the ClientApp with its DP mod on hand-built
-messages (real SmolLM2 + MiniLM, a real shard), and the ServerApp's strategy as main() builds it (Flower's DP
-wrappers and RDP accountant), fed with hand-built replies.
+"""Client-level DP, LoRA-aware aggregation and personal adapters through the real Flower pieces: the ClientApp
+with its DP mod on hand-built messages (real SmolLM2 + MiniLM, a real shard), and the ServerApp's strategy as
+main() builds it (Flower's DP wrappers and RDP accountant), fed with hand-built replies.
 """
 
 from __future__ import annotations
@@ -174,3 +174,28 @@ def test_product_aggregation_in_the_strategy_is_the_exact_mean_of_the_products()
     assert np.allclose(out["retriever.v"], 0.75)
     assert list(out) == list(states[0]), "the aggregate keeps the replies' key order"
     assert strategy.round_costs["lora-svd-energy-lost-max"] == pytest.approx(0.0, abs=1e-10)
+
+
+# --- personal adapters ---------------------------------------------------------------------------------------------
+def test_personal_adapter_trains_on_the_node_persists_and_never_appears_in_a_reply(node, tmp_path):
+    import torch
+
+    from fedrag_app.personal import load_personal
+
+    run = {**RALT, "fed.personal-adapter": True}
+    here = {**node, "state-path": str(tmp_path / "state")}
+    client_app._MODELS.clear()
+    sent, first = _client_round(run, here)
+    saved = load_personal(tmp_path / "state")
+    assert saved and any(".lora_B." in k and float(v.abs().sum()) > 0 for k, v in saved.items()), "B trained from 0"
+    replied = record_to_numpy(first.content["arrays"])
+    assert sorted(replied) == sorted(sent), "a reply carries the global adapter's keys only"
+    for value in replied.values():
+        assert not any(value.shape == p.shape and np.array_equal(value, p.numpy()) for p in saved.values())
+    _, second = _client_round(run, here)  # same round number, same seed: only the saved start differs
+    again = load_personal(tmp_path / "state")
+    assert any(not torch.equal(saved[k], again[k]) for k in saved), "round 2 did not start from the saved adapter"
+    content = RecordDict({"arrays": sent, "config": ConfigRecord({"server-round": 1})})
+    scores = client_app.app(message(content, "evaluate"), context(here, run)).content["metrics"]
+    assert {"client-wq-f1", "client-personal-wq-f1", "client-personal-wq-em"} <= set(scores)
+    assert not list((tmp_path / "state").glob("*.tmp"))

@@ -45,7 +45,8 @@ def exchanged_parts(cfg: TrainConfig) -> tuple[bool, bool]:
 
 def exchanged_weights(cfg: AppConfig, gen: Generator, retriever: DualEncoder) -> tuple[dict, dict]:
     """The (LoRA, retriever) state dicts that travel; a part that does not travel is {}. Under FFA-LoRA
-    (fed.lora-aggregation = ffa) the A factors never change, so only the B factors travel (40% of SmolLM2's q/v adapter)."""
+    (fed.lora-aggregation = ffa) the A factors never change, so only the B factors travel (40% of SmolLM2's
+    q/v adapter)."""
     lora, retr = exchanged_parts(cfg.train)
     lora_state = lora_state_dict(gen) if lora else {}
     if cfg.fed.lora_aggregation == "ffa":

@@ -65,6 +65,12 @@ def privacy_mod(msg: Message, context: Context, call_next) -> Message:
     return call_next(msg, context)
 
 
+def _dp_weight(cfg: AppConfig) -> dict[str, int]:
+    """Central DP averages nodes with equal weights; the server's FedAvg reads this key in train and evaluate
+    replies alike."""
+    return {"dp-weight": 1} if cfg.dp.central else {}
+
+
 def _open_store(node: NodeData, retriever: DualEncoder) -> KnowledgeStore:
     return KnowledgeStore.open(**node.store, embedding_model=retriever.name, dim=retriever.dim)
 
@@ -89,7 +95,7 @@ def train(msg: Message, context: Context) -> Message:
     with _open_store(node, retriever) as store, personal_adapter(cfg, gen, node.state_dir, node.partition_id, keep=True):
         result = run_local_round(cfg, gen, retriever, store, examples, server_round=server_round)
     arrays = pack_weights(*exchanged_weights(cfg, gen, retriever), retriever_dtype=cfg.retriever.wire_dtype)
-    extra = {"dp-weight": 1} if cfg.dp.central else {}  # central DP averages nodes with equal weights
+    extra = _dp_weight(cfg)
     if cfg.fed.lora_aggregation == "ffa":
         extra["lora-a-fingerprint"] = lora_a_fingerprint(gen)  # the server checks every node froze the same A
     metrics = metric_record({"num-examples": result.num_examples, **result.metrics, **extra,
@@ -113,8 +119,8 @@ def evaluate(msg: Message, context: Context) -> Message:
                                               max_new_tokens=cfg.generator.max_new_tokens)
         scores.update({f"personal-{k}": v for k, v in personal.items()})
     scores.update(evaluate_retrieval(hits, heldout, cfg.eval.recall_k))
-    weight = {"dp-weight": 1} if cfg.dp.central else {}  # the server's FedAvg weighs evaluation replies by it too
-    metrics = metric_record({"num-examples": len(heldout), **weight, **{f"client-{k}": v for k, v in scores.items()}})
+    metrics = metric_record({"num-examples": len(heldout), **_dp_weight(cfg),
+                             **{f"client-{k}": v for k, v in scores.items()}})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 

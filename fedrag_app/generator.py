@@ -72,14 +72,19 @@ def load_generator(
             model = get_peft_model(base, _lora_config(cfg))
         except ValueError as e:
             raise ConfigError(f"generator.lora-target-modules = {','.join(cfg.lora_target_modules)!r}: {e}") from e
-    for param in model.parameters():  # LoRA weights train and travel in fp32 even on a bf16 base
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
+    _trainable_in_fp32(model)
     model.eval()
     return Generator(model=model, tokenizer=load_tokenizer(cfg), name=cfg.model)
 
 
 PERSONAL = "personal"  # the PEFT adapter name of a node's own, never-shared adapter
+
+
+def _trainable_in_fp32(model: torch.nn.Module) -> None:
+    """LoRA weights train and travel in fp32 even on a bf16 base."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
 
 
 def _lora_config(cfg: GeneratorConfig) -> LoraConfig:
@@ -115,16 +120,17 @@ def generate(gen: Generator, prompts: list[str], *, max_new_tokens: int, batch_s
     return outputs
 
 
-def lora_state_dict(gen: Generator) -> dict[str, torch.Tensor]:
+def lora_state_dict(gen: Generator, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The adapter's tensors as fp32 CPU copies, PEFT keys (adapter name stripped), sorted."""
-    state = get_peft_model_state_dict(gen.model)
+    state = get_peft_model_state_dict(gen.model, adapter_name=adapter_name)
     return {k: state[k].detach().to("cpu", torch.float32).clone() for k in sorted(state)}
 
 
-def load_lora_state_dict(gen: Generator, state: dict[str, torch.Tensor], *, keep_a: bool = False) -> None:
+def load_lora_state_dict(gen: Generator, state: dict[str, torch.Tensor], *, keep_a: bool = False,
+                         adapter_name: str = "default") -> None:
     """Set the adapter from ``state``; a missing/unexpected key or a wrong shape is a WeightsError.
     ``keep_a``: ``state`` holds only the B factors (FFA-LoRA), the adapter keeps its own A."""
-    current = get_peft_model_state_dict(gen.model)
+    current = get_peft_model_state_dict(gen.model, adapter_name=adapter_name)
     missing = sorted(k for k in set(current) - set(state) if not (keep_a and ".lora_A." in k))
     unexpected = sorted(set(state) - set(current))
     if missing or unexpected:
@@ -132,7 +138,8 @@ def load_lora_state_dict(gen: Generator, state: dict[str, torch.Tensor], *, keep
     for key, value in state.items():
         if tuple(value.shape) != tuple(current[key].shape):
             raise WeightsError(f"LoRA weight '{key}' has shape {tuple(value.shape)}, adapter expects {tuple(current[key].shape)}")
-    set_peft_model_state_dict(gen.model, {k: v.to(current[k].device, current[k].dtype) for k, v in state.items()})
+    set_peft_model_state_dict(gen.model, {k: v.to(current[k].device, current[k].dtype) for k, v in state.items()},
+                              adapter_name=adapter_name)
 
 
 def set_lora_a_trainable(gen: Generator, trainable: bool) -> None:
@@ -160,25 +167,18 @@ def attach_personal_adapter(gen: Generator, cfg: GeneratorConfig, state: dict[st
     torch.manual_seed(seed)  # a node's fresh personal A is its own, and reproducible
     model.add_adapter(PERSONAL, _lora_config(cfg))
     if state is not None:
-        current = get_peft_model_state_dict(model, adapter_name=PERSONAL)
-        if sorted(current) != sorted(state) or any(tuple(state[k].shape) != tuple(current[k].shape) for k in current):
-            raise WeightsError("the saved personal adapter does not fit generator.lora-* (delete it to start afresh)")
-        set_peft_model_state_dict(model, {k: v.to(current[k].device, current[k].dtype) for k, v in state.items()},
-                                  adapter_name=PERSONAL)
+        try:
+            load_lora_state_dict(gen, state, adapter_name=PERSONAL)
+        except WeightsError as e:
+            raise WeightsError(f"the saved personal adapter does not fit generator.lora-* (delete it to start "
+                               f"afresh): {e}") from e
     model.base_model.set_adapter(["default", PERSONAL])
-    for name, param in model.named_parameters():
-        if f".{PERSONAL}." in name:
-            param.data = param.data.float()
+    _trainable_in_fp32(model)
 
 
 def detach_personal_adapter(gen: Generator) -> None:
     """Back to the global adapter alone (what the server averages and evaluates)."""
     gen.model.base_model.set_adapter("default")
-
-
-def personal_state_dict(gen: Generator) -> dict[str, torch.Tensor]:
-    state = get_peft_model_state_dict(gen.model, adapter_name=PERSONAL)
-    return {k: state[k].detach().to("cpu", torch.float32).clone() for k in sorted(state)}
 
 
 def save_adapter(gen: Generator, out_dir) -> None:

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedrag_app.config import AppConfig
-from fedrag_app.generator import Generator, attach_personal_adapter, detach_personal_adapter, personal_state_dict
+from fedrag_app.generator import PERSONAL, Generator, attach_personal_adapter, detach_personal_adapter, lora_state_dict
 
 FILE = "personal-adapter.safetensors"
 
@@ -43,6 +43,6 @@ def personal_adapter(cfg: AppConfig, gen: Generator, state_dir: Path, partition_
     try:
         yield
         if keep:
-            save_personal(state_dir, personal_state_dict(gen))
+            save_personal(state_dir, lora_state_dict(gen, PERSONAL))
     finally:
         detach_personal_adapter(gen)

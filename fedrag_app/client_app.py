@@ -30,7 +30,8 @@ from fedrag_app.local_round import exchanged_weights, load_exchanged_weights, ru
 from fedrag_app.node_data import NodeData, node_data, node_questions
 from fedrag_app.personal import personal_adapter
 from fedrag_app.ralt import retrieve
-from fedrag_app.records import metric_record, pack_weights, unpack_weights
+from fedrag_app.lora_aggregation import to_client_rank
+from fedrag_app.records import metric_record, numpy_to_record, pack_weights, record_to_numpy, unpack_weights
 from fedrag_app.retriever import DualEncoder, load_retriever
 from fedrag_app.runtime import apply_runtime
 
@@ -76,11 +77,19 @@ def _open_store(node: NodeData, retriever: DualEncoder) -> KnowledgeStore:
 
 
 def _prepare(msg: Message, context: Context) -> tuple[AppConfig, NodeData, Generator, DualEncoder]:
-    """Config once, the node's data locations, and the models set to the global weights in the message."""
-    cfg = AppConfig.from_flat(context.run_config)
-    node = node_data(cfg, context.node_config)
+    """Config once (at this node's LoRA rank), the node's data locations, and the models set to the global weights
+    in the message: a node of lower rank than the global adapter takes its truncation (with zero-padding
+    aggregation) or its best rank-r approximation (with product averaging, i.e. stacking)."""
+    run_cfg = AppConfig.from_flat(context.run_config)
+    node = node_data(run_cfg, context.node_config)
+    cfg = run_cfg.for_rank(run_cfg.node_rank(node.partition_id, node.lora_rank))
     gen, retriever = _models(cfg)
-    lora, retr = unpack_weights(msg.content["arrays"], *exchanged_weights(cfg, gen, retriever))
+    record = msg.content["arrays"]
+    if cfg.generator.lora_r != run_cfg.generator.lora_r:
+        method = "svd" if cfg.fed.lora_aggregation == "product" else "truncate"
+        record = numpy_to_record(to_client_rank(record_to_numpy(record), rank=cfg.generator.lora_r,
+                                                alpha=cfg.generator.lora_alpha, method=method))
+    lora, retr = unpack_weights(record, *exchanged_weights(cfg, gen, retriever))
     load_exchanged_weights(cfg, gen, retriever, lora, retr)
     return cfg, node, gen, retriever
 
@@ -99,6 +108,7 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.fed.lora_aggregation == "ffa":
         extra["lora-a-fingerprint"] = lora_a_fingerprint(gen)  # the server checks every node froze the same A
     metrics = metric_record({"num-examples": result.num_examples, **result.metrics, **extra,
+                             "lora-rank": cfg.generator.lora_r,
                              "bytes-sent": arrays.count_bytes(),
                              "handler-seconds": time.perf_counter() - started})  # incl. model load, unpack, pack
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)

@@ -217,6 +217,7 @@ class FedConfig:
     output_dir: str = _help("absolute folder for checkpoints, metrics and plots; '' = $FEDRAG_OUTPUT_DIR or ./outputs/fed", "")
     resume: bool = _help("continue from the last complete checkpoint in output-dir", False)
     server_eval: bool = _help("server-side MMLU + Web Questions evaluation after each round", True)
+    server_eval_every: int = _help("run the server-side evaluation every N rounds and after the last one", 1)
     lora_aggregation: str = _help("fedavg (average A and B) | ffa (A frozen at its seeded start, only B trains and "
                                   "travels: exact) | product (mean of B·A per layer, refactored by truncated SVD)",
                                   "fedavg")
@@ -224,13 +225,29 @@ class FedConfig:
     personal_adapter: bool = _help("each node also trains its own LoRA adapter stacked on the global one; it never "
                                    "leaves the node (kept in its state-path) and evaluation reports both models", False)
 
+    client_ranks: str = _help("heterogeneous LoRA ranks, comma-separated by partition id (node i gets the i-th, cycling), "
+                              "e.g. '2,4,8'; each <= generator.lora-r, the global rank; '' = every node trains at "
+                              "generator.lora-r unless its node-config sets lora-rank", "")
+
     def __post_init__(self) -> None:
         _one_of("fed", "lora_aggregation", self.lora_aggregation, ("fedavg", "ffa", "product"))
+        for part in self.ranks:
+            _positive("fed", "client_ranks", part)
         _positive("fed", "num_server_rounds", self.num_server_rounds)
         _fraction("fed", "fraction_train", self.fraction_train)
         _fraction("fed", "fraction_evaluate", self.fraction_evaluate)
         _positive("fed", "min_nodes", self.min_nodes)
         _positive("fed", "round_timeout_s", self.round_timeout_s)
+        _positive("fed", "server_eval_every", self.server_eval_every)
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        """fed.client-ranks as integers (empty: no per-partition ranks)."""
+        try:
+            return tuple(int(p) for p in self.client_ranks.split(",") if p.strip())
+        except ValueError as e:
+            raise ConfigError(f"run-config key 'fed.client-ranks' = {self.client_ranks!r}: expected comma-separated "
+                              "integers, e.g. '2,4,8'") from e
 
 
 @dataclass(frozen=True)
@@ -296,6 +313,23 @@ class AppConfig:
             raise ConfigError("run-config keys 'dp.mode' = 'client-clip'/'server-clip' and 'fed.lora-aggregation' = "
                               "'product' do not combine: the DP accountant covers FedAvg's aggregation only "
                               "(use fed.lora-aggregation = 'ffa' or 'fedavg')")
+        for rank in sorted(set(self.fed.ranks)):
+            check_rank_options(self, "run-config key 'fed.client-ranks'", rank)
+
+    def node_rank(self, partition_id: int, node_rank: int | None = None) -> int:
+        """The LoRA rank a node trains: its node-config lora-rank, else fed.client-ranks by partition id, else
+        generator.lora-r (the global rank, what the server keeps and sends)."""
+        if node_rank is not None:
+            check_rank_options(self, "node-config key 'lora-rank'", node_rank)
+            return node_rank
+        ranks = self.fed.ranks
+        return ranks[partition_id % len(ranks)] if ranks else self.generator.lora_r
+
+    def for_rank(self, rank: int) -> "AppConfig":
+        """This config with the generator's adapter at ``rank`` (alpha unchanged: the scale becomes alpha / rank)."""
+        if rank == self.generator.lora_r:
+            return self
+        return self.replace(generator=dataclasses.replace(self.generator, lora_r=rank))
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any], *, source: str = "run-config") -> "AppConfig":
@@ -341,6 +375,21 @@ class AppConfig:
     def replace(self, **sections: Any) -> "AppConfig":
         """A copy with whole sections replaced, e.g. ``cfg.replace(store=StoreConfig(path=...))``."""
         return dataclasses.replace(self, **sections)
+
+
+def check_rank_options(cfg: AppConfig, where: str, rank: int) -> None:
+    """A node's own LoRA rank needs what the server can pad and average: rank <= the global rank, no FFA-LoRA
+    (its frozen A is seeded per rank), no DP (Flower's clipping subtracts the sent from the received arrays, which
+    then differ in shape)."""
+    if not 0 < rank <= cfg.generator.lora_r:
+        raise ConfigError(f"{where} = {rank}: must be in [1, generator.lora-r = {cfg.generator.lora_r}] "
+                          "(the global adapter's rank)")
+    if rank != cfg.generator.lora_r and cfg.fed.lora_aggregation == "ffa":
+        raise ConfigError(f"{where} = {rank} with fed.lora-aggregation = 'ffa': heterogeneous ranks use 'fedavg' "
+                          "(zero-padding) or 'product' (stacking)")
+    if rank != cfg.generator.lora_r and cfg.dp.mode != "off":
+        raise ConfigError(f"{where} = {rank} with dp.mode = {cfg.dp.mode!r}: Flower's DP clipping needs every node "
+                          "to send the global rank")
 
 
 def all_keys() -> list[str]:

@@ -58,12 +58,20 @@ def delta_w(states: list[State], weights: list[float], scales: list[float], modu
                for wi, si, s in zip(w, scales, states))
 
 
+DEAD_ROW_NORM = 3**-0.5  # the row norm of PEFT's kaiming-uniform A init: rows for directions ΔW does not use
+
+
 def refactor(dw: np.ndarray, rank: int, scale: float) -> tuple[np.ndarray, np.ndarray, float]:
-    """Truncated SVD: B (out, r), A (r, in) with scale·B·A ≈ ΔW; returns the share of energy lost."""
+    """Truncated SVD: B (out, r), A (r, in) with scale·B·A ≈ ΔW; returns the share of energy lost.
+
+    A direction with a zero singular value gets B = 0 and an A row of init size along its singular vector, not
+    A = 0: with both factors zero the direction could never train again (round 1, where ΔW = 0, would kill all)."""
     u, s, vt = np.linalg.svd(dw, full_matrices=False)  # (out, m), (m,), (m, in)
     root = np.sqrt(s[:rank] / scale)
     b = u[:, :rank] * root  # (out, r)
-    a = root[:, None] * vt[:rank]  # (r, in)
+    unused = s[:rank] <= 1e-12 * max(float(s[0]) if s.size else 0.0, 1e-30)
+    a_root = np.where(unused, DEAD_ROW_NORM, root)
+    a = a_root[:, None] * vt[:rank]  # (r, in)
     if b.shape[1] < rank:  # the layer has fewer dimensions than the rank: pad with zeros
         b = np.pad(b, ((0, 0), (0, rank - b.shape[1])))
         a = np.pad(a, ((0, rank - a.shape[0]), (0, 0)))
@@ -133,3 +141,38 @@ def for_client_rank(global_state: State, *, global_scale: float, rank: int, alph
         out[pair.b_key], out[pair.a_key], lost = refactor(dw, rank, alpha / rank)
         lost_max = max(lost_max, lost)
     return out, lost_max
+
+
+def to_global_rank(state: State, *, rank: int) -> State:
+    """A rank-r_i reply as a rank-``rank`` adapter with the global scale alpha / rank and the same ΔW: B rescaled by
+    rank / r_i, both factors zero-padded. Plain FedAvg of padded replies is HetLoRA's zero-padding aggregation;
+    product averaging of them is FLoRA's stacking (Σ w_i ΔW_i exactly), refactored to the global rank."""
+    out = dict(state)
+    for pair in lora_pairs(state).values():
+        a, b = state[pair.a_key], state[pair.b_key]
+        r_i = a.shape[0]
+        if r_i > rank or b.shape[1] != r_i:
+            raise ValueError(f"'{pair.a_key}' has rank {r_i} and its B {b.shape[1]}: a reply's rank must be at most "
+                             f"the global generator.lora-r = {rank}, the same in A and B")
+        if r_i < rank:
+            out[pair.a_key] = np.pad(a, ((0, rank - r_i), (0, 0)))
+            out[pair.b_key] = np.pad(b * np.float32(rank / r_i), ((0, 0), (0, rank - r_i))).astype(b.dtype)
+    return out
+
+
+def to_client_rank(global_state: State, *, rank: int, alpha: float, method: str) -> State:
+    """The global adapter (rank R, scale alpha / R) for a rank-``rank`` client (scale alpha / rank).
+
+    'truncate' (HetLoRA, with zero-padding aggregation): the first ``rank`` components, B rescaled to keep their
+    product; 'svd' (with stacking): the best rank-``rank`` approximation of the global ΔW (``for_client_rank``).
+    Other keys pass unchanged."""
+    global_rank = adapter_rank(global_state)
+    if rank == global_rank:
+        return dict(global_state)
+    if method == "svd":
+        return for_client_rank(global_state, global_scale=alpha / global_rank, rank=rank, alpha=alpha)[0]
+    out = dict(global_state)
+    for pair in lora_pairs(global_state).values():
+        out[pair.a_key] = np.ascontiguousarray(global_state[pair.a_key][:rank])
+        out[pair.b_key] = np.ascontiguousarray(global_state[pair.b_key][:, :rank] * np.float32(rank / global_rank))
+    return out

@@ -10,6 +10,8 @@ Node-config keys (docs/FEDERATION.md), all optional in simulation where only par
   federated-retrieval  true to answer query.retrieve messages (sends passage text off the node); default false
   state-path         absolute folder for what the node keeps between rounds (its personal adapter);
                      default: node-state-<partition-id> beside its training questions
+  lora-rank          the LoRA rank this node trains (less compute than the global generator.lora-r); the server
+                     pads its reply back to the global rank; default: fed.client-ranks, else generator.lora-r
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from fedrag_app.errors import ConfigError
 from fedrag_app.partition import MANIFEST, partitions_dir
 
 NODE_KEYS = {"partition-id": int, "num-partitions": int, "data-path": str, "heldout-path": str, "store-path": str,
-             "store-url": str, "store-collection": str, "federated-retrieval": bool, "state-path": str}
+             "store-url": str, "store-collection": str, "federated-retrieval": bool, "state-path": str, "lora-rank": int}
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class NodeData:
     store: dict[str, str]  # KnowledgeStore.open kwargs: {"path": …} or {"url": …, "collection": …}
     federated_retrieval: bool = False
     state_path: Path | None = None  # node-config state-path, if given
+    lora_rank: int | None = None  # node-config lora-rank, if given
 
     @property
     def state_dir(self) -> Path:
@@ -74,7 +77,7 @@ def node_data(cfg: AppConfig, node_config: Mapping[str, Any]) -> NodeData:
             raise ConfigError("node-config needs 'store-path' (Qdrant Edge shard) or 'store-url' (Qdrant server)")
         heldout = Path(nc["heldout-path"]) if "heldout-path" in nc else None
         return NodeData(pid, Path(nc["data-path"]), heldout, store, bool(nc.get("federated-retrieval", False)),
-                        Path(nc["state-path"]) if "state-path" in nc else None)
+                        Path(nc["state-path"]) if "state-path" in nc else None, nc.get("lora-rank"))
     manifest_path = partitions_dir(cfg.partition) / MANIFEST
     if not manifest_path.exists():
         raise ConfigError(f"no partition manifest at {manifest_path}: run `fedrag-app partition` first, or set "
@@ -84,7 +87,8 @@ def node_data(cfg: AppConfig, node_config: Mapping[str, Any]) -> NodeData:
         raise ConfigError(f"partition-id {pid} is outside the {len(clients)} partitions in {manifest_path}")
     entry = clients[pid]
     return NodeData(pid, Path(entry["train"]), Path(entry["heldout"]), {"path": entry["shard"]},
-                    bool(nc.get("federated-retrieval", False)), Path(nc["state-path"]) if "state-path" in nc else None)
+                    bool(nc.get("federated-retrieval", False)), Path(nc["state-path"]) if "state-path" in nc else None,
+                    nc.get("lora-rank"))
 
 
 def node_questions(node: NodeData, heldout_fraction: float) -> tuple[list[QAExample], list[QAExample]]:

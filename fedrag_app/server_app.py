@@ -6,6 +6,8 @@ atomically (PEFT adapter + sentence-transformers retriever + state.json), a metr
 Replies whose weights cannot be averaged (NaN/Inf, wrong keys or shapes) are logged and dropped.
 Run-config switches: fed.lora-aggregation (fedavg | ffa | product) and dp.mode (off | client-clip | server-clip |
 local: Flower's DP wrappers and mods; epsilon from Flower's RDP accountant goes into every metrics row).
+Nodes of a lower LoRA rank (heterogeneous ranks) reply with their own rank; their factors are padded to the global
+rank before averaging (zero-padding with FedAvg, stacking with product averaging).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from fedrag_app.evaluate import run_evaluation
 from fedrag_app.local_round import exchanged_parts, exchanged_weights, load_exchanged_weights
 from fedrag_app.generator import load_generator, lora_a_fingerprint
 from fedrag_app.rag import open_store
-from fedrag_app.lora_aggregation import product_average
+from fedrag_app.lora_aggregation import product_average, to_global_rank
 from fedrag_app.records import metric_record, numpy_to_record, pack_weights, record_to_numpy, unpack_weights
 from fedrag_app.reporting import append_metrics, plot_metrics
 from fedrag_app.retriever import load_retriever
@@ -48,9 +50,11 @@ class CheckedStrategy(Strategy):
     keys or shapes, under FFA-LoRA a different frozen A) before the inner strategy sees them; error replies pass
     through so Flower's own checks log and count them. Keeps the round's costs and client metrics for reporting."""
 
-    def __init__(self, inner: Strategy, fedavg: FedAvg, reference: dict, *, a_fingerprint: float | None = None):
+    def __init__(self, inner: Strategy, fedavg: FedAvg, reference: dict, *, a_fingerprint: float | None = None,
+                 global_rank: int | None = None):
         super().__init__()
         self.inner, self.fedavg, self.reference, self.a_fingerprint = inner, fedavg, reference, a_fingerprint
+        self.global_rank = global_rank  # set: replies of a lower LoRA rank are padded to it (heterogeneous ranks)
         self.last_train_metrics, self.last_evaluate_metrics = {}, {}
         self.round_costs: dict[str, float] = {}
         self._sent_at, self._sent_bytes = 0.0, 0
@@ -64,9 +68,11 @@ class CheckedStrategy(Strategy):
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        passed = []
+        passed, bytes_up = [], 0.0
         for m in replies:
+            size = 0 if m.has_error() else m.content["arrays"].count_bytes() if "arrays" in m.content else 0
             problem = None if m.has_error() else self._problem(m.content)
+            bytes_up += 0 if problem else size
             if problem:
                 log(WARNING, "dropped the update of node %s in round %s: %s", m.metadata.src_node_id, server_round, problem)
             else:
@@ -78,7 +84,7 @@ class CheckedStrategy(Strategy):
             "round-train-seconds": time.perf_counter() - self._sent_at, "round-local-seconds-sum": sum(local),
             "round-local-seconds-max": max(local, default=0.0), "round-handler-seconds-sum": sum(handler),
             "round-handler-seconds-max": max(handler, default=0.0), "round-bytes-down": float(self._sent_bytes),
-            "round-bytes-up": float(sum(m.content["arrays"].count_bytes() for m in kept))}
+            "round-bytes-up": bytes_up}
         if self.inner is not self.fedavg:  # Flower's DP noise draws from numpy's global RNG, seeded by runtime.seed
             np.random.seed()  # fresh OS entropy: noise that anyone knowing the seed could subtract protects nothing
         arrays, metrics = self.inner.aggregate_train(server_round, passed)
@@ -89,6 +95,8 @@ class CheckedStrategy(Strategy):
 
     def _problem(self, content) -> str | None:
         problem = _reply_problem(content, self.fedavg.weighted_by_key)
+        if problem is None and self.global_rank is not None:
+            problem = _pad_to_global_rank(content, self.global_rank)
         problem = problem or check_update(record_to_numpy(content["arrays"]), self.reference)
         if problem is None and self.a_fingerprint is not None:
             theirs = content["metrics"].get("lora-a-fingerprint")
@@ -164,8 +172,22 @@ def build_strategy(cfg: AppConfig, reference: dict, a_fingerprint: float | None,
         wrapper = (DifferentialPrivacyClientSideFixedClipping if cfg.dp.mode == "client-clip"
                    else DifferentialPrivacyServerSideFixedClipping)
         inner = wrapper(fedavg, cfg.dp.noise_multiplier, cfg.dp.clipping_norm, m, accountant=accountant)
+    pads = cfg.fed.lora_aggregation != "ffa" and cfg.dp.mode == "off" and exchanged_parts(cfg.train)[0]
     return CheckedStrategy(inner, fedavg, reference,
-                           a_fingerprint=a_fingerprint if cfg.fed.lora_aggregation == "ffa" else None)
+                           a_fingerprint=a_fingerprint if cfg.fed.lora_aggregation == "ffa" else None,
+                           global_rank=cfg.generator.lora_r if pads else None)
+
+
+def _pad_to_global_rank(content, rank: int) -> str | None:
+    """Replace a lower-rank reply's LoRA factors by their rank-``rank`` padding (same ΔW); why not, or None."""
+    state = record_to_numpy(content["arrays"])
+    try:
+        padded = to_global_rank(state, rank=rank)
+    except (ValueError, AssertionError) as e:
+        return str(e)
+    if any(padded[k] is not state[k] for k in state):
+        content["arrays"] = numpy_to_record(padded)
+    return None
 
 
 def _reply_problem(content, weight_key: str) -> str | None:
@@ -243,8 +265,9 @@ def main(grid: Grid, context: Context) -> None:
         if server_round == 0:
             return None
         load_exchanged_weights(cfg, gen, retriever, *unpack_weights(arrays, *exchanged_weights(cfg, gen, retriever)))
-        metrics = run_evaluation(cfg, gen, retriever, store) if cfg.fed.server_eval else {}
         n = done + server_round
+        due = n % cfg.fed.server_eval_every == 0 or n == cfg.fed.num_server_rounds
+        metrics = run_evaluation(cfg, gen, retriever, store) if cfg.fed.server_eval and due else {}
         save_checkpoint(out, n, gen, retriever, metrics, cfg.to_flat())
         row = {"round": n, **strategy.round_costs, **strategy.privacy_metrics(n, cfg.dp),
                **{f"train-{k}": v for k, v in strategy.last_train_metrics.items()}, **strategy.last_evaluate_metrics,

@@ -1,0 +1,129 @@
+"""Heterogeneous LoRA ranks: a node trains a lower rank than the global adapter, receives a valid adapter of its
+rank, and the server pads its reply back (zero-padding with FedAvg, stacking with product averaging).
+
+Library functions on random factors against exact products; the ClientApp on the real SmolLM2 and a real shard;
+the ServerApp's strategy as main() builds it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import RecordDict
+
+from fedrag_app import client_app
+from fedrag_app.config import AppConfig
+from fedrag_app.errors import ConfigError
+from fedrag_app.lora_aggregation import DEAD_ROW_NORM, to_client_rank, to_global_rank
+from fedrag_app.records import metric_record, numpy_to_record, record_to_numpy
+from tests.test_flower_app import checked, node, reply  # noqa: F401  (node is a fixture)
+from tests.test_privacy import RALT, _client_round
+
+A, B = "lora.m.lora_A.weight", "lora.m.lora_B.weight"
+OUT, IN, ALPHA = 6, 5, 16
+rng = np.random.default_rng(1)
+
+
+def adapter(rank: int, *, b_zero: bool = False) -> dict[str, np.ndarray]:
+    b = np.zeros((OUT, rank), np.float32) if b_zero else rng.standard_normal((OUT, rank)).astype(np.float32)
+    return {A: rng.standard_normal((rank, IN)).astype(np.float32), B: b, "retriever.v": np.ones(3, np.float32)}
+
+
+def delta(state: dict[str, np.ndarray]) -> np.ndarray:
+    """ΔW = (alpha / r) B A, the update the factors stand for."""
+    return ALPHA / state[A].shape[0] * state[B].astype(np.float64) @ state[A].astype(np.float64)
+
+
+def test_padding_to_the_global_rank_keeps_the_update_and_truncation_inverts_it():
+    small = adapter(2)
+    padded = to_global_rank(small, rank=8)
+    assert padded[A].shape == (8, IN) and padded[B].shape == (OUT, 8)
+    np.testing.assert_allclose(delta(padded), delta(small), atol=1e-5)
+    back = to_client_rank(padded, rank=2, alpha=ALPHA, method="truncate")
+    assert all(np.allclose(back[k], small[k], atol=1e-6) for k in small), "shapes and values round-trip"
+    with pytest.raises(ValueError, match="at most the global generator.lora-r"):
+        to_global_rank(adapter(16), rank=8)
+
+
+@pytest.mark.parametrize("method", ["truncate", "svd"])
+def test_a_lower_rank_client_receives_a_valid_adapter_of_its_rank(method):
+    glob = adapter(8)
+    local = to_client_rank(glob, rank=3, alpha=ALPHA, method=method)
+    assert local[A].shape == (3, IN) and local[B].shape == (OUT, 3)
+    if method == "truncate":  # the first three components of the global update, at the client's scale
+        first = ALPHA / 8 * glob[B][:, :3].astype(np.float64) @ glob[A][:3].astype(np.float64)
+        np.testing.assert_allclose(delta(local), first, atol=1e-5)
+    else:  # the best rank-3 approximation of the global update (Eckart-Young)
+        u, s, vt = np.linalg.svd(delta(glob))
+        np.testing.assert_allclose(delta(local), (u[:, :3] * s[:3]) @ vt[:3], atol=1e-4)
+
+
+def test_refactoring_a_zero_update_keeps_every_direction_trainable():
+    """Round 1 under stacking: the global B is 0, so ΔW = 0; A = 0 as well would freeze the adapter forever."""
+    local = to_client_rank(adapter(8, b_zero=True), rank=4, alpha=ALPHA, method="svd")
+    assert np.all(local[B] == 0)
+    np.testing.assert_allclose(np.linalg.norm(local[A], axis=1), DEAD_ROW_NORM, rtol=1e-5)
+
+
+def _replies(states, weights):
+    return [reply(RecordDict({"arrays": numpy_to_record(s), "metrics": metric_record({"num-examples": n})}), i + 1)
+            for i, (s, n) in enumerate(zip(states, weights))]
+
+
+def test_stacking_ranks_2_and_4_gives_the_exact_weighted_mean_of_the_updates_at_the_global_rank():
+    clients = [adapter(2), adapter(4)]
+    reference = {k: np.zeros_like(v) for k, v in adapter(8).items()}
+    run = {"fed.lora-aggregation": "product", "generator.lora-r": 8, "generator.lora-alpha": ALPHA}
+    strategy = checked(reference, run)
+    arrays, _ = strategy.aggregate_train(1, _replies(clients, (1, 3)))
+    merged = record_to_numpy(arrays)
+    assert merged[A].shape == (8, IN) and merged[B].shape == (OUT, 8)
+    np.testing.assert_allclose(delta(merged), 0.25 * delta(clients[0]) + 0.75 * delta(clients[1]), atol=1e-4)
+    assert strategy.round_costs["lora-svd-energy-lost-max"] == pytest.approx(0.0, abs=1e-10)
+
+
+def test_zero_padding_averages_the_padded_factors():
+    clients = [adapter(2), adapter(8)]
+    reference = {k: np.zeros_like(v) for k, v in clients[1].items()}
+    arrays, _ = checked(reference, {"generator.lora-r": 8}).aggregate_train(1, _replies(clients, (1, 1)))
+    padded = to_global_rank(clients[0], rank=8)
+    merged = record_to_numpy(arrays)
+    assert all(np.allclose(merged[k], (padded[k] + clients[1][k]) / 2, atol=1e-6) for k in merged)
+
+
+@pytest.mark.parametrize("aggregation", ["fedavg", "product"])
+def test_a_rank_4_node_trains_its_rank_and_the_server_pads_its_reply(node, aggregation):
+    run = {**RALT, "fed.lora-aggregation": aggregation}
+    client_app._MODELS.clear()
+    sent, out = _client_round(run, {**node, "lora-rank": 4})
+    got, glob = record_to_numpy(out.content["arrays"]), record_to_numpy(sent)
+    assert sorted(got) == sorted(glob) and out.content["metrics"]["lora-rank"] == 4
+    lora_a = [k for k in got if ".lora_A." in k]
+    assert lora_a and all(got[k].shape == (4, glob[k].shape[1]) for k in lora_a)
+    start = to_client_rank(glob, rank=4, alpha=16, method="svd" if aggregation == "product" else "truncate")
+    assert any(not np.array_equal(got[k], start[k]) for k in got if ".lora_B." in k), "the rank-4 adapter trained"
+    strategy = checked(glob, run)
+    arrays, _ = strategy.aggregate_train(1, [reply(out.content, 1)])
+    assert arrays is not None, "the server refused a lower-rank reply"
+    merged = record_to_numpy(arrays)
+    assert all(merged[k].shape == glob[k].shape for k in glob)
+    assert strategy.round_costs["round-bytes-up"] < sum(v.nbytes for v in glob.values()), "rank 4 sends less"
+
+
+@pytest.mark.parametrize("run, named", [
+    ({"fed.client-ranks": "4,16"}, "generator.lora-r = 8"),
+    ({"fed.client-ranks": "4,x"}, "comma-separated integers"),
+    ({"fed.client-ranks": "4,8", "fed.lora-aggregation": "ffa"}, "'ffa'"),
+    ({"fed.client-ranks": "4,8", "dp.mode": "local"}, "dp.mode = 'local'"),
+])
+def test_rank_options_that_cannot_work_are_refused_by_name(run, named):
+    with pytest.raises(ConfigError, match=named):
+        AppConfig.from_flat(run)
+
+
+def test_ranks_go_by_partition_id_and_node_config_wins():
+    cfg = AppConfig.from_flat({"fed.client-ranks": "2,4"})
+    assert [cfg.node_rank(pid) for pid in range(3)] == [2, 4, 2]
+    assert cfg.node_rank(0, 8) == 8 and AppConfig().node_rank(5) == 8
+    with pytest.raises(ConfigError, match="node-config key 'lora-rank' = 9"):
+        cfg.node_rank(0, 9)

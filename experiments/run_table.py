@@ -1,0 +1,192 @@
+"""Run one experiments table: every (column, row, seed) cell as a real `flwr run .` (or `fedrag-app evaluate` for
+rows that train nothing), then mean ± std over seeds as markdown, JSON and a PNG.
+
+    python experiments/run_table.py experiments/tables/privacy_aggregation.toml
+
+A table file names its partitions (one `fedrag-app partition` per column), the run-config shared by every cell,
+its rows (run-config overrides) and seeds. Finished cells are kept (`results/<table>/runs/.../result.json`), so
+an interrupted table resumes where it stopped; --fresh starts over. The result table is rewritten after every cell.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import Progress
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(REPO / "deploy"))
+import follow_run  # noqa: E402
+
+console = Console()
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def toml_value(value) -> str:
+    """A run-config value as `flwr run --run-config` reads it (TOML)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f"'{value}'"
+    return repr(value)
+
+
+def load_table(path: Path) -> dict:
+    try:
+        table = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise typer.BadParameter(f"table file {path}: {e}") from e
+    for key in ("name", "seeds", "metrics", "rows", "columns"):
+        if key not in table:
+            raise typer.BadParameter(f"table file {path}: missing top-level key '{key}'")
+    return table
+
+
+def partition(column: dict, folder: Path, env: dict) -> None:
+    """The column's institutions: questions and one Qdrant shard each (kept if already built)."""
+    if (folder / "manifest.json").exists():
+        return
+    argv = [str(BIN / "fedrag-app"), "partition", "-n", str(column["num-partitions"]), "--scheme", column["scheme"],
+            "--out", str(folder)] + [arg for k, v in column.get("partition", {}).items() for arg in ("--set", f"{k}={v}")]
+    subprocess.run(argv, check=True, env=env)
+
+
+def index_server_store(table: dict, env: dict) -> None:
+    """The shard the server evaluates with (store.* keys of the table's run-config); kept if already built."""
+    if table.get("run", {}).get("fed.server-eval", True) is False and all(r.get("kind") != "evaluate" for r in table["rows"]):
+        return
+    flags = [arg for k, v in table.get("run", {}).items() if k.startswith("store.") for arg in ("--set", f"{k}={v}")]
+    subprocess.run([str(BIN / "fedrag-app"), "index", *flags], check=True, env=env, stdout=subprocess.DEVNULL)
+
+
+def run_cell(table: dict, column: dict, row: dict, seed: int, parts: Path, out: Path, env: dict) -> dict:
+    """One training run (flwr run, simulation) or one evaluation; returns the final metrics."""
+    run = {**table.get("run", {}), **column.get("run", {}), **row.get("run", {}), "runtime.seed": seed}
+    started = time.perf_counter()
+    if row.get("kind") == "evaluate":
+        flags = [arg for k, v in run.items() if not k.startswith(("fed.", "partition.", "dp."))
+                 for arg in ("--set", f"{k}={v}")]
+        subprocess.run([str(BIN / "fedrag-app"), "evaluate", "--output", str(out / "evaluate.json"), *flags],
+                       check=True, env=env, stdout=subprocess.DEVNULL)
+        metrics = json.loads((out / "evaluate.json").read_text())["results"]
+    else:
+        run.update({"partition.dir": str(parts), "fed.output-dir": str(out), "fed.min-nodes": column["num-partitions"]})
+        items = [f"{k}={toml_value(v)}" for k, v in run.items()]
+        run_id = follow_run.launch_run(str(REPO), "local", items, flwr=str(BIN / "flwr"), env=env,
+                                       federation_config=f"num-supernodes={column['num-partitions']}")
+        status = follow_run.wait_for_run("local", run_id, timeout_s=table.get("cell-timeout-s", 3600),
+                                         flwr=str(BIN / "flwr"), env=env)
+        if status != follow_run.COMPLETED:
+            raise RuntimeError(f"run {run_id} ({row['name']}, seed {seed}) ended {status}: see `flwr log {run_id}`")
+        metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    return {"row": row["name"], "column": column["name"], "seed": seed, "run-config": run,
+            "wall-seconds": time.perf_counter() - started, "metrics": metrics}
+
+
+def summarise(table: dict, results: list[dict]) -> str:
+    """Markdown: one table per column, rows x metrics, mean ± std over the seeds that finished."""
+    lines = [f"# {table.get('title', table['name'])}", "", table.get("description", "").strip(), ""]
+    for column in table["columns"]:
+        lines += [f"## {column['name']}", "", "| row | n | " + " | ".join(table["metrics"]) + " |",
+                  "|---|---|" + "---|" * len(table["metrics"])]
+        for row in table["rows"]:
+            cells = [r for r in results if r["row"] == row["name"] and r["column"] == column["name"]]
+            values = []
+            for metric in table["metrics"]:
+                xs = [float(r["metrics"][metric]) for r in cells if metric in r["metrics"]]
+                values.append("–" if not xs else f"{statistics.mean(xs):.3f}" if len(xs) == 1 else
+                              f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}")
+            lines.append(f"| {row['name']} | {len(cells)} | " + " | ".join(values) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(table: dict, results: list[dict], path: Path) -> None:
+    """Bar chart of the first metric per row (one group per column), error bars = std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = table["metrics"][0]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(table["rows"]) * len(table["columns"])), 4))
+    width = 0.8 / len(table["columns"])
+    for j, column in enumerate(table["columns"]):
+        means, stds = [], []
+        for row in table["rows"]:
+            xs = [float(r["metrics"][metric]) for r in results
+                  if r["row"] == row["name"] and r["column"] == column["name"] and metric in r["metrics"]]
+            means.append(statistics.mean(xs) if xs else 0.0)
+            stds.append(statistics.stdev(xs) if len(xs) > 1 else 0.0)
+        ax.bar([i + j * width for i in range(len(table["rows"]))], means, width, yerr=stds, label=column["name"],
+               capsize=3)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(table["rows"]))], [r["name"] for r in table["rows"]],
+                  rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def main(table_file: Path = typer.Argument(..., help="a table TOML in experiments/tables/"),
+         results_dir: Path = typer.Option(REPO / "results", help="where results/<table>/ goes"),
+         fresh: bool = typer.Option(False, help="discard finished cells and run everything again")) -> None:
+    table = load_table(table_file)
+    root = results_dir / table["name"]
+    runs = root / "runs"
+    if fresh and runs.exists():
+        subprocess.run(["rm", "-rf", str(runs)], check=True)
+    env = dict(os.environ, FLWR_HOME=str(root / "flwr_home"), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+               FLWR_TELEMETRY_ENABLED="0", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    cells = [(c, r, s) for c in table["columns"] for r in table["rows"]
+             for s in (table["seeds"][:1] if r.get("kind") == "evaluate" else table["seeds"])]
+    results: list[dict] = []
+    index_server_store(table, env)
+    try:
+        with Progress(console=console) as progress:
+            task = progress.add_task(table["name"], total=len(cells))
+            for column, row, seed in cells:
+                parts = root / "partitions" / slug(column["name"])
+                out = runs / slug(column["name"]) / slug(row["name"]) / f"seed-{seed}"
+                done = out / "result.json"
+                if not done.exists():
+                    partition(column, parts, env)
+                    out.mkdir(parents=True, exist_ok=True)
+                    progress.console.print(f"[bold]{column['name']} · {row['name']} · seed {seed}[/]")
+                    write_atomic(done, json.dumps(run_cell(table, column, row, seed, parts, out, env), indent=1))
+                results.append(json.loads(done.read_text()))
+                write_atomic(root / "table.md", summarise(table, results))
+                write_atomic(root / "results.json", json.dumps(results, indent=1))
+                plot(table, results, root / "table.png")
+                progress.advance(task)
+    finally:
+        follow_run.stop_local_superlink(env["FLWR_HOME"])
+    console.print(summarise(table, results))
+    console.print(f"[green]wrote[/] {root / 'table.md'}, {root / 'results.json'}, {root / 'table.png'}")
+
+
+if __name__ == "__main__":
+    typer.run(main)

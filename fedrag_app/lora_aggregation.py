@@ -164,15 +164,18 @@ def to_client_rank(global_state: State, *, rank: int, alpha: float, method: str)
     """The global adapter (rank R, scale alpha / R) for a rank-``rank`` client (scale alpha / rank).
 
     'truncate' (HetLoRA, with zero-padding aggregation): the first ``rank`` components, B rescaled to keep their
-    product; 'svd' (with stacking): the best rank-``rank`` approximation of the global ΔW (``for_client_rank``).
-    Other keys pass unchanged."""
+    product; 'svd' (with stacking): the best rank-``rank`` approximation of the global ΔW. A layer whose ΔW is
+    still zero (B = 0: round 1) is truncated under both, keeping the shared random A. Other keys pass unchanged."""
     global_rank = adapter_rank(global_state)
     if rank == global_rank:
         return dict(global_state)
-    if method == "svd":
-        return for_client_rank(global_state, global_scale=alpha / global_rank, rank=rank, alpha=alpha)[0]
     out = dict(global_state)
     for pair in lora_pairs(global_state).values():
-        out[pair.a_key] = np.ascontiguousarray(global_state[pair.a_key][:rank])
-        out[pair.b_key] = np.ascontiguousarray(global_state[pair.b_key][:, :rank] * np.float32(rank / global_rank))
+        a, b = global_state[pair.a_key], global_state[pair.b_key]
+        if method == "svd" and np.any(b):
+            dw = (alpha / global_rank) * (b.astype(np.float64) @ a.astype(np.float64))
+            out[pair.b_key], out[pair.a_key], _ = refactor(dw, rank, alpha / rank)
+        else:
+            out[pair.a_key] = np.ascontiguousarray(a[:rank])
+            out[pair.b_key] = np.ascontiguousarray(b[:, :rank] * np.float32(rank / global_rank))
     return out

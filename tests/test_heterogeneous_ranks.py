@@ -14,7 +14,7 @@ from flwr.app import RecordDict
 from fedrag_app import client_app
 from fedrag_app.config import AppConfig
 from fedrag_app.errors import ConfigError
-from fedrag_app.lora_aggregation import DEAD_ROW_NORM, to_client_rank, to_global_rank
+from fedrag_app.lora_aggregation import DEAD_ROW_NORM, refactor, to_client_rank, to_global_rank
 from fedrag_app.records import metric_record, numpy_to_record, record_to_numpy
 from tests.test_flower_app import checked, node, reply  # noqa: F401  (node is a fixture)
 from tests.test_privacy import RALT, _client_round
@@ -58,11 +58,15 @@ def test_a_lower_rank_client_receives_a_valid_adapter_of_its_rank(method):
         np.testing.assert_allclose(delta(local), (u[:, :3] * s[:3]) @ vt[:3], atol=1e-4)
 
 
-def test_refactoring_a_zero_update_keeps_every_direction_trainable():
-    """Round 1 under stacking: the global B is 0, so ΔW = 0; A = 0 as well would freeze the adapter forever."""
-    local = to_client_rank(adapter(8, b_zero=True), rank=4, alpha=ALPHA, method="svd")
-    assert np.all(local[B] == 0)
-    np.testing.assert_allclose(np.linalg.norm(local[A], axis=1), DEAD_ROW_NORM, rtol=1e-5)
+def test_a_zero_update_keeps_every_direction_trainable():
+    """Round 1 under stacking: the global B is 0, so ΔW = 0, whose SVD would give A = 0 too and freeze the adapter
+    forever: the client keeps the shared random A instead, and a refactored zero direction gets an init-size A row."""
+    glob = adapter(8, b_zero=True)
+    local = to_client_rank(glob, rank=4, alpha=ALPHA, method="svd")
+    assert np.all(local[B] == 0) and np.array_equal(local[A], glob[A][:4])
+    b, a, lost = refactor(np.zeros((OUT, IN)), 3, 1.0)
+    assert np.all(b == 0) and lost == 0.0
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), DEAD_ROW_NORM, rtol=1e-5)
 
 
 def _replies(states, weights):

@@ -78,6 +78,7 @@ def run_cell(table: dict, column: dict, row: dict, seed: int, parts: Path, out: 
     run = {**table.get("run", {}), **column.get("run", {}), **row.get("run", {}), "runtime.seed": seed}
     started = time.perf_counter()
     if row.get("kind") == "evaluate":
+        run["runtime.num-threads"] = 0  # alone on the machine: every core (simulation nodes share them instead)
         flags = [arg for k, v in run.items() if not k.startswith(("fed.", "partition.", "dp."))
                  for arg in ("--set", f"{k}={v}")]
         subprocess.run([str(BIN / "fedrag-app"), "evaluate", "--output", str(out / "evaluate.json"), *flags],
@@ -97,6 +98,10 @@ def run_cell(table: dict, column: dict, row: dict, seed: int, parts: Path, out: 
             "wall-seconds": time.perf_counter() - started, "metrics": metrics}
 
 
+def _number(x: float) -> str:
+    return f"{x:.3f}" if abs(x) < 1000 else f"{x:.3g}"
+
+
 def summarise(table: dict, results: list[dict]) -> str:
     """Markdown: one table per column, rows x metrics, mean ± std over the seeds that finished."""
     lines = [f"# {table.get('title', table['name'])}", "", table.get("description", "").strip(), ""]
@@ -108,8 +113,8 @@ def summarise(table: dict, results: list[dict]) -> str:
             values = []
             for metric in table["metrics"]:
                 xs = [float(r["metrics"][metric]) for r in cells if metric in r["metrics"]]
-                values.append("–" if not xs else f"{statistics.mean(xs):.3f}" if len(xs) == 1 else
-                              f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}")
+                values.append("–" if not xs else _number(statistics.mean(xs)) if len(xs) == 1 else
+                              f"{_number(statistics.mean(xs))} ± {_number(statistics.stdev(xs))}")
             lines.append(f"| {row['name']} | {len(cells)} | " + " | ".join(values) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -161,8 +166,10 @@ def main(table_file: Path = typer.Argument(..., help="a table TOML in experiment
         subprocess.run(["rm", "-rf", str(runs)], check=True)
     env = dict(os.environ, FLWR_HOME=str(root / "flwr_home"), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
                FLWR_TELEMETRY_ENABLED="0", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
-    cells = [(c, r, s) for c in table["columns"] for r in table["rows"]
-             for s in (table["seeds"][:1] if r.get("kind") == "evaluate" else table["seeds"])]
+    # seed-major: every row gets its first seed before any row gets its second, so a table stopped early
+    # still covers every row
+    cells = [(c, r, s) for i, s in enumerate(table["seeds"]) for c in table["columns"] for r in table["rows"]
+             if i == 0 or r.get("kind") != "evaluate"]
     results: list[dict] = []
     index_server_store(table, env)
     try:
@@ -170,14 +177,16 @@ def main(table_file: Path = typer.Argument(..., help="a table TOML in experiment
             task = progress.add_task(table["name"], total=len(cells))
             for column, row, seed in cells:
                 parts = root / "partitions" / slug(column["name"])
-                out = runs / slug(column["name"]) / slug(row["name"]) / f"seed-{seed}"
+                trains = row.get("kind") != "evaluate"  # an evaluation trains nothing: one run serves every column
+                out = runs / (slug(column["name"]) if trains else "evaluate") / slug(row["name"]) / f"seed-{seed}"
                 done = out / "result.json"
                 if not done.exists():
-                    partition(column, parts, env)
+                    if trains:
+                        partition(column, parts, env)
                     out.mkdir(parents=True, exist_ok=True)
                     progress.console.print(f"[bold]{column['name']} · {row['name']} · seed {seed}[/]")
                     write_atomic(done, json.dumps(run_cell(table, column, row, seed, parts, out, env), indent=1))
-                results.append(json.loads(done.read_text()))
+                results.append({**json.loads(done.read_text()), "column": column["name"]})
                 write_atomic(root / "table.md", summarise(table, results))
                 write_atomic(root / "results.json", json.dumps(results, indent=1))
                 plot(table, results, root / "table.png")

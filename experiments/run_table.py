@@ -158,10 +158,12 @@ def write_atomic(path: Path, text: str) -> None:
 
 def main(table_file: Path = typer.Argument(..., help="a table TOML in experiments/tables/"),
          results_dir: Path = typer.Option(REPO / "results", help="where results/<table>/ goes"),
-         fresh: bool = typer.Option(False, help="discard finished cells and run everything again")) -> None:
+         fresh: bool = typer.Option(False, help="discard finished cells and run everything again"),
+         summarise_only: bool = typer.Option(False, help="only rewrite the table from the cells finished so far")) -> None:
     table = load_table(table_file)
     root = results_dir / table["name"]
     runs = root / "runs"
+    root.mkdir(parents=True, exist_ok=True)
     if fresh and runs.exists():
         subprocess.run(["rm", "-rf", str(runs)], check=True)
     env = dict(os.environ, FLWR_HOME=str(root / "flwr_home"), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
@@ -170,29 +172,44 @@ def main(table_file: Path = typer.Argument(..., help="a table TOML in experiment
     # still covers every row
     cells = [(c, r, s) for i, s in enumerate(table["seeds"]) for c in table["columns"] for r in table["rows"]
              if i == 0 or r.get("kind") != "evaluate"]
-    results: list[dict] = []
-    index_server_store(table, env)
-    try:
-        with Progress(console=console) as progress:
-            task = progress.add_task(table["name"], total=len(cells))
-            for column, row, seed in cells:
-                parts = root / "partitions" / slug(column["name"])
-                trains = row.get("kind") != "evaluate"  # an evaluation trains nothing: one run serves every column
-                out = runs / (slug(column["name"]) if trains else "evaluate") / slug(row["name"]) / f"seed-{seed}"
-                done = out / "result.json"
-                if not done.exists():
-                    if trains:
-                        partition(column, parts, env)
-                    out.mkdir(parents=True, exist_ok=True)
-                    progress.console.print(f"[bold]{column['name']} · {row['name']} · seed {seed}[/]")
-                    write_atomic(done, json.dumps(run_cell(table, column, row, seed, parts, out, env), indent=1))
-                results.append({**json.loads(done.read_text()), "column": column["name"]})
-                write_atomic(root / "table.md", summarise(table, results))
-                write_atomic(root / "results.json", json.dumps(results, indent=1))
-                plot(table, results, root / "table.png")
-                progress.advance(task)
-    finally:
-        follow_run.stop_local_superlink(env["FLWR_HOME"])
+
+    def cell_dir(column: dict, row: dict, seed: int) -> Path:
+        trains = row.get("kind") != "evaluate"  # an evaluation trains nothing: one run serves every column
+        return runs / (slug(column["name"]) if trains else "evaluate") / slug(row["name"]) / f"seed-{seed}"
+
+    def finished() -> list[dict]:
+        """Every cell with a result on disk, whichever run of this command produced it."""
+        return [{**json.loads(done.read_text()), "column": c["name"]} for c, r, s in cells
+                if (done := cell_dir(c, r, s) / "result.json").exists()]
+
+    def report() -> list[dict]:
+        results = finished()
+        write_atomic(root / "table.md", summarise(table, results))
+        write_atomic(root / "results.json", json.dumps(results, indent=1))
+        plot(table, results, root / "table.png")
+        return results
+
+    if summarise_only:
+        results = report()
+    else:
+        index_server_store(table, env)
+        try:
+            with Progress(console=console) as progress:
+                task = progress.add_task(table["name"], total=len(cells))
+                for column, row, seed in cells:
+                    out = cell_dir(column, row, seed)
+                    if not (out / "result.json").exists():
+                        if row.get("kind") != "evaluate":
+                            partition(column, root / "partitions" / slug(column["name"]), env)
+                        out.mkdir(parents=True, exist_ok=True)
+                        progress.console.print(f"[bold]{column['name']} · {row['name']} · seed {seed}[/]")
+                        result = run_cell(table, column, row, seed, root / "partitions" / slug(column["name"]), out, env)
+                        write_atomic(out / "result.json", json.dumps(result, indent=1))
+                        report()
+                    progress.advance(task)
+        finally:
+            follow_run.stop_local_superlink(env["FLWR_HOME"])
+        results = report()
     console.print(summarise(table, results))
     console.print(f"[green]wrote[/] {root / 'table.md'}, {root / 'results.json'}, {root / 'table.png'}")
 

@@ -178,6 +178,11 @@ def build_strategy(cfg: AppConfig, reference: dict, a_fingerprint: float | None,
                            global_rank=cfg.generator.lora_r if pads else None)
 
 
+def evaluation_due(cfg: FedConfig, n: int) -> bool:
+    """Server-side evaluation after round n: every fed.server-eval-every rounds and after the last one."""
+    return cfg.server_eval and (n % cfg.server_eval_every == 0 or n == cfg.num_server_rounds)
+
+
 def _pad_to_global_rank(content, rank: int) -> str | None:
     """Replace a lower-rank reply's LoRA factors by their rank-``rank`` padding (same ΔW); why not, or None."""
     state = record_to_numpy(content["arrays"])
@@ -266,8 +271,7 @@ def main(grid: Grid, context: Context) -> None:
             return None
         load_exchanged_weights(cfg, gen, retriever, *unpack_weights(arrays, *exchanged_weights(cfg, gen, retriever)))
         n = done + server_round
-        due = n % cfg.fed.server_eval_every == 0 or n == cfg.fed.num_server_rounds
-        metrics = run_evaluation(cfg, gen, retriever, store) if cfg.fed.server_eval and due else {}
+        metrics = run_evaluation(cfg, gen, retriever, store) if evaluation_due(cfg.fed, n) else {}
         save_checkpoint(out, n, gen, retriever, metrics, cfg.to_flat())
         row = {"round": n, **strategy.round_costs, **strategy.privacy_metrics(n, cfg.dp),
                **{f"train-{k}": v for k, v in strategy.last_train_metrics.items()}, **strategy.last_evaluate_metrics,

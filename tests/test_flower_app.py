@@ -20,7 +20,7 @@ from fedrag_app.data import load_web_questions, write_qa_jsonl
 from fedrag_app.errors import WeightsError
 from fedrag_app.generator import lora_state_dict
 from fedrag_app.records import metric_record, pack_weights, record_to_numpy, unpack_weights
-from fedrag_app.server_app import build_strategy
+from fedrag_app.server_app import build_strategy, evaluation_due
 
 TINY = {"runtime.num-threads": 0, "train.mode": "ra-dit", "train.max-steps": 1, "train.num-examples": 4,
         "ralt.batch-size": 2, "ralt.top-k": 1, "ralt.max-seq-len": 128, "lsr.batch-size": 2, "lsr.top-k": 2,
@@ -251,3 +251,10 @@ def test_pulls_are_retried_on_a_superlink_5xx_but_not_on_other_errors():
     with pytest.raises(RuntimeError):
         refused.pull_messages({"m1"})
     assert refused.calls == 1
+
+
+def test_server_evaluation_runs_every_n_rounds_and_after_the_last():
+    fed = AppConfig.from_flat({"fed.num-server-rounds": 5, "fed.server-eval-every": 2}).fed
+    assert [n for n in range(1, 6) if evaluation_due(fed, n)] == [2, 4, 5]
+    off = AppConfig.from_flat({"fed.server-eval": False}).fed
+    assert not any(evaluation_due(off, n) for n in range(1, 3))

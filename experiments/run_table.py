@@ -4,7 +4,7 @@ rows that train nothing), then mean ± std over seeds as markdown, JSON and a PN
     python experiments/run_table.py experiments/tables/privacy_aggregation.toml
 
 A table file names its partitions (one `fedrag-app partition` per column), the run-config shared by every cell,
-its rows (run-config overrides) and seeds. Finished cells are kept (`results/<table>/runs/.../result.json`), so
+its rows (run-config overrides) and seeds. Finished cells are kept (`results/<table>/cells/.../seed-N.json`), so
 an interrupted table resumes where it stopped; --fresh starts over. The result table is rewritten after every cell.
 """
 
@@ -177,10 +177,14 @@ def main(table_file: Path = typer.Argument(..., help="a table TOML in experiment
         trains = row.get("kind") != "evaluate"  # an evaluation trains nothing: one run serves every column
         return runs / (slug(column["name"]) if trains else "evaluate") / slug(row["name"]) / f"seed-{seed}"
 
+    def result_file(column: dict, row: dict, seed: int) -> Path:
+        """A cell's final metrics, kept in git (its checkpoints and logs in runs/ are not)."""
+        return root / "cells" / cell_dir(column, row, seed).relative_to(runs).with_suffix(".json")
+
     def finished() -> list[dict]:
         """Every cell with a result on disk, whichever run of this command produced it."""
         return [{**json.loads(done.read_text()), "column": c["name"]} for c, r, s in cells
-                if (done := cell_dir(c, r, s) / "result.json").exists()]
+                if (done := result_file(c, r, s)).exists()]
 
     def report() -> list[dict]:
         results = finished()
@@ -198,13 +202,14 @@ def main(table_file: Path = typer.Argument(..., help="a table TOML in experiment
                 task = progress.add_task(table["name"], total=len(cells))
                 for column, row, seed in cells:
                     out = cell_dir(column, row, seed)
-                    if not (out / "result.json").exists():
+                    if not result_file(column, row, seed).exists():
                         if row.get("kind") != "evaluate":
                             partition(column, root / "partitions" / slug(column["name"]), env)
                         out.mkdir(parents=True, exist_ok=True)
                         progress.console.print(f"[bold]{column['name']} · {row['name']} · seed {seed}[/]")
                         result = run_cell(table, column, row, seed, root / "partitions" / slug(column["name"]), out, env)
-                        write_atomic(out / "result.json", json.dumps(result, indent=1))
+                        result_file(column, row, seed).parent.mkdir(parents=True, exist_ok=True)
+                        write_atomic(result_file(column, row, seed), json.dumps(result, indent=1))
                         report()
                     progress.advance(task)
         finally:

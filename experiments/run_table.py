@@ -93,7 +93,11 @@ def run_cell(table: dict, column: dict, row: dict, seed: int, parts: Path, out: 
                                          flwr=str(BIN / "flwr"), env=env)
         if status != follow_run.COMPLETED:
             raise RuntimeError(f"run {run_id} ({row['name']}, seed {seed}) ended {status}: see `flwr log {run_id}`")
-        metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        if failed := [r["round"] for r in rows if r.get("round-failures", 0) > 0]:
+            raise RuntimeError(f"run {run_id} ({row['name']}, seed {seed}): nodes failed in rounds {failed}, so the "
+                               f"average is not over every institution; see `flwr log {run_id}`")
+        metrics = rows[-1]
     return {"row": row["name"], "column": column["name"], "seed": seed, "run-config": run,
             "wall-seconds": time.perf_counter() - started, "metrics": metrics}
 

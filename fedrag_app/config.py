@@ -326,10 +326,12 @@ class AppConfig:
         return ranks[partition_id % len(ranks)] if ranks else self.generator.lora_r
 
     def for_rank(self, rank: int) -> "AppConfig":
-        """This config with the generator's adapter at ``rank`` (alpha unchanged: the scale becomes alpha / rank)."""
+        """A node's own config: its generator adapter at ``rank`` (alpha unchanged: the scale becomes alpha / rank).
+        fed.client-ranks, already resolved to this rank, is dropped: it is checked against the global rank."""
         if rank == self.generator.lora_r:
             return self
-        return self.replace(generator=dataclasses.replace(self.generator, lora_r=rank))
+        return self.replace(generator=dataclasses.replace(self.generator, lora_r=rank),
+                            fed=dataclasses.replace(self.fed, client_ranks=""))
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any], *, source: str = "run-config") -> "AppConfig":

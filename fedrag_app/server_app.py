@@ -68,7 +68,7 @@ class CheckedStrategy(Strategy):
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        passed, bytes_up = [], 0.0
+        passed, bytes_up, replies = [], 0.0, list(replies)
         for m in replies:
             size = 0 if m.has_error() else m.content["arrays"].count_bytes() if "arrays" in m.content else 0
             problem = None if m.has_error() else self._problem(m.content)
@@ -84,7 +84,8 @@ class CheckedStrategy(Strategy):
             "round-train-seconds": time.perf_counter() - self._sent_at, "round-local-seconds-sum": sum(local),
             "round-local-seconds-max": max(local, default=0.0), "round-handler-seconds-sum": sum(handler),
             "round-handler-seconds-max": max(handler, default=0.0), "round-bytes-down": float(self._sent_bytes),
-            "round-bytes-up": bytes_up}
+            "round-bytes-up": bytes_up, "round-updates-averaged": float(len(kept)),
+            "round-failures": float(len(replies) - len(kept))}  # error replies and dropped updates
         if self.inner is not self.fedavg:  # Flower's DP noise draws from numpy's global RNG, seeded by runtime.seed
             np.random.seed()  # fresh OS entropy: noise that anyone knowing the seed could subtract protects nothing
         arrays, metrics = self.inner.aggregate_train(server_round, passed)

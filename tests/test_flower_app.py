@@ -105,6 +105,8 @@ def test_checked_fedavg_weights_by_examples_and_drops_bad_updates(caplog):
     text = caplog.text
     assert "Received 2 results and 1 failures" in text and "node crashed" in text  # counted after the drops
     assert "node 3" in text and "NaN" in text and "node 4" in text and "shape" in text
+    costs = strategy.round_costs  # what the metrics row says, so a run with failed nodes cannot pass unnoticed
+    assert costs["round-updates-averaged"] == 2 and costs["round-failures"] == 3
 
 
 def test_checked_fedavg_returns_nothing_when_every_update_is_bad():

@@ -62,6 +62,7 @@ def test_partition_then_flwr_run_two_clients_two_rounds(tmp_path, data_dir, vari
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert [r["round"] for r in rows] == [1, 2]
         assert all(r["round-bytes-up"] > 0 and r["round-train-seconds"] >= r["round-local-seconds-max"] for r in rows)
+        assert all(r["round-failures"] == 0 and r["round-updates-averaged"] == 2 for r in rows)
         assert "mmlu-loglik-accuracy" in rows[-1] and "client-wq-f1" in rows[-1]
         final = out / "round-0002"
         assert (final / "adapter" / "adapter_model.safetensors").exists()

@@ -95,11 +95,14 @@ def test_zero_padding_averages_the_padded_factors():
     assert all(np.allclose(merged[k], (padded[k] + clients[1][k]) / 2, atol=1e-6) for k in merged)
 
 
-@pytest.mark.parametrize("aggregation", ["fedavg", "product"])
-def test_a_rank_4_node_trains_its_rank_and_the_server_pads_its_reply(node, aggregation):
+@pytest.mark.parametrize("aggregation, set_by", [("fedavg", "node-config"), ("product", "run-config")])
+def test_a_rank_4_node_trains_its_rank_and_the_server_pads_its_reply(node, aggregation, set_by):
     run = {**RALT, "fed.lora-aggregation": aggregation}
+    here = {**node, "lora-rank": 4}
+    if set_by == "run-config":  # simulation: by partition id (the node fixture is partition 0)
+        run, here = {**run, "fed.client-ranks": "4,2,8"}, node
     client_app._MODELS.clear()
-    sent, out = _client_round(run, {**node, "lora-rank": 4})
+    sent, out = _client_round(run, here)
     got, glob = record_to_numpy(out.content["arrays"]), record_to_numpy(sent)
     assert sorted(got) == sorted(glob) and out.content["metrics"]["lora-rank"] == 4
     lora_a = [k for k in got if ".lora_A." in k]

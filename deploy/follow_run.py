@@ -20,6 +20,15 @@ class RunFailed(RuntimeError):
     pass
 
 
+def run_config_value(value) -> str:
+    """A run-config value as TOML for `flwr run --run-config` (a `key=value` item of ``launch_run``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return repr(value)
+
+
 def launch_run(app_dir: str, connection: str, run_config: list[str], *, flwr: str = "flwr", timeout_s: float = 300,
                env: dict | None = None, federation_config: str = "") -> int:
     """Submit the app; returns the run id. `run_config` items are `key=value` overrides (values as TOML);

@@ -36,15 +36,6 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def toml_value(value) -> str:
-    """A run-config value as `flwr run --run-config` reads it (TOML)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return f"'{value}'"
-    return repr(value)
-
-
 def load_table(path: Path) -> dict:
     try:
         table = tomllib.loads(path.read_text())
@@ -86,7 +77,7 @@ def run_cell(table: dict, column: dict, row: dict, seed: int, parts: Path, out: 
         metrics = json.loads((out / "evaluate.json").read_text())["results"]
     else:
         run.update({"partition.dir": str(parts), "fed.output-dir": str(out), "fed.min-nodes": column["num-partitions"]})
-        items = [f"{k}={toml_value(v)}" for k, v in run.items()]
+        items = [f"{k}={follow_run.run_config_value(v)}" for k, v in run.items()]
         run_id = follow_run.launch_run(str(REPO), "local", items, flwr=str(BIN / "flwr"), env=env,
                                        federation_config=f"num-supernodes={column['num-partitions']}")
         status = follow_run.wait_for_run("local", run_id, timeout_s=table.get("cell-timeout-s", 3600),

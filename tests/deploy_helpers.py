@@ -94,7 +94,7 @@ class Federation:
         wait_until(lambda: want <= self.online_node_ids(), timeout_s=timeout_s, what=f"SuperNodes {names} online", poll_s=2)
 
     def launch(self, run_config: dict) -> int:
-        items = [f"{k}={follow_run_value(v)}" for k, v in run_config.items()]
+        items = [f"{k}={follow_run.run_config_value(v)}" for k, v in run_config.items()]
         return follow_run.launch_run(str(self.app_dir), CONNECTION, items, flwr=str(VENV_BIN / "flwr"), timeout_s=180,
                                      env=self.env)
 
@@ -175,15 +175,6 @@ class Federation:
 
     def _died(self, name: str) -> bool:
         return self.procs[name].poll() is not None
-
-
-def follow_run_value(value) -> str:
-    """A run-config value as TOML for `flwr run --run-config`."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return f'"{value}"'
-    return repr(value)
 
 
 def _reap_group(pgid: int) -> None:

@@ -2,10 +2,13 @@
 
     python benchmarks/bench_store.py                 # full 45,739-passage corpus (encoding ≈50 min on 2 cores)
     python benchmarks/bench_store.py --limit 5000    # the FedRAG W1 shape
+    python benchmarks/bench_store.py --limit 5000 --peer /work/peer-venv/bin/python   # + fed-rag W1, same run
 
 Embeddings are cached in --cache so the store figures can be re-measured without re-encoding.
 Prints: encode passages/s, encode+upsert passages/s and the store's share, search p50/p95 (query already
 encoded) and recall@10 against exact search for both backends, and the W1 shape (5,000 passages, top-k 2).
+With --peer, the FedRAG library (fed-rag 0.0.27 in its own virtualenv, benchmarks/peer_fedrag.py) runs the same
+passages and queries right after, and the ratios are printed; encoding is then measured afresh (no cache).
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from fedrag_app.knowledge_store import KnowledgeStore
 from fedrag_app.prompts import format_passage
 from fedrag_app.retriever import load_retriever
 
-from bench_train import matmul_peak_gflops  # same folder: the MFU denominator both benchmarks use
+from bench_train import HERE, in_subprocess, matmul_peak_gflops  # same folder: shared by both benchmarks
+from peer_fedrag import peak_rss_mib  # importing the module loads no fed-rag
 
 
 def encode(retriever, passages, cache: Path, batch_size: int) -> tuple[np.ndarray, float | None]:
@@ -82,12 +86,15 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--cache", default="/tmp/fedrag_bench_store_emb.npy")
+    ap.add_argument("--peer", default="", help="python of a fed-rag==0.0.27 virtualenv: run its W1 store workload too")
     args = ap.parse_args()
 
     data = DataConfig(dir=os.environ.get("FEDRAG_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data")))
     passages = list(iter_passages(data, limit=args.limit))
     retriever = load_retriever(RetrieverConfig())
     cache = Path(args.cache).with_suffix(f".{len(passages)}.npy")
+    if args.peer:
+        cache.unlink(missing_ok=True)  # the side-by-side compares encoding too
     emb, encode_s = encode(retriever, passages, cache, args.batch_size)
     if encode_s is not None:
         flops = encode_flops(retriever.context_model, [format_passage(p.title, p.text) for p in passages])
@@ -125,6 +132,30 @@ def main() -> None:
     print(f"{'backend':22s} {'upsert+index s':>14s} {'p50 ms@10':>10s} {'p95 ms@10':>10s} {'recall@10':>10s} {'p50 ms@2':>9s} {'p95 ms@2':>9s}")
     for name, up, p50, p95, rec, p50_2, p95_2 in rows:
         print(f"{name:22s} {up:14.2f} {p50:10.3f} {p95:10.3f} {rec:10.4f} {p50_2:9.3f} {p95_2:9.3f}")
+    if args.peer:
+        compare_with_peer(args.peer, n, len(queries), n / encode_s, rows[0])
+
+
+def compare_with_peer(python: str, n: int, n_queries: int, encode_rate: float, edge: tuple) -> None:
+    """fed-rag's W1 on the same passages and queries, run now; ratio > 1 means fedrag_app is faster."""
+    peer = in_subprocess(python, HERE / "peer_fedrag.py", "store", 0, "--passages", str(n), "--queries", str(n_queries))
+    if "error" in peer:
+        print(f"\nfed-rag store workload failed:\n{peer['error']}")
+        return
+    _, upsert_s, p50, p95, _, p50_2, p95_2 = edge
+    print(f"\nside by side, same passages and queries (fed-rag 0.0.27: qdrant-client in-memory, its encode_context)")
+    print(f"{'figure':34s} {'fedrag_app':>11s} {'fed-rag':>9s} {'ratio':>6s}")
+    for name, ours, theirs, higher_better in (
+            ("encode passages/s", encode_rate, peer["encode_passages_per_s"], True),
+            ("store load + index s", upsert_s, peer["load_nodes_seconds"], False),
+            ("search p50 ms @2", p50_2, peer["retrieve_ms_p50@2"], False),
+            ("search p95 ms @2", p95_2, peer["retrieve_ms_p95@2"], False),
+            ("search p50 ms @10", p50, peer["retrieve_ms_p50@10"], False),
+            ("search p95 ms @10", p95, peer["retrieve_ms_p95@10"], False)):
+        ratio = ours / theirs if higher_better else theirs / ours
+        print(f"{name:34s} {ours:11.3f} {theirs:9.3f} {ratio:5.2f}x")
+    ours_rss = peak_rss_mib()
+    print(f"{'peak RSS MiB (whole process)':34s} {ours_rss:11.0f} {peer['peak_rss_mib']:9.0f}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -125,6 +124,7 @@ def shard_path(retriever) -> str:
 
 def run_ours(workload: str, steps: int) -> dict:
     import torch
+    from peer_fedrag import peak_rss_mib  # same folder; the measure the peer reports too
 
     from fedrag_app.config import AppConfig
     from fedrag_app.data import load_web_questions
@@ -163,7 +163,7 @@ def run_ours(workload: str, steps: int) -> dict:
     intervals = [b - a for a, b in zip(marks, marks[1:])]  # step 1 excluded, as for the peer
     out = {"system": "fedrag_app", "workload": workload, "steps": len(marks), "seconds_total": total,
            "s_per_step_median": statistics.median(intervals), "s_per_step_whole_phase": total / len(marks),
-           "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "matmul_peak_gflops": peak,
+           "peak_rss_mib": peak_rss_mib(), "matmul_peak_gflops": peak,
            "loss_first": metrics[f"{workload}-loss-first"], "loss_last": metrics[f"{workload}-loss-last"],
            "torch_threads": torch.get_num_threads()}
     if workload == "ralt":

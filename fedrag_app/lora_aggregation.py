@@ -6,8 +6,9 @@ all tensor-only (numpy, no Flower), each exact where the maths allows and report
 - FFA-LoRA: A stays frozen at its shared initialisation and only B trains, so mean(B_i)·A = mean(B_i·A) exactly.
 - Product averaging: form ΔW = Σ w_i s_i B_i A_i per layer, refactor to rank r by truncated SVD, report the
   energy lost (0 when the rank allows it).
-- Heterogeneous ranks: clients train ranks r_i; stacking (FLoRA) [w_1 s_1 B_1 | … ] · [A_1; …] gives the exact
-  weighted sum, which is then refactored to each client's rank; zero-padding is FedAvg on padded factors.
+- Heterogeneous ranks: clients train ranks r_i ≤ R; each reply is padded to rank R with the same ΔW
+  (``to_global_rank``). FedAvg of padded factors is HetLoRA's zero-padding; product averaging of them is FLoRA's
+  stacking (Σ w_i ΔW_i exactly), refactored to R. ``to_client_rank`` cuts the global adapter back to r_i.
 
 Keys follow PEFT: '<module>.lora_A.weight' (r, in) and '<module>.lora_B.weight' (out, r); ΔW = (alpha / r) B A.
 """
@@ -103,44 +104,6 @@ def product_average(states: list[State], weights: list[float], *, rank: int, alp
         out[pair.b_key], out[pair.a_key] = b, a
         losses.append(lost)
     return out, {"svd-energy-lost-max": max(losses, default=0.0), "svd-energy-lost-mean": float(np.mean(losses or [0.0]))}
-
-
-def stack_heterogeneous(states: list[State], weights: list[float], *, alpha: float) -> State:
-    """FLoRA stacking: B = [w_1 s_1 B_1 | …] (out, Σr), A = [A_1; …] (Σr, in), so B·A = Σ w_i s_i B_i A_i exactly.
-
-    The result is an unscaled (scale 1) adapter of rank Σ r_i; ``for_client_rank`` cuts it to a client's rank.
-    """
-    w = _normalised(weights)
-    client_ranks = [adapter_rank(s) for s in states]
-    out: State = {}
-    for module, pair in lora_pairs(states[0]).items():
-        out[pair.b_key] = np.concatenate(
-            [wi * (alpha / r) * s[pair.b_key] for wi, r, s in zip(w, client_ranks, states)], axis=1).astype(np.float32)
-        out[pair.a_key] = np.concatenate([s[pair.a_key] for s in states], axis=0).astype(np.float32)
-    return out
-
-
-def zero_pad(state: State, rank: int) -> State:
-    """Pad a rank-r_i adapter's factors with zeros to ``rank`` (B·A unchanged)."""
-    out = dict(state)
-    for pair in lora_pairs(state).values():
-        a, b = state[pair.a_key], state[pair.b_key]
-        out[pair.a_key] = np.pad(a, ((0, rank - a.shape[0]), (0, 0)))
-        out[pair.b_key] = np.pad(b, ((0, 0), (0, rank - b.shape[1])))
-    return out
-
-
-def for_client_rank(global_state: State, *, global_scale: float, rank: int, alpha: float) -> tuple[State, float]:
-    """Refactor a global adapter (scale ``global_scale``) to a rank-``rank`` adapter with scale alpha / rank.
-
-    Returns the adapter and the largest share of energy lost by the truncation.
-    """
-    out, lost_max = dict(global_state), 0.0
-    for pair in lora_pairs(global_state).values():
-        dw = global_scale * (global_state[pair.b_key].astype(np.float64) @ global_state[pair.a_key].astype(np.float64))
-        out[pair.b_key], out[pair.a_key], lost = refactor(dw, rank, alpha / rank)
-        lost_max = max(lost_max, lost)
-    return out, lost_max
 
 
 def to_global_rank(state: State, *, rank: int) -> State:

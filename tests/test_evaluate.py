@@ -5,6 +5,7 @@ import torch
 
 from fedrag_app.config import AppConfig, DataConfig
 from fedrag_app.data import QAExample, load_mmlu
+from fedrag_app.generator import generate, generate_scored
 from fedrag_app.evaluate import evaluate_mmlu, evaluate_retrieval, letter_token_ids, mmlu_letter_logprobs, run_evaluation
 from fedrag_app.knowledge_store import Hit, KnowledgeStore
 from fedrag_app.prompts import CHOICE_LETTERS, build_mmlu_prompt
@@ -35,6 +36,18 @@ def test_accuracy_counts_the_argmax_letter(generator, questions):
     assert result["mmlu-loglik-accuracy"] == pytest.approx(expected) and result["mmlu-loglik-n"] == 4
     generated = evaluate_mmlu(generator, questions, protocol="generate", max_new_tokens=4)
     assert 0.0 <= generated["mmlu-generate-accuracy"] <= 1.0 and generated["mmlu-generate-n"] == 4
+    both = evaluate_mmlu(generator, questions, protocol="both", max_new_tokens=4)
+    for key in ("mmlu-loglik-accuracy", "mmlu-generate-accuracy", "mmlu-loglik-n", "mmlu-generate-n"):
+        assert both[key] == {**result, **generated}[key], key
+
+
+def test_one_generation_pass_gives_the_letter_scores_of_a_forward(generator, questions):
+    """'both' reads the letter log-likelihoods from generation's first step: the same numbers as the forward."""
+    prompts = [build_mmlu_prompt(generator.tokenizer, q.question, q.choices) for q in questions]
+    letters = letter_token_ids(generator.tokenizer)
+    texts, scored = generate_scored(generator, prompts, max_new_tokens=4, batch_size=4, first_token_ids=letters)
+    torch.testing.assert_close(scored, mmlu_letter_logprobs(generator, prompts, batch_size=4), atol=2e-3, rtol=0)
+    assert texts == generate(generator, prompts, max_new_tokens=4, batch_size=4)
 
 
 def test_retrieval_metrics_on_hand_made_hits():

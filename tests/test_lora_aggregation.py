@@ -6,12 +6,9 @@ import torch
 
 from fedrag_app.generator import load_lora_state_dict, lora_state_dict
 from fedrag_app.lora_aggregation import (
-    for_client_rank,
     lora_pairs,
     product_average,
-    stack_heterogeneous,
     weighted_mean,
-    zero_pad,
 )
 
 rng = np.random.default_rng(0)
@@ -68,29 +65,6 @@ def test_product_average_reports_the_energy_lost_to_truncation():
     s = np.linalg.svd(exact, compute_uv=False)
     assert report["svd-energy-lost-max"] == pytest.approx((s[2:] ** 2).sum() / (s**2).sum(), rel=1e-6)
     assert merged["m.q_proj.lora_A.weight"].shape == (2, IN) and merged["m.q_proj.lora_B.weight"].shape == (OUT, 2)
-
-
-def test_heterogeneous_ranks_stack_exactly_and_redistribute_to_each_rank():
-    alpha, ranks, weights = 16, [2, 4], [1, 1]
-    clients = [adapter(r) for r in ranks]
-    stacked = stack_heterogeneous(clients, weights, alpha=alpha)
-    exact = 0.5 * product(clients[0], alpha / 2) + 0.5 * product(clients[1], alpha / 4)
-    np.testing.assert_allclose(product(stacked), exact, atol=1e-4)
-    for r in ranks:
-        local, lost = for_client_rank(stacked, global_scale=1.0, rank=r, alpha=alpha)
-        assert local["m.q_proj.lora_A.weight"].shape == (r, IN)
-        assert local["m.q_proj.lora_B.weight"].shape == (OUT, r)
-        assert 0.0 <= lost < 1.0
-    full, lost = for_client_rank(stacked, global_scale=1.0, rank=6, alpha=alpha)
-    np.testing.assert_allclose(product(full, alpha / 6), exact, atol=1e-4)
-    assert lost < 1e-10
-
-
-def test_zero_padding_keeps_the_product():
-    small = adapter(2)
-    padded = zero_pad(small, 4)
-    assert padded["m.q_proj.lora_A.weight"].shape == (4, IN)
-    np.testing.assert_allclose(product(padded), product(small), atol=1e-6)
 
 
 def test_product_average_yields_a_valid_adapter_for_the_real_model(generator):

@@ -28,7 +28,7 @@ from fedrag_app.errors import ConfigError
 from fedrag_app.knowledge_store import KnowledgeStore
 from fedrag_app.local_round import exchanged_weights, load_exchanged_weights, run_local_round
 from fedrag_app.node_data import NodeData, node_data, node_questions
-from fedrag_app.personal import personal_adapter
+from fedrag_app.personal import RoundOf, personal_adapter
 from fedrag_app.ralt import retrieve
 from fedrag_app.lora_aggregation import to_client_rank
 from fedrag_app.records import metric_record, numpy_to_record, pack_weights, record_to_numpy, unpack_weights
@@ -94,15 +94,21 @@ def _prepare(msg: Message, context: Context) -> tuple[AppConfig, NodeData, Gener
     return cfg, node, gen, retriever
 
 
+def _round_of(msg: Message, context: Context) -> RoundOf:
+    """The absolute round (a resumed run's server counts from 1 again and sends the rounds done before)."""
+    config = msg.content["config"]
+    offset = int(config.get("round-offset", 0))
+    return RoundOf(run_id=context.run_id, server_round=int(config["server-round"]) + offset, round_offset=offset)
+
+
 @app.train(mods=[privacy_mod])
 def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     cfg, node, gen, retriever = _prepare(msg, context)
     examples, _ = node_questions(node, cfg.partition.heldout_fraction)
-    config = msg.content["config"]
-    server_round = int(config["server-round"]) + int(config.get("round-offset", 0))
-    with _open_store(node, retriever) as store, personal_adapter(cfg, gen, node.state_dir, node.partition_id, keep=True):
-        result = run_local_round(cfg, gen, retriever, store, examples, server_round=server_round)
+    at = _round_of(msg, context)
+    with _open_store(node, retriever) as store, personal_adapter(cfg, gen, node.state_dir, node.partition_id, at, keep=True):
+        result = run_local_round(cfg, gen, retriever, store, examples, server_round=at.server_round)
     arrays = pack_weights(*exchanged_weights(cfg, gen, retriever), retriever_dtype=cfg.retriever.wire_dtype)
     extra = _dp_weight(cfg)
     if cfg.fed.lora_aggregation == "ffa":
@@ -124,7 +130,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     scores = evaluate_web_questions(gen, heldout, hits, top_k=cfg.eval.top_k, batch_size=cfg.eval.batch_size,
                                     max_new_tokens=cfg.generator.max_new_tokens)
     if cfg.fed.personal_adapter:  # the global model above; the node's personalised model (global + its own) here
-        with personal_adapter(cfg, gen, node.state_dir, node.partition_id, keep=False):
+        with personal_adapter(cfg, gen, node.state_dir, node.partition_id, _round_of(msg, context), keep=False):
             personal = evaluate_web_questions(gen, heldout, hits, top_k=cfg.eval.top_k, batch_size=cfg.eval.batch_size,
                                               max_new_tokens=cfg.generator.max_new_tokens)
         scores.update({f"personal-{k}": v for k, v in personal.items()})

@@ -41,8 +41,8 @@ def reply(content: RecordDict | Error, src: int) -> Message:
     return Message(content=content, metadata=md)
 
 
-def context(node_config: dict, run_config: dict) -> Context:
-    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=run_config)
+def context(node_config: dict, run_config: dict, run_id: int = 1) -> Context:
+    return Context(run_id=run_id, node_id=7, node_config=node_config, state=RecordDict(), run_config=run_config)
 
 
 # --- records -------------------------------------------------------------------------------------------------

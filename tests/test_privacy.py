@@ -47,14 +47,14 @@ def _update_norm(reply_record, sent_record) -> float:
     return float(np.sqrt(sum(np.sum((got[k].astype(np.float64) - sent[k]) ** 2) for k in sent)))
 
 
-def _client_round(run: dict, node_config: dict, clipping_norm: float | None = None):
+def _client_round(run: dict, node_config: dict, clipping_norm: float | None = None, run_id: int = 1):
     """One train message through the ClientApp (its mods included), as the server's strategy would send it."""
     cfg = AppConfig.from_flat(run)
     gen, retriever = client_app._models(cfg)
     sent = pack_weights(*exchanged_weights(cfg, gen, retriever))
     config = {"server-round": 1} if clipping_norm is None else {"server-round": 1, "clipping_norm": clipping_norm}
     out = client_app.app(message(RecordDict({"arrays": sent, "config": ConfigRecord(config)}), "train"),
-                         context(node_config, run))
+                         context(node_config, run, run_id))
     assert not out.has_error(), out.error
     return sent, out
 
@@ -177,9 +177,22 @@ def test_product_aggregation_in_the_strategy_is_the_exact_mean_of_the_products()
 
 
 # --- personal adapters ---------------------------------------------------------------------------------------------
-def test_personal_adapter_trains_on_the_node_persists_and_never_appears_in_a_reply(node, tmp_path):
+def test_a_personal_adapter_continues_only_in_its_own_federation(tmp_path):
     import torch
 
+    from fedrag_app.personal import RoundOf, load_personal, save_personal
+
+    save_personal(tmp_path, {"x": torch.ones(2)}, RoundOf(run_id=5, server_round=2))
+    assert load_personal(tmp_path, RoundOf(5, 3)) is not None, "the same run, its next round"
+    assert load_personal(tmp_path, RoundOf(6, 1)) is None, "a new run on the same node starts fresh"
+    assert load_personal(tmp_path, RoundOf(6, 3, round_offset=2)) is not None, "a run resumed after round 2"
+    assert load_personal(tmp_path, RoundOf(6, 2, round_offset=1)) is None, "resumed from before it was written"
+
+
+def test_personal_adapter_trains_on_the_node_persists_and_never_appears_in_a_reply(node, tmp_path, monkeypatch):
+    import torch
+
+    from fedrag_app import personal
     from fedrag_app.personal import load_personal
 
     run = {**RALT, "fed.personal-adapter": True}
@@ -195,6 +208,11 @@ def test_personal_adapter_trains_on_the_node_persists_and_never_appears_in_a_rep
     _, second = _client_round(run, here)  # same round number, same seed: only the saved start differs
     again = load_personal(tmp_path / "state")
     assert any(not torch.equal(saved[k], again[k]) for k in saved), "round 2 did not start from the saved adapter"
+    started_from = []
+    real_load = personal.load_personal
+    monkeypatch.setattr(personal, "load_personal", lambda *a: started_from.append(real_load(*a)) or started_from[-1])
+    _client_round(run, here, run_id=2)  # another federation on the same node
+    assert started_from == [None], "a new run must not inherit the personal adapter of another run"
     content = RecordDict({"arrays": sent, "config": ConfigRecord({"server-round": 1})})
     scores = client_app.app(message(content, "evaluate"), context(here, run)).content["metrics"]
     assert {"client-wq-f1", "client-personal-wq-f1", "client-personal-wq-em"} <= set(scores)

@@ -88,35 +88,62 @@ def wait_for_run(connection: str, run_id: int, *, timeout_s: float, poll_s: floa
     raise RunFailed(f"run {run_id} still '{last}' after {timeout_s:.0f} s")
 
 
-def local_superlink_pids(flwr_home: str) -> list[int]:
-    """PIDs of the detached local simulation SuperLink started under `flwr_home` (it inherits FLWR_HOME, and
-    no flwr command stops it: FLOWER.md section 3)."""
+def local_federation_pids(flwr_home: str) -> list[int]:
+    """PIDs of every process that inherited FLWR_HOME=`flwr_home`: the detached local simulation SuperLink (no
+    flwr command stops it: FLOWER.md section 3) and what it started (SuperExec, flwr-simulation, Ray). This
+    process and its ancestors are left out, in case the caller's own shell exported that FLWR_HOME."""
     from pathlib import Path
 
+    marker, own = f"FLWR_HOME={flwr_home}".encode(), _self_and_ancestors()
     pids = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        if not entry.name.isdigit() or int(entry.name) in own:
             continue
         try:
-            env, cmd = (entry / "environ").read_bytes().split(b"\0"), (entry / "cmdline").read_bytes()
+            if marker in (entry / "environ").read_bytes().split(b"\0"):
+                pids.append(int(entry.name))
         except OSError:
             continue
-        if f"FLWR_HOME={flwr_home}".encode() in env and b"flower-superlink" in cmd:
-            pids.append(int(entry.name))
     return pids
 
 
+def local_superlink_pids(flwr_home: str) -> list[int]:
+    """The SuperLink among `local_federation_pids`."""
+    from pathlib import Path
+
+    def cmdline(pid: int) -> bytes:
+        try:
+            return (Path("/proc") / str(pid) / "cmdline").read_bytes()
+        except OSError:
+            return b""
+
+    return [pid for pid in local_federation_pids(flwr_home) if b"flower-superlink" in cmdline(pid)]
+
+
 def stop_local_superlink(flwr_home: str, timeout_s: float = 30) -> None:
+    """Kill the local SuperLink and every process it started: killing the SuperLink alone orphans a running
+    simulation (flwr-simulation and its Ray workers keep the cores busy)."""
     import signal
 
-    for pid in local_superlink_pids(flwr_home):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     deadline = time.monotonic() + timeout_s
-    while local_superlink_pids(flwr_home) and time.monotonic() < deadline:
+    while (pids := local_federation_pids(flwr_home)) and time.monotonic() < deadline:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         time.sleep(0.5)
+
+
+def _self_and_ancestors() -> set[int]:
+    pids, pid = set(), os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            pid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+    return pids
 
 
 def _cli_env(base: dict | None) -> dict[str, str]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -192,8 +194,12 @@ def main(table_file: Path = typer.Argument(..., help="a table TOML in experiment
     if summarise_only:
         results = report()
     else:
-        index_server_store(table, env)
+        # `kill` (SIGTERM) stops the table like Ctrl-C does: the `finally` below then stops the local SuperLink and
+        # the simulation it runs, and subprocess.run kills a partition or evaluation in flight; no orphan keeps the
+        # cores busy. The cell in flight has no result file, so the next run of this command runs it again.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
+            index_server_store(table, env)
             with Progress(console=console) as progress:
                 task = progress.add_task(table["name"], total=len(cells))
                 for column, row, seed in cells:
@@ -208,6 +214,12 @@ def main(table_file: Path = typer.Argument(..., help="a table TOML in experiment
                         write_atomic(result_file(column, row, seed), json.dumps(result, indent=1))
                         report()
                     progress.advance(task)
+        except KeyboardInterrupt:
+            for partial in (root / "partitions").glob(".*.tmp-*"):  # a partition killed mid-write (atomic_dir's temp)
+                shutil.rmtree(partial, ignore_errors=True)
+            console.print(f"[yellow]interrupted[/]: finished cells are kept in {root / 'cells'}; run the same command "
+                          "to go on from the cell that was running")
+            raise typer.Exit(130)
         finally:
             follow_run.stop_local_superlink(env["FLWR_HOME"])
         results = report()

@@ -1,13 +1,21 @@
 """The experiments runner's bookkeeping: table files are checked by name, and the summary is mean ± std over the
-seeds that finished (cells that did not run are counted, not invented)."""
+seeds that finished (cells that did not run are counted, not invented), and a runner stopped mid-cell takes every
+process it started with it."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import typer
+
+from tests.deploy_helpers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("run_table", REPO / "experiments" / "run_table.py")
@@ -43,3 +51,68 @@ def test_summary_is_mean_and_sample_std_over_finished_seeds():
     text = run_table.summarise(table, results)
     assert "| a | 3 | 0.200 ± 0.100 | 8.000 ± 0.000 |" in text
     assert "| b | 1 | 0.500 | – |" in text and "| never ran | 0 | – | – |" in text
+
+
+TINY_TABLE = """
+name = "interrupted"
+seeds = [1]
+metrics = ["ralt-loss-mean"]
+[run]
+"train.mode" = "ralt"
+"train.num-examples" = 4
+"train.max-steps" = 1
+"ralt.batch-size" = 2
+"ralt.top-k" = 1
+"ralt.max-seq-len" = 128
+"fed.num-server-rounds" = 20
+"fed.server-eval" = false
+"runtime.num-threads" = 1
+[[columns]]
+name = "centralized"
+num-partitions = 1
+scheme = "iid"
+partition = { "partition.questions-per-client" = 6, "partition.passages-per-client" = 60 }
+[[rows]]
+name = "RALT"
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_table_and_every_process_it_started(tmp_path, data_dir):
+    """`kill` on the runner mid-cell must not orphan the local SuperLink, flwr-simulation or its Ray workers (they
+    would keep the cores busy and race the next run), and must leave no result for the cell it cut short."""
+    (tmp_path / "t.toml").write_text(TINY_TABLE)
+    env = dict(os.environ, FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
+               FLWR_LOCAL_CONTROL_API_PORT=str(free_port()), FLWR_TELEMETRY_ENABLED="0")
+    runner = subprocess.Popen([sys.executable, str(REPO / "experiments" / "run_table.py"), str(tmp_path / "t.toml"),
+                               "--results-dir", str(tmp_path / "results")],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    root = tmp_path / "results" / "interrupted"
+    flwr_home = str(root / "flwr_home")
+
+    def simulating() -> bool:
+        for pid in run_table.follow_run.local_federation_pids(flwr_home):
+            try:
+                if b"flwr-simulation" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return True
+            except OSError:  # gone meanwhile
+                pass
+        return False
+
+    try:
+        deadline = time.monotonic() + 600
+        while not simulating():
+            assert runner.poll() is None, runner.stdout.read()
+            assert time.monotonic() < deadline, "the cell's simulation never started"
+            time.sleep(1)
+        time.sleep(5)  # let Ray start its workers: they must go too
+        runner.send_signal(signal.SIGTERM)
+        out, _ = runner.communicate(timeout=120)
+        assert runner.returncode == 130, out
+        assert "interrupted" in out, out
+        assert not run_table.follow_run.local_federation_pids(flwr_home)
+        assert not list((root / "cells").rglob("*.json"))
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+        run_table.follow_run.stop_local_superlink(flwr_home)

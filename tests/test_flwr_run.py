@@ -76,4 +76,4 @@ def test_partition_then_flwr_run_two_clients_two_rounds(tmp_path, data_dir, vari
             assert rows[-1]["round-bytes-up"] / 2 < 0.5 * 1.87e6, "FFA-LoRA sends only the B factors (< half the adapter)"
     finally:
         follow_run.stop_local_superlink(env["FLWR_HOME"])
-        assert not follow_run.local_superlink_pids(env["FLWR_HOME"])
+        assert not follow_run.local_federation_pids(env["FLWR_HOME"])

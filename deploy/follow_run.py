@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 COMPLETED = "finished:completed"
 
@@ -88,36 +89,23 @@ def wait_for_run(connection: str, run_id: int, *, timeout_s: float, poll_s: floa
     raise RunFailed(f"run {run_id} still '{last}' after {timeout_s:.0f} s")
 
 
-def local_federation_pids(flwr_home: str) -> list[int]:
+def local_federation_pids(flwr_home: str, command: bytes = b"") -> list[int]:
     """PIDs of every process that inherited FLWR_HOME=`flwr_home`: the detached local simulation SuperLink (no
-    flwr command stops it: FLOWER.md section 3) and what it started (SuperExec, flwr-simulation, Ray). This
-    process and its ancestors are left out, in case the caller's own shell exported that FLWR_HOME."""
-    from pathlib import Path
-
+    flwr command stops it: FLOWER.md section 3) and what it started (SuperExec, flwr-simulation, Ray); only those
+    whose command line holds `command`, if given. This process and its ancestors are left out, in case the
+    caller's own shell exported that FLWR_HOME."""
     marker, own = f"FLWR_HOME={flwr_home}".encode(), _self_and_ancestors()
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) in own:
             continue
         try:
-            if marker in (entry / "environ").read_bytes().split(b"\0"):
+            ours = marker in (entry / "environ").read_bytes().split(b"\0")
+            if ours and (not command or command in (entry / "cmdline").read_bytes()):
                 pids.append(int(entry.name))
-        except OSError:
+        except OSError:  # not ours to read, or gone meanwhile
             continue
     return pids
-
-
-def local_superlink_pids(flwr_home: str) -> list[int]:
-    """The SuperLink among `local_federation_pids`."""
-    from pathlib import Path
-
-    def cmdline(pid: int) -> bytes:
-        try:
-            return (Path("/proc") / str(pid) / "cmdline").read_bytes()
-        except OSError:
-            return b""
-
-    return [pid for pid in local_federation_pids(flwr_home) if b"flower-superlink" in cmdline(pid)]
 
 
 def stop_local_superlink(flwr_home: str, timeout_s: float = 30) -> None:
@@ -140,7 +128,7 @@ def _self_and_ancestors() -> set[int]:
     while pid > 1 and pid not in pids:
         pids.add(pid)
         try:
-            pid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, IndexError, ValueError):
             break
     return pids

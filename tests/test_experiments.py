@@ -90,18 +90,9 @@ def test_sigterm_stops_the_table_and_every_process_it_started(tmp_path, data_dir
     root = tmp_path / "results" / "interrupted"
     flwr_home = str(root / "flwr_home")
 
-    def simulating() -> bool:
-        for pid in run_table.follow_run.local_federation_pids(flwr_home):
-            try:
-                if b"flwr-simulation" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    return True
-            except OSError:  # gone meanwhile
-                pass
-        return False
-
     try:
         deadline = time.monotonic() + 600
-        while not simulating():
+        while not run_table.follow_run.local_federation_pids(flwr_home, b"flwr-simulation"):
             assert runner.poll() is None, runner.stdout.read()
             assert time.monotonic() < deadline, "the cell's simulation never started"
             time.sleep(1)

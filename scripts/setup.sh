@@ -10,7 +10,12 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
-pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true; }
+# pip's own exit status is the function's: a failed install stops setup (set -e) with pip's message on stderr.
+# Only one harmless pip line is filtered from stderr.
+pip() {
+  "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 
 echo "[setup] 1/4 $TORCH_SPEC (CPU wheel first)"
 pip install "$TORCH_SPEC"

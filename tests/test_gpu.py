@@ -160,7 +160,7 @@ def test_readme_gpu_simulation_settings_are_what_flwr_reads():
     from flwr.simulation.app import _run_simulation_settings
 
     want = (3, "ray", {"client_resources": {"num_cpus": 4, "num_gpus": 0.25}, "init_args": {}}, False, False)
-    command = _readme_block("--federation-config")
+    command = _readme_block("client-resources-num-gpus")
     overrides = re.search(r'--federation-config "([^"]+)"', command).group(1)
     local = parse_superlink_connection({"address": ":local:"}, "local")
     assert _run_simulation_settings(_parse_federation_config_overrides([overrides], local)) == want

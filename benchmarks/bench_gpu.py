@@ -263,6 +263,7 @@ def federated_round(args, device: str) -> None:
                           capture_output=True, text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert done.returncode == 0, done.stdout + done.stderr
     lines = (data_dir / "web_questions" / "train.jsonl").read_text().splitlines()
+    (work / "federation").mkdir()
     fed = Federation(work / "federation")
     fed.env.update(FEDRAG_DATA_DIR=str(data_dir), PYTHONPATH=str(REPO))
     names = [f"institution-{i}" for i in range(args.fed_clients)]

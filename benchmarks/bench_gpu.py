@@ -188,14 +188,16 @@ def gib(n: float) -> str:
 
 def bench_model(arch: str, args, device: str, dtype: torch.dtype, peak: float) -> None:
     cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
     gen = build_generator(arch, device, dtype)
+    if cuda:  # the peak from here on starts at what is allocated now (the weights), not at the fp32 init's transient
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     n_params = sum(p.numel() for p in gen.model.parameters())
-    print(f"\n== {arch}: {n_params / 1e6:.0f}M parameters, {str(dtype).replace('torch.', '')} base, fp32 LoRA on {device}")
-    r = ralt(gen, device, ralt_batches(args.warmup + args.steps, args.batch, args.seq_len, random.Random(0)), args.warmup)
+    print(f"\n== {arch}: {n_params / 1e6:.0f}M parameters, {str(dtype).replace('torch.', '')} base, "
+          f"fp32 LoRA on {device}")
+    batches = ralt_batches(args.warmup + args.steps, args.batch, args.seq_len, random.Random(0))
+    r = ralt(gen, device, batches, args.warmup)
     mfu = r["flops"] / r["step_s"] / peak
     print(f"  RALT: {r['step_s'] * 1e3:.1f} ms/step ({args.batch} sequences of <= {args.seq_len} tokens), "
           f"{r['tokens_per_s']:,.0f} tokens/s, MFU {mfu:.1%} (loss {r['loss']:.3f})")
@@ -213,6 +215,8 @@ def bench_model(arch: str, args, device: str, dtype: torch.dtype, peak: float) -
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         print(f"  peak memory per client: n/a without CUDA (this process's peak RSS {gib(rss)})")
     del gen
+    if cuda:
+        torch.cuda.empty_cache()
 
 
 # --- one federated round in deployment mode (SuperLink + SuperNodes as local processes; no Ray) ------------------
@@ -221,8 +225,9 @@ def make_assets(out: Path, questions: int, passages: int) -> None:
     from fedrag_app.model_sources import resolve_generator, resolve_retriever
 
     weights = ("*.safetensors", "*.bin", "*.gguf", "README.md", ".gitattributes")
-    shutil.copytree(resolve_generator("smollm2-135m-instruct"), out / "generator", ignore=shutil.ignore_patterns(*weights))
-    shutil.copytree(resolve_retriever("all-minilm-l6-v2"), out / "retriever", ignore=shutil.ignore_patterns(*weights))
+    skip = shutil.ignore_patterns(*weights)
+    shutil.copytree(resolve_generator("smollm2-135m-instruct"), out / "generator", ignore=skip)
+    shutil.copytree(resolve_retriever("all-minilm-l6-v2"), out / "retriever", ignore=skip)
     src = Path(os.environ["FEDRAG_DATA_DIR"])
     for rel, n in (("web_questions/train.jsonl", questions), ("wikipedia/passages.jsonl", passages)):
         (out / "data" / rel).parent.mkdir(parents=True, exist_ok=True)

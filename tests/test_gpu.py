@@ -2,10 +2,13 @@
 tiny, random weights, the real SmolLM2 tokenizer) through load_generator, one real RALT and LSR step each, what
 travels over Flower, the GPU simulation settings the README gives, and benchmarks/bench_gpu.py --tiny.
 Tests marked gpu run the same code on CUDA and are skipped without it; CI covers the code in fp32 and bf16 on CPU.
+On a machine without the packaged models (a lent GPU box), FEDRAG_TOKENIZER_FROM names a folder holding the SmolLM2
+tokenizer (`benchmarks/bench_gpu.py --make-assets DIR` writes DIR/generator); the gpu tests need no Flower.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -26,7 +29,6 @@ from fedrag_app.local_round import exchanged_weights, load_exchanged_weights
 from fedrag_app.lsr import train_lsr
 from fedrag_app.prompts import format_passage
 from fedrag_app.ralt import build_sequence, collate, train_ralt, trainable_lora_parameters
-from fedrag_app.records import pack_weights, record_to_numpy, unpack_weights
 from fedrag_app.retriever import load_retriever
 from fedrag_app.runtime import release_memory, resolve_dtype
 
@@ -37,7 +39,8 @@ TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_
             num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, max_position_embeddings=1024,
             rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=2)
 EXAMPLES = [QAExample(str(i), q, (a,), "") for i, (q, a) in enumerate(
-    [("what is the name of justin bieber brother?", "Jaxon Bieber"), ("who was the first president?", "George Washington")])]
+    [("what is the name of justin bieber brother?", "Jaxon Bieber"),
+     ("who was the first president?", "George Washington")])]
 PASSAGE = format_passage("George Washington", "George Washington was the first president of the United States.")
 
 
@@ -49,7 +52,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
     LlamaForCausalLM(LlamaConfig(**TINY)).save_pretrained(path)
-    load_tokenizer(GeneratorConfig()).save_pretrained(path)
+    tokenizer_from = os.environ.get("FEDRAG_TOKENIZER_FROM", "smollm2-135m-instruct")
+    load_tokenizer(GeneratorConfig(model=tokenizer_from)).save_pretrained(path)
     return path
 
 
@@ -76,6 +80,8 @@ def test_dtype_auto_is_fp32_on_cpu_and_bad_values_are_named():
 
 
 def test_bf16_base_trains_fp32_lora_only_and_sends_fp32(tiny_model_dir, tiny_shard):
+    from fedrag_app.records import pack_weights, record_to_numpy, unpack_weights
+
     cfg = AppConfig.from_flat({"generator.model": str(tiny_model_dir), "generator.dtype": "bfloat16",
                                "train.mode": "ra-dit", "ralt.batch-size": 2, "ralt.top-k": 1, "ralt.max-seq-len": 128,
                                "lsr.batch-size": 2, "lsr.top-k": 2, "lsr.max-seq-len": 128})
@@ -194,6 +200,7 @@ def test_cuda_auto_is_bf16_and_one_step_trains(tiny_model_dir):
 @cuda
 @pytest.mark.gpu
 def test_cuda_qlora_loads_4bit(tiny_model_dir):
+    pytest.importorskip("bitsandbytes")
     gen = load_generator(GeneratorConfig(model=str(tiny_model_dir), quantization="4bit"), device="cuda")
     assert any(type(m).__name__ == "Linear4bit" for m in gen.model.modules())
     assert torch.isfinite(answer_nll(gen.model, **one_batch(gen)))

@@ -33,7 +33,7 @@ from fedrag_app.ralt import retrieve
 from fedrag_app.lora_aggregation import to_client_rank
 from fedrag_app.records import metric_record, numpy_to_record, pack_weights, record_to_numpy, unpack_weights
 from fedrag_app.retriever import DualEncoder, load_retriever
-from fedrag_app.runtime import apply_runtime
+from fedrag_app.runtime import apply_runtime, release_memory
 
 app = ClientApp()
 _MODELS: dict = {}  # (generator config, retriever config, runtime) -> (Generator, DualEncoder), one per process
@@ -43,6 +43,7 @@ def _models(cfg: AppConfig) -> tuple[Generator, DualEncoder]:
     key = (cfg.generator, cfg.retriever, cfg.runtime)
     if key not in _MODELS:
         _MODELS.clear()  # another run's models: free them first
+        release_memory()
         device = apply_runtime(cfg.runtime)
         _MODELS[key] = (load_generator(cfg.generator, device=device), load_retriever(cfg.retriever, device=device))
     return _MODELS[key]
@@ -110,6 +111,7 @@ def train(msg: Message, context: Context) -> Message:
     with _open_store(node, retriever) as store, personal_adapter(cfg, gen, node.state_dir, node.partition_id, at, keep=True):
         result = run_local_round(cfg, gen, retriever, store, examples, server_round=at.server_round)
     arrays = pack_weights(*exchanged_weights(cfg, gen, retriever), retriever_dtype=cfg.retriever.wire_dtype)
+    release_memory()  # the round's activations and optimizer states: other actors on this GPU may need them
     extra = _dp_weight(cfg)
     if cfg.fed.lora_aggregation == "ffa":
         extra["lora-a-fingerprint"] = lora_a_fingerprint(gen)  # the server checks every node froze the same A
@@ -137,6 +139,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     scores.update(evaluate_retrieval(hits, heldout, cfg.eval.recall_k))
     metrics = metric_record({"num-examples": len(heldout), **_dp_weight(cfg),
                              **{f"client-{k}": v for k, v in scores.items()}})
+    release_memory()
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 

@@ -50,6 +50,8 @@ class GeneratorConfig:
 
     model: str = _help("short name, hub id or local path of a causal LM", "smollm2-135m-instruct")
     quantization: str = _help("none | 4bit | 8bit (bitsandbytes; 4bit = QLoRA)", "none")
+    dtype: str = _help("auto | float32 | bfloat16: the frozen base's dtype (auto = bfloat16 on CUDA, float32 on CPU); "
+                       "LoRA weights train and travel in float32", "auto")
     adapter_path: str = _help("PEFT adapter folder to start from; '' = fresh LoRA from the keys below", "")
     lora_r: int = _help("LoRA rank", 8)
     lora_alpha: int = _help("LoRA alpha (scale = alpha / r)", 16)
@@ -59,6 +61,7 @@ class GeneratorConfig:
 
     def __post_init__(self) -> None:
         _one_of("generator", "quantization", self.quantization, ("none", "4bit", "8bit"))
+        _one_of("generator", "dtype", self.dtype, ("auto", "float32", "bfloat16"))
         _positive("generator", "lora_r", self.lora_r)
         _positive("generator", "lora_alpha", self.lora_alpha)
         _fraction("generator", "lora_dropout", self.lora_dropout)

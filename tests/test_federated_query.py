@@ -35,8 +35,9 @@ def test_rrf_by_hand():
 
 
 def test_score_sort_by_hand_keeps_each_passage_once_at_its_best_score():
-    merged = merge_by_score([A, B], top=3)
-    assert [(h.id, h.score) for h in merged] == [("d", 0.95), ("a", 0.90), ("b", 0.85)]
+    for lists in ([A, B], [B, A]):  # b: 0.80 at node 1, 0.85 at node 2, whichever reply came first
+        merged = merge_by_score(lists, top=3)
+        assert [(h.id, h.score) for h in merged] == [("d", 0.95), ("a", 0.90), ("b", 0.85)]
     assert merge([A, B], "score") == merge_by_score([A, B]) and merge([A, B], "rrf", rrf_k=60) == merge_rrf([A, B])
     assert merge([[], []], "rrf") == []
 
@@ -127,3 +128,23 @@ def test_a_node_answers_a_batch_with_the_servers_vectors(small_shard_path, retri
                                                "top-k": 3, "embedding-model": "another-encoder"})})
     with pytest.raises(Exception, match="another-encoder"):
         client_app.retrieve_passages(Message(content=other, metadata=md), ctx)
+
+
+def test_ask_federation_run_config_carries_any_question_and_the_answer_is_read_from_the_log(tmp_path):
+    """The TOML file `ask --federation` hands to `flwr run --run-config` reads back (through Flower's own parser)
+    to the same keys, whatever quotes or backslashes the question holds."""
+    from flwr.common.config import parse_config_args
+
+    from fedrag_app.federated_ask import answers_from_log, query_run_config
+
+    question = """who's "the" \\ best? ünïcode\tand a tab"""
+    path = tmp_path / "run.toml"
+    path.write_text(query_run_config(question, {"partition.dir": "/p", "query.rrf-k": 10, "fed.resume": False,
+                                                "dp.delta": 1e-5}))
+    flat = parse_config_args([str(path)])
+    assert flat == {"partition.dir": "/p", "query.rrf-k": 10, "fed.resume": False, "dp.delta": 1e-5,
+                    "fed.task": "query", "query.question": question}
+    AppConfig.from_flat(flat)
+    log = ('INFO :      fedrag-answer {"question": "q", "answer": "Paris", "passages": []}\n'
+           'INFO :      other line {"x": 1}\nINFO :      fedrag-query-metrics {"replies-ok": 2}\n')
+    assert answers_from_log(log) == ([{"question": "q", "answer": "Paris", "passages": []}], {"replies-ok": 2})

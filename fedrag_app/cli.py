@@ -103,7 +103,8 @@ def ask(
 ) -> None:
     """Answer one question from retrieved passages; print the answer and the passages used."""
     if federation:
-        return ask_federation(question, federation, federation_config, load_config(config, sets, **{"eval.top-k": top_k}))
+        cfg = load_config(config, sets, **{"eval.top-k": top_k, "generator.adapter-path": adapter})
+        return ask_federation(question, federation, federation_config, cfg, local=retriever_path or store)
     from fedrag_app.generator import load_generator
     from fedrag_app.rag import RagPipeline, open_store
     from fedrag_app.retriever import load_retriever
@@ -128,10 +129,15 @@ def ask(
         console.print(table)
 
 
-def ask_federation(question: str, connection: str, federation_config: str, cfg: AppConfig) -> None:
-    """`ask --federation`: a query run (fed.task = "query") with the keys that differ from the defaults."""
+def ask_federation(question: str, connection: str, federation_config: str, cfg: AppConfig, local: str | None) -> None:
+    """`ask --federation`: a query run (fed.task = "query") with the keys that differ from the defaults (--adapter is
+    a path on the SuperLink's host; the retriever comes from query.checkpoint, the passages from the nodes)."""
+    from fedrag_app.errors import ConfigError
     from fedrag_app.federated_ask import ask_federation as run
 
+    if local:
+        raise ConfigError(f"--retriever/--store {local!r} do not apply with --federation: the nodes search their own "
+                          "shards; use --set query.checkpoint=<round folder or 'latest'> for a trained retriever")
     defaults = AppConfig().to_flat()
     overrides = {k: v for k, v in cfg.to_flat().items() if v != defaults[k]}
     with console.status(f"asking the federation '{connection}' (flwr run, fed.task='query')"):

@@ -94,10 +94,17 @@ def ask(
     adapter: Optional[str] = typer.Option(None, help="PEFT adapter folder from `train` or a checkpoint"),
     retriever_path: Optional[str] = typer.Option(None, "--retriever", help="retriever folder from `train` or a checkpoint"),
     store: Optional[str] = typer.Option(None, help="shard folder (default: the one `index` built)"),
+    federation: Optional[str] = typer.Option(None, help="ask across a federation's shards instead: a flwr connection "
+                                             "(SuperLink address + credentials, e.g. 'local' or one added by "
+                                             "deploy/fedrag_deploy.py connection)"),
+    federation_config: str = typer.Option("", help="with --federation local: e.g. 'num-supernodes=3'"),
     config: Optional[Path] = ConfigOpt,
     sets: Optional[list[str]] = SetOpt,
 ) -> None:
     """Answer one question from retrieved passages; print the answer and the passages used."""
+    if federation:
+        cfg = load_config(config, sets, **{"eval.top-k": top_k, "generator.adapter-path": adapter})
+        return ask_federation(question, federation, federation_config, cfg, local=retriever_path or store)
     from fedrag_app.generator import load_generator
     from fedrag_app.rag import RagPipeline, open_store
     from fedrag_app.retriever import load_retriever
@@ -120,6 +127,29 @@ def ask(
         for i, hit in enumerate(result.hits, 1):
             table.add_row(str(i), f"{hit.score:.3f}", hit.title, hit.text[:100] + ("…" if len(hit.text) > 100 else ""))
         console.print(table)
+
+
+def ask_federation(question: str, connection: str, federation_config: str, cfg: AppConfig, local: str | None) -> None:
+    """`ask --federation`: a query run (fed.task = "query") with the keys that differ from the defaults (--adapter is
+    a path on the SuperLink's host; the retriever comes from query.checkpoint, the passages from the nodes)."""
+    from fedrag_app.errors import ConfigError
+    from fedrag_app.federated_ask import ask_federation as run
+
+    if local:
+        raise ConfigError(f"--retriever/--store {local!r} do not apply with --federation: the nodes search their own "
+                          "shards; use --set query.checkpoint=<round folder or 'latest'> for a trained retriever")
+    defaults = AppConfig().to_flat()
+    overrides = {k: v for k, v in cfg.to_flat().items() if v != defaults[k]}
+    with console.status(f"asking the federation '{connection}' (flwr run, fed.task='query')"):
+        result = run(question, connection, overrides, federation_config=federation_config)
+    console.print(f"[bold]Q:[/] {question}\n[bold green]A:[/] {result['answer']}")
+    table = Table("#", "score", "node", "partition", "title", "passage", title=f"merged passages (run {result['run-id']})")
+    for i, p in enumerate(result["passages"], 1):
+        table.add_row(str(i), f"{p['score']:.4f}", str(p["node"]), str(p["partition"]), p["title"], p["text"][:100])
+    console.print(table)
+    m = result["metrics"]
+    console.print(f"nodes {m.get('nodes')}: {m.get('replies-ok')} answered, {m.get('replies-refused')} refused, "
+                  f"{m.get('replies-error', 0) + m.get('replies-invalid', 0)} failed, {m.get('replies-timeout')} late")
 
 
 @app.command()

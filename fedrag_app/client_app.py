@@ -4,7 +4,8 @@ train    -> run_local_round (RALT / LSR / RA-DIT) on its own questions against i
             replies with one ArrayRecord ("lora.*" and/or "retriever.*": what the mode trains) and one
             MetricRecord of scalars.
 evaluate -> Web Questions EM/F1 and retrieval recall@k/MRR on its held-out questions (scalars only).
-query.retrieve -> top-k passages from its shard, only if its node-config sets federated-retrieval=true.
+query.retrieve -> top-k passages per question from its shard, only if its node-config sets federated-retrieval=true
+            (in simulation: its partition id is in run-config query.opted-in-partitions).
 
 Models are loaded once per process (simulation reuses Ray actors across nodes and rounds; every message
 overwrites the weights with the global ones). Shards are opened per message and closed at its end, so no
@@ -25,6 +26,8 @@ from fedrag_app.config import AppConfig
 from fedrag_app.evaluate import evaluate_retrieval, evaluate_web_questions
 from fedrag_app.generator import Generator, load_generator, lora_a_fingerprint
 from fedrag_app.errors import ConfigError
+from fedrag_app.config_query import MAX_TOP_K_PER_NODE
+from fedrag_app.federated_query import REFUSAL, opted_in, pack_hits
 from fedrag_app.knowledge_store import KnowledgeStore
 from fedrag_app.local_round import exchanged_weights, load_exchanged_weights, run_local_round
 from fedrag_app.node_data import NodeData, node_data, node_questions
@@ -145,15 +148,31 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 @app.query("retrieve")
 def retrieve_passages(msg: Message, context: Context) -> Message:
+    """Top-k passages per question from this node's shard, only if it opted in (federated_query.opted_in). The server
+    sends query vectors encoded with the retriever it answers with (e.g. a checkpoint's trained query encoder; the
+    shard is checked against its embedding model); without them the node encodes the questions itself."""
+    started = time.perf_counter()
     cfg = AppConfig.from_flat(context.run_config)
     node = node_data(cfg, context.node_config)
-    if not node.federated_retrieval:
-        raise ConfigError("federated retrieval is off on this node: passage text stays here unless its node-config "
-                          "sets federated-retrieval=true")
+    if not opted_in(context.node_config, node.federated_retrieval, node.partition_id, cfg.query.opted_in):
+        raise ConfigError(f"{REFUSAL}: passage text stays here unless its node-config sets federated-retrieval=true "
+                          "(in simulation: run-config query.opted-in-partitions)")
     query = msg.content["query"]
-    _, retriever = _models(cfg)
-    with _open_store(node, retriever) as store:
-        hits = store.search(retriever.encode_queries([str(query["question"])]).numpy()[0], int(query.get("top-k", cfg.eval.top_k)))
-    docs = ConfigRecord({"ids": [h.id for h in hits], "titles": [h.title for h in hits], "texts": [h.text for h in hits],
-                         "scores": [h.score for h in hits]})
-    return Message(RecordDict({"docs": docs}), reply_to=msg)
+    questions = [str(q) for q in query["questions"]] if "questions" in query else [str(query["question"])]
+    top_k = int(query.get("top-k", cfg.eval.top_k))
+    if not 0 < top_k <= MAX_TOP_K_PER_NODE:
+        raise ConfigError(f"query top-k = {top_k}: a node sends 1..{MAX_TOP_K_PER_NODE} passages per question")
+    if "vectors" in query:
+        vectors, model = np.asarray(query["vectors"], dtype=np.float32), str(query["embedding-model"])
+        if not questions or vectors.size % len(questions):
+            raise ConfigError(f"{vectors.size} query vector values do not split into {len(questions)} vectors")
+        vectors = vectors.reshape(len(questions), -1)
+    else:
+        _, retriever = _models(cfg)
+        vectors, model = retriever.encode_queries(questions).cpu().numpy(), retriever.name
+    with KnowledgeStore.open(**node.store, embedding_model=model, dim=vectors.shape[1]) as store:
+        hits = store.search_batch(vectors, top_k)
+    metrics = {"node-seconds": time.perf_counter() - started}
+    if "partition-id" in context.node_config:
+        metrics["partition-id"] = node.partition_id
+    return Message(RecordDict({"docs": ConfigRecord(pack_hits(hits)), "metrics": metric_record(metrics)}), reply_to=msg)

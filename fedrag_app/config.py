@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 from fedrag_app.config_values import _coerce, _fraction, _help, _kebab, _one_of, _positive
 from fedrag_app.config_values import flatten, parse_override  # noqa: F401  (re-exported: the CLI reads them here)
+from fedrag_app.config_query import QueryConfig
 from fedrag_app.errors import ConfigError
 
 
@@ -212,6 +213,7 @@ class PartitionConfig:
 class FedConfig:
     """The federation: rounds, node counts, timeouts, checkpoints."""
 
+    task: str = _help("train (FedAvg rounds) | query (ask the nodes' shards questions and answer: query.* keys)", "train")
     num_server_rounds: int = _help("FedAvg rounds", 2)
     fraction_train: float = _help("share of nodes sampled for training each round", 1.0)
     fraction_evaluate: float = _help("share of nodes sampled for federated evaluation; 0 = none", 1.0)
@@ -234,6 +236,7 @@ class FedConfig:
 
     def __post_init__(self) -> None:
         _one_of("fed", "lora_aggregation", self.lora_aggregation, ("fedavg", "ffa", "product"))
+        _one_of("fed", "task", self.task, ("train", "query"))
         for part in self.ranks:
             _positive("fed", "client_ranks", part)
         _positive("fed", "num_server_rounds", self.num_server_rounds)
@@ -291,6 +294,7 @@ SECTIONS: dict[str, type] = {
     "partition": PartitionConfig,
     "fed": FedConfig,
     "dp": PrivacyConfig,
+    "query": QueryConfig,
 }
 
 
@@ -310,6 +314,7 @@ class AppConfig:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     fed: FedConfig = field(default_factory=FedConfig)
     dp: PrivacyConfig = field(default_factory=PrivacyConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)
 
     def __post_init__(self) -> None:
         if self.dp.central and self.fed.lora_aggregation == "product":

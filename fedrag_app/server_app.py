@@ -12,14 +12,16 @@ rank before averaging (zero-padding with FedAvg, stacking with product averaging
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from collections import Counter
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import GaussianPrivacyEvent, Grid, NeighboringRelation, RdpAccountant, SamplingMethod, ServerApp
 from flwr.serverapp import PrivacyConfig as DpAccounting
@@ -27,10 +29,12 @@ from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
                                      DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy)
 
 from fedrag_app.aggregation import check_update
-from fedrag_app.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from fedrag_app.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from fedrag_app.config import AppConfig, FedConfig, PrivacyConfig
-from fedrag_app.errors import ConfigError, StoreError
+from fedrag_app.errors import CheckpointError, ConfigError, StoreError
 from fedrag_app.evaluate import run_evaluation
+from fedrag_app.federated_query import (ANSWER_LOG, METRICS_LOG, REPLY_KINDS, answer_and_score, load_questions, log_row,
+                                        merge, read_reply, write_outputs)
 from fedrag_app.local_round import exchanged_parts, exchanged_weights, load_exchanged_weights
 from fedrag_app.generator import load_generator, lora_a_fingerprint
 from fedrag_app.rag import open_store
@@ -246,6 +250,8 @@ def main(grid: Grid, context: Context) -> None:
     retry_transient_pulls(grid)
     cfg = AppConfig.from_flat(context.run_config)
     out = output_dir(cfg.fed)
+    if cfg.fed.task == "query":
+        return run_query(grid, cfg, out)
     device = apply_runtime(cfg.runtime)
     gen, retriever = load_generator(cfg.generator, device=device), load_retriever(cfg.retriever, device=device)
     done = 0
@@ -289,3 +295,60 @@ def main(grid: Grid, context: Context) -> None:
     finally:
         if store is not None:
             store.close()
+
+
+def run_query(grid: Grid, cfg: AppConfig, out: Path) -> None:
+    """fed.task = "query": each batch of questions goes to every node as one query.retrieve message (with the query
+    vectors of the retriever that answers: a checkpoint's or the base one); the replies that arrive within
+    query.timeout-s are checked and merged (federated_query.merge), the generator answers from the merged top
+    eval.top-k passages. A node that refuses, errs, sends a bad reply or is late is counted and the others answer.
+    Writes answers.jsonl and query-metrics.json to the output folder and logs each answer (for `fedrag-app ask`)."""
+    q, started, clock, counts = cfg.query, time.perf_counter(), {"encode": 0.0, "round-trip": 0.0, "node": 0.0}, Counter()
+    device = apply_runtime(cfg.runtime)
+    gen, retriever = load_generator(cfg.generator, device=device), load_retriever(cfg.retriever, device=device)
+    if q.checkpoint:
+        ckpt = latest_checkpoint(out) if q.checkpoint == "latest" else Checkpoint(0, Path(q.checkpoint))
+        if ckpt is None:
+            raise CheckpointError(f"run-config key 'query.checkpoint' = 'latest': no complete checkpoint in {out}")
+        load_checkpoint(ckpt, gen, retriever)
+    examples, nodes = load_questions(cfg), _nodes_up(grid, cfg.fed.min_nodes, q.timeout_s)
+    merged, depth = [], max(cfg.eval.top_k, cfg.eval.recall_k)
+    for start in range(0, len(examples), q.batch_size):
+        batch, t0 = examples[start:start + q.batch_size], time.perf_counter()
+        vectors = retriever.encode_queries([e.question for e in batch]).cpu().numpy()
+        t1 = time.perf_counter()
+        messages = [Message(RecordDict({"query": ConfigRecord({  # a new record per node (FLOWER.md section 2)
+            "questions": [e.question for e in batch], "vectors": vectors.ravel().tolist(), "top-k": q.top_k_per_node,
+            "embedding-model": retriever.name})}), dst_node_id=n, message_type="query.retrieve", group_id=f"q{start}")
+            for n in nodes]
+        replies = list(grid.send_and_receive(messages, timeout=q.timeout_s))
+        lists, node_seconds = [[] for _ in batch], [0.0]
+        for m in replies:
+            kind, per_question, seconds, problem = read_reply(m, len(batch), q.top_k_per_node)
+            counts[kind] += 1
+            if problem:
+                log(WARNING, "query.retrieve: node %s: %s: %s", m.metadata.src_node_id, kind, problem)
+            node_seconds.append(seconds)
+            for hits, got in zip(lists, per_question):
+                hits.append(got)
+        counts["timeout"] += len(nodes) - len(replies)
+        merged += [merge(hits, q.merge, rrf_k=q.rrf_k, top=depth) for hits in lists]
+        clock["encode"] += t1 - t0
+        clock["round-trip"] += time.perf_counter() - t1
+        clock["node"] += max(node_seconds)
+    rows, metrics = answer_and_score(cfg, gen, examples, merged, clock)
+    metrics.update({"nodes": len(nodes), **{f"replies-{k}": counts[k] for k in REPLY_KINDS},
+                    "seconds": time.perf_counter() - started})
+    write_outputs(out, rows, metrics)
+    for row in rows:
+        log(INFO, "%s %s", ANSWER_LOG, json.dumps(log_row(row, cfg.eval.top_k), ensure_ascii=False))
+    log(INFO, "%s %s", METRICS_LOG, json.dumps(metrics))
+
+
+def _nodes_up(grid: Grid, wanted: int, timeout_s: float) -> list[int]:
+    """The connected nodes, once fed.min-nodes are up or after query.timeout-s (then whoever is there)."""
+    deadline = time.monotonic() + timeout_s
+    while len(nodes := sorted(grid.get_node_ids())) < wanted and time.monotonic() < deadline:
+        time.sleep(1.0)
+    log(INFO, "asking %s node(s)", len(nodes))
+    return nodes

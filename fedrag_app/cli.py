@@ -257,7 +257,7 @@ def export(
 @app.command()
 def quickstart(
     out: Path = typer.Option(Path("outputs/quickstart"), "--out", help="folder for indexes, checkpoints, metrics"),
-    rounds: Optional[int] = typer.Option(None, "--rounds", help="federated rounds (fed.num-server-rounds; default 2)"),
+    rounds: Optional[int] = typer.Option(None, "--rounds", help="federated rounds (fed.num-server-rounds; default 3)"),
     question: Optional[str] = typer.Option(None, "--question", help="what to ask the fine-tuned system at the end"),
     sets: Optional[list[str]] = SetOpt,
     data_dir: Optional[str] = DataDirOpt,
@@ -268,7 +268,12 @@ def quickstart(
     overrides = dict(parse_override(s) for s in sets or [])
     if rounds is not None:
         overrides["fed.num-server-rounds"] = rounds
-    Quickstart(overrides, out=out, question=question or QUESTION, data_dir=data_dir, console=console).run()
+    try:
+        Quickstart(overrides, out=out, question=question or QUESTION, data_dir=data_dir, console=console).run()
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]: the local SuperLink and its simulation were stopped; finished "
+                          "indexes are kept for the next run")
+        raise typer.Exit(130)
 
 
 def main() -> None:

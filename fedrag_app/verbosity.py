@@ -17,7 +17,8 @@ VERBOSE_ENV = "FEDRAG_VERBOSE"
 _QUIET_ENV = {"TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
               "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
               "PYTHONWARNINGS": "ignore"}
-_LIBRARY_LOGGERS = ("transformers", "peft", "sentence_transformers", "datasets", "huggingface_hub", "torch", "urllib3")
+_LIBRARY_LOGGERS = ("transformers", "peft", "sentence_transformers", "datasets", "huggingface_hub", "torch", "urllib3",
+                    "bitsandbytes")
 
 
 def is_verbose() -> bool:

@@ -73,7 +73,7 @@ def _perturbed_checkpoint(root, store_path):
     with torch.no_grad():
         for name, p in gen.model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0.0, 0.02)
+                p.normal_(0.0, 0.1)
         for name, p in retriever.query_model.named_parameters():
             if ".layer.5." in name and name.endswith("weight") and p.ndim == 2:
                 p.add_(torch.randn_like(p) * 0.02)

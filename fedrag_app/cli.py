@@ -7,6 +7,7 @@ User errors (FedRagAppError) print one red line and exit 1; nothing else is swal
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -36,12 +37,13 @@ def load_config(config: Optional[Path], sets: Optional[list[str]], **extra: obje
     return AppConfig.from_flat(overrides, source="--set")
 
 
-def _quiet_libraries() -> None:
-    """Our progress bars are the ones that matter; the libraries' own per-load bars are noise here."""
-    import transformers
+@app.callback()
+def _root(verbose: bool = typer.Option(False, "--verbose", "-v", envvar="FEDRAG_VERBOSE",
+                                       help="show library warnings and progress bars (quiet by default)")) -> None:
+    """Federated fine-tuning of retrieval-augmented generation."""
+    from fedrag_app.verbosity import configure
 
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+    configure(verbose)
 
 
 def _models(cfg: AppConfig, *, generator: bool = True):
@@ -89,7 +91,8 @@ def index(
 
 @app.command()
 def ask(
-    question: str = typer.Argument(..., help="the question"),
+    question: Optional[str] = typer.Argument(None, help="the question; none: read questions from stdin, one a line, "
+                                                       "until an empty line or EOF (models load once)"),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="passages to retrieve (0 = closed book)"),
     adapter: Optional[str] = typer.Option(None, help="PEFT adapter folder from `train` or a checkpoint"),
     retriever_path: Optional[str] = typer.Option(None, "--retriever", help="retriever folder from `train` or a checkpoint"),
@@ -98,11 +101,14 @@ def ask(
                                              "(SuperLink address + credentials, e.g. 'local' or one added by "
                                              "deploy/fedrag_deploy.py connection)"),
     federation_config: str = typer.Option("", help="with --federation local: e.g. 'num-supernodes=3'"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object per answer (question, answer, passages)"),
     config: Optional[Path] = ConfigOpt,
     sets: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Answer one question from retrieved passages; print the answer and the passages used."""
+    """Answer a question from retrieved passages (or many, from stdin); print the answer and the passages used."""
     if federation:
+        if question is None:
+            raise typer.BadParameter("--federation answers one question given as an argument", param_hint="QUESTION")
         cfg = load_config(config, sets, **{"eval.top-k": top_k, "generator.adapter-path": adapter})
         return ask_federation(question, federation, federation_config, cfg, local=retriever_path or store)
     from fedrag_app.generator import load_generator
@@ -117,11 +123,37 @@ def ask(
         gen = load_generator(cfg.generator, device=device)
         kb = open_store(cfg, retriever) if cfg.eval.top_k else None
     try:
-        result = RagPipeline(gen, retriever, kb, cfg.eval.top_k).answer([question], max_new_tokens=cfg.generator.max_new_tokens)[0]
+        pipeline = RagPipeline(gen, retriever, kb, cfg.eval.top_k)
+        for q in [question] if question is not None else _stdin_questions(as_json):
+            result = pipeline.answer([q], max_new_tokens=cfg.generator.max_new_tokens)[0]
+            print_answer(result, as_json)
     finally:
         if kb is not None:
             kb.close()
-    console.print(f"[bold]Q:[/] {question}\n[bold green]A:[/] {result.answer}")
+
+
+def _stdin_questions(quiet: bool):
+    """Questions from stdin, one a line, until an empty line or EOF; a prompt when a person is typing."""
+    interactive = sys.stdin.isatty() and not quiet
+    if interactive:
+        err_console.print("[dim]one question a line; an empty line or Ctrl-D ends[/]")
+    while True:
+        if interactive:
+            err_console.print("[bold]?[/] ", end="")
+        line = sys.stdin.readline()
+        if not line.strip():
+            return
+        yield line.strip()
+
+
+def print_answer(result, as_json: bool) -> None:
+    """The answer and its passages: a JSON line for scripts, or text and a table for people."""
+    if as_json:
+        passages = [{"rank": i, "id": h.id, "score": h.score, "title": h.title, "text": h.text}
+                    for i, h in enumerate(result.hits, 1)]
+        print(json.dumps({"question": result.question, "answer": result.answer, "passages": passages}), flush=True)
+        return
+    console.print(f"[bold]Q:[/] {result.question}\n[bold green]A:[/] {result.answer}")
     if result.hits:
         table = Table("#", "score", "title", "passage", title="retrieved passages")
         for i, hit in enumerate(result.hits, 1):
@@ -234,8 +266,52 @@ def partition(
     console.print(f"[green]wrote[/] {manifest['dir']}/manifest.json")
 
 
+@app.command()
+def export(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="a round-NNNN folder, a federated output folder (its "
+                                                              "latest round) or a `fedrag-app train` output"),
+    out: Path = typer.Option(..., "--out", help="folder to write: generator/, retriever/, context-encoder/, manifest.json"),
+    force: bool = typer.Option(False, "--force", help="replace --out if it is not empty"),
+) -> None:
+    """The global adapter merged into the base LM (transformers folder), the retriever (sentence-transformers) and a manifest."""
+    from fedrag_app.export import export_checkpoint
+
+    with console.status("merging the adapter into the base model"):
+        manifest = export_checkpoint(checkpoint, out, overwrite=force)
+    out = out.expanduser().resolve()
+    console.print(f"[green]exported[/] {manifest['checkpoint']} -> {out}\n"
+                  f"  generator/        AutoModelForCausalLM.from_pretrained('{out}/generator') (or vLLM)\n"
+                  f"  retriever/        SentenceTransformer('{out}/retriever'): encodes questions\n"
+                  f"  context-encoder/  SentenceTransformer: embedded the store's passages\n"
+                  f"  manifest.json     checkpoint, base models, store, embedding fingerprint")
+
+
+@app.command()
+def quickstart(
+    out: Path = typer.Option(Path("outputs/quickstart"), "--out", help="folder for indexes, checkpoints, metrics"),
+    rounds: Optional[int] = typer.Option(None, "--rounds", help="federated rounds (fed.num-server-rounds; default 3)"),
+    question: Optional[str] = typer.Option(None, "--question", help="what to ask the fine-tuned system at the end"),
+    sets: Optional[list[str]] = SetOpt,
+    data_dir: Optional[str] = DataDirOpt,
+) -> None:
+    """The main job on embedded defaults (`make run`): index, evaluate, federated RA-DIT with `flwr run`, evaluate, ask."""
+    from fedrag_app.quickstart import QUESTION, Quickstart
+
+    overrides = dict(parse_override(s) for s in sets or [])
+    if rounds is not None:
+        overrides["fed.num-server-rounds"] = rounds
+    try:
+        Quickstart(overrides, out=out, question=question or QUESTION, data_dir=data_dir, console=console).run()
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]: the local SuperLink and its simulation were stopped; finished "
+                          "indexes are kept for the next run")
+        raise typer.Exit(130)
+
+
 def main() -> None:
-    _quiet_libraries()
+    if "--verbose" in sys.argv[2:]:  # `fedrag-app ask "…" --verbose` works like `fedrag-app --verbose ask "…"`
+        sys.argv.remove("--verbose")
+        sys.argv.insert(1, "--verbose")
     try:
         app()
     except FedRagAppError as e:

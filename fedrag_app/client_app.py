@@ -54,8 +54,9 @@ def privacy_mod(msg: Message, context: Context, call_next) -> Message:
     """dp.mode picks Flower's own client-side DP mod for this run: fixedclipping_mod (client-clip: the node clips its
     update to the clipping norm the server's DP wrapper sends) or LocalDpMod (local: it clips and adds its own
     noise). Local DP protects a node's whole contribution: swapping its dataset moves its clipped update by up to
-    2C (two updates of norm <= C), so the noise is calibrated to sensitivity 2C, not C. Both require the train message's one ArrayRecord and one ConfigRecord, and reply keys in the order
-    received, which is the layout this app uses."""
+    2C (two updates of norm <= C), so the noise is calibrated to sensitivity 2C, not C. Both require the train
+    message's one ArrayRecord and one ConfigRecord, and reply keys in the order received, which is the layout this
+    app uses."""
     dp = AppConfig.from_flat(context.run_config).dp
     if dp.mode == "client-clip":
         return fixedclipping_mod(msg, context, call_next)
@@ -97,8 +98,8 @@ def _open_store(node: NodeData, retriever: DualEncoder) -> KnowledgeStore:
 
 def _prepare(msg: Message, context: Context) -> tuple[AppConfig, NodeData, Generator, DualEncoder]:
     """Config once (at this node's LoRA rank), the node's data locations, and the models set to the global weights
-    in the message: a node of lower rank than the global adapter takes its truncation (with zero-padding
-    aggregation) or its best rank-r approximation (with product averaging, i.e. stacking)."""
+    in the message: a node of lower rank than the global adapter takes its truncation (fed.lora-aggregation =
+    fedavg) or its best rank-r approximation (product); the server recomputes the same to average its update."""
     run_cfg = AppConfig.from_flat(context.run_config)
     check_federated(run_cfg)
     node = node_data(run_cfg, context.node_config)

@@ -83,6 +83,21 @@ def _gaussian_delta(sigma: float, sensitivity: float, eps: float) -> float:
     return cdf(a - b) - exp(eps) * cdf(-a - b)
 
 
+def test_fp16_updates_on_the_wire_compose_with_client_clipping(node):
+    """The wire mod is outermost: fixedclipping_mod clips the fp32 weights against what was received, then the
+    retriever update goes out in fp16; the weights the server rebuilds are within the clipping norm."""
+    from fedrag_app.records import from_wire_update
+
+    clip = 1e-3
+    run = {**TINY, "train.mode": "lsr", "retriever.wire-dtype": "float16", "dp.mode": "client-clip",
+           "dp.clipping-norm": clip}
+    sent, out = _client_round(run, node, clipping_norm=clip)
+    arrays = out.content["arrays"]
+    assert list(arrays) == list(sent) and all(a.numpy().dtype == np.float16 for a in arrays.values())
+    norm = _update_norm(from_wire_update(arrays, record_to_numpy(sent)), sent)
+    assert 0.5 * clip < norm <= clip * 1.01, "clipped (LSR moves the query encoder by more than 1e-3) and intact"
+
+
 def test_local_dp_adds_noise_of_the_calibrated_std_and_never_the_same_noise_twice(node):
     """Local DP hides a node's whole dataset: swapping it moves the clipped update anywhere in the C-ball, so two
     updates differ by up to 2C and the noise is calibrated to sensitivity 2C (C understated it by half)."""

@@ -62,13 +62,15 @@ class DualEncoder:
     def context_fingerprint(self) -> str:
         """sha256 (16 hex digits) of the context encoder's weights: a store records the one that made its vectors.
         Cached while the context encoder is frozen; recomputed when it trains."""
-        if self._context_fingerprint is None or self.train_context:
-            digest = hashlib.sha256()
-            for key, value in sorted(self.context_model.state_dict().items()):
-                digest.update(key.encode())
-                digest.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        if self._context_fingerprint is not None and not self.train_context:
+            return self._context_fingerprint
+        digest = hashlib.sha256()
+        for key, value in sorted(self.context_model.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        if not self.train_context:
             self._context_fingerprint = digest.hexdigest()[:16]
-        return self._context_fingerprint
+        return digest.hexdigest()[:16]
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self._query_trainable.values()) + list(self._context_trainable.values())

@@ -23,6 +23,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import LocalDpMod, fixedclipping_mod
 
 from fedrag_app.config import AppConfig
+from fedrag_app.config_values import check_federated
 from fedrag_app.evaluate import evaluate_retrieval, evaluate_web_questions
 from fedrag_app.generator import Generator, load_generator, lora_a_fingerprint
 from fedrag_app.errors import ConfigError
@@ -34,7 +35,8 @@ from fedrag_app.node_data import NodeData, node_data, node_questions
 from fedrag_app.personal import RoundOf, personal_adapter
 from fedrag_app.ralt import retrieve
 from fedrag_app.lora_aggregation import to_client_rank
-from fedrag_app.records import metric_record, numpy_to_record, pack_weights, record_to_numpy, unpack_weights
+from fedrag_app.records import (metric_record, numpy_to_record, pack_weights, record_to_numpy, to_wire_update,
+                                unpack_weights)
 from fedrag_app.retriever import DualEncoder, load_retriever
 from fedrag_app.runtime import apply_runtime, release_memory
 
@@ -55,8 +57,10 @@ def _models(cfg: AppConfig) -> tuple[Generator, DualEncoder]:
 def privacy_mod(msg: Message, context: Context, call_next) -> Message:
     """dp.mode picks Flower's own client-side DP mod for this run: fixedclipping_mod (client-clip: the node clips its
     update to the clipping norm the server's DP wrapper sends) or LocalDpMod (local: it clips and adds its own
-    noise). Both require the train message's one ArrayRecord and one ConfigRecord, and reply keys in the order
-    received, which is the layout this app uses."""
+    noise). Local DP protects a node's whole contribution: swapping its dataset moves its clipped update by up to
+    2C (two updates of norm <= C), so the noise is calibrated to sensitivity 2C, not C. Both require the train
+    message's one ArrayRecord and one ConfigRecord, and reply keys in the order received, which is the layout this
+    app uses."""
     dp = AppConfig.from_flat(context.run_config).dp
     if dp.mode == "client-clip":
         return fixedclipping_mod(msg, context, call_next)
@@ -66,8 +70,23 @@ def privacy_mod(msg: Message, context: Context, call_next) -> Message:
             np.random.seed()  # training seeded numpy from runtime.seed; the mod's noise must not be predictable
             return reply
 
-        return LocalDpMod(dp.clipping_norm, dp.clipping_norm, dp.local_epsilon, dp.delta)(msg, context, train_then_unseed)
+        return LocalDpMod(dp.clipping_norm, 2 * dp.clipping_norm, dp.local_epsilon, dp.delta)(msg, context,
+                                                                                            train_then_unseed)
     return call_next(msg, context)
+
+
+def wire_mod(msg: Message, context: Context, call_next) -> Message:
+    """retriever.wire-dtype = float16: the reply's retriever arrays become the update (trained − received) in fp16.
+    Outermost mod, so the DP mods inside it clip and noise fp32 weights against what was received, as they expect;
+    the server adds the update back to the fp32 global it sent."""
+    dtype = AppConfig.from_flat(context.run_config).retriever.wire_dtype
+    reply = call_next(msg, context)
+    if dtype == "float32" or reply.has_error():
+        return reply
+    arrays = to_wire_update(reply.content["arrays"], msg.content["arrays"], dtype)
+    reply.content["arrays"] = arrays
+    reply.content["metrics"]["bytes-sent"] = arrays.count_bytes()
+    return reply
 
 
 def _dp_weight(cfg: AppConfig) -> dict[str, int]:
@@ -77,14 +96,16 @@ def _dp_weight(cfg: AppConfig) -> dict[str, int]:
 
 
 def _open_store(node: NodeData, retriever: DualEncoder) -> KnowledgeStore:
-    return KnowledgeStore.open(**node.store, embedding_model=retriever.name, dim=retriever.dim)
+    return KnowledgeStore.open(**node.store, embedding_model=retriever.name, dim=retriever.dim,
+                               context_fingerprint=retriever.context_fingerprint())
 
 
 def _prepare(msg: Message, context: Context) -> tuple[AppConfig, NodeData, Generator, DualEncoder]:
     """Config once (at this node's LoRA rank), the node's data locations, and the models set to the global weights
-    in the message: a node of lower rank than the global adapter takes its truncation (with zero-padding
-    aggregation) or its best rank-r approximation (with product averaging, i.e. stacking)."""
+    in the message: a node of lower rank than the global adapter takes its truncation (fed.lora-aggregation =
+    fedavg) or its best rank-r approximation (product); the server recomputes the same to average its update."""
     run_cfg = AppConfig.from_flat(context.run_config)
+    check_federated(run_cfg)
     node = node_data(run_cfg, context.node_config)
     cfg = run_cfg.for_rank(run_cfg.node_rank(node.partition_id, node.lora_rank))
     gen, retriever = _models(cfg)
@@ -105,7 +126,7 @@ def _round_of(msg: Message, context: Context) -> RoundOf:
     return RoundOf(run_id=context.run_id, server_round=int(config["server-round"]) + offset, round_offset=offset)
 
 
-@app.train(mods=[privacy_mod])
+@app.train(mods=[wire_mod, privacy_mod])
 def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     cfg, node, gen, retriever = _prepare(msg, context)
@@ -113,7 +134,7 @@ def train(msg: Message, context: Context) -> Message:
     at = _round_of(msg, context)
     with _open_store(node, retriever) as store, personal_adapter(cfg, gen, node.state_dir, node.partition_id, at, keep=True):
         result = run_local_round(cfg, gen, retriever, store, examples, server_round=at.server_round)
-    arrays = pack_weights(*exchanged_weights(cfg, gen, retriever), retriever_dtype=cfg.retriever.wire_dtype)
+    arrays = pack_weights(*exchanged_weights(cfg, gen, retriever))  # fp32: wire_mod casts the retriever update
     release_memory()  # the round's activations and optimizer states: other actors on this GPU may need them
     extra = _dp_weight(cfg)
     if cfg.fed.lora_aggregation == "ffa":

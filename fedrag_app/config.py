@@ -77,9 +77,9 @@ class RetrieverConfig:
 
     model: str = _help("short name, hub id or local path of a sentence-transformers model (query encoder)", "all-minilm-l6-v2")
     context_model: str = _help("context encoder (embeds the store); '' = a frozen copy of the query encoder's start", "")
-    train_context_encoder: bool = _help("LSR also trains the context encoder (then the store is re-indexed)", False)
+    train_context_encoder: bool = _help("LSR also trains the context encoder (centralized only: re-indexes the store)", False)
     train_top_layers: int = _help("train only the top N transformer layers of the query encoder; 0 = all", 0)
-    wire_dtype: str = _help("float32 | float16: dtype of retriever weights sent over the network", "float32")
+    wire_dtype: str = _help("float32 | float16: dtype of the retriever update nodes send back", "float32")
 
     def __post_init__(self) -> None:
         _positive("retriever", "train_top_layers", self.train_top_layers, zero_ok=True)

@@ -68,6 +68,12 @@ def _fill(store: KnowledgeStore, passages: Iterable[Passage], encoder, batch_siz
     return IndexStats(count, encode_s, upsert_s, time.perf_counter() - t2)
 
 
+def _fingerprint(encoder) -> str | None:
+    """The context encoder's weight fingerprint, recorded in the store (None for an encoder without one)."""
+    fingerprint = getattr(encoder, "context_fingerprint", None)
+    return fingerprint() if fingerprint else None
+
+
 def build_shard(passages: Iterable[Passage], encoder, *, path: str | None = None, url: str | None = None,
                 collection: str = "passages", batch_size: int = 16, chunk_size: int = 512, total: int | None = None,
                 progress: bool = True, replace: bool = False) -> IndexStats:
@@ -76,7 +82,8 @@ def build_shard(passages: Iterable[Passage], encoder, *, path: str | None = None
     ``replace`` swaps a new build over an existing shard (re-indexing); otherwise an existing one is an error.
     """
     if url:
-        with KnowledgeStore.create(url=url, collection=collection, embedding_model=encoder.name, dim=encoder.dim) as store:
+        with KnowledgeStore.create(url=url, collection=collection, embedding_model=encoder.name, dim=encoder.dim,
+                                   context_fingerprint=_fingerprint(encoder)) as store:
             return _fill(store, passages, encoder, batch_size, chunk_size, total, progress)
     target = Path(path).expanduser().resolve()
     if target.exists() and not replace:
@@ -84,7 +91,8 @@ def build_shard(passages: Iterable[Passage], encoder, *, path: str | None = None
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
     try:
-        with KnowledgeStore.create(path=tmp / "store", embedding_model=encoder.name, dim=encoder.dim) as store:
+        with KnowledgeStore.create(path=tmp / "store", embedding_model=encoder.name, dim=encoder.dim,
+                                   context_fingerprint=_fingerprint(encoder)) as store:
             stats = _fill(store, passages, encoder, batch_size, chunk_size, total, progress)
         old = None
         if target.exists():

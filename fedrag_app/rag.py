@@ -34,7 +34,8 @@ def store_location(cfg: AppConfig) -> dict[str, str]:
 
 def open_store(cfg: AppConfig, retriever: DualEncoder) -> KnowledgeStore:
     """Open the configured shard, checked against the retriever that will query it."""
-    return KnowledgeStore.open(**store_location(cfg), embedding_model=retriever.name, dim=retriever.dim)
+    return KnowledgeStore.open(**store_location(cfg), embedding_model=retriever.name, dim=retriever.dim,
+                               context_fingerprint=retriever.context_fingerprint())
 
 
 class RagPipeline:

@@ -68,24 +68,29 @@ def index(
     sets: Optional[list[str]] = SetOpt,
     data_dir: Optional[str] = DataDirOpt,
 ) -> None:
-    """Encode a passage corpus and build a Qdrant shard (embedded Qdrant Edge by default)."""
-    from fedrag_app.data import iter_passages
-    from fedrag_app.ingest import build_shard
+    """Encode a passage corpus and build a Qdrant shard (embedded Qdrant Edge by default).
+
+    Vectors go through the embedding cache: an interrupted index resumes from what was already encoded, and a
+    rebuild (or another shard of the same corpus) encodes nothing again.
+    """
+    from fedrag_app.data import load_passages
     from fedrag_app.knowledge_store import KnowledgeStore
-    from fedrag_app.rag import store_location
+    from fedrag_app.rag import build_store, store_location
 
     if corpus is not None and corpus.is_dir():
         corpus = corpus / "passages.jsonl"
     cfg = load_config(config, sets, **{"data.corpus": str(corpus.resolve()) if corpus else None,
                                        "store.passages-limit": limit, "store.path": store, "data.dir": data_dir})
-    _, retriever = _models(cfg, generator=False)
     where = store_location(cfg)
     if "path" in where and Path(where["path"]).exists() and not rebuild:
+        _, retriever = _models(cfg, generator=False)
         with KnowledgeStore.open(**where, embedding_model=retriever.name, dim=retriever.dim) as kb:
             console.print(f"[green]already indexed[/] {kb.count()} passages in {where['path']} (--rebuild to redo)")
         return
-    stats = build_shard(iter_passages(cfg.data, limit=cfg.store.passages_limit), retriever,
-                        batch_size=cfg.store.index_batch_size, progress=True, replace=rebuild, **where)
+    with console.status("reading the corpus"):
+        passages = load_passages(cfg.data, limit=cfg.store.passages_limit)  # counted (and checked) before any model loads
+    _, retriever = _models(cfg, generator=False)
+    stats = build_store(cfg, retriever, passages=passages, progress=True, replace=rebuild)
     console.print(f"[green]indexed[/] {stats} -> {where.get('path') or where.get('url')}")
 
 
@@ -112,11 +117,13 @@ def ask(
         cfg = load_config(config, sets, **{"eval.top-k": top_k, "generator.adapter-path": adapter})
         return ask_federation(question, federation, federation_config, cfg, local=retriever_path or store)
     from fedrag_app.generator import load_generator
-    from fedrag_app.rag import RagPipeline, open_store
+    from fedrag_app.rag import RagPipeline, check_store, open_store
     from fedrag_app.retriever import load_retriever
     from fedrag_app.runtime import apply_runtime
 
     cfg = load_config(config, sets, **{"eval.top-k": top_k, "store.path": store, "generator.adapter-path": adapter})
+    if cfg.eval.top_k:
+        check_store(cfg)  # a missing store fails here, not after ~20 s of model loading
     device = apply_runtime(cfg.runtime)
     with console.status("loading models and store"):
         retriever = load_retriever(cfg.retriever, device=device, path=retriever_path)

@@ -196,7 +196,8 @@ class PartitionConfig:
     heldout_fraction: float = _help("share of each partition kept as its local held-out split", 0.1)
     doc_overlap: float = _help("share of articles also given to a second institution", 0.0)
     questions_per_client: int = _help("keep the first N training questions of each client; 0 = all (~1,260 each for 3)", 48)
-    passages_per_client: int = _help("index the first N passages of each client's articles; 0 = all (~15k each for 3)", 1500)
+    passages_per_client: int = _help("index the first N passages of each client's articles; 0 = all (~15k each for 3; "
+                                     "encoded once into the embedding cache, ~45 min for the corpus on 2 cores)", 0)
     dir: str = _help("absolute output folder; '' = $FEDRAG_PARTITIONS_DIR, else ./data_partitions", "")
 
     def __post_init__(self) -> None:

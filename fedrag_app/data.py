@@ -62,11 +62,16 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> Iterator[tup
     """Yield (line number, object) per non-blank line; errors name ``file:line``."""
     path = Path(path)
     try:
-        f = path.open(encoding="utf-8")
+        f = path.open("rb")  # decoded line by line, so a byte that is not UTF-8 is reported at its line
     except FileNotFoundError as e:
         raise DataError(f"{path}: file not found") from e
     with f:
-        for lineno, line in enumerate(f, 1):
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                "save the file as UTF-8") from e
             if not line.strip():
                 continue
             try:
@@ -167,6 +172,14 @@ def iter_passages(cfg: DataConfig, limit: int = 0) -> Iterator[Passage]:
         yield Passage(str(obj["id"]), str(obj.get("title", "")), str(obj["text"]))
         if limit and n >= limit:
             return
+
+
+def load_passages(cfg: DataConfig, limit: int = 0) -> list[Passage]:
+    """All passages (or the first ``limit``), read and checked before any model loads; an empty corpus is an error."""
+    passages = list(iter_passages(cfg, limit))
+    if not passages:
+        raise DataError(f"{corpus_path(cfg)}: the corpus holds no passages (expected JSONL lines with id/title/text)")
+    return passages
 
 
 def _hub(dataset_id: str, name: str | None = None, *, split: str) -> list[dict]:

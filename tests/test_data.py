@@ -7,6 +7,7 @@ from fedrag_app.data import (
     QAExample,
     iter_passages,
     load_mmlu,
+    load_passages,
     load_qa_jsonl,
     load_web_questions,
     write_qa_jsonl,
@@ -37,6 +38,20 @@ def test_passages_stream_with_a_limit(data_dir):
     passages = list(iter_passages(DataConfig(dir=str(data_dir)), limit=3))
     assert [p.id for p in passages] == ["enwiki2015-12-0", "enwiki2015-12-1", "enwiki2015-12-2"]
     assert passages[0].title and passages[0].text
+
+
+def test_a_corpus_that_is_not_utf8_names_file_and_line(tmp_path):
+    corpus = tmp_path / "latin1.jsonl"
+    corpus.write_bytes(b'{"id": "a", "title": "t", "text": "ok"}\n{"id": "b", "title": "Caf\xe9", "text": "x"}\n')
+    with pytest.raises(DataError, match=r"latin1\.jsonl:2: not UTF-8 \(byte 0xe9 at column 26\)"):
+        load_passages(DataConfig(corpus=str(corpus)))
+
+
+def test_an_empty_corpus_is_an_error(tmp_path):
+    corpus = tmp_path / "empty.jsonl"
+    corpus.write_text("\n  \n")
+    with pytest.raises(DataError, match=r"empty\.jsonl: the corpus holds no passages"):
+        load_passages(DataConfig(corpus=str(corpus)))
 
 
 def test_malformed_line_names_file_and_line(tmp_path):

@@ -103,8 +103,11 @@ class TrainConfig:
 
     mode: str = _help("ralt (generator) | lsr (retriever) | ra-dit (both)", "ra-dit")
     ra_dit_schedule: str = _help("alternate (LSR on odd rounds, RALT on even) | joint (LSR then RALT each round)", "joint")
-    num_examples: int = _help("use the first N training pairs; 0 = all", 0)
-    epochs: int = _help("passes over the training pairs per round", 1)
+    num_examples: int = _help("questions per round: round r trains on the next N of a walk through all the node's "
+                              "questions (each pass in a fresh shuffle from runtime.seed; a resume continues it), one "
+                              "gold answer each, the pass picking which; 0 = all of them every round", 0)
+    epochs: int = _help("passes over this round's questions in each phase (R rounds thus pass epochs x R x "
+                        "num-examples / Q times over a node's Q questions)", 1)
     max_steps: int = _help("stop after N optimizer steps per phase; 0 = run the epochs", 0)
     output_dir: str = _help("where `fedrag-app train` writes adapter, retriever and metrics", "outputs/train")
 

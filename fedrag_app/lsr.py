@@ -13,6 +13,7 @@ probabilities that underflow to 0, giving a uniform target).
 
 from __future__ import annotations
 
+import math
 import random
 import time
 
@@ -93,31 +94,52 @@ def retriever_scores(retriever: DualEncoder, examples: list[QAExample], hits: li
     return torch.einsum("bd,bkd->bk", queries, contexts)  # (B, k)
 
 
+def entropy(log_p: torch.Tensor) -> torch.Tensor:
+    """(B,) entropy in nats of each row of a (B, k) log-distribution."""
+    return -(log_p.exp() * log_p).sum(-1)
+
+
 def train_lsr(gen: Generator, retriever: DualEncoder, store: KnowledgeStore, examples: list[QAExample],
               cfg: LsrConfig, *, epochs: int = 1, max_steps: int = 0, seed: int = 0,
               on_step: StepCallback | None = None) -> dict[str, float]:
     """One LSR phase: candidates and LM scores once (both fixed during the phase), then AdamW on the retriever."""
-    rng = random.Random(seed)
     start = time.perf_counter()
     hits = retrieve(retriever, store, [e.question for e in examples], cfg.top_k, with_vectors=True)
     keep = [i for i, h in enumerate(hits) if len(h) == cfg.top_k]  # a store smaller than k cannot rank k
     examples, hits = [examples[i] for i in keep], [hits[i] for i in keep]
-    batches = [list(range(s, min(s + cfg.batch_size, len(examples)))) for s in range(0, len(examples), cfg.batch_size)]
     targets = lm_scores(gen, examples, hits, cfg) if examples else torch.zeros(0, cfg.top_k)  # (N, k), all at once
+    metrics = lsr_steps(retriever, examples, hits, targets, cfg, epochs=epochs, max_steps=max_steps, seed=seed,
+                        on_step=on_step)
+    return metrics | {"lsr-seconds": time.perf_counter() - start}
+
+
+def lsr_steps(retriever: DualEncoder, examples: list[QAExample], hits: list[list[Hit]], targets: torch.Tensor,
+              cfg: LsrConfig, *, epochs: int = 1, max_steps: int = 0, seed: int = 0,
+              on_step: StepCallback | None = None) -> dict[str, float]:
+    """AdamW on the retriever towards fixed LM scores ``targets`` (N, k) of the candidates ``hits``.
+
+    Metrics say whether there was anything to learn: the target's entropy (nats, and over log k: 1 = uniform,
+    nothing to learn), the retriever's own entropy on the candidates at the start (from the store's scores), and
+    KL(p_LSR || p_R) of each step's batch before the step (first / last / mean), whatever the loss direction."""
+    rng = random.Random(seed)
+    batches = [list(range(s, min(s + cfg.batch_size, len(examples)))) for s in range(0, len(examples), cfg.batch_size)]
     optimizer = torch.optim.AdamW(retriever.trainable_parameters(), lr=cfg.learning_rate, weight_decay=0.0)
     losses: list[float] = []
+    kls: list[float] = []
+    temps = dict(retriever_temperature=cfg.retriever_temperature, lm_temperature=cfg.lm_temperature)
     retriever.query_model.train()
     try:
         for _ in range(epochs):
             rng.shuffle(batches)
             for b in batches:
                 scores = retriever_scores(retriever, [examples[i] for i in b], [hits[i] for i in b])
-                loss = lsr_loss(scores, targets[b].to(scores), retriever_temperature=cfg.retriever_temperature,
-                                lm_temperature=cfg.lm_temperature, kl_direction=cfg.kl_direction)
+                target = targets[b].to(scores)
+                loss = lsr_loss(scores, target, kl_direction=cfg.kl_direction, **temps)
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.item())
+                kls.append(lsr_loss(scores.detach(), target, kl_direction="lsr-retriever", **temps).item())
                 if on_step is not None:
                     on_step(len(losses), losses[-1], None)
                 if max_steps and len(losses) >= max_steps:
@@ -126,11 +148,20 @@ def train_lsr(gen: Generator, retriever: DualEncoder, store: KnowledgeStore, exa
                 break
     finally:
         retriever.query_model.eval()
+    stored = torch.tensor([[h.score for h in ex_hits] for ex_hits in hits]).view(len(hits), cfg.top_k)  # (N, k)
+    log_p_r, log_p_lsr = log_distributions(stored, targets, **temps)
+    log_k = math.log(cfg.top_k)
+    target_entropy = entropy(log_p_lsr).mean().item() if len(hits) else 0.0
     return {
         "lsr-loss-first": losses[0] if losses else 0.0,
         "lsr-loss-last": losses[-1] if losses else 0.0,
         "lsr-loss-mean": sum(losses) / len(losses) if losses else 0.0,
+        "lsr-kl-first": kls[0] if kls else 0.0,
+        "lsr-kl-last": kls[-1] if kls else 0.0,
+        "lsr-kl-mean": sum(kls) / len(kls) if kls else 0.0,
+        "lsr-target-entropy": target_entropy,
+        "lsr-target-entropy-norm": target_entropy / log_k,
+        "lsr-retriever-entropy": entropy(log_p_r).mean().item() if len(hits) else 0.0,
         "lsr-steps": float(len(losses)),
-        "lsr-seconds": time.perf_counter() - start,
         "lsr-needs-reindex": float(retriever.train_context and bool(losses)),
     }

@@ -8,6 +8,7 @@ same inputs give the same weights, which is what lets a test prove the two paths
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import time
@@ -21,6 +22,7 @@ from fedrag_app.lsr import train_lsr
 from fedrag_app.ralt import train_ralt
 from fedrag_app.retriever import DualEncoder
 from fedrag_app.runtime import seed_everything
+from fedrag_app.score_cache import ScoreCache, default_path
 
 
 @dataclass
@@ -87,6 +89,13 @@ def round_examples(examples: list[QAExample], num_examples: int, seed: int, serv
     return out
 
 
+def _score_cache(cfg: AppConfig):
+    """The LM-score cache when the generator stays frozen all run (train.mode = lsr), else nothing (None)."""
+    if cfg.train.mode == "lsr" and cfg.lsr.score_cache:
+        return ScoreCache(default_path())
+    return contextlib.nullcontext()
+
+
 def run_local_round(cfg: AppConfig, gen: Generator, retriever: DualEncoder, store: KnowledgeStore,
                     examples: list[QAExample], *, server_round: int = 1) -> RoundResult:
     """Train in place per cfg.train (mode, schedule, epochs, max steps) on this round's share of ``examples``
@@ -99,8 +108,9 @@ def run_local_round(cfg: AppConfig, gen: Generator, retriever: DualEncoder, stor
     metrics: dict[str, float] = {"server-round": float(server_round)}
     for phase in phases(cfg.train, server_round):
         if phase == "lsr":
-            metrics.update(train_lsr(gen, retriever, store, examples, cfg.lsr, epochs=cfg.train.epochs,
-                                     max_steps=cfg.train.max_steps, seed=seed))
+            with _score_cache(cfg) as cache:
+                metrics.update(train_lsr(gen, retriever, store, examples, cfg.lsr, epochs=cfg.train.epochs,
+                                         max_steps=cfg.train.max_steps, seed=seed, cache=cache))
         else:
             metrics.update(train_ralt(gen, retriever, store, examples, cfg.ralt, epochs=cfg.train.epochs,
                                       max_steps=cfg.train.max_steps, seed=seed))

@@ -78,7 +78,8 @@ class RetrieverConfig:
     model: str = _help("short name, hub id or local path of a sentence-transformers model (query encoder)", "all-minilm-l6-v2")
     context_model: str = _help("context encoder (embeds the store); '' = a frozen copy of the query encoder's start", "")
     train_context_encoder: bool = _help("LSR also trains the context encoder (centralized only: re-indexes the store)", False)
-    train_top_layers: int = _help("train only the top N transformer layers of the query encoder; 0 = all", 0)
+    train_top_layers: int = _help("train only the top N transformer layers of the query encoder; 0 = all (2: 16 MB "
+                                  "a message, not 92, and held-out LSR no worse: docs/LSR.md)", 2)
     wire_dtype: str = _help("float32 | float16: dtype of the retriever update nodes send back", "float32")
 
     def __post_init__(self) -> None:
@@ -107,8 +108,11 @@ class TrainConfig:
 
     mode: str = _help("ralt (generator) | lsr (retriever) | ra-dit (both)", "ra-dit")
     ra_dit_schedule: str = _help("alternate (LSR on odd rounds, RALT on even) | joint (LSR then RALT each round)", "joint")
-    num_examples: int = _help("use the first N training pairs; 0 = all", 0)
-    epochs: int = _help("passes over the training pairs per round", 1)
+    num_examples: int = _help("questions per round: round r trains on the next N of a walk through all the node's "
+                              "questions (each pass in a fresh shuffle from runtime.seed; a resume continues it), one "
+                              "gold answer each, the pass picking which; 0 = all of them every round", 0)
+    epochs: int = _help("passes over this round's questions in each phase (R rounds thus pass epochs x R x "
+                        "num-examples / Q times over a node's Q questions)", 1)
     max_steps: int = _help("stop after N optimizer steps per phase; 0 = run the epochs", 0)
     output_dir: str = _help("where `fedrag-app train` writes adapter, retriever and metrics", "outputs/train")
 
@@ -143,14 +147,17 @@ class RaltConfig:
 class LsrConfig:
     """LM-supervised retrieval: trains the query encoder towards passages the LM finds useful."""
 
-    learning_rate: float = _help("AdamW learning rate for the retriever", 1e-5)
+    learning_rate: float = _help("AdamW learning rate for the retriever (1e-5 barely moves it, 3e-4 overfits: docs/LSR.md)", 1e-4)
     batch_size: int = _help("questions per step", 4)
     top_k: int = _help("candidate passages per question", 4)
-    retriever_temperature: float = _help("tau: p_R = softmax(score / tau)", 0.1)
-    lm_temperature: float = _help("beta: p_LSR = softmax(log p_LM(answer | passage, question) / beta)", 1.0)
-    lm_score: str = _help("sum | mean of answer-token log-probs", "mean")
+    retriever_temperature: float = _help("tau: p_R = softmax(cosine / tau); 0.05: H(p_R)/log k 0.72 at k=4, near the target's", 0.05)
+    lm_temperature: float = _help("beta: p_LSR = softmax(log p_LM(answer | passage, question) / beta); sum at 1.0: H/log k 0.60", 1.0)
+    lm_score: str = _help("sum | mean of answer-token log-probs (mean at beta 1: H(p_LSR)/log k 0.86, nearly uniform)", "sum")
     kl_direction: str = _help("lsr-retriever = KL(p_LSR || p_R) (REPLUG/Atlas) | retriever-lsr = KL(p_R || p_LSR)", "lsr-retriever")
     max_seq_len: int = _help("tokens per scored sequence", 512)
+    score_cache: bool = _help("with train.mode = lsr (frozen generator), keep each sequence's LM score in "
+                              "<cache>/lm_scores.sqlite, keyed by the weights and token ids: rounds, seeds and runs "
+                              "score it once", True)
 
     def __post_init__(self) -> None:
         _positive("lsr", "learning_rate", self.learning_rate)

@@ -21,7 +21,18 @@ def test_web_questions_splits_have_their_published_sizes(data_dir):
     assert (len(train), len(test)) == (3778, 2032)
     assert train[0].question == "what is the name of justin bieber brother?"
     assert train[0].topic == "justin_bieber" and "Jaxon Bieber" in train[0].answers
-    assert train[0].target == "Jazmyn Bieber, Jaxon Bieber"
+    assert train[0].answers == ("Jazmyn Bieber", "Jaxon Bieber")
+
+
+def test_the_training_target_is_one_gold_answer_each_in_its_turn(data_dir):
+    """The joined list ("Jazmyn Bieber, Jaxon Bieber", FedRAG's target) can never exact-match a gold answer."""
+    from dataclasses import replace
+
+    from fedrag_app.metrics import exact_match
+
+    bieber = load_web_questions("train", DataConfig(dir=str(data_dir)))[0]
+    assert [replace(bieber, turn=t).target for t in range(3)] == ["Jazmyn Bieber", "Jaxon Bieber", "Jazmyn Bieber"]
+    assert exact_match(bieber.target, bieber.answers) == 1.0
 
 
 def test_mmlu_global_facts_by_default_and_any_subject(data_dir):

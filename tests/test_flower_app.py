@@ -7,6 +7,7 @@ The one-client federated round is checked bit for bit against `fedrag-app train`
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 
 import numpy as np
@@ -224,8 +225,11 @@ def test_one_client_federated_round_equals_centralized_training(node, small_shar
     from fedrag_app.retriever import load_retriever
     from fedrag_app.training_run import train_centralized
 
+    central_data = tmp_path / "data" / "web_questions"  # centralized trains on the train split: the node's questions
+    central_data.mkdir(parents=True)
+    shutil.copy(node["data-path"], central_data / "train.jsonl")
     run = {**TINY, "fed.num-server-rounds": 1, "train.output-dir": str(tmp_path / "central"),
-           "store.path": small_shard_path}
+           "store.path": small_shard_path, "data.dir": str(tmp_path / "data")}
     cfg = AppConfig.from_flat(run)
     client_app._MODELS.clear()  # the client starts from a fresh load, as train_centralized does
     sent = _global_weights(cfg)

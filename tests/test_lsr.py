@@ -123,31 +123,31 @@ def test_train_lsr_with_the_defaults_moves_the_lm_preferred_passage_up(generator
     torch.manual_seed(0)
     retriever = load_retriever(RetrieverConfig())  # its own copy: it trains
     cfg = LsrConfig()
-    examples = [e for e in load_web_questions("train", DataConfig(dir=str(data_dir))) if e.topic in SHARD_TOPICS][:4]
+    examples = [e for e in load_web_questions("train", DataConfig(dir=str(data_dir))) if e.topic in SHARD_TOPICS][:8]
     with KnowledgeStore.open(path=small_shard_path) as store:
         hits = retrieve(retriever, store, [e.question for e in examples], cfg.top_k, with_vectors=True)
-    target = lm_scores(generator, examples, hits, cfg)  # (4, k): what train_lsr will compute again
-    favourite = target.argmax(-1)  # (4,): the LM's preferred candidate
+    target = lm_scores(generator, examples, hits, cfg)  # (8, k): what train_lsr will compute again
+    favourite = target.argmax(-1)  # (8,): the LM's preferred candidate
 
     def measure() -> tuple[float, float, int]:
         """KL(p_LSR || p_R), mean p_R of the favourite, sum of its ranks, on the same candidates as train_lsr's."""
         with torch.no_grad():
-            scores = retriever_scores(retriever, examples, hits)  # (4, k)
+            scores = retriever_scores(retriever, examples, hits)  # (8, k)
         kl = lsr_loss(scores, target, retriever_temperature=cfg.retriever_temperature, lm_temperature=cfg.lm_temperature)
-        fav = scores[torch.arange(4), favourite]
-        p_fav = F.softmax(scores / cfg.retriever_temperature, -1)[torch.arange(4), favourite]
+        fav = scores[torch.arange(8), favourite]
+        p_fav = F.softmax(scores / cfg.retriever_temperature, -1)[torch.arange(8), favourite]
         return kl.item(), p_fav.mean().item(), int((1 + (scores > fav[:, None]).sum(-1)).sum())
 
     kl_before, p_before, ranks_before = measure()
-    assert ranks_before > 4, "the LM must prefer a passage the retriever does not rank first"
+    assert ranks_before > 8 + 6, "the LM must prefer passages the retriever does not rank first"
     with KnowledgeStore.open(path=small_shard_path) as store:
-        metrics = train_lsr(generator, retriever, store, examples, cfg, epochs=10, seed=0)
+        metrics = train_lsr(generator, retriever, store, examples, cfg, epochs=6, seed=0)
     kl_after, p_after, ranks_after = measure()
-    assert metrics["lsr-steps"] == 10 and metrics["lsr-target-entropy-norm"] < 0.9, metrics
+    assert p_after > p_before + 0.15, (p_before, p_after)  # measured: 0.25 -> 0.60
+    assert ranks_after <= ranks_before - 6, (ranks_before, ranks_after)  # 21 -> 8 (8 = first everywhere)
+    assert kl_after < 0.5 * kl_before, (kl_before, kl_after)  # 0.62 -> 0.03
+    assert metrics["lsr-steps"] == 12 and metrics["lsr-target-entropy-norm"] < 0.9, metrics
     assert metrics["lsr-kl-last"] < metrics["lsr-kl-first"], metrics
-    assert kl_after < 0.7 * kl_before, (kl_before, kl_after)
-    assert p_after > p_before + 0.05, (p_before, p_after)
-    assert ranks_after < ranks_before, (ranks_before, ranks_after)
 
 
 def test_the_score_cache_answers_a_frozen_generator_and_misses_a_changed_one(generator, tmp_path):

@@ -122,7 +122,7 @@ def shard_path(retriever) -> str:
     return path
 
 
-def run_ours(workload: str, steps: int) -> dict:
+def run_ours(workload: str, steps: int, overrides: list[str] = ()) -> dict:
     import torch
     from peer_fedrag import peak_rss_mib  # same folder; the measure the peer reports too
 
@@ -136,7 +136,8 @@ def run_ours(workload: str, steps: int) -> dict:
     from fedrag_app.runtime import apply_runtime
 
     cfg = AppConfig.from_flat({"runtime.seed": SEED, "runtime.num-threads": 2, "ralt.batch-size": 4, "ralt.top-k": 2,
-                               "ralt.learning-rate": 1e-4, "lsr.batch-size": 4, "lsr.top-k": 2, "lsr.learning-rate": 1e-4})
+                               "ralt.learning-rate": 1e-4, "lsr.batch-size": 4, "lsr.top-k": 2, "lsr.learning-rate": 1e-4,
+                               **dict(kv.split("=", 1) for kv in overrides)})
     apply_runtime(cfg.runtime)
     gen, retriever = load_generator(cfg.generator), load_retriever(cfg.retriever)
     path = shard_path(retriever)
@@ -165,7 +166,7 @@ def run_ours(workload: str, steps: int) -> dict:
            "s_per_step_median": statistics.median(intervals), "s_per_step_whole_phase": total / len(marks),
            "peak_rss_mib": peak_rss_mib(), "matmul_peak_gflops": peak,
            "loss_first": metrics[f"{workload}-loss-first"], "loss_last": metrics[f"{workload}-loss-last"],
-           "torch_threads": torch.get_num_threads()}
+           "torch_threads": torch.get_num_threads(), "forward_tokens": cfg.ralt.forward_tokens}
     if workload == "ralt":
         timed = sum(intervals)
         out["tokens_per_s"] = sum(tokens[1:]) / timed
@@ -196,15 +197,19 @@ def report(rows: list[dict]) -> None:
             continue
         med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
         print(f"\n== {workload.upper()} ({len(ours)} run(s) ours, {len(peer)} peer)")
+        rss = med(ours, 'peak_rss_mib')
         print(f"  ours: {med(ours, 's_per_step_median'):.2f} s/step median (whole phase {med(ours, 's_per_step_whole_phase'):.2f}),"
-              f" peak RSS {med(ours, 'peak_rss_mib'):.0f} MiB, loss {ours[0]['loss_first']:.4f} -> {ours[0]['loss_last']:.4f}")
+              f" peak RSS {rss:.0f} MiB, loss {ours[0]['loss_first']:.4f} -> {ours[0]['loss_last']:.4f}"
+              + (f" (ralt.forward-tokens {ours[0]['forward_tokens']}; target <= 3072 MiB: {'met' if rss <= 3072 else 'NOT met'})"
+                 if workload == "ralt" else ""))
         if workload == "ralt":
             print(f"  ours: {med(ours, 'tokens_per_s'):.0f} non-padding tokens/s, {med(ours, 'achieved_gflops'):.0f} GFLOP/s"
-                  f" of a measured fp32 matmul peak {med(ours, 'matmul_peak_gflops'):.0f} GFLOP/s -> MFU {med(ours, 'mfu'):.0%}")
+                  f" of a measured fp32 matmul peak {med(ours, 'matmul_peak_gflops'):.0f} GFLOP/s -> MFU {med(ours, 'mfu'):.0%}"
+                  f" (target >= 65%)")
         else:
             print(f"  ours: retriever weights changed: {ours[0]['retriever_changed']}; LM scoring "
                   f"{med(ours, 'lm_scoring_seconds'):.1f} s of the phase at {med(ours, 'achieved_gflops'):.0f} GFLOP/s of a "
-                  f"measured fp32 matmul peak {med(ours, 'matmul_peak_gflops'):.0f} GFLOP/s -> MFU {med(ours, 'mfu'):.0%}")
+                  f"measured fp32 matmul peak {med(ours, 'matmul_peak_gflops'):.0f} GFLOP/s -> MFU {med(ours, 'mfu'):.0%} (target >= 65%)")
         if peer:
             key = "tokens_per_s" if workload == "ralt" else None
             print(f"  fed-rag: {med(peer, 's_per_step_median'):.2f} s/step median, peak RSS {med(peer, 'peak_rss_mib'):.0f} MiB"
@@ -223,15 +228,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--peer", default="", help="python of a virtualenv with fed-rag==0.0.27 (runs benchmarks/peer_fedrag.py)")
     ap.add_argument("--json", default="", help="also write every run's figures here")
+    ap.add_argument("--set", action="append", default=[], help="run-config override for ours, e.g. ralt.forward-tokens=0")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(run_ours(args.workload, args.steps)))
+        print(json.dumps(run_ours(args.workload, args.steps, args.set)))
         return
     rows = []
     for _ in range(args.repeats):
         for workload in (["ralt", "lsr"] if args.workload == "both" else [args.workload]):
-            rows.append(in_subprocess(sys.executable, Path(__file__), workload, args.steps, "--one"))
+            rows.append(in_subprocess(sys.executable, Path(__file__), workload, args.steps, "--one",
+                                      *(f"--set={kv}" for kv in args.set)))
             if args.peer:
                 peer = in_subprocess(args.peer, HERE / "peer_fedrag.py", workload, args.steps)
                 rows.append({**peer, "system": "fed-rag", "workload": workload})

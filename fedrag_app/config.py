@@ -134,9 +134,12 @@ class RaltConfig:
     max_seq_len: int = _help("tokens per sequence; the context is truncated, never the answer", 512)
     no_context_ratio: float = _help("share of extra examples with no retrieved passage", 0.0)
     length_grouping: bool = _help("group sequences of similar length into a batch to cut padding", True)
+    forward_tokens: int = _help("most padded tokens per forward/backward: a step's batch runs as micro-batches of whole "
+                                "sequences, gradients summed (same loss; bounds activation memory); 0 = all at once", 1024)
 
     def __post_init__(self) -> None:
         _positive("ralt", "learning_rate", self.learning_rate)
+        _positive("ralt", "forward_tokens", self.forward_tokens, zero_ok=True)
         _positive("ralt", "batch_size", self.batch_size)
         _positive("ralt", "top_k", self.top_k)
         _positive("ralt", "max_seq_len", self.max_seq_len)

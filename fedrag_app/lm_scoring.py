@@ -15,11 +15,18 @@ def _decoder_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
     return base.get_decoder(), base.get_output_embeddings()
 
 
+def _right_padded(attention_mask: torch.Tensor) -> bool:
+    """Every row is ones then zeros. Under a causal mask no real token then sees padding, so the decoder can run
+    without the mask: SDPA takes its causal kernel with no (B, 1, T, T) mask and no repeated GQA keys/values."""
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+
+
 def answer_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                           labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """log p of every answer token (labels != −100) and the row it belongs to: ((N,), (N,))."""
     decoder, head = _decoder_and_head(model)
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    mask_in = None if _right_padded(attention_mask) else attention_mask  # positions are 0..T-1 either way
+    hidden = decoder(input_ids=input_ids, attention_mask=mask_in).last_hidden_state  # (B, T, H)
     targets = labels[:, 1:]  # (B, T-1): token t+1 is predicted at position t
     mask = targets != -100  # (B, T-1)
     logits = head(hidden[:, :-1][mask]).float()  # (N, V): only where an answer token is predicted

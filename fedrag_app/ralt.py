@@ -117,6 +117,35 @@ def collate(batch: list[LabelledSequence], pad_id: int, device) -> dict[str, tor
     return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "labels": labels.to(device)}
 
 
+def micro_batches(batch: list[LabelledSequence], max_tokens: int) -> list[list[LabelledSequence]]:
+    """The batch sorted by length and cut into runs of whole sequences whose padded size (rows x widest) stays
+    within ``max_tokens`` (0: one run). Activation memory follows the run, and each run pads only to its own
+    widest sequence; a sequence longer than the budget runs alone."""
+    ordered = sorted(batch, key=lambda s: len(s.input_ids))
+    if not max_tokens:
+        return [ordered]
+    runs: list[list[LabelledSequence]] = [[]]
+    for s in ordered:  # ascending: the newest sequence is the widest of its run
+        if runs[-1] and len(s.input_ids) * (len(runs[-1]) + 1) > max_tokens:
+            runs.append([])
+        runs[-1].append(s)
+    return runs
+
+
+def accumulate_gradients(gen: Generator, batch: list[LabelledSequence], max_tokens: int) -> tuple[float, int]:
+    """Backward of RALT's batch loss (the mean over sequences of answer_nll), one micro-batch at a time:
+    each run's mean is weighted by its share of the sequences, so the gradients sum to the whole batch's.
+    Returns (loss, non-padding tokens)."""
+    loss, tokens = 0.0, 0
+    for run in micro_batches(batch, max_tokens):
+        inputs = collate(run, gen.tokenizer.pad_token_id, gen.device)
+        part = answer_nll(gen.model, **inputs) * (len(run) / len(batch))
+        part.backward()
+        loss += part.item()
+        tokens += int(inputs["attention_mask"].sum())
+    return loss, tokens
+
+
 StepCallback = Callable[[int, float, "dict[str, torch.Tensor] | None"], None]
 
 
@@ -131,7 +160,8 @@ def trainable_lora_parameters(gen: Generator) -> list[torch.nn.Parameter]:
 def train_ralt(gen: Generator, retriever: DualEncoder, store: KnowledgeStore, examples: list[QAExample],
                cfg: RaltConfig, *, epochs: int = 1, max_steps: int = 0, seed: int = 0,
                on_step: StepCallback | None = None) -> dict[str, float]:
-    """One RALT phase: retrieve once, then AdamW over length-grouped batches; returns scalar metrics.
+    """One RALT phase: retrieve once, then AdamW over length-grouped batches (each in micro-batches of at most
+    ``cfg.forward_tokens`` padded tokens); returns scalar metrics.
 
     ``on_step(step, loss, batch)`` is called after each optimizer step (benchmarks time and count with it)."""
     rng = random.Random(seed)
@@ -146,15 +176,13 @@ def train_ralt(gen: Generator, retriever: DualEncoder, store: KnowledgeStore, ex
     try:
         for _ in range(epochs):
             for batch in make_batches(sequences, cfg.batch_size * cfg.top_k, length_grouping=cfg.length_grouping, rng=rng):
-                inputs = collate(batch, gen.tokenizer.pad_token_id, gen.device)
-                loss = answer_nll(gen.model, **inputs)
-                loss.backward()
+                loss, batch_tokens = accumulate_gradients(gen, batch, cfg.forward_tokens)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.item())
-                tokens += int(inputs["attention_mask"].sum())
+                losses.append(loss)
+                tokens += batch_tokens
                 if on_step is not None:
-                    on_step(len(losses), losses[-1], inputs)
+                    on_step(len(losses), losses[-1], collate(batch, gen.tokenizer.pad_token_id, gen.device))
                 if max_steps and len(losses) >= max_steps:
                     break
             if max_steps and len(losses) >= max_steps:

@@ -25,6 +25,7 @@ from fedrag_app.data import QAExample
 from fedrag_app.generator import Generator
 from fedrag_app.knowledge_store import Hit, KnowledgeStore
 from fedrag_app.lm_scoring import answer_logprobs
+from fedrag_app.optimizer_state import OptimizerState, keep_optimizer, restore_optimizer
 from fedrag_app.prompts import format_passage
 from fedrag_app.ralt import StepCallback, build_sequence, collate, retrieve
 from fedrag_app.retriever import DualEncoder
@@ -95,7 +96,7 @@ def retriever_scores(retriever: DualEncoder, examples: list[QAExample], hits: li
 
 def train_lsr(gen: Generator, retriever: DualEncoder, store: KnowledgeStore, examples: list[QAExample],
               cfg: LsrConfig, *, epochs: int = 1, max_steps: int = 0, seed: int = 0,
-              on_step: StepCallback | None = None) -> dict[str, float]:
+              on_step: StepCallback | None = None, optimizer_state: OptimizerState | None = None) -> dict[str, float]:
     """One LSR phase: candidates and LM scores once (both fixed during the phase), then AdamW on the retriever."""
     rng = random.Random(seed)
     start = time.perf_counter()
@@ -105,6 +106,7 @@ def train_lsr(gen: Generator, retriever: DualEncoder, store: KnowledgeStore, exa
     batches = [list(range(s, min(s + cfg.batch_size, len(examples)))) for s in range(0, len(examples), cfg.batch_size)]
     targets = lm_scores(gen, examples, hits, cfg) if examples else torch.zeros(0, cfg.top_k)  # (N, k), all at once
     optimizer = torch.optim.AdamW(retriever.trainable_parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+    restore_optimizer(optimizer, optimizer_state)  # train.keep-optimizer-state: continue the last round's AdamW
     losses: list[float] = []
     retriever.query_model.train()
     try:
@@ -126,6 +128,7 @@ def train_lsr(gen: Generator, retriever: DualEncoder, store: KnowledgeStore, exa
                 break
     finally:
         retriever.query_model.eval()
+    keep_optimizer(optimizer, optimizer_state)  # handed back in place, for the next round
     return {
         "lsr-loss-first": losses[0] if losses else 0.0,
         "lsr-loss-last": losses[-1] if losses else 0.0,

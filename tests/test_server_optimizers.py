@@ -12,8 +12,9 @@ from flwr.serverapp.strategy import FedAdam, FedAvgM
 from fedrag_app import client_app
 from fedrag_app.config import AppConfig
 from fedrag_app.errors import ConfigError
+from fedrag_app.local_round import exchanged_weights
 from fedrag_app.optimizer_state import keep_optimizer, restore_optimizer
-from fedrag_app.records import metric_record, numpy_to_record, record_to_numpy
+from fedrag_app.records import metric_record, numpy_to_record, pack_weights, record_to_numpy
 from fedrag_app.server_app import build_strategy
 from tests.test_flower_app import TINY, _global_weights, context, message, node, reply  # noqa: F401  (node: a fixture)
 from tests.test_privacy import Nodes, in_a_server_app  # noqa: F401  (in_a_server_app is a fixture)
@@ -105,16 +106,21 @@ def test_a_resumed_server_optimizer_continues_exactly(in_a_server_app, name):
 
 
 def test_server_optimizers_compose_with_ffa_and_local_dp_and_keep_a_float16_part(in_a_server_app):
+    eta, b1, b2, tau = 0.01, 0.9, 0.99, 1e-6
     run = {"fed.min-nodes": 3, "fed.strategy": "fedadam", "fed.lora-aggregation": "ffa", "dp.mode": "local",
-           "fed.server-learning-rate": 0.01}  # a step fp16 can hold at 1.0 (its spacing there is ~1e-3)
+           "fed.server-learning-rate": eta}
     strategy = build_strategy(AppConfig.from_flat(run), REFERENCE, None)
-    half = {**REFERENCE, "retriever.v": REFERENCE["retriever.v"].astype(np.float16)}
+    half = {**REFERENCE, "retriever.v": np.zeros(5, np.float16)}  # a float16 wire part, updates of ~1e-4
     list(strategy.configure_train(1, numpy_to_record(half), ConfigRecord({}), Nodes(3)))
-    replies = [reply(RecordDict({"arrays": numpy_to_record({k: v + np.float16(0.01) * i for k, v in half.items()}),
+    replies = [reply(RecordDict({"arrays": numpy_to_record({"lora.w": half["lora.w"] + np.float32(0.01 * i),
+                                                            "retriever.v": np.full(5, 1e-4 * i, np.float16)}),
                                  "metrics": metric_record({"num-examples": 1})}), i) for i in (1, 2, 3)]
     got = record_to_numpy(strategy.aggregate_train(1, replies)[0])
     assert got["retriever.v"].dtype == np.float16 and got["lora.w"].dtype == np.float32
-    assert np.all(got["retriever.v"] > half["retriever.v"]), "the average moved up: so does the server's step"
+    delta = np.mean([np.float16(1e-4 * i) for i in (1, 2, 3)], dtype=np.float64)
+    step = eta * np.sqrt(1 - b2**2) / (1 - b1**2) * (1 - b1) * delta / (np.sqrt(1 - b2) * delta + tau)
+    np.testing.assert_allclose(got["retriever.v"].astype(np.float64), step, rtol=1e-2)  # moments in float32:
+    # in float16 (1 - b2) * delta**2 = 4e-10 underflows to 0 and the step is m / tau, 20 times too large
 
 
 @pytest.mark.parametrize("run, named", [
@@ -185,3 +191,39 @@ def test_the_client_keeps_its_adamw_state_in_its_context_never_in_the_reply(node
     assert all(np.array_equal(fresh[0][k], kept_replies[0][k]) for k in sent), "round 1 starts fresh either way"
     lora = [k for k in sent if k.startswith("lora.")]
     assert any(not np.array_equal(fresh[1][k], kept_replies[1][k]) for k in lora), "kept moments changed nothing"
+
+
+def test_a_checkpoint_carries_the_server_optimizers_state(tmp_path, generator, retriever):
+    from fedrag_app.checkpoint import load_server_state, save_checkpoint
+
+    state = {"fedadam/m/lora.w": np.arange(6, dtype=np.float32).reshape(2, 3), "fedadam/v/lora.w": np.ones((2, 3))}
+    with_state = save_checkpoint(tmp_path, 1, generator, retriever, {}, {}, server_state=state)
+    got = load_server_state(with_state)
+    assert sorted(got) == sorted(state) and all(np.array_equal(got[k], state[k]) for k in state)
+    assert load_server_state(save_checkpoint(tmp_path, 2, generator, retriever, {}, {})) == {}  # FedAvg: none
+
+
+def test_centralized_training_keeps_adamw_across_rounds_as_a_one_node_federation_does(node, small_shard_path, tmp_path):
+    """Two rounds of `fedrag-app train` with the key give, bit for bit, what two rounds of one node give with it."""
+    from peft.utils import load_peft_weights
+
+    from fedrag_app.training_run import train_centralized
+    from tests.test_flower_app import _peft_key, checked
+
+    run = {**TINY, "train.mode": "ralt", "fed.num-server-rounds": 2, "train.output-dir": str(tmp_path / "central"),
+           "store.path": small_shard_path, "train.keep-optimizer-state": True}
+    cfg = AppConfig.from_flat(run)
+    client_app._MODELS.clear()  # the client starts from a fresh load, as train_centralized does
+    sent, ctx = pack_weights(*exchanged_weights(cfg, *client_app._models(cfg))), context(node, run)  # LoRA only
+    for r in (1, 2):
+        content = RecordDict({"arrays": sent, "config": ConfigRecord({"server-round": r})})
+        out = client_app.train(message(content, "train"), ctx)
+        sent, _ = checked(record_to_numpy(sent), run).aggregate_train(r, [reply(out.content, 1)])
+    federated = record_to_numpy(sent)
+    train_centralized(cfg, progress=False)
+    adapter = load_peft_weights(str(tmp_path / "central" / "adapter"), device="cpu")
+    lora_keys = [k for k in federated if k.startswith("lora.")]
+    assert lora_keys and all(torch.equal(torch.from_numpy(federated[k]), adapter[_peft_key(k)]) for k in lora_keys)
+    train_centralized(AppConfig.from_flat({**run, "train.keep-optimizer-state": False}), progress=False)
+    fresh = load_peft_weights(str(tmp_path / "central" / "adapter"), device="cpu")
+    assert any(not torch.equal(fresh[_peft_key(k)], adapter[_peft_key(k)]) for k in lora_keys)

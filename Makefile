@@ -1,4 +1,4 @@
-# Two commands a new user needs:  `make run` (setup + index + ask, embedded defaults)  and  `make test`.
+# Two commands a new user needs:  `make run` (setup + the main job on embedded defaults)  and  `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
@@ -17,10 +17,11 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 
 setup: $(VENV)/.installed
 
-# The main job on embedded defaults: index the Wikipedia corpus into a Qdrant Edge shard, then ask.
+# The main job on embedded defaults (fedrag_app/quickstart.py): index small shards, evaluate, federated RA-DIT
+# over 3 institutions with `flwr run .` (Flower simulation), evaluate again, ask; ends with a summary.
+# ARGS passes options through, e.g. make run ARGS="--rounds 3 --verbose".
 run: setup
-	$(VENV)/bin/fedrag-app index
-	$(VENV)/bin/fedrag-app ask "who was the first president of the united states"
+	$(VENV)/bin/fedrag-app quickstart $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -96,6 +96,26 @@ def run_cell(table: dict, column: dict, row: dict, seed: int, parts: Path, out: 
             "wall-seconds": time.perf_counter() - started, "metrics": metrics}
 
 
+def keep_adapter(cell_out: Path, dest: Path) -> Path | None:
+    """Copy a training cell's final global adapter (PEFT folder, ~1.9 MB for SmolLM2's rank-8 q/v LoRA) to ``dest``,
+    so anyone can evaluate it on other data without re-training; None when the cell trained no adapter (LSR)."""
+    rounds = sorted(cell_out.glob("round-[0-9]*"), key=lambda p: int(p.name.split("-")[1]))
+    if not rounds or rounds[-1].name.startswith("."):
+        return None
+    state = json.loads((rounds[-1] / "state.json").read_text())
+    mode = state.get("config", {}).get("train.mode")
+    if mode not in ("ralt", "ra-dit"):
+        return None
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(rounds[-1] / "adapter", tmp)
+    (tmp / "round.json").write_text(json.dumps({"round": state["round"], "run-config": state.get("config", {})},
+                                               indent=1, sort_keys=True))
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
+
+
 def _number(x: float) -> str:
     return f"{x:.3f}" if abs(x) < 1000 else f"{x:.3g}"
 
@@ -210,6 +230,8 @@ def main(table_file: Path = typer.Argument(..., help="a table TOML in experiment
                         out.mkdir(parents=True, exist_ok=True)
                         progress.console.print(f"[bold]{column['name']} · {row['name']} · seed {seed}[/]")
                         result = run_cell(table, column, row, seed, root / "partitions" / slug(column["name"]), out, env)
+                        if table.get("keep-adapters") and row.get("kind") != "evaluate":
+                            keep_adapter(out, root / "adapters" / cell_dir(column, row, seed).relative_to(runs))
                         result_file(column, row, seed).parent.mkdir(parents=True, exist_ok=True)
                         write_atomic(result_file(column, row, seed), json.dumps(result, indent=1))
                         report()

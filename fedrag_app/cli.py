@@ -7,6 +7,7 @@ User errors (FedRagAppError) print one red line and exit 1; nothing else is swal
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -36,12 +37,13 @@ def load_config(config: Optional[Path], sets: Optional[list[str]], **extra: obje
     return AppConfig.from_flat(overrides, source="--set")
 
 
-def _quiet_libraries() -> None:
-    """Our progress bars are the ones that matter; the libraries' own per-load bars are noise here."""
-    import transformers
+@app.callback()
+def _root(verbose: bool = typer.Option(False, "--verbose", "-v", envvar="FEDRAG_VERBOSE",
+                                       help="show library warnings and progress bars (quiet by default)")) -> None:
+    """Federated fine-tuning of retrieval-augmented generation."""
+    from fedrag_app.verbosity import configure
 
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+    configure(verbose)
 
 
 def _models(cfg: AppConfig, *, generator: bool = True):
@@ -66,60 +68,127 @@ def index(
     sets: Optional[list[str]] = SetOpt,
     data_dir: Optional[str] = DataDirOpt,
 ) -> None:
-    """Encode a passage corpus and build a Qdrant shard (embedded Qdrant Edge by default)."""
-    from fedrag_app.data import iter_passages
-    from fedrag_app.ingest import build_shard
+    """Encode a passage corpus and build a Qdrant shard (embedded Qdrant Edge by default).
+
+    Vectors go through the embedding cache: an interrupted index resumes from what was already encoded, and a
+    rebuild (or another shard of the same corpus) encodes nothing again.
+    """
+    from fedrag_app.data import load_passages
     from fedrag_app.knowledge_store import KnowledgeStore
-    from fedrag_app.rag import store_location
+    from fedrag_app.rag import build_store, store_location
 
     if corpus is not None and corpus.is_dir():
         corpus = corpus / "passages.jsonl"
     cfg = load_config(config, sets, **{"data.corpus": str(corpus.resolve()) if corpus else None,
                                        "store.passages-limit": limit, "store.path": store, "data.dir": data_dir})
-    _, retriever = _models(cfg, generator=False)
     where = store_location(cfg)
     if "path" in where and Path(where["path"]).exists() and not rebuild:
+        _, retriever = _models(cfg, generator=False)
         with KnowledgeStore.open(**where, embedding_model=retriever.name, dim=retriever.dim) as kb:
             console.print(f"[green]already indexed[/] {kb.count()} passages in {where['path']} (--rebuild to redo)")
         return
-    stats = build_shard(iter_passages(cfg.data, limit=cfg.store.passages_limit), retriever,
-                        batch_size=cfg.store.index_batch_size, progress=True, replace=rebuild, **where)
+    with console.status("reading the corpus"):
+        passages = load_passages(cfg.data, limit=cfg.store.passages_limit)  # counted (and checked) before any model loads
+    _, retriever = _models(cfg, generator=False)
+    stats = build_store(cfg, retriever, passages=passages, progress=True, replace=rebuild)
     console.print(f"[green]indexed[/] {stats} -> {where.get('path') or where.get('url')}")
 
 
 @app.command()
 def ask(
-    question: str = typer.Argument(..., help="the question"),
+    question: Optional[str] = typer.Argument(None, help="the question; none: read questions from stdin, one a line, "
+                                                       "until an empty line or EOF (models load once)"),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="passages to retrieve (0 = closed book)"),
     adapter: Optional[str] = typer.Option(None, help="PEFT adapter folder from `train` or a checkpoint"),
     retriever_path: Optional[str] = typer.Option(None, "--retriever", help="retriever folder from `train` or a checkpoint"),
     store: Optional[str] = typer.Option(None, help="shard folder (default: the one `index` built)"),
+    federation: Optional[str] = typer.Option(None, help="ask across a federation's shards instead: a flwr connection "
+                                             "(SuperLink address + credentials, e.g. 'local' or one added by "
+                                             "deploy/fedrag_deploy.py connection)"),
+    federation_config: str = typer.Option("", help="with --federation local: e.g. 'num-supernodes=3'"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object per answer (question, answer, passages)"),
     config: Optional[Path] = ConfigOpt,
     sets: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Answer one question from retrieved passages; print the answer and the passages used."""
+    """Answer a question from retrieved passages (or many, from stdin); print the answer and the passages used."""
+    if federation:
+        if question is None:
+            raise typer.BadParameter("--federation answers one question given as an argument", param_hint="QUESTION")
+        cfg = load_config(config, sets, **{"eval.top-k": top_k, "generator.adapter-path": adapter})
+        return ask_federation(question, federation, federation_config, cfg, local=retriever_path or store)
     from fedrag_app.generator import load_generator
-    from fedrag_app.rag import RagPipeline, open_store
+    from fedrag_app.rag import RagPipeline, check_store, open_store
     from fedrag_app.retriever import load_retriever
     from fedrag_app.runtime import apply_runtime
 
     cfg = load_config(config, sets, **{"eval.top-k": top_k, "store.path": store, "generator.adapter-path": adapter})
+    if cfg.eval.top_k:
+        check_store(cfg)  # a missing store fails here, not after ~20 s of model loading
     device = apply_runtime(cfg.runtime)
     with console.status("loading models and store"):
         retriever = load_retriever(cfg.retriever, device=device, path=retriever_path)
         gen = load_generator(cfg.generator, device=device)
         kb = open_store(cfg, retriever) if cfg.eval.top_k else None
     try:
-        result = RagPipeline(gen, retriever, kb, cfg.eval.top_k).answer([question], max_new_tokens=cfg.generator.max_new_tokens)[0]
+        pipeline = RagPipeline(gen, retriever, kb, cfg.eval.top_k)
+        for q in [question] if question is not None else _stdin_questions(as_json):
+            result = pipeline.answer([q], max_new_tokens=cfg.generator.max_new_tokens)[0]
+            print_answer(result, as_json)
     finally:
         if kb is not None:
             kb.close()
-    console.print(f"[bold]Q:[/] {question}\n[bold green]A:[/] {result.answer}")
+
+
+def _stdin_questions(quiet: bool):
+    """Questions from stdin, one a line, until an empty line or EOF; a prompt when a person is typing."""
+    interactive = sys.stdin.isatty() and not quiet
+    if interactive:
+        err_console.print("[dim]one question a line; an empty line or Ctrl-D ends[/]")
+    while True:
+        if interactive:
+            err_console.print("[bold]?[/] ", end="")
+        line = sys.stdin.readline()
+        if not line.strip():
+            return
+        yield line.strip()
+
+
+def print_answer(result, as_json: bool) -> None:
+    """The answer and its passages: a JSON line for scripts, or text and a table for people."""
+    if as_json:
+        passages = [{"rank": i, "id": h.id, "score": h.score, "title": h.title, "text": h.text}
+                    for i, h in enumerate(result.hits, 1)]
+        print(json.dumps({"question": result.question, "answer": result.answer, "passages": passages}), flush=True)
+        return
+    console.print(f"[bold]Q:[/] {result.question}\n[bold green]A:[/] {result.answer}")
     if result.hits:
         table = Table("#", "score", "title", "passage", title="retrieved passages")
         for i, hit in enumerate(result.hits, 1):
             table.add_row(str(i), f"{hit.score:.3f}", hit.title, hit.text[:100] + ("…" if len(hit.text) > 100 else ""))
         console.print(table)
+
+
+def ask_federation(question: str, connection: str, federation_config: str, cfg: AppConfig, local: str | None) -> None:
+    """`ask --federation`: a query run (fed.task = "query") with the keys that differ from the defaults (--adapter is
+    a path on the SuperLink's host; the retriever comes from query.checkpoint, the passages from the nodes)."""
+    from fedrag_app.errors import ConfigError
+    from fedrag_app.federated_ask import ask_federation as run
+
+    if local:
+        raise ConfigError(f"--retriever/--store {local!r} do not apply with --federation: the nodes search their own "
+                          "shards; use --set query.checkpoint=<round folder or 'latest'> for a trained retriever")
+    defaults = AppConfig().to_flat()
+    overrides = {k: v for k, v in cfg.to_flat().items() if v != defaults[k]}
+    with console.status(f"asking the federation '{connection}' (flwr run, fed.task='query')"):
+        result = run(question, connection, overrides, federation_config=federation_config)
+    console.print(f"[bold]Q:[/] {question}\n[bold green]A:[/] {result['answer']}")
+    table = Table("#", "score", "node", "partition", "title", "passage", title=f"merged passages (run {result['run-id']})")
+    for i, p in enumerate(result["passages"], 1):
+        table.add_row(str(i), f"{p['score']:.4f}", str(p["node"]), str(p["partition"]), p["title"], p["text"][:100])
+    console.print(table)
+    m = result["metrics"]
+    console.print(f"nodes {m.get('nodes')}: {m.get('replies-ok')} answered, {m.get('replies-refused')} refused, "
+                  f"{m.get('replies-error', 0) + m.get('replies-invalid', 0)} failed, {m.get('replies-timeout')} late")
 
 
 @app.command()
@@ -204,8 +273,52 @@ def partition(
     console.print(f"[green]wrote[/] {manifest['dir']}/manifest.json")
 
 
+@app.command()
+def export(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="a round-NNNN folder, a federated output folder (its "
+                                                              "latest round) or a `fedrag-app train` output"),
+    out: Path = typer.Option(..., "--out", help="folder to write: generator/, retriever/, context-encoder/, manifest.json"),
+    force: bool = typer.Option(False, "--force", help="replace --out if it is not empty"),
+) -> None:
+    """The global adapter merged into the base LM (transformers folder), the retriever (sentence-transformers) and a manifest."""
+    from fedrag_app.export import export_checkpoint
+
+    with console.status("merging the adapter into the base model"):
+        manifest = export_checkpoint(checkpoint, out, overwrite=force)
+    out = out.expanduser().resolve()
+    console.print(f"[green]exported[/] {manifest['checkpoint']} -> {out}\n"
+                  f"  generator/        AutoModelForCausalLM.from_pretrained('{out}/generator') (or vLLM)\n"
+                  f"  retriever/        SentenceTransformer('{out}/retriever'): encodes questions\n"
+                  f"  context-encoder/  SentenceTransformer: embedded the store's passages\n"
+                  f"  manifest.json     checkpoint, base models, store, embedding fingerprint")
+
+
+@app.command()
+def quickstart(
+    out: Path = typer.Option(Path("outputs/quickstart"), "--out", help="folder for indexes, checkpoints, metrics"),
+    rounds: Optional[int] = typer.Option(None, "--rounds", help="federated rounds (fed.num-server-rounds; default 3)"),
+    question: Optional[str] = typer.Option(None, "--question", help="what to ask the fine-tuned system at the end"),
+    sets: Optional[list[str]] = SetOpt,
+    data_dir: Optional[str] = DataDirOpt,
+) -> None:
+    """The main job on embedded defaults (`make run`): index, evaluate, federated RA-DIT with `flwr run`, evaluate, ask."""
+    from fedrag_app.quickstart import QUESTION, Quickstart
+
+    overrides = dict(parse_override(s) for s in sets or [])
+    if rounds is not None:
+        overrides["fed.num-server-rounds"] = rounds
+    try:
+        Quickstart(overrides, out=out, question=question or QUESTION, data_dir=data_dir, console=console).run()
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]: the local SuperLink and its simulation were stopped; finished "
+                          "indexes are kept for the next run")
+        raise typer.Exit(130)
+
+
 def main() -> None:
-    _quiet_libraries()
+    if "--verbose" in sys.argv[2:]:  # `fedrag-app ask "…" --verbose` works like `fedrag-app --verbose ask "…"`
+        sys.argv.remove("--verbose")
+        sys.argv.insert(1, "--verbose")
     try:
         app()
     except FedRagAppError as e:

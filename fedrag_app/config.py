@@ -18,7 +18,8 @@ from typing import Any, Mapping
 
 from fedrag_app.config_values import _coerce, _fraction, _help, _kebab, _one_of, _positive
 from fedrag_app.config_values import flatten, parse_override  # noqa: F401  (re-exported: the CLI reads them here)
-from fedrag_app.config_checks import check_strategy_options
+from fedrag_app.config_checks import check_federation_options, check_rank_options
+from fedrag_app.config_query import QueryConfig
 from fedrag_app.errors import ConfigError
 
 
@@ -51,6 +52,8 @@ class GeneratorConfig:
 
     model: str = _help("short name, hub id or local path of a causal LM", "smollm2-135m-instruct")
     quantization: str = _help("none | 4bit | 8bit (bitsandbytes; 4bit = QLoRA)", "none")
+    dtype: str = _help("auto | float32 | bfloat16: the frozen base's dtype (auto = bfloat16 on CUDA, float32 on CPU); "
+                       "LoRA weights train and travel in float32", "auto")
     adapter_path: str = _help("PEFT adapter folder to start from; '' = fresh LoRA from the keys below", "")
     lora_r: int = _help("LoRA rank", 8)
     lora_alpha: int = _help("LoRA alpha (scale = alpha / r)", 16)
@@ -60,6 +63,7 @@ class GeneratorConfig:
 
     def __post_init__(self) -> None:
         _one_of("generator", "quantization", self.quantization, ("none", "4bit", "8bit"))
+        _one_of("generator", "dtype", self.dtype, ("auto", "float32", "bfloat16"))
         _positive("generator", "lora_r", self.lora_r)
         _positive("generator", "lora_alpha", self.lora_alpha)
         _fraction("generator", "lora_dropout", self.lora_dropout)
@@ -74,9 +78,10 @@ class RetrieverConfig:
 
     model: str = _help("short name, hub id or local path of a sentence-transformers model (query encoder)", "all-minilm-l6-v2")
     context_model: str = _help("context encoder (embeds the store); '' = a frozen copy of the query encoder's start", "")
-    train_context_encoder: bool = _help("LSR also trains the context encoder (then the store is re-indexed)", False)
-    train_top_layers: int = _help("train only the top N transformer layers of the query encoder; 0 = all", 0)
-    wire_dtype: str = _help("float32 | float16: dtype of retriever weights sent over the network", "float32")
+    train_context_encoder: bool = _help("LSR also trains the context encoder (centralized only: re-indexes the store)", False)
+    train_top_layers: int = _help("train only the top N transformer layers of the query encoder; 0 = all (2: 16 MB "
+                                  "a message, not 92, and held-out LSR no worse: docs/LSR.md)", 2)
+    wire_dtype: str = _help("float32 | float16: dtype of the retriever update nodes send back", "float32")
 
     def __post_init__(self) -> None:
         _positive("retriever", "train_top_layers", self.train_top_layers, zero_ok=True)
@@ -104,8 +109,11 @@ class TrainConfig:
 
     mode: str = _help("ralt (generator) | lsr (retriever) | ra-dit (both)", "ra-dit")
     ra_dit_schedule: str = _help("alternate (LSR on odd rounds, RALT on even) | joint (LSR then RALT each round)", "joint")
-    num_examples: int = _help("use the first N training pairs; 0 = all", 0)
-    epochs: int = _help("passes over the training pairs per round", 1)
+    num_examples: int = _help("questions per round: round r trains on the next N of a walk through all the node's "
+                              "questions (each pass in a fresh shuffle from runtime.seed; a resume continues it), one "
+                              "gold answer each, the pass picking which; 0 = all of them every round", 0)
+    epochs: int = _help("passes over this round's questions in each phase (R rounds thus pass epochs x R x "
+                        "num-examples / Q times over a node's Q questions)", 1)
     max_steps: int = _help("stop after N optimizer steps per phase; 0 = run the epochs", 0)
     output_dir: str = _help("where `fedrag-app train` writes adapter, retriever and metrics", "outputs/train")
     keep_optimizer_state: bool = _help("each node keeps its AdamW moments and steps across rounds, on the node", False)
@@ -141,14 +149,17 @@ class RaltConfig:
 class LsrConfig:
     """LM-supervised retrieval: trains the query encoder towards passages the LM finds useful."""
 
-    learning_rate: float = _help("AdamW learning rate for the retriever", 1e-5)
+    learning_rate: float = _help("AdamW learning rate for the retriever (1e-5 barely moves it, 3e-4 overfits: docs/LSR.md)", 1e-4)
     batch_size: int = _help("questions per step", 4)
     top_k: int = _help("candidate passages per question", 4)
-    retriever_temperature: float = _help("tau: p_R = softmax(score / tau)", 0.1)
-    lm_temperature: float = _help("beta: p_LSR = softmax(log p_LM(answer | passage, question) / beta)", 1.0)
-    lm_score: str = _help("sum | mean of answer-token log-probs", "mean")
+    retriever_temperature: float = _help("tau: p_R = softmax(cosine / tau); 0.05: H(p_R)/log k 0.72 at k=4, near the target's", 0.05)
+    lm_temperature: float = _help("beta: p_LSR = softmax(log p_LM(answer | passage, question) / beta); sum at 1.0: H/log k 0.60", 1.0)
+    lm_score: str = _help("sum | mean of answer-token log-probs (mean at beta 1: H(p_LSR)/log k 0.86, nearly uniform)", "sum")
     kl_direction: str = _help("lsr-retriever = KL(p_LSR || p_R) (REPLUG/Atlas) | retriever-lsr = KL(p_R || p_LSR)", "lsr-retriever")
     max_seq_len: int = _help("tokens per scored sequence", 512)
+    score_cache: bool = _help("with train.mode = lsr (frozen generator), keep each sequence's LM score in "
+                              "<cache>/lm_scores.sqlite, keyed by the weights and token ids: rounds, seeds and runs "
+                              "score it once", True)
 
     def __post_init__(self) -> None:
         _positive("lsr", "learning_rate", self.learning_rate)
@@ -194,7 +205,8 @@ class PartitionConfig:
     heldout_fraction: float = _help("share of each partition kept as its local held-out split", 0.1)
     doc_overlap: float = _help("share of articles also given to a second institution", 0.0)
     questions_per_client: int = _help("keep the first N training questions of each client; 0 = all (~1,260 each for 3)", 48)
-    passages_per_client: int = _help("index the first N passages of each client's articles; 0 = all (~15k each for 3)", 1500)
+    passages_per_client: int = _help("index the first N passages of each client's articles; 0 = all (~15k each for 3; "
+                                     "encoded once into the embedding cache, ~45 min for the corpus on 2 cores)", 0)
     dir: str = _help("absolute output folder; '' = $FEDRAG_PARTITIONS_DIR, else ./data_partitions", "")
 
     def __post_init__(self) -> None:
@@ -211,6 +223,7 @@ class PartitionConfig:
 class FedConfig:
     """The federation: rounds, node counts, timeouts, checkpoints."""
 
+    task: str = _help("train (FedAvg rounds) | query (ask the nodes' shards questions and answer: query.* keys)", "train")
     num_server_rounds: int = _help("FedAvg rounds", 2)
     fraction_train: float = _help("share of nodes sampled for training each round", 1.0)
     fraction_evaluate: float = _help("share of nodes sampled for federated evaluation; 0 = none", 1.0)
@@ -239,6 +252,7 @@ class FedConfig:
 
     def __post_init__(self) -> None:
         _one_of("fed", "lora_aggregation", self.lora_aggregation, ("fedavg", "ffa", "product"))
+        _one_of("fed", "task", self.task, ("train", "query"))
         for part in self.ranks:
             _positive("fed", "client_ranks", part)
         _positive("fed", "num_server_rounds", self.num_server_rounds)
@@ -296,6 +310,7 @@ SECTIONS: dict[str, type] = {
     "partition": PartitionConfig,
     "fed": FedConfig,
     "dp": PrivacyConfig,
+    "query": QueryConfig,
 }
 
 
@@ -315,15 +330,10 @@ class AppConfig:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     fed: FedConfig = field(default_factory=FedConfig)
     dp: PrivacyConfig = field(default_factory=PrivacyConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)
 
     def __post_init__(self) -> None:
-        if self.dp.central and self.fed.lora_aggregation == "product":
-            raise ConfigError("run-config keys 'dp.mode' = 'client-clip'/'server-clip' and 'fed.lora-aggregation' = "
-                              "'product' do not combine: the DP accountant covers FedAvg's aggregation only "
-                              "(use fed.lora-aggregation = 'ffa' or 'fedavg')")
-        for rank in sorted(set(self.fed.ranks)):
-            check_rank_options(self, "run-config key 'fed.client-ranks'", rank)
-        check_strategy_options(self)
+        check_federation_options(self)  # DP, LoRA aggregation, ranks and fed.strategy: which combine
 
     def node_rank(self, partition_id: int, node_rank: int | None = None) -> int:
         """The LoRA rank a node trains: its node-config lora-rank, else fed.client-ranks by partition id, else
@@ -386,21 +396,6 @@ class AppConfig:
     def replace(self, **sections: Any) -> "AppConfig":
         """A copy with whole sections replaced, e.g. ``cfg.replace(store=StoreConfig(path=...))``."""
         return dataclasses.replace(self, **sections)
-
-
-def check_rank_options(cfg: AppConfig, where: str, rank: int) -> None:
-    """A node's own LoRA rank needs what the server can pad and average: rank <= the global rank, no FFA-LoRA
-    (its frozen A is seeded per rank), no DP (Flower's clipping subtracts the sent from the received arrays, which
-    then differ in shape)."""
-    if not 0 < rank <= cfg.generator.lora_r:
-        raise ConfigError(f"{where} = {rank}: must be in [1, generator.lora-r = {cfg.generator.lora_r}] "
-                          "(the global adapter's rank)")
-    if rank != cfg.generator.lora_r and cfg.fed.lora_aggregation == "ffa":
-        raise ConfigError(f"{where} = {rank} with fed.lora-aggregation = 'ffa': heterogeneous ranks use 'fedavg' "
-                          "(zero-padding) or 'product' (stacking)")
-    if rank != cfg.generator.lora_r and cfg.dp.mode != "off":
-        raise ConfigError(f"{where} = {rank} with dp.mode = {cfg.dp.mode!r}: Flower's DP clipping needs every node "
-                          "to send the global rank")
 
 
 def all_keys() -> list[str]:

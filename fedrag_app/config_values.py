@@ -87,3 +87,12 @@ def _coerce(where: str, raw: Any, type_name: Any) -> Any:
         raise AssertionError(f"no coercion rule for type {type_name}")
     expected = "comma-separated string" if type_name.startswith("tuple") else type_name
     raise ConfigError(f"{where} = {raw!r} ({type(raw).__name__}): expected {expected}")
+
+
+def check_federated(cfg: Any) -> None:
+    """What a federated run (ServerApp, ClientApp) refuses: options only centralized training supports."""
+    if cfg.retriever.train_context_encoder:
+        raise ConfigError("run-config key 'retriever.train-context-encoder' = true: only centralized training "
+                          "(`fedrag-app train`) re-indexes the store after LSR trains the context encoder; in a "
+                          "federated run every node's shard and the server's store would keep the old encoder's "
+                          "vectors. Set it to false, or train centralized")

@@ -44,14 +44,18 @@ def letter_token_ids(tokenizer) -> list[int]:
 
 @torch.no_grad()
 def mmlu_letter_logprobs(gen: Generator, prompts: list[str], batch_size: int = 8) -> torch.Tensor:
-    """(N, 4) log-probabilities of the next token being ' A'..' D' after each prompt; left-padded batches."""
+    """(N, 4) log-probabilities of the next token being ' A'..' D' after each prompt; left-padded batches.
+
+    Position ids come from the attention mask (each prompt starts at position 0 after its padding), as generation
+    sets them: without them a left-padded prompt is shifted, which only relative-position (RoPE) models ignore."""
     tok, letters, rows = gen.tokenizer, letter_token_ids(gen.tokenizer), []
     old_side, tok.padding_side = tok.padding_side, "left"
     try:
         for start in range(0, len(prompts), batch_size):
             enc = tok(prompts[start : start + batch_size], return_tensors="pt", padding=True,
                       add_special_tokens=False).to(gen.device)
-            logits = gen.model(**enc).logits[:, -1].float()  # (b, V): left padding puts every prompt's end last
+            positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            logits = gen.model(**enc, position_ids=positions).logits[:, -1].float()  # (b, V): each prompt ends last
             rows.append(torch.log_softmax(logits, dim=-1)[:, letters].cpu())
     finally:
         tok.padding_side = old_side

@@ -10,13 +10,15 @@ import importlib.util
 from dataclasses import dataclass
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from peft import (LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, prepare_model_for_kbit_training,
+                  set_peft_model_state_dict)
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from fedrag_app.atomic import atomic_dir
 from fedrag_app.config import GeneratorConfig
 from fedrag_app.errors import ConfigError, WeightsError
 from fedrag_app.model_sources import resolve_generator
+from fedrag_app.runtime import resolve_dtype
 
 
 @dataclass
@@ -30,14 +32,13 @@ class Generator:
         return next(self.model.parameters()).device
 
 
-def _quantization_config(cfg: GeneratorConfig, device: str):
+def _quantization_config(cfg: GeneratorConfig, compute_dtype: torch.dtype):
     if cfg.quantization == "none":
         return None
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(f"generator.quantization = '{cfg.quantization}' needs bitsandbytes: pip install bitsandbytes")
     from transformers import BitsAndBytesConfig
 
-    compute_dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if cfg.quantization == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
     return BitsAndBytesConfig(load_in_8bit=True)
@@ -53,18 +54,34 @@ def load_tokenizer(cfg: GeneratorConfig) -> PreTrainedTokenizerBase:
 def load_generator(
     cfg: GeneratorConfig, *, device: str = "cpu", adapter_path: str | None = None, dtype: torch.dtype | None = None
 ) -> Generator:
-    """Base LM (frozen) + LoRA: from ``adapter_path`` / ``cfg.adapter_path`` if given, else fresh from the config."""
+    """Base LM (frozen, in ``generator.dtype``) + LoRA (fp32): from ``adapter_path`` / ``cfg.adapter_path`` if
+    given, else fresh from the config."""
     source = resolve_generator(cfg.model)
-    quant = _quantization_config(cfg, device)
-    dtype = dtype or torch.float32
+    dtype = dtype or resolve_dtype(cfg.dtype, device)
+    quant = _quantization_config(cfg, dtype)
     kwargs = {"dtype": dtype}
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map={"": device})
-    base = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    try:
+        base = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (RuntimeError, ValueError, ImportError, NotImplementedError) as e:
+        if quant is None:
+            raise
+        raise ConfigError(f"generator.quantization = '{cfg.quantization}': bitsandbytes cannot load {cfg.model!r} "
+                          f"on {device} ({type(e).__name__}: {e}); use 'none'") from e
     if quant is None:
         base.to(device)
+    model = with_lora(base, cfg, adapter_path=adapter_path or cfg.adapter_path or None)
+    return Generator(model=model, tokenizer=load_tokenizer(cfg), name=cfg.model)
+
+
+def with_lora(base: PreTrainedModel, cfg: GeneratorConfig, *, adapter_path: str | None = None) -> PeftModel:
+    """Freeze ``base`` and wrap it with LoRA (trainable, fp32 even on a bf16 or 4-bit base). A 4-/8-bit base
+    first goes through PEFT's QLoRA preparation (norms and embeddings to fp32), without gradient checkpointing:
+    4-bit weights already give the memory saving; recomputing activations would cost a third more time."""
+    if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     base.requires_grad_(False)
-    adapter_path = adapter_path or cfg.adapter_path or None
     if adapter_path:
         model = PeftModel.from_pretrained(base, adapter_path, is_trainable=True)
     else:
@@ -74,7 +91,7 @@ def load_generator(
             raise ConfigError(f"generator.lora-target-modules = {','.join(cfg.lora_target_modules)!r}: {e}") from e
     _trainable_in_fp32(model)
     model.eval()
-    return Generator(model=model, tokenizer=load_tokenizer(cfg), name=cfg.model)
+    return model
 
 
 PERSONAL = "personal"  # the PEFT adapter name of a node's own, never-shared adapter

@@ -140,10 +140,13 @@ class KnowledgeStore:
     # -- opening ---------------------------------------------------------------------------------------------
     @classmethod
     def create(cls, *, path: str | os.PathLike | None = None, url: str | None = None, collection: str = "passages",
-               embedding_model: str, dim: int) -> "KnowledgeStore":
-        """A new, empty store; it reads as incomplete until ``finalize()``."""
+               embedding_model: str, dim: int, context_fingerprint: str | None = None) -> "KnowledgeStore":
+        """A new, empty store; it reads as incomplete until ``finalize()``. ``context_fingerprint`` (of the context
+        encoder's weights, DualEncoder.context_fingerprint) is recorded: a trained context encoder's vectors differ."""
         _one_location(path, url)
         meta = {"embedding_model": embedding_model, "dim": int(dim), "complete": False}
+        if context_fingerprint is not None:
+            meta["context_fingerprint"] = context_fingerprint
         if url:
             backend = _ServerBackend(url, collection, dim, create=True, metadata=meta)
             return cls(backend, embedding_model=embedding_model, dim=dim, where=f"{url} ({collection})")
@@ -158,7 +161,8 @@ class KnowledgeStore:
 
     @classmethod
     def open(cls, *, path: str | os.PathLike | None = None, url: str | None = None, collection: str = "passages",
-             embedding_model: str | None = None, dim: int | None = None) -> "KnowledgeStore":
+             embedding_model: str | None = None, dim: int | None = None,
+             context_fingerprint: str | None = None) -> "KnowledgeStore":
         """An existing, completely built store, checked against the retriever that will query it."""
         _one_location(path, url)
         if url:
@@ -173,7 +177,7 @@ class KnowledgeStore:
             lock = _lock(folder)
             backend = None
         try:
-            _check(meta, where, embedding_model, dim)
+            _check(meta, where, embedding_model, dim, context_fingerprint)
             backend = backend or _EdgeBackend(Path(path), int(meta["dim"]), create=False)
         except BaseException:
             _unlock(lock)
@@ -226,7 +230,7 @@ def _one_location(path, url) -> None:
         raise StoreError("give exactly one of store.path (embedded Qdrant Edge) or store.url (Qdrant server)")
 
 
-def _check(meta: dict, where: str, embedding_model: str | None, dim: int | None) -> None:
+def _check(meta: dict, where: str, embedding_model: str | None, dim: int | None, fingerprint: str | None = None) -> None:
     if not meta.get("complete"):
         raise StoreError(f"store {where} is incomplete (its build was interrupted): rebuild it with `fedrag-app index`")
     if embedding_model is not None and meta.get("embedding_model") != embedding_model:
@@ -234,6 +238,10 @@ def _check(meta: dict, where: str, embedding_model: str | None, dim: int | None)
                          "re-index it with this retriever, or configure the one it was built with")
     if dim is not None and int(meta.get("dim", -1)) != int(dim):
         raise StoreError(f"store {where} holds {meta.get('dim')}-d vectors, but the retriever makes {dim}-d vectors")
+    built = meta.get("context_fingerprint")  # absent in stores built before it was recorded
+    if fingerprint is not None and built is not None and built != fingerprint:
+        raise StoreError(f"store {where} was built by a context encoder with weights {built}, not this one's "
+                         f"({fingerprint}): its vectors are stale; re-index it with this retriever")
 
 
 def _lock(folder: Path) -> int:

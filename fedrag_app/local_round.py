@@ -1,12 +1,16 @@
 """One local round of training: what a federated client does each round, and what centralized training repeats.
 
 Centralized training is the one-client case: ``fedrag-app train`` calls this function round after round on
-all the data; a ClientApp calls it once per server round on its partition. Seeding from seed + round makes the
+all the data; a ClientApp calls it once per server round on its partition. Either way a round trains on the
+next train.num-examples questions of a walk through all of them (round_examples), never the same first N. Seeding from seed + round makes the
 same inputs give the same weights, which is what lets a test prove the two paths agree.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import random
 import time
 from dataclasses import dataclass
 
@@ -18,12 +22,14 @@ from fedrag_app.lsr import train_lsr
 from fedrag_app.ralt import train_ralt
 from fedrag_app.retriever import DualEncoder
 from fedrag_app.runtime import seed_everything
+from fedrag_app.score_cache import ScoreCache, default_path
 
 
 @dataclass
 class RoundResult:
     metrics: dict[str, float]  # scalars only: never text from the data
     num_examples: int  # the FedAvg weight
+    example_ids: tuple[str, ...] = ()  # which questions this round trained on (stays on the node: never in a reply)
 
 
 def phases(cfg: TrainConfig, server_round: int) -> list[str]:
@@ -61,18 +67,47 @@ def load_exchanged_weights(cfg: AppConfig, gen: Generator, retriever: DualEncode
         retriever.load_trainable_state_dict(retr)
 
 
+def round_examples(examples: list[QAExample], num_examples: int, seed: int, server_round: int) -> list[QAExample]:
+    """The questions a node trains on in absolute round ``server_round`` (1-based): the next ``num_examples`` of
+    an endless walk through all its questions, each pass over them in its own shuffle (seeded by seed and the pass
+    index), so every question comes up once per pass. A pure function of its arguments: a resumed run (the
+    absolute round comes from the server's round-offset) continues exactly where it stopped, with no state kept.
+    0 (or more than the node holds) = all of them every round, round r being pass r - 1. Each copy's target is
+    its pass-th gold answer (QAExample.turn), so every answer of a many-answer question gets its turn."""
+    if server_round < 1:
+        raise ValueError(f"server_round is 1-based, got {server_round}")
+    total = len(examples)
+    per_round = min(num_examples, total) if num_examples else total
+    orders: dict[int, list[int]] = {}
+    out = []
+    for position in range((server_round - 1) * per_round, server_round * per_round):
+        pass_index, i = divmod(position, total)
+        if pass_index not in orders:
+            orders[pass_index] = list(range(total))
+            random.Random(f"rotation/{seed}/{pass_index}").shuffle(orders[pass_index])  # str seeds: no seed+1 overlap
+        out.append(dataclasses.replace(examples[orders[pass_index][i]], turn=pass_index))
+    return out
+
+
+def _score_cache(cfg: AppConfig):
+    """The LM-score cache when the generator stays frozen all run (train.mode = lsr), else nothing (None)."""
+    if cfg.train.mode == "lsr" and cfg.lsr.score_cache:
+        return ScoreCache(default_path())
+    return contextlib.nullcontext()
+
+
 def run_local_round(cfg: AppConfig, gen: Generator, retriever: DualEncoder, store: KnowledgeStore,
                     examples: list[QAExample], *, server_round: int = 1,
                     optimizer_state: dict | None = None) -> RoundResult:
-    """Train in place per cfg.train (mode, schedule, epochs, max steps, number of examples).
+    """Train in place per cfg.train (mode, schedule, epochs, max steps) on this round's share of ``examples``
+    (all of the node's questions: round_examples picks the share from the absolute ``server_round``).
 
     ``optimizer_state`` (train.keep-optimizer-state): {phase: OptimizerState}, read and updated in place, so each
     phase's AdamW continues from the last round; None = fresh optimizers."""
     seed = cfg.runtime.seed + server_round
     seed_everything(seed)
     set_lora_a_trainable(gen, cfg.fed.lora_aggregation != "ffa")
-    if cfg.train.num_examples:
-        examples = examples[: cfg.train.num_examples]
+    examples = round_examples(examples, cfg.train.num_examples, cfg.runtime.seed, server_round)
     start = time.perf_counter()
     metrics: dict[str, float] = {"server-round": float(server_round)}
 
@@ -81,10 +116,12 @@ def run_local_round(cfg: AppConfig, gen: Generator, retriever: DualEncoder, stor
 
     for phase in phases(cfg.train, server_round):
         if phase == "lsr":
-            metrics.update(train_lsr(gen, retriever, store, examples, cfg.lsr, epochs=cfg.train.epochs,
-                                     max_steps=cfg.train.max_steps, seed=seed, optimizer_state=kept("lsr")))
+            with _score_cache(cfg) as cache:
+                metrics.update(train_lsr(gen, retriever, store, examples, cfg.lsr, epochs=cfg.train.epochs,
+                                         max_steps=cfg.train.max_steps, seed=seed, cache=cache,
+                                         optimizer_state=kept("lsr")))
         else:
             metrics.update(train_ralt(gen, retriever, store, examples, cfg.ralt, epochs=cfg.train.epochs,
                                       max_steps=cfg.train.max_steps, seed=seed, optimizer_state=kept("ralt")))
     metrics["local-seconds"] = time.perf_counter() - start
-    return RoundResult(metrics=metrics, num_examples=len(examples))
+    return RoundResult(metrics=metrics, num_examples=len(examples), example_ids=tuple(e.id for e in examples))

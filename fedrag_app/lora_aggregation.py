@@ -6,9 +6,9 @@ all tensor-only (numpy, no Flower), each exact where the maths allows and report
 - FFA-LoRA: A stays frozen at its shared initialisation and only B trains, so mean(B_i)·A = mean(B_i·A) exactly.
 - Product averaging: form ΔW = Σ w_i s_i B_i A_i per layer, refactor to rank r by truncated SVD, report the
   energy lost (0 when the rank allows it).
-- Heterogeneous ranks: clients train ranks r_i ≤ R; each reply is padded to rank R with the same ΔW
-  (``to_global_rank``). FedAvg of padded factors is HetLoRA's zero-padding; product averaging of them is FLoRA's
-  stacking (Σ w_i ΔW_i exactly), refactored to R. ``to_client_rank`` cuts the global adapter back to r_i.
+- Heterogeneous ranks: clients train ranks r_i ≤ R from ``to_client_rank`` (the global adapter cut to r_i, which
+  loses what lies beyond r_i). Averaging whole replies would average that loss into the global adapter every round,
+  so ``rank_update_average`` averages updates instead: ΔW_global + Σ w_i (ΔW(reply_i) − ΔW(sent_i)), refactored to R.
 
 Keys follow PEFT: '<module>.lora_A.weight' (r, in) and '<module>.lora_B.weight' (out, r); ΔW = (alpha / r) B A.
 """
@@ -108,8 +108,8 @@ def product_average(states: list[State], weights: list[float], *, rank: int, alp
 
 def to_global_rank(state: State, *, rank: int) -> State:
     """A rank-r_i reply as a rank-``rank`` adapter with the global scale alpha / rank and the same ΔW: B rescaled by
-    rank / r_i, both factors zero-padded. Plain FedAvg of padded replies is HetLoRA's zero-padding aggregation;
-    product averaging of them is FLoRA's stacking (Σ w_i ΔW_i exactly), refactored to the global rank."""
+    rank / r_i, both factors zero-padded (the server checks replies in this form; it aggregates them with
+    ``rank_update_average``)."""
     out = dict(state)
     for pair in lora_pairs(state).values():
         a, b = state[pair.a_key], state[pair.b_key]
@@ -123,11 +123,42 @@ def to_global_rank(state: State, *, rank: int) -> State:
     return out
 
 
+def _scaled_product(state: State, pair: LoraPair, alpha: float) -> np.ndarray:
+    """ΔW = (alpha / r) B A of one module in float64, r read from the factors."""
+    a, b = state[pair.a_key].astype(np.float64), state[pair.b_key].astype(np.float64)
+    return (alpha / a.shape[0]) * (b @ a)
+
+
+def rank_update_average(global_state: State, replies: list[State], weights: list[float], *, alpha: float,
+                        method: str) -> tuple[State, dict[str, float]]:
+    """Heterogeneous ranks: the new global LoRA factors (rank R of ``global_state``), ΔW_global + Σ w_i (ΔW(reply_i)
+    − ΔW(sent_i)) per module, where sent_i = to_client_rank(global, r_i, method) is what node i started from.
+
+    A node that did not train changes nothing, whatever its rank; the sum is exact and only the refactoring to R
+    may lose energy (reported as for ``product_average``). A module nobody changed keeps its factors (round 1's
+    shared random A included). Returns the LoRA keys only."""
+    rank, w = adapter_rank(global_state), _normalised(weights)
+    sent = {r: to_client_rank(global_state, rank=r, alpha=alpha, method=method) for r in {adapter_rank(s) for s in replies}}
+    out: State = {}
+    losses = []
+    for pair in lora_pairs(global_state).values():
+        change = sum(wi * (_scaled_product(s, pair, alpha) - _scaled_product(sent[adapter_rank(s)], pair, alpha))
+                     for wi, s in zip(w, replies))
+        if not np.any(change):
+            out[pair.b_key], out[pair.a_key] = global_state[pair.b_key], global_state[pair.a_key]
+            losses.append(0.0)
+            continue
+        out[pair.b_key], out[pair.a_key], lost = refactor(_scaled_product(global_state, pair, alpha) + change, rank,
+                                                          alpha / rank)
+        losses.append(lost)
+    return out, {"svd-energy-lost-max": max(losses, default=0.0), "svd-energy-lost-mean": float(np.mean(losses or [0.0]))}
+
+
 def to_client_rank(global_state: State, *, rank: int, alpha: float, method: str) -> State:
     """The global adapter (rank R, scale alpha / R) for a rank-``rank`` client (scale alpha / rank).
 
-    'truncate' (HetLoRA, with zero-padding aggregation): the first ``rank`` components, B rescaled to keep their
-    product; 'svd' (with stacking): the best rank-``rank`` approximation of the global ΔW. A layer whose ΔW is
+    'truncate' (fed.lora-aggregation = fedavg): the first ``rank`` components, B rescaled to keep their product;
+    'svd' (product): the best rank-``rank`` approximation of the global ΔW. A layer whose ΔW is
     still zero (B = 0: round 1) is truncated under both, keeping the shared random A. Other keys pass unchanged."""
     global_rank = adapter_rank(global_state)
     if rank == global_rank:

@@ -13,6 +13,7 @@ probabilities that underflow to 0, giving a uniform target).
 
 from __future__ import annotations
 
+import math
 import random
 import time
 
@@ -27,8 +28,9 @@ from fedrag_app.knowledge_store import Hit, KnowledgeStore
 from fedrag_app.lm_scoring import answer_logprobs
 from fedrag_app.optimizer_state import OptimizerState, keep_optimizer, restore_optimizer
 from fedrag_app.prompts import format_passage
-from fedrag_app.ralt import StepCallback, build_sequence, collate, retrieve
+from fedrag_app.ralt import IGNORE, StepCallback, build_sequence, collate, retrieve
 from fedrag_app.retriever import DualEncoder
+from fedrag_app.score_cache import ScoreCache, generator_fingerprint, sequence_key
 
 
 def log_distributions(retriever_scores: torch.Tensor, lm_scores: torch.Tensor, *, retriever_temperature: float,
@@ -61,25 +63,41 @@ def scoring_sequences(gen: Generator, examples: list[QAExample], hits: list[list
 
 
 @torch.no_grad()
-def lm_scores(gen: Generator, examples: list[QAExample], hits: list[list[Hit]], cfg: LsrConfig) -> torch.Tensor:
+def lm_scores(gen: Generator, examples: list[QAExample], hits: list[list[Hit]], cfg: LsrConfig,
+              *, cache: ScoreCache | None = None) -> torch.Tensor:
     """(B, k) log p_LM(answer | passage, question): LSR's targets, fixed during a phase.
 
-    All k candidates of a question go through one batched forward; questions are grouped by length
-    (cfg.batch_size questions per forward) so that little of it is padding."""
+    The B·k sequences are sorted by length and scored cfg.batch_size·k per no-grad forward, so that little of it
+    is padding. With a ``cache`` (a frozen generator) only sequences it has never scored go through the model."""
     seqs = scoring_sequences(gen, examples, hits, cfg)
     k = len(seqs) // max(1, len(examples))
-    groups = sorted(range(len(examples)), key=lambda q: max(len(s.input_ids) for s in seqs[q * k : (q + 1) * k]))
-    out = torch.zeros(len(seqs))
+    totals = torch.zeros(len(seqs))
+    counts = torch.tensor([sum(1 for t in s.labels if t != IGNORE) for s in seqs], dtype=torch.float32)
+    keys: list[str] = []
+    if cache is not None:
+        fingerprint = generator_fingerprint(gen)
+        keys = [sequence_key(fingerprint, s.input_ids, s.labels) for s in seqs]
+        known = cache.get_many(keys)
+        for i, key in enumerate(keys):
+            if key in known:
+                totals[i] = known[key][0]
+        todo = [i for i, key in enumerate(keys) if key not in known]
+    else:
+        todo = list(range(len(seqs)))
+    todo.sort(key=lambda i: len(seqs[i].input_ids))
     was_training = gen.model.training
     gen.model.eval()  # no dropout in the supervision signal
     try:
-        for start in range(0, len(groups), cfg.batch_size):
-            idx = [q * k + j for q in groups[start : start + cfg.batch_size] for j in range(k)]
+        for start in range(0, len(todo), cfg.batch_size * max(1, k)):
+            idx = todo[start : start + cfg.batch_size * max(1, k)]
             inputs = collate([seqs[i] for i in idx], gen.tokenizer.pad_token_id, gen.device)
-            out[idx] = answer_logprobs(gen.model, **inputs, reduction=cfg.lm_score).float().cpu()
+            totals[idx] = answer_logprobs(gen.model, **inputs, reduction="sum").float().cpu()
     finally:
         gen.model.train(was_training)
-    return out.view(len(examples), k)
+    if cache is not None and todo:
+        cache.put_many({keys[i]: (totals[i].item(), int(counts[i])) for i in todo})
+    scores = totals if cfg.lm_score == "sum" else totals / counts.clamp(min=1)
+    return scores.view(len(examples), k)
 
 
 def retriever_scores(retriever: DualEncoder, examples: list[QAExample], hits: list[list[Hit]]) -> torch.Tensor:
@@ -94,32 +112,59 @@ def retriever_scores(retriever: DualEncoder, examples: list[QAExample], hits: li
     return torch.einsum("bd,bkd->bk", queries, contexts)  # (B, k)
 
 
+def entropy(log_p: torch.Tensor) -> torch.Tensor:
+    """(B,) entropy in nats of each row of a (B, k) log-distribution."""
+    return -(log_p.exp() * log_p).sum(-1)
+
+
 def train_lsr(gen: Generator, retriever: DualEncoder, store: KnowledgeStore, examples: list[QAExample],
               cfg: LsrConfig, *, epochs: int = 1, max_steps: int = 0, seed: int = 0,
-              on_step: StepCallback | None = None, optimizer_state: OptimizerState | None = None) -> dict[str, float]:
-    """One LSR phase: candidates and LM scores once (both fixed during the phase), then AdamW on the retriever."""
-    rng = random.Random(seed)
+              on_step: StepCallback | None = None, cache: ScoreCache | None = None,
+              optimizer_state: OptimizerState | None = None) -> dict[str, float]:
+    """One LSR phase: candidates and LM scores once (both fixed during the phase), then AdamW on the retriever.
+    ``cache``: reuse LM scores of a frozen generator (train.mode = lsr; score_cache.py)."""
     start = time.perf_counter()
     hits = retrieve(retriever, store, [e.question for e in examples], cfg.top_k, with_vectors=True)
     keep = [i for i, h in enumerate(hits) if len(h) == cfg.top_k]  # a store smaller than k cannot rank k
     examples, hits = [examples[i] for i in keep], [hits[i] for i in keep]
+    hits_before = cache.hits if cache is not None else 0
+    targets = lm_scores(gen, examples, hits, cfg, cache=cache) if examples else torch.zeros(0, cfg.top_k)  # (N, k)
+    scoring_seconds = time.perf_counter() - start
+    metrics = lsr_steps(retriever, examples, hits, targets, cfg, epochs=epochs, max_steps=max_steps, seed=seed,
+                        on_step=on_step, optimizer_state=optimizer_state)
+    cached = (cache.hits - hits_before) / max(1, targets.numel()) if cache is not None else 0.0
+    return metrics | {"lsr-scores-cached": cached, "lsr-scoring-seconds": scoring_seconds,
+                      "lsr-seconds": time.perf_counter() - start}
+
+
+def lsr_steps(retriever: DualEncoder, examples: list[QAExample], hits: list[list[Hit]], targets: torch.Tensor,
+              cfg: LsrConfig, *, epochs: int = 1, max_steps: int = 0, seed: int = 0,
+              on_step: StepCallback | None = None, optimizer_state: OptimizerState | None = None) -> dict[str, float]:
+    """AdamW on the retriever towards fixed LM scores ``targets`` (N, k) of the candidates ``hits``.
+
+    Metrics say whether there was anything to learn: the target's entropy (nats, and over log k: 1 = uniform,
+    nothing to learn), the retriever's own entropy on the candidates at the start (from the store's scores), and
+    KL(p_LSR || p_R) of each step's batch before the step (first / last / mean), whatever the loss direction."""
+    rng = random.Random(seed)
     batches = [list(range(s, min(s + cfg.batch_size, len(examples)))) for s in range(0, len(examples), cfg.batch_size)]
-    targets = lm_scores(gen, examples, hits, cfg) if examples else torch.zeros(0, cfg.top_k)  # (N, k), all at once
     optimizer = torch.optim.AdamW(retriever.trainable_parameters(), lr=cfg.learning_rate, weight_decay=0.0)
     restore_optimizer(optimizer, optimizer_state)  # train.keep-optimizer-state: continue the last round's AdamW
     losses: list[float] = []
+    kls: list[float] = []
+    temps = dict(retriever_temperature=cfg.retriever_temperature, lm_temperature=cfg.lm_temperature)
     retriever.query_model.train()
     try:
         for _ in range(epochs):
             rng.shuffle(batches)
             for b in batches:
                 scores = retriever_scores(retriever, [examples[i] for i in b], [hits[i] for i in b])
-                loss = lsr_loss(scores, targets[b].to(scores), retriever_temperature=cfg.retriever_temperature,
-                                lm_temperature=cfg.lm_temperature, kl_direction=cfg.kl_direction)
+                target = targets[b].to(scores)
+                loss = lsr_loss(scores, target, kl_direction=cfg.kl_direction, **temps)
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.item())
+                kls.append(lsr_loss(scores.detach(), target, kl_direction="lsr-retriever", **temps).item())
                 if on_step is not None:
                     on_step(len(losses), losses[-1], None)
                 if max_steps and len(losses) >= max_steps:
@@ -129,11 +174,20 @@ def train_lsr(gen: Generator, retriever: DualEncoder, store: KnowledgeStore, exa
     finally:
         retriever.query_model.eval()
     keep_optimizer(optimizer, optimizer_state)  # handed back in place, for the next round
+    stored = torch.tensor([[h.score for h in ex_hits] for ex_hits in hits]).view(len(hits), cfg.top_k)  # (N, k)
+    log_p_r, log_p_lsr = log_distributions(stored, targets, **temps)
+    log_k = math.log(cfg.top_k)
+    target_entropy = entropy(log_p_lsr).mean().item() if len(hits) else 0.0
     return {
         "lsr-loss-first": losses[0] if losses else 0.0,
         "lsr-loss-last": losses[-1] if losses else 0.0,
         "lsr-loss-mean": sum(losses) / len(losses) if losses else 0.0,
+        "lsr-kl-first": kls[0] if kls else 0.0,
+        "lsr-kl-last": kls[-1] if kls else 0.0,
+        "lsr-kl-mean": sum(kls) / len(kls) if kls else 0.0,
+        "lsr-target-entropy": target_entropy,
+        "lsr-target-entropy-norm": target_entropy / log_k,
+        "lsr-retriever-entropy": entropy(log_p_r).mean().item() if len(hits) else 0.0,
         "lsr-steps": float(len(losses)),
-        "lsr-seconds": time.perf_counter() - start,
         "lsr-needs-reindex": float(retriever.train_context and bool(losses)),
     }

@@ -4,8 +4,9 @@ Questions (Web Questions train): IID, or non-IID with a Dirichlet over a topic l
 the question's Freebase topic key hashed into ``NUM_TOPIC_GROUPS`` groups, so all questions about one entity
 share a label and a skewed Dirichlet gives each institution its own subjects. Each client keeps a held-out
 split. Documents: every article (title) lives with one institution (optionally a second, ``doc_overlap``),
-and each institution gets its own Qdrant Edge shard. A manifest records seeds, sizes, hashes and absolute paths.
-The whole output folder is written atomically.
+and each institution gets its own Qdrant Edge shard, built from the embedding cache: every passage the clients
+hold is encoded at most once per (corpus, context encoder), whatever the seed, scheme or number of clients.
+A manifest records seeds, sizes, hashes and absolute paths. The whole output folder is written atomically.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from pathlib import Path
 
 from fedrag_app.atomic import atomic_dir, write_json
 from fedrag_app.config import AppConfig, PartitionConfig
-from fedrag_app.data import Passage, QAExample, iter_passages, load_web_questions, write_qa_jsonl
-from fedrag_app.errors import ConfigError
-from fedrag_app.ingest import build_shard
+from fedrag_app.data import Passage, QAExample, corpus_path, load_passages, load_web_questions, write_qa_jsonl
+from fedrag_app.embedding_cache import EmbeddingCache
+from fedrag_app.errors import ConfigError, DataError
+from fedrag_app.ingest import build_shard, encode_into_cache
 
 NUM_TOPIC_GROUPS = 12
 MANIFEST = "manifest.json"
@@ -75,12 +77,19 @@ def make_partitions(cfg: AppConfig, encoder, *, progress: bool = True) -> dict:
     if foreign and not (target / MANIFEST).exists():
         raise ConfigError(f"partition.dir {target} holds other files: choose an empty or earlier partition folder")
     questions = split_questions(load_web_questions("train", cfg.data), pc, seed)
-    passages: list[Passage] = list(iter_passages(cfg.data))
+    passages: list[Passage] = load_passages(cfg.data)
     owners = assign_articles(sorted({p.title for p in passages}), pc, seed)
     per_client: list[list[Passage]] = [[] for _ in range(pc.num_partitions)]
     for p in passages:
         for client in owners[p.title]:
             per_client[client].append(p)
+    docs_of = [mine[: pc.passages_per_client] if pc.passages_per_client else mine for mine in per_client]
+    if empty := [i for i, docs in enumerate(docs_of) if not docs]:
+        raise DataError(f"{corpus_path(cfg.data)}: its {len(owners)} articles leave client(s) {empty} without a "
+                        "passage: use fewer partition.num-partitions or a larger corpus")
+    cache = EmbeddingCache.open(corpus_path(cfg.data), encoder)
+    batch = cfg.store.index_batch_size  # one bar (with time left) over every client's passages, each encoded once
+    encode_into_cache(cache, [p for docs in docs_of for p in docs], batch_size=batch, progress=progress)
     clients = []
     readme = (target / "README.md").read_text() if (target / "README.md").exists() else None
     with atomic_dir(target) as tmp:
@@ -94,10 +103,10 @@ def make_partitions(cfg: AppConfig, encoder, *, progress: bool = True) -> dict:
             if pc.questions_per_client:
                 train = train[: pc.questions_per_client]
                 heldout = heldout[: max(1, round(pc.heldout_fraction * pc.questions_per_client))] if heldout else []
-            docs = per_client[i][: pc.passages_per_client] if pc.passages_per_client else per_client[i]
+            docs = docs_of[i]
             write_qa_jsonl(folder / "train.jsonl", train)
             write_qa_jsonl(folder / "heldout.jsonl", heldout)
-            build_shard(docs, encoder, path=str(folder / "shard"), total=len(docs), progress=progress)
+            build_shard(docs, encoder, path=str(folder / "shard"), batch_size=batch, progress=progress, cache=cache)
             clients.append({
                 "partition-id": i, "train": str(final / "train.jsonl"), "heldout": str(final / "heldout.jsonl"),
                 "shard": str(final / "shard"), "questions": len(train), "heldout-questions": len(heldout),
@@ -107,7 +116,7 @@ def make_partitions(cfg: AppConfig, encoder, *, progress: bool = True) -> dict:
             })
         manifest = {"seed": seed, "scheme": pc.scheme, "dirichlet-alpha": pc.dirichlet_alpha,
                     "num-partitions": pc.num_partitions, "topic-groups": NUM_TOPIC_GROUPS, "doc-overlap": pc.doc_overlap,
-                    "embedding-model": encoder.name, "dir": str(target), "clients": clients}
+                    "embedding-model": encoder.name, "embedding-cache": cache.key, "dir": str(target), "clients": clients}
         write_json(tmp / MANIFEST, manifest)
         if readme is not None:
             (tmp / "README.md").write_text(readme)

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedrag_app.config import AppConfig
+from fedrag_app.data import Passage, corpus_path, load_passages
+from fedrag_app.embedding_cache import EmbeddingCache
+from fedrag_app.errors import DataError, StoreError
 from fedrag_app.generator import Generator, generate
-from fedrag_app.knowledge_store import Hit, KnowledgeStore
+from fedrag_app.ingest import IndexStats, build_shard
+from fedrag_app.knowledge_store import MANIFEST, Hit, KnowledgeStore
 from fedrag_app.model_sources import cache_dir
 from fedrag_app.prompts import build_prompt, format_passage
 from fedrag_app.retriever import DualEncoder
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -32,9 +40,51 @@ def store_location(cfg: AppConfig) -> dict[str, str]:
     return {"path": str(cache_dir() / "shards" / name)}
 
 
-def open_store(cfg: AppConfig, retriever: DualEncoder) -> KnowledgeStore:
-    """Open the configured shard, checked against the retriever that will query it."""
-    return KnowledgeStore.open(**store_location(cfg), embedding_model=retriever.name, dim=retriever.dim)
+def is_default_location(cfg: AppConfig) -> bool:
+    """The store is the cache's own shard (neither store.path nor store.url set): built on demand."""
+    return not (cfg.store.url or cfg.store.path)
+
+
+def check_store(cfg: AppConfig) -> None:
+    """Fail fast, before any model loads, when the configured shard folder is missing or half-built."""
+    where = store_location(cfg)
+    if "path" not in where:
+        return  # a server is checked when opened
+    folder = Path(where["path"])
+    if not (folder / MANIFEST).exists():
+        raise StoreError(f"{folder} is not a knowledge store (no {MANIFEST}): build it with `fedrag-app index`"
+                         + ("" if is_default_location(cfg) else f" --store {folder}"))
+    if not json.loads((folder / MANIFEST).read_text()).get("complete"):
+        raise StoreError(f"store {folder} is incomplete (its build was interrupted): rebuild it with `fedrag-app index`")
+
+
+def build_store(cfg: AppConfig, retriever: DualEncoder, *, passages: list[Passage] | None = None,
+                progress: bool = True, replace: bool = False) -> IndexStats:
+    """Index the corpus (or its first store.passages-limit passages) into the configured store, vectors through the
+    embedding cache: what is cached is not encoded again, by this store or any other built from the same corpus."""
+    if passages is None:
+        passages = load_passages(cfg.data, limit=cfg.store.passages_limit)
+    cache = EmbeddingCache.open(corpus_path(cfg.data), retriever)
+    return build_shard(passages, retriever, cache=cache, batch_size=cfg.store.index_batch_size, progress=progress,
+                       replace=replace, **store_location(cfg))
+
+
+def open_store(cfg: AppConfig, retriever: DualEncoder, *, progress: bool = False) -> KnowledgeStore:
+    """Open the configured shard, checked against the retriever that will query it. The default shard in the cache
+    (no store.path / store.url) is built from the embedding cache when missing; a configured one must exist."""
+    where = store_location(cfg)
+    if is_default_location(cfg) and not (Path(where["path"]) / MANIFEST).exists():
+        log.warning("building the knowledge store %s from the embedding cache (encoding only passages not cached yet)",
+                    where["path"])
+        try:
+            build_store(cfg, retriever, progress=progress)
+        except DataError as e:  # no corpus here: callers that can go on without a store catch StoreError
+            raise StoreError(f"cannot build the knowledge store {where['path']}: {e}") from e
+        except StoreError:
+            if not (Path(where["path"]) / MANIFEST).exists():  # not just another process finishing first
+                raise
+    return KnowledgeStore.open(**where, embedding_model=retriever.name, dim=retriever.dim,
+                               context_fingerprint=retriever.context_fingerprint())
 
 
 class RagPipeline:

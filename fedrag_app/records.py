@@ -2,9 +2,11 @@
 the only library modules importing flwr.
 
 One ArrayRecord carries both models, keys prefixed "lora.<peft key>" and "retriever.<param>" (Flower's
-reply contract wants exactly one ArrayRecord and one MetricRecord). Arrays travel as fp32, or the configured
-wire dtype for the retriever, never bf16 (numpy has no bf16). Unpacking checks keys, shapes and finiteness
-against what the receiver expects, so a bad update is refused by name instead of being loaded.
+reply contract wants exactly one ArrayRecord and one MetricRecord). Arrays travel as fp32, never bf16 (numpy has no
+bf16); with retriever.wire-dtype = float16 a node's reply carries its retriever *update* in fp16 (to_wire_update) and
+the server adds it back to the fp32 global it sent (from_wire_update): fp16 keeps ~3 digits of an update, where
+rounding whole weights to fp16 loses most of a small one. Unpacking checks keys, shapes and finiteness against what
+the receiver expects, so a bad update is refused by name instead of being loaded.
 """
 
 from __future__ import annotations
@@ -27,6 +29,31 @@ def pack_weights(lora: dict[str, torch.Tensor], retriever: dict[str, torch.Tenso
         for key in sorted(state):
             arrays[prefix + key] = Array(np.ascontiguousarray(state[key].detach().float().cpu().numpy().astype(dtype)))
     return ArrayRecord(arrays)
+
+
+def to_wire_update(reply: ArrayRecord, sent: ArrayRecord, dtype: str) -> ArrayRecord:
+    """The reply with each retriever array replaced by its update (reply − sent, in fp32) cast to ``dtype``; same keys,
+    same order. LoRA arrays pass unchanged."""
+    out: dict[str, Array] = {}
+    for key, array in reply.items():
+        if key.startswith(RETRIEVER):
+            update = array.numpy().astype(np.float32) - sent[key].numpy().astype(np.float32)
+            array = Array(np.ascontiguousarray(update.astype(np.dtype(dtype))))
+        out[key] = array
+    return ArrayRecord(out)
+
+
+def from_wire_update(record: ArrayRecord, sent: dict[str, np.ndarray]) -> ArrayRecord:
+    """fp32 weights from a reply of ``to_wire_update``: the sent global plus each retriever update."""
+    out: dict[str, Array] = {}
+    for key, array in record.items():
+        if key.startswith(RETRIEVER):
+            update, base = array.numpy(), sent[key]
+            if update.shape != base.shape:
+                raise ValueError(f"'{key}' has shape {update.shape}, expected {base.shape}")
+            array = Array(np.ascontiguousarray(base.astype(np.float32) + update.astype(np.float32)))
+        out[key] = array
+    return ArrayRecord(out)
 
 
 def record_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:

@@ -7,6 +7,7 @@ unless ``retriever.context-model`` names another model; they are separate copies
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -39,6 +40,7 @@ class DualEncoder:
         self.train_context = train_context
         self._query_trainable = _select_trainable(query_model, train_top_layers)
         self._context_trainable = _select_trainable(context_model, 0) if train_context else {}
+        self._context_fingerprint: str | None = None
 
     @property
     def device(self) -> torch.device:
@@ -56,6 +58,19 @@ class DualEncoder:
             texts, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=progress
         )
         return np.ascontiguousarray(emb, dtype=np.float32)
+
+    def context_fingerprint(self) -> str:
+        """sha256 (16 hex digits) of the context encoder's weights: a store records the one that made its vectors.
+        Cached while the context encoder is frozen; recomputed when it trains."""
+        if self._context_fingerprint is not None and not self.train_context:
+            return self._context_fingerprint
+        digest = hashlib.sha256()
+        for key, value in sorted(self.context_model.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        if not self.train_context:
+            self._context_fingerprint = digest.hexdigest()[:16]
+        return digest.hexdigest()[:16]
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self._query_trainable.values()) + list(self._context_trainable.values())

@@ -7,20 +7,23 @@ Replies whose weights cannot be averaged (NaN/Inf, wrong keys or shapes) are log
 Run-config switches: fed.strategy (FedAvg, or one of Flower's server optimizers: strategies.py),
 fed.lora-aggregation (fedavg | ffa | product) and dp.mode (off | client-clip | server-clip |
 local: Flower's DP wrappers and mods; epsilon from Flower's RDP accountant goes into every metrics row).
-Nodes of a lower LoRA rank (heterogeneous ranks) reply with their own rank; their factors are padded to the global
-rank before averaging (zero-padding with FedAvg, stacking with product averaging).
+Nodes of a lower LoRA rank (heterogeneous ranks) reply with their own rank; a round with such replies averages the
+nodes' ΔW updates (reply minus what each was sent) onto the global ΔW, refactored to the global rank.
+With retriever.wire-dtype = float16 nodes send their retriever update in fp16; the server rebuilds fp32 weights.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from collections import Counter
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import GaussianPrivacyEvent, Grid, NeighboringRelation, RdpAccountant, SamplingMethod, ServerApp
 from flwr.serverapp import PrivacyConfig as DpAccounting
@@ -28,15 +31,19 @@ from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
                                      DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy)
 
 from fedrag_app.aggregation import check_update
-from fedrag_app.checkpoint import latest_checkpoint, load_checkpoint, load_server_state, save_checkpoint
+from fedrag_app.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, load_server_state, save_checkpoint
 from fedrag_app.config import AppConfig, FedConfig, PrivacyConfig
-from fedrag_app.errors import ConfigError, StoreError
+from fedrag_app.config_values import check_federated
+from fedrag_app.errors import CheckpointError, ConfigError, StoreError
 from fedrag_app.evaluate import run_evaluation
+from fedrag_app.federated_query import (ANSWER_LOG, METRICS_LOG, REPLY_KINDS, answer_and_score, load_questions, log_row,
+                                        merge, read_reply, write_outputs)
 from fedrag_app.local_round import exchanged_parts, exchanged_weights, load_exchanged_weights
 from fedrag_app.generator import load_generator, lora_a_fingerprint
 from fedrag_app.rag import open_store
-from fedrag_app.lora_aggregation import product_average, to_global_rank
-from fedrag_app.records import metric_record, numpy_to_record, pack_weights, record_to_numpy, unpack_weights
+from fedrag_app.lora_aggregation import adapter_rank, product_average, rank_update_average, to_global_rank
+from fedrag_app.records import (from_wire_update, metric_record, numpy_to_record, pack_weights, record_to_numpy,
+                                unpack_weights)
 from fedrag_app.reporting import append_metrics, plot_metrics
 from fedrag_app.retriever import load_retriever
 from fedrag_app.runtime import apply_runtime
@@ -53,10 +60,14 @@ class CheckedStrategy(Strategy):
     through so Flower's own checks log and count them. Keeps the round's costs and client metrics for reporting."""
 
     def __init__(self, inner: Strategy, fedavg: FedAvg, reference: dict, *, a_fingerprint: float | None = None,
-                 global_rank: int | None = None):
+                 global_rank: int | None = None, lora_alpha: float = 16.0, rank_method: str = "truncate",
+                 wire_updates: bool = False):
         super().__init__()
         self.inner, self.fedavg, self.reference, self.a_fingerprint = inner, fedavg, reference, a_fingerprint
-        self.global_rank = global_rank  # set: replies of a lower LoRA rank are padded to it (heterogeneous ranks)
+        self.global_rank = global_rank  # set: replies may have a lower LoRA rank (heterogeneous ranks)
+        self.lora_alpha, self.rank_method = lora_alpha, rank_method  # how nodes cut the global adapter to their rank
+        self.wire_updates = wire_updates  # replies carry the retriever's update in the wire dtype, not its weights
+        self.sent_global = reference  # the global arrays of the round in progress (configure_train updates it)
         self.last_train_metrics, self.last_evaluate_metrics = {}, {}
         self.round_costs: dict[str, float] = {}
         self._sent_at, self._sent_bytes = 0.0, 0
@@ -66,6 +77,8 @@ class CheckedStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        if self.global_rank is not None or self.wire_updates:
+            self.sent_global = record_to_numpy(arrays)  # what the replies are updates of
         self._sent_at, self._sent_bytes = time.perf_counter(), arrays.count_bytes() * len(messages)
         return messages
 
@@ -80,6 +93,7 @@ class CheckedStrategy(Strategy):
             else:
                 passed.append(m)
         kept = [m for m in passed if not m.has_error()]
+        rank_losses = self._merge_rank_updates(kept) if self.global_rank is not None else {}
         local = [float(m.content["metrics"].get("local-seconds", 0.0)) for m in kept]
         handler = [float(m.content["metrics"].get("handler-seconds", 0.0)) for m in kept]
         self.round_costs = {  # what Flower adds on top of the clients' own work, and what crossed the network
@@ -94,13 +108,32 @@ class CheckedStrategy(Strategy):
         self.last_train_metrics = dict(metrics) if metrics else {}
         if arrays is not None and (extra := getattr(self.fedavg, "last_aggregation_metrics", None)):
             self.round_costs.update(extra)
+        if arrays is not None:
+            self.round_costs.update(rank_losses)
         return arrays, metrics
+
+    def _merge_rank_updates(self, kept: list[Message]) -> dict[str, float]:
+        """A round with a lower-rank reply: the LoRA aggregate is ΔW_global + Σ w_i (ΔW(reply_i) − ΔW(sent_i))
+        (lora_aggregation.rank_update_average); every reply's LoRA factors are replaced by it, so the inner strategy
+        averages identical factors and handles the other keys and the metrics as usual."""
+        states = [record_to_numpy(m.content["arrays"]) for m in kept]
+        if not any(adapter_rank(s) < self.global_rank for s in states if any(".lora_A." in k for k in s)):
+            return {}
+        weights = [float(m.content["metrics"][self.fedavg.weighted_by_key]) for m in kept]
+        merged, lost = rank_update_average(self.sent_global, states, weights, alpha=self.lora_alpha,
+                                           method=self.rank_method)
+        for m, state in zip(kept, states):
+            m.content["arrays"] = numpy_to_record({k: merged.get(k, v) for k, v in state.items()})
+        return {f"lora-{k}": v for k, v in lost.items()}
 
     def _problem(self, content) -> str | None:
         problem = _reply_problem(content, self.fedavg.weighted_by_key)
+        if problem is None and self.wire_updates:
+            problem = _rebuild_wire_update(content, self.sent_global)
         if problem is None and self.global_rank is not None:
-            problem = _pad_to_global_rank(content, self.global_rank)
-        problem = problem or check_update(record_to_numpy(content["arrays"]), self.reference)
+            problem = _padded_problem(content, self.global_rank, self.reference)
+        elif problem is None:
+            problem = check_update(record_to_numpy(content["arrays"]), self.reference)
         if problem is None and self.a_fingerprint is not None:
             theirs = content["metrics"].get("lora-a-fingerprint")
             if theirs is None or abs(float(theirs) - self.a_fingerprint) > 1e-6 * max(1.0, abs(self.a_fingerprint)):
@@ -178,7 +211,9 @@ def build_strategy(cfg: AppConfig, reference: dict, a_fingerprint: float | None,
     pads = cfg.fed.lora_aggregation != "ffa" and cfg.dp.mode == "off" and exchanged_parts(cfg.train)[0]
     return CheckedStrategy(inner, fedavg, reference,
                            a_fingerprint=a_fingerprint if cfg.fed.lora_aggregation == "ffa" else None,
-                           global_rank=cfg.generator.lora_r if pads else None)
+                           global_rank=cfg.generator.lora_r if pads else None, lora_alpha=cfg.generator.lora_alpha,
+                           rank_method="svd" if cfg.fed.lora_aggregation == "product" else "truncate",
+                           wire_updates=cfg.retriever.wire_dtype != "float32" and exchanged_parts(cfg.train)[1])
 
 
 def evaluation_due(cfg: FedConfig, n: int) -> bool:
@@ -186,15 +221,20 @@ def evaluation_due(cfg: FedConfig, n: int) -> bool:
     return cfg.server_eval and (n % cfg.server_eval_every == 0 or n == cfg.num_server_rounds)
 
 
-def _pad_to_global_rank(content, rank: int) -> str | None:
-    """Replace a lower-rank reply's LoRA factors by their rank-``rank`` padding (same ΔW); why not, or None."""
-    state = record_to_numpy(content["arrays"])
+def _padded_problem(content, rank: int, reference: dict) -> str | None:
+    """Why a reply of rank <= ``rank`` cannot be used (checked as its rank-``rank`` padding, same ΔW), or None."""
     try:
-        padded = to_global_rank(state, rank=rank)
+        return check_update(to_global_rank(record_to_numpy(content["arrays"]), rank=rank), reference)
     except (ValueError, AssertionError) as e:
         return str(e)
-    if any(padded[k] is not state[k] for k in state):
-        content["arrays"] = numpy_to_record(padded)
+
+
+def _rebuild_wire_update(content, sent: dict) -> str | None:
+    """Replace a reply's wire-dtype retriever update by fp32 weights (what was sent + the update); why not, or None."""
+    try:
+        content["arrays"] = from_wire_update(content["arrays"], sent)
+    except (KeyError, ValueError) as e:
+        return f"its retriever update cannot be rebuilt: {e}"
     return None
 
 
@@ -247,7 +287,10 @@ def retry_transient_pulls(grid: Grid, attempts: int = 6, sleep=time.sleep) -> No
 def main(grid: Grid, context: Context) -> None:
     retry_transient_pulls(grid)
     cfg = AppConfig.from_flat(context.run_config)
+    check_federated(cfg)
     out = output_dir(cfg.fed)
+    if cfg.fed.task == "query":
+        return run_query(grid, cfg, out)
     device = apply_runtime(cfg.runtime)
     gen, retriever = load_generator(cfg.generator, device=device), load_retriever(cfg.retriever, device=device)
     done = 0
@@ -261,7 +304,7 @@ def main(grid: Grid, context: Context) -> None:
     if done >= cfg.fed.num_server_rounds:
         log(INFO, "all %s rounds are done in %s", cfg.fed.num_server_rounds, out)
         return
-    initial = pack_weights(*exchanged_weights(cfg, gen, retriever), retriever_dtype=cfg.retriever.wire_dtype)
+    initial = pack_weights(*exchanged_weights(cfg, gen, retriever))  # fp32: only the nodes' updates use the wire dtype
     strategy = build_strategy(cfg, record_to_numpy(initial), lora_a_fingerprint(gen), rounds_done=done)
     optimizer = strategy.fedavg if isinstance(strategy.fedavg, ServerOptimizer) else None
     if optimizer is not None and done and not optimizer.restore_optimizer_state(load_server_state(ckpt),
@@ -297,3 +340,60 @@ def main(grid: Grid, context: Context) -> None:
     finally:
         if store is not None:
             store.close()
+
+
+def run_query(grid: Grid, cfg: AppConfig, out: Path) -> None:
+    """fed.task = "query": each batch of questions goes to every node as one query.retrieve message (with the query
+    vectors of the retriever that answers: a checkpoint's or the base one); the replies that arrive within
+    query.timeout-s are checked and merged (federated_query.merge), the generator answers from the merged top
+    eval.top-k passages. A node that refuses, errs, sends a bad reply or is late is counted and the others answer.
+    Writes answers.jsonl and query-metrics.json to the output folder and logs each answer (for `fedrag-app ask`)."""
+    q, started, clock, counts = cfg.query, time.perf_counter(), {"encode": 0.0, "round-trip": 0.0, "node": 0.0}, Counter()
+    device = apply_runtime(cfg.runtime)
+    gen, retriever = load_generator(cfg.generator, device=device), load_retriever(cfg.retriever, device=device)
+    if q.checkpoint:
+        ckpt = latest_checkpoint(out) if q.checkpoint == "latest" else Checkpoint(0, Path(q.checkpoint))
+        if ckpt is None:
+            raise CheckpointError(f"run-config key 'query.checkpoint' = 'latest': no complete checkpoint in {out}")
+        load_checkpoint(ckpt, gen, retriever)
+    examples, nodes = load_questions(cfg), _nodes_up(grid, cfg.fed.min_nodes, q.timeout_s)
+    merged, depth = [], max(cfg.eval.top_k, cfg.eval.recall_k)
+    for start in range(0, len(examples), q.batch_size):
+        batch, t0 = examples[start:start + q.batch_size], time.perf_counter()
+        vectors = retriever.encode_queries([e.question for e in batch]).cpu().numpy()
+        t1 = time.perf_counter()
+        messages = [Message(RecordDict({"query": ConfigRecord({  # a new record per node (FLOWER.md section 2)
+            "questions": [e.question for e in batch], "vectors": vectors.ravel().tolist(), "top-k": q.top_k_per_node,
+            "embedding-model": retriever.name})}), dst_node_id=n, message_type="query.retrieve", group_id=f"q{start}")
+            for n in nodes]
+        replies = list(grid.send_and_receive(messages, timeout=q.timeout_s))
+        lists, node_seconds = [[] for _ in batch], [0.0]
+        for m in replies:
+            kind, per_question, seconds, problem = read_reply(m, len(batch), q.top_k_per_node)
+            counts[kind] += 1
+            if problem:
+                log(WARNING, "query.retrieve: node %s: %s: %s", m.metadata.src_node_id, kind, problem)
+            node_seconds.append(seconds)
+            for hits, got in zip(lists, per_question):
+                hits.append(got)
+        counts["timeout"] += len(nodes) - len(replies)
+        merged += [merge(hits, q.merge, rrf_k=q.rrf_k, top=depth) for hits in lists]
+        clock["encode"] += t1 - t0
+        clock["round-trip"] += time.perf_counter() - t1
+        clock["node"] += max(node_seconds)
+    rows, metrics = answer_and_score(cfg, gen, examples, merged, clock)
+    metrics.update({"nodes": len(nodes), **{f"replies-{k}": counts[k] for k in REPLY_KINDS},
+                    "seconds": time.perf_counter() - started})
+    write_outputs(out, rows, metrics)
+    for row in rows:
+        log(INFO, "%s %s", ANSWER_LOG, json.dumps(log_row(row, cfg.eval.top_k), ensure_ascii=False))
+    log(INFO, "%s %s", METRICS_LOG, json.dumps(metrics))
+
+
+def _nodes_up(grid: Grid, wanted: int, timeout_s: float) -> list[int]:
+    """The connected nodes, once fed.min-nodes are up or after query.timeout-s (then whoever is there)."""
+    deadline = time.monotonic() + timeout_s
+    while len(nodes := sorted(grid.get_node_ids())) < wanted and time.monotonic() < deadline:
+        time.sleep(1.0)
+    log(INFO, "asking %s node(s)", len(nodes))
+    return nodes

@@ -28,7 +28,7 @@ def train_centralized(cfg: AppConfig, *, progress: bool = True) -> list[dict[str
     out = Path(cfg.train.output_dir).expanduser().resolve()
     gen = load_generator(cfg.generator, device=device)
     retriever = load_retriever(cfg.retriever, device=device)
-    examples = load_web_questions("train", cfg.data, cfg.train.num_examples)
+    examples = load_web_questions("train", cfg.data)  # all of them: each round takes its share (round_examples)
     history: list[dict[str, float]] = []
     optimizer_state = {} if cfg.train.keep_optimizer_state else None  # AdamW continues across rounds, in memory
     columns = (TextColumn("training {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

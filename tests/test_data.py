@@ -7,6 +7,7 @@ from fedrag_app.data import (
     QAExample,
     iter_passages,
     load_mmlu,
+    load_passages,
     load_qa_jsonl,
     load_web_questions,
     write_qa_jsonl,
@@ -20,7 +21,18 @@ def test_web_questions_splits_have_their_published_sizes(data_dir):
     assert (len(train), len(test)) == (3778, 2032)
     assert train[0].question == "what is the name of justin bieber brother?"
     assert train[0].topic == "justin_bieber" and "Jaxon Bieber" in train[0].answers
-    assert train[0].target == "Jazmyn Bieber, Jaxon Bieber"
+    assert train[0].answers == ("Jazmyn Bieber", "Jaxon Bieber")
+
+
+def test_the_training_target_is_one_gold_answer_each_in_its_turn(data_dir):
+    """The joined list ("Jazmyn Bieber, Jaxon Bieber", FedRAG's target) can never exact-match a gold answer."""
+    from dataclasses import replace
+
+    from fedrag_app.metrics import exact_match
+
+    bieber = load_web_questions("train", DataConfig(dir=str(data_dir)))[0]
+    assert [replace(bieber, turn=t).target for t in range(3)] == ["Jazmyn Bieber", "Jaxon Bieber", "Jazmyn Bieber"]
+    assert exact_match(bieber.target, bieber.answers) == 1.0
 
 
 def test_mmlu_global_facts_by_default_and_any_subject(data_dir):
@@ -37,6 +49,20 @@ def test_passages_stream_with_a_limit(data_dir):
     passages = list(iter_passages(DataConfig(dir=str(data_dir)), limit=3))
     assert [p.id for p in passages] == ["enwiki2015-12-0", "enwiki2015-12-1", "enwiki2015-12-2"]
     assert passages[0].title and passages[0].text
+
+
+def test_a_corpus_that_is_not_utf8_names_file_and_line(tmp_path):
+    corpus = tmp_path / "latin1.jsonl"
+    corpus.write_bytes(b'{"id": "a", "title": "t", "text": "ok"}\n{"id": "b", "title": "Caf\xe9", "text": "x"}\n')
+    with pytest.raises(DataError, match=r"latin1\.jsonl:2: not UTF-8 \(byte 0xe9 at column 26\)"):
+        load_passages(DataConfig(corpus=str(corpus)))
+
+
+def test_an_empty_corpus_is_an_error(tmp_path):
+    corpus = tmp_path / "empty.jsonl"
+    corpus.write_text("\n  \n")
+    with pytest.raises(DataError, match=r"empty\.jsonl: the corpus holds no passages"):
+        load_passages(DataConfig(corpus=str(corpus)))
 
 
 def test_malformed_line_names_file_and_line(tmp_path):

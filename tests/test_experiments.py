@@ -107,3 +107,19 @@ def test_sigterm_stops_the_table_and_every_process_it_started(tmp_path, data_dir
         if runner.poll() is None:
             runner.kill()
         run_table.follow_run.stop_local_superlink(flwr_home)
+
+
+def test_keep_adapter_copies_the_last_rounds_adapter_of_a_ralt_cell_only(tmp_path):
+    import json as _json
+
+    for n, mode in ((1, "ralt"), (2, "ralt")):
+        (tmp_path / "cell" / f"round-{n:04d}" / "adapter").mkdir(parents=True)
+        (tmp_path / "cell" / f"round-{n:04d}" / "adapter" / "adapter_model.safetensors").write_text(f"round {n}")
+        (tmp_path / "cell" / f"round-{n:04d}" / "state.json").write_text(
+            _json.dumps({"round": n, "config": {"train.mode": mode}}))
+    kept = run_table.keep_adapter(tmp_path / "cell", tmp_path / "adapters" / "col" / "ralt" / "seed-1")
+    assert (kept / "adapter_model.safetensors").read_text() == "round 2"
+    assert _json.loads((kept / "round.json").read_text())["round"] == 2
+    (tmp_path / "lsr" / "round-0001" / "adapter").mkdir(parents=True)
+    (tmp_path / "lsr" / "round-0001" / "state.json").write_text(_json.dumps({"round": 1, "config": {"train.mode": "lsr"}}))
+    assert run_table.keep_adapter(tmp_path / "lsr", tmp_path / "adapters" / "lsr") is None

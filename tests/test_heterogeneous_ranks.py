@@ -1,5 +1,5 @@
 """Heterogeneous LoRA ranks: a node trains a lower rank than the global adapter, receives a valid adapter of its
-rank, and the server pads its reply back (zero-padding with FedAvg, stacking with product averaging).
+rank, and the server adds the weighted mean of the nodes' ΔW updates (reply minus what each was sent) to the global.
 
 Library functions on random factors against exact products; the ClientApp on the real SmolLM2 and a real shard;
 the ServerApp's strategy as main() builds it.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import RecordDict
+from flwr.app import ConfigRecord, RecordDict
 
 from fedrag_app import client_app
 from fedrag_app.config import AppConfig
@@ -17,7 +17,7 @@ from fedrag_app.errors import ConfigError
 from fedrag_app.lora_aggregation import DEAD_ROW_NORM, refactor, to_client_rank, to_global_rank
 from fedrag_app.records import metric_record, numpy_to_record, record_to_numpy
 from tests.test_flower_app import checked, node, reply  # noqa: F401  (node is a fixture)
-from tests.test_privacy import RALT, _client_round
+from tests.test_privacy import RALT, Nodes, _client_round, in_a_server_app  # noqa: F401  (a fixture)
 
 A, B = "lora.m.lora_A.weight", "lora.m.lora_B.weight"
 OUT, IN, ALPHA = 6, 5, 16
@@ -74,25 +74,34 @@ def _replies(states, weights):
             for i, (s, n) in enumerate(zip(states, weights))]
 
 
-def test_stacking_ranks_2_and_4_gives_the_exact_weighted_mean_of_the_updates_at_the_global_rank():
-    clients = [adapter(2), adapter(4)]
-    reference = {k: np.zeros_like(v) for k, v in adapter(8).items()}
-    run = {"fed.lora-aggregation": "product", "generator.lora-r": 8, "generator.lora-alpha": ALPHA}
-    strategy = checked(reference, run)
-    arrays, _ = strategy.aggregate_train(1, _replies(clients, (1, 3)))
-    merged = record_to_numpy(arrays)
-    assert merged[A].shape == (8, IN) and merged[B].shape == (OUT, 8)
-    np.testing.assert_allclose(delta(merged), 0.25 * delta(clients[0]) + 0.75 * delta(clients[1]), atol=1e-4)
-    assert strategy.round_costs["lora-svd-energy-lost-max"] == pytest.approx(0.0, abs=1e-10)
-
-
-def test_zero_padding_averages_the_padded_factors():
-    clients = [adapter(2), adapter(8)]
-    reference = {k: np.zeros_like(v) for k, v in clients[1].items()}
-    arrays, _ = checked(reference, {"generator.lora-r": 8}).aggregate_train(1, _replies(clients, (1, 1)))
-    padded = to_global_rank(clients[0], rank=8)
-    merged = record_to_numpy(arrays)
-    assert all(np.allclose(merged[k], (padded[k] + clients[1][k]) / 2, atol=1e-6) for k in merged)
+@pytest.mark.parametrize("aggregation, method", [("fedavg", "truncate"), ("product", "svd")])
+def test_mixed_ranks_2_4_8_keep_the_global_update_in_a_no_op_round_and_add_the_mean_change_in_a_trained_one(
+        in_a_server_app, aggregation, method):
+    """Three rounds through the strategy as main() builds it: nodes of ranks 2, 4 and 8 start from what the server
+    sends them (to_client_rank) and reply either unchanged (no training) or with a trained change. Averaging whole
+    replies kept 0.44 (zero-padding) or 0.84 (stacking) of ΔW's size in a no-op round, shrinking every round."""
+    run = {"fed.lora-aggregation": aggregation, "generator.lora-r": 8, "generator.lora-alpha": ALPHA,
+           "fed.min-nodes": 3}
+    glob = adapter(8)  # an already trained global adapter: ΔW != 0, of rank 5 (= min(OUT, IN)), so every refactor is exact
+    strategy = checked({k: np.zeros_like(v) for k, v in glob.items()}, run)
+    ranks, weights = (2, 4, 8), (1.0, 2.0, 3.0)
+    for server_round, trains in ((1, False), (2, True), (3, False)):
+        list(strategy.configure_train(server_round, numpy_to_record(glob), ConfigRecord({}), Nodes(3)))
+        sent = [to_client_rank(glob, rank=r, alpha=ALPHA, method=method) for r in ranks]
+        replies = [{k: v + (0.1 * rng.standard_normal(v.shape).astype(np.float32) if trains and ".lora_" in k else 0)
+                    for k, v in s.items()} for s in sent]
+        arrays, _ = strategy.aggregate_train(server_round, _replies(replies, weights))
+        new = record_to_numpy(arrays)
+        assert new[A].shape == (8, IN) and new[B].shape == (OUT, 8)
+        change = sum(w / sum(weights) * (delta(r) - delta(s)) for w, r, s in zip(weights, replies, sent))
+        if not trains:
+            assert np.linalg.norm(delta(new)) == pytest.approx(np.linalg.norm(delta(glob)), rel=1e-5), "ΔW shrank"
+        else:
+            assert np.linalg.norm(change) > 0.05 * np.linalg.norm(delta(glob)), "the test needs a real change"
+        np.testing.assert_allclose(delta(new), delta(glob) + change, atol=1e-4)
+        assert strategy.round_costs["lora-svd-energy-lost-max"] == pytest.approx(0.0, abs=1e-10)
+        np.testing.assert_array_equal(new["retriever.v"], glob["retriever.v"])
+        glob = new
 
 
 @pytest.mark.parametrize("aggregation, set_by", [("fedavg", "node-config"), ("product", "run-config")])

@@ -104,3 +104,30 @@ def test_missing_store_and_bad_locations_are_clear_errors(tmp_path):
     with pytest.raises(StoreError, match="do not fit"):
         with KnowledgeStore.create(url=":memory:", embedding_model="m", dim=4) as s:
             s.search_batch(np.zeros((1, 3), np.float32), 1)
+
+
+def test_a_store_refuses_a_context_encoder_with_other_weights(retriever, small_shard_path):
+    """A shard records the fingerprint of the context encoder that made its vectors; a trained (changed) context
+    encoder opening it is a StoreError, not a silent search of stale vectors."""
+    import torch
+
+    built = retriever.context_fingerprint()
+    with KnowledgeStore.open(path=small_shard_path, embedding_model=retriever.name, dim=retriever.dim,
+                             context_fingerprint=built) as store:
+        assert store.count() > 0
+    param = next(retriever.context_model.parameters())
+    saved = param.detach().clone()
+    try:
+        retriever.train_context = True  # a trainable context encoder: the fingerprint is recomputed
+        with torch.no_grad():
+            param.add_(1e-3)
+        changed = retriever.context_fingerprint()
+        assert changed != built
+        with pytest.raises(StoreError, match="stale"):
+            KnowledgeStore.open(path=small_shard_path, embedding_model=retriever.name, dim=retriever.dim,
+                                context_fingerprint=changed)
+    finally:
+        with torch.no_grad():
+            param.copy_(saved)
+        retriever.train_context = False
+    assert retriever.context_fingerprint() == built

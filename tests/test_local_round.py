@@ -3,10 +3,10 @@
 import torch
 
 from fedrag_app.config import AppConfig, TrainConfig
-from fedrag_app.data import load_web_questions
+from fedrag_app.data import QAExample, load_web_questions
 from fedrag_app.generator import load_lora_state_dict, lora_state_dict
 from fedrag_app.knowledge_store import KnowledgeStore
-from fedrag_app.local_round import phases, run_local_round
+from fedrag_app.local_round import phases, round_examples, run_local_round
 
 TINY = {"train.mode": "ra-dit", "train.max-steps": 1, "train.num-examples": 4, "ralt.batch-size": 2,
         "ralt.max-seq-len": 192, "lsr.batch-size": 2, "lsr.top-k": 2, "lsr.max-seq-len": 192}
@@ -18,6 +18,37 @@ def test_ra_dit_schedules():
     assert phases(TrainConfig(mode="ra-dit", ra_dit_schedule="joint"), 3) == ["lsr", "ralt"]
     alternate = TrainConfig(mode="ra-dit", ra_dit_schedule="alternate")
     assert [phases(alternate, r) for r in (1, 2, 3)] == [["lsr"], ["ralt"], ["lsr"]]
+
+
+PARTITION = [QAExample(f"q{i}", f"question {i}?", (f"first {i}", f"second {i}", f"third {i}"), "") for i in range(30)]
+
+
+def ids(examples):
+    return [e.id for e in examples]
+
+
+def test_three_rounds_train_on_distinct_questions_not_the_first_n_again():
+    rounds = [ids(round_examples(PARTITION, 8, seed=7, server_round=r)) for r in (1, 2, 3)]
+    assert [len(r) for r in rounds] == [8, 8, 8]
+    assert len(set(rounds[0] + rounds[1] + rounds[2])) == 24
+    assert rounds[1] != ids(PARTITION[:8]) and rounds[0] != rounds[1]
+
+
+def test_rounds_cover_the_whole_partition_once_per_pass_then_wrap():
+    walk = [e for r in range(1, 9) for e in round_examples(PARTITION, 8, seed=7, server_round=r)]  # 64 = 2 passes + 4
+    assert sorted(ids(walk[:30])) == sorted(ids(PARTITION)) and sorted(ids(walk[30:60])) == sorted(ids(PARTITION))
+    assert ids(walk[:30]) != ids(walk[30:60]), "each pass in its own shuffle"
+    assert {e.turn for e in walk[:30]} == {0} and {e.turn for e in walk[30:60]} == {1} and {e.turn for e in walk[60:]} == {2}
+    assert {e.target for e in walk[30:60]} == {f"second {i}" for i in range(30)}, "the second pass trains the second answers"
+    everything = round_examples(PARTITION, 0, seed=7, server_round=2)  # 0 = all: round 2 is the second pass
+    assert ids(everything) == ids(walk[30:60]) and round_examples(PARTITION, 100, seed=7, server_round=2) == everything
+    assert ids(round_examples(PARTITION, 8, seed=8, server_round=1)) != ids(walk[:8]), "the seed picks the order"
+
+
+def test_a_resumed_round_equals_the_uninterrupted_one():
+    uninterrupted = [round_examples(PARTITION, 7, seed=3, server_round=r) for r in range(1, 6)]
+    assert round_examples(list(PARTITION), 7, seed=3, server_round=3) == uninterrupted[2]
+    assert round_examples(PARTITION, 7, seed=3, server_round=5) == uninterrupted[4]  # wraps into pass 2
 
 
 def test_same_inputs_and_seed_give_identical_weights(generator, retriever, small_shard_path, data_dir):
@@ -37,6 +68,8 @@ def test_same_inputs_and_seed_give_identical_weights(generator, retriever, small
         retriever.load_trainable_state_dict(retr0)
     (r1, lora1, retr1), (r2, lora2, retr2) = results
     assert r1.num_examples == 4 and r1.metrics["lsr-steps"] == 1 and r1.metrics["ralt-steps"] == 1
+    assert r1.example_ids == tuple(ids(round_examples(examples, 4, cfg.runtime.seed, 1))) != tuple(ids(examples[:4]))
+    assert 0.0 < r1.metrics["lsr-target-entropy-norm"] <= 1.0 and r1.metrics["lsr-kl-first"] >= 0.0
     assert all(torch.equal(lora1[k], lora2[k]) for k in lora1)
     assert all(torch.equal(retr1[k], retr2[k]) for k in retr1)
     assert any(not torch.equal(lora1[k], lora0[k]) for k in lora0), "RALT must change the adapter"

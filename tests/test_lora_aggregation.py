@@ -71,8 +71,19 @@ def test_product_average_yields_a_valid_adapter_for_the_real_model(generator):
     original = lora_state_dict(generator)
     states = [{k: (v + 0.01 * torch.randn_like(v)).numpy() for k, v in original.items()} for _ in range(2)]
     assert len(lora_pairs(states[0])) == 60
-    merged, _ = product_average(states, [1, 2], rank=8, alpha=16)
+    merged, report = product_average(states, [1, 2], rank=8, alpha=16)
+    losses = []
+    for pair in lora_pairs(states[0]).values():  # the best rank-8 approximation of the exact weighted mean of B_i A_i
+        exact = sum(w * s[pair.b_key].astype(np.float64) @ s[pair.a_key].astype(np.float64)
+                    for w, s in zip((1 / 3, 2 / 3), states))
+        u, sv, vt = np.linalg.svd(exact, full_matrices=False)
+        got = merged[pair.b_key].astype(np.float64) @ merged[pair.a_key].astype(np.float64)
+        np.testing.assert_allclose(got, (u[:, :8] * sv[:8]) @ vt[:8], atol=1e-5)
+        losses.append((sv[8:] ** 2).sum() / (sv**2).sum())
+    assert report["svd-energy-lost-max"] == pytest.approx(max(losses), rel=1e-4)
     try:
         load_lora_state_dict(generator, {k: torch.from_numpy(v) for k, v in merged.items()})
+        loaded = lora_state_dict(generator)
+        assert all(torch.equal(loaded[k], torch.from_numpy(merged[k])) for k in merged), "the model holds the average"
     finally:
         load_lora_state_dict(generator, original)

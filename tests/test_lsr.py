@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedrag_app.config import LsrConfig, RetrieverConfig
-from fedrag_app.data import QAExample
+from fedrag_app.config import DataConfig, LsrConfig, RetrieverConfig
+from fedrag_app.data import QAExample, load_web_questions
 from fedrag_app.knowledge_store import Hit, KnowledgeStore
 from fedrag_app.lsr import log_distributions, lm_scores, lsr_loss, retriever_scores, train_lsr
 from fedrag_app.prompts import format_passage
-from fedrag_app.ralt import IGNORE, build_sequence
+from fedrag_app.ralt import IGNORE, build_sequence, retrieve
 from fedrag_app.retriever import load_retriever
 
 QUESTION = QAExample("q", "what is the capital of france?", ("Paris",), "france")
@@ -24,7 +24,7 @@ PASSAGES = [
 
 
 def test_one_lsr_step_changes_the_query_encoder(generator, small_shard_path):
-    retriever = load_retriever(RetrieverConfig())
+    retriever = load_retriever(RetrieverConfig(train_top_layers=0))  # every layer: all of them must move
     before = retriever.trainable_state_dict()
     examples = [QAExample(str(i), q, (a,), "") for i, (q, a) in enumerate(
         [("what is the name of justin bieber brother?", "Jaxon Bieber"), ("who was the first president?", "George Washington")])]
@@ -92,7 +92,7 @@ PRESIDENT_PASSAGES = [  # the retriever likes the first for its wording; only th
 
 def test_the_answer_passage_gains_retrieval_probability(generator):
     torch.manual_seed(0)  # the query encoder trains with dropout: fix its masks so the test does not depend on order
-    retriever = load_retriever(RetrieverConfig())
+    retriever = load_retriever(RetrieverConfig(train_top_layers=0))
     vectors = retriever.encode_passages([format_passage(t, x) for t, x in PRESIDENT_PASSAGES])
     hits = [[Hit(t, 0.0, t, x, v) for (t, x), v in zip(PRESIDENT_PASSAGES, vectors)]]
     cfg = LsrConfig(top_k=4, retriever_temperature=0.1, lm_temperature=1.0, learning_rate=5e-5)
@@ -112,3 +112,67 @@ def test_the_answer_passage_gains_retrieval_probability(generator):
         optimizer.step()
         optimizer.zero_grad()
     assert p_answer() > before + 0.05, (before, p_answer())
+
+
+SHARD_TOPICS = {"abraham_lincoln", "alabama", "aristotle", "ayn_rand", "algeria", "andorra", "alaska"}  # in the 300
+
+
+def test_train_lsr_with_the_defaults_moves_the_lm_preferred_passage_up(generator, small_shard_path, data_dir):
+    """issue 16 item 7: the trainer itself, default settings, real questions against the real 300-passage shard.
+    It fails if the gradient does not reach the query encoder (checked by detaching the query embeddings)."""
+    torch.manual_seed(0)
+    retriever = load_retriever(RetrieverConfig())  # its own copy: it trains
+    cfg = LsrConfig()
+    examples = [e for e in load_web_questions("train", DataConfig(dir=str(data_dir))) if e.topic in SHARD_TOPICS][:4]
+    with KnowledgeStore.open(path=small_shard_path) as store:
+        hits = retrieve(retriever, store, [e.question for e in examples], cfg.top_k, with_vectors=True)
+    target = lm_scores(generator, examples, hits, cfg)  # (4, k): what train_lsr will compute again
+    favourite = target.argmax(-1)  # (4,): the LM's preferred candidate
+
+    def measure() -> tuple[float, float, int]:
+        """KL(p_LSR || p_R), mean p_R of the favourite, sum of its ranks, on the same candidates as train_lsr's."""
+        with torch.no_grad():
+            scores = retriever_scores(retriever, examples, hits)  # (4, k)
+        kl = lsr_loss(scores, target, retriever_temperature=cfg.retriever_temperature, lm_temperature=cfg.lm_temperature)
+        fav = scores[torch.arange(4), favourite]
+        p_fav = F.softmax(scores / cfg.retriever_temperature, -1)[torch.arange(4), favourite]
+        return kl.item(), p_fav.mean().item(), int((1 + (scores > fav[:, None]).sum(-1)).sum())
+
+    kl_before, p_before, ranks_before = measure()
+    assert ranks_before > 4, "the LM must prefer a passage the retriever does not rank first"
+    with KnowledgeStore.open(path=small_shard_path) as store:
+        metrics = train_lsr(generator, retriever, store, examples, cfg, epochs=10, seed=0)
+    kl_after, p_after, ranks_after = measure()
+    assert metrics["lsr-steps"] == 10 and metrics["lsr-target-entropy-norm"] < 0.9, metrics
+    assert metrics["lsr-kl-last"] < metrics["lsr-kl-first"], metrics
+    assert kl_after < 0.7 * kl_before, (kl_before, kl_after)
+    assert p_after > p_before + 0.05, (p_before, p_after)
+    assert ranks_after < ranks_before, (ranks_before, ranks_after)
+
+
+def test_the_score_cache_answers_a_frozen_generator_and_misses_a_changed_one(generator, tmp_path):
+    from fedrag_app.generator import load_lora_state_dict, lora_state_dict
+    from fedrag_app.score_cache import ScoreCache
+
+    hits = [[Hit(t, 0.0, t, x) for t, x in PASSAGES]]
+    mean, total = LsrConfig(lm_score="mean"), LsrConfig(lm_score="sum")
+    plain = lm_scores(generator, [QUESTION], hits, total)  # (1, 4), no cache
+    with ScoreCache(tmp_path / "scores.sqlite") as cache:
+        first = lm_scores(generator, [QUESTION], hits, mean, cache=cache)
+        assert (cache.hits, cache.misses) == (0, 4)
+    with ScoreCache(tmp_path / "scores.sqlite") as cache:  # reopened, as the next round or run would
+        again = lm_scores(generator, [QUESTION], hits, total, cache=cache)  # 'sum' and 'mean' share entries
+        assert (cache.hits, cache.misses) == (4, 0)
+        np.testing.assert_allclose(again.numpy(), plain.numpy(), atol=1e-4)
+        np.testing.assert_allclose(first.numpy(), (plain / len(generator.tokenizer("Paris", add_special_tokens=False)["input_ids"])).numpy(),
+                                   atol=1e-4)
+        saved = lora_state_dict(generator)
+        try:
+            load_lora_state_dict(generator, {k: v + 0.01 if ".lora_B." in k else v for k, v in saved.items()})
+            lm_scores(generator, [QUESTION], hits, total, cache=cache)
+            assert cache.misses == 4, "a changed adapter must never read the old generator's scores"
+        finally:
+            load_lora_state_dict(generator, saved)
+        other = QAExample("q", QUESTION.question, ("Lyon",), "")
+        lm_scores(generator, [other], hits, total, cache=cache)
+        assert cache.misses == 8, "another answer is another sequence"

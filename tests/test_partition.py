@@ -59,10 +59,19 @@ def test_each_article_has_one_owner_unless_overlap_is_asked():
     assert 0.25 < len(doubles) / len(titles) < 0.35 and all(o[0] != o[1] for o in doubles)
 
 
-def test_make_partitions_writes_per_client_files_shards_and_manifest(tmp_path, retriever):
+def test_make_partitions_writes_per_client_files_shards_and_manifest(tmp_path, monkeypatch, retriever):
+    from tests.test_embedding_cache import CountingEncoder
+
+    monkeypatch.setenv("FEDRAG_CACHE_DIR", str(tmp_path / "cache"))
     cfg = AppConfig.from_flat({"partition.num-partitions": 2, "partition.questions-per-client": 5,
                                "partition.passages-per-client": 24, "partition.dir": str(tmp_path / "parts")})
-    manifest = make_partitions(cfg, retriever, progress=False)
+    counting = CountingEncoder(retriever)
+    manifest = make_partitions(cfg, counting, progress=False)
+    assert counting.texts == 48, "each client's passages encoded once, into the embedding cache"
+    other = AppConfig.from_flat({**cfg.to_flat(), "runtime.seed": 7, "partition.dir": str(tmp_path / "other")})
+    rebuilt = CountingEncoder(retriever)
+    make_partitions(other, rebuilt, progress=False)
+    assert rebuilt.texts == len({p.id for p in _client_passages(other)} - {p.id for p in _client_passages(cfg)})
     assert json.loads((tmp_path / "parts" / "manifest.json").read_text()) == manifest
     train = [load_qa_jsonl(c["train"]) for c in manifest["clients"]]
     heldout = [load_qa_jsonl(c["heldout"]) for c in manifest["clients"]]
@@ -77,3 +86,13 @@ def test_make_partitions_writes_per_client_files_shards_and_manifest(tmp_path, r
             titles.append({h.title for h in hits})
     assert not titles[0] & titles[1], "an article is in both shards with doc-overlap 0"
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def _client_passages(cfg: AppConfig) -> list:
+    """The passages make_partitions gives the clients (the first passages-per-client of each one's articles)."""
+    from fedrag_app.data import iter_passages
+
+    passages = list(iter_passages(cfg.data))
+    owners = assign_articles(sorted({p.title for p in passages}), cfg.partition, cfg.runtime.seed)
+    per_client = [[p for p in passages if i in owners[p.title]] for i in range(cfg.partition.num_partitions)]
+    return [p for mine in per_client for p in mine[: cfg.partition.passages_per_client]]

@@ -47,12 +47,15 @@ def _update_norm(reply_record, sent_record) -> float:
     return float(np.sqrt(sum(np.sum((got[k].astype(np.float64) - sent[k]) ** 2) for k in sent)))
 
 
-def _client_round(run: dict, node_config: dict, clipping_norm: float | None = None, run_id: int = 1):
+def _client_round(run: dict, node_config: dict, clipping_norm: float | None = None, run_id: int = 1,
+                  server_round: int = 1):
     """One train message through the ClientApp (its mods included), as the server's strategy would send it."""
     cfg = AppConfig.from_flat(run)
     gen, retriever = client_app._models(cfg)
     sent = pack_weights(*exchanged_weights(cfg, gen, retriever))
-    config = {"server-round": 1} if clipping_norm is None else {"server-round": 1, "clipping_norm": clipping_norm}
+    config = {"server-round": server_round}
+    if clipping_norm is not None:
+        config["clipping_norm"] = clipping_norm
     out = client_app.app(message(RecordDict({"arrays": sent, "config": ConfigRecord(config)}), "train"),
                          context(node_config, run, run_id))
     assert not out.has_error(), out.error
@@ -71,12 +74,40 @@ def test_client_clip_bounds_the_update_norm_on_the_reply_message(node):
     assert clipped.content["metrics"]["dp-weight"] == 1
 
 
+def _gaussian_delta(sigma: float, sensitivity: float, eps: float) -> float:
+    """The exact delta at ``eps`` of the Gaussian mechanism (Balle & Wang 2018, Theorem 8)."""
+    from math import erfc, exp, sqrt
+
+    cdf = lambda x: 0.5 * erfc(-x / sqrt(2))  # noqa: E731
+    a, b = sensitivity / (2 * sigma), eps * sigma / sensitivity
+    return cdf(a - b) - exp(eps) * cdf(-a - b)
+
+
+def test_fp16_updates_on_the_wire_compose_with_client_clipping(node):
+    """The wire mod is outermost: fixedclipping_mod clips the fp32 weights against what was received, then the
+    retriever update goes out in fp16; the weights the server rebuilds are within the clipping norm."""
+    from fedrag_app.records import from_wire_update
+
+    clip = 1e-3
+    run = {**TINY, "train.mode": "lsr", "retriever.wire-dtype": "float16", "dp.mode": "client-clip",
+           "dp.clipping-norm": clip}
+    sent, out = _client_round(run, node, clipping_norm=clip)
+    arrays = out.content["arrays"]
+    assert list(arrays) == list(sent) and all(a.numpy().dtype == np.float16 for a in arrays.values())
+    norm = _update_norm(from_wire_update(arrays, record_to_numpy(sent)), sent)
+    assert 0.5 * clip < norm <= clip * 1.01, "clipped (LSR moves the query encoder by more than 1e-3) and intact"
+
+
 def test_local_dp_adds_noise_of_the_calibrated_std_and_never_the_same_noise_twice(node):
+    """Local DP hides a node's whole dataset: swapping it moves the clipped update anywhere in the C-ball, so two
+    updates differ by up to 2C and the noise is calibrated to sensitivity 2C (C understated it by half)."""
     clip, eps, delta = 1e-4, 8.0, 1e-5
     run = {**RALT, "dp.mode": "local", "dp.clipping-norm": clip, "dp.local-epsilon": eps, "dp.delta": delta}
     sent, first = _client_round(run, node)
     _, second = _client_round(run, node)  # the same seeded training: only the noise may differ
-    expected = clip * np.sqrt(2 * np.log(1.25 / delta)) / eps
+    expected = 2 * clip * np.sqrt(2 * np.log(1.25 / delta)) / eps
+    assert _gaussian_delta(expected, 2 * clip, eps) <= delta, "the reported (epsilon, delta) holds for this noise"
+    assert _gaussian_delta(expected / 2, 2 * clip, eps) > delta, "noise calibrated to C does not give it"
     noise = [np.concatenate([(record_to_numpy(out.content["arrays"])[k] - record_to_numpy(sent)[k]).ravel()
                              for k in sorted(sent)]) for out in (first, second)]
     assert noise[0].size > 100_000
@@ -189,6 +220,22 @@ def test_a_personal_adapter_continues_only_in_its_own_federation(tmp_path):
     assert load_personal(tmp_path, RoundOf(6, 2, round_offset=1)) is None, "resumed from before it was written"
 
 
+def test_a_run_resumed_after_a_lost_round_continues_the_adapter_of_the_round_it_resumes_from(tmp_path):
+    """The node finished round 3, the server crashed before checkpointing it and resumes after round 2: round 3 is
+    trained again from the node's round-2 adapter, not from the lost round 3's, nor from scratch."""
+    import torch
+
+    from fedrag_app.personal import RoundOf, load_personal, save_personal
+
+    for server_round in (1, 2, 3):
+        save_personal(tmp_path, {"x": torch.full((2,), float(server_round))}, RoundOf(run_id=5, server_round=server_round))
+    assert len(list(tmp_path.iterdir())) == 2, "the last two rounds are kept"
+    resumed = load_personal(tmp_path, RoundOf(run_id=6, server_round=3, round_offset=2))
+    assert resumed is not None and torch.equal(resumed["x"], torch.full((2,), 2.0))
+    evaluated = load_personal(tmp_path, RoundOf(run_id=5, server_round=3), training=False)
+    assert torch.equal(evaluated["x"], torch.full((2,), 3.0)), "evaluating round 3 uses round 3's adapter"
+
+
 def test_personal_adapter_trains_on_the_node_persists_and_never_appears_in_a_reply(node, tmp_path, monkeypatch):
     import torch
 
@@ -205,12 +252,12 @@ def test_personal_adapter_trains_on_the_node_persists_and_never_appears_in_a_rep
     assert sorted(replied) == sorted(sent), "a reply carries the global adapter's keys only"
     for value in replied.values():
         assert not any(value.shape == p.shape and np.array_equal(value, p.numpy()) for p in saved.values())
-    _, second = _client_round(run, here)  # same round number, same seed: only the saved start differs
+    _, second = _client_round(run, here, server_round=2)  # the same seed: only the saved start differs
     again = load_personal(tmp_path / "state")
     assert any(not torch.equal(saved[k], again[k]) for k in saved), "round 2 did not start from the saved adapter"
     started_from = []
     real_load = personal.load_personal
-    monkeypatch.setattr(personal, "load_personal", lambda *a: started_from.append(real_load(*a)) or started_from[-1])
+    monkeypatch.setattr(personal, "load_personal", lambda *a, **k: started_from.append(real_load(*a, **k)) or started_from[-1])
     _client_round(run, here, run_id=2)  # another federation on the same node
     assert started_from == [None], "a new run must not inherit the personal adapter of another run"
     content = RecordDict({"arrays": sent, "config": ConfigRecord({"server-round": 1})})

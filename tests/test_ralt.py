@@ -61,6 +61,17 @@ def test_k_sequences_per_pair_plus_no_context_share(generator):
     assert len(no_ctx) == 2
 
 
+def test_a_many_answer_question_trains_on_one_gold_answer_that_can_exact_match(generator):
+    from fedrag_app.metrics import exact_match
+
+    tok = generator.tokenizer
+    bieber = QAExample("0", "what is the name of justin bieber brother?", ("Jazmyn Bieber", "Jaxon Bieber"), "")
+    hits = [[Hit("p", 1.0, "Justin Bieber", "Justin Bieber has a brother, Jaxon, and a sister, Jazmyn.")]]
+    (seq,) = build_ralt_sequences(tok, [bieber], hits, RaltConfig(top_k=1), random.Random(0))
+    taught = tok.decode([t for t in seq.labels if t != IGNORE], skip_special_tokens=True)
+    assert taught == "Jazmyn Bieber" and exact_match(taught, bieber.answers) == 1.0
+
+
 def test_length_grouping_puts_similar_lengths_together():
     from fedrag_app.ralt import LabelledSequence
 

@@ -129,6 +129,7 @@ def test_server_optimizers_compose_with_ffa_and_local_dp_and_keep_a_float16_part
     ({"fed.strategy": "fedyogi", "fed.lora-aggregation": "product"},
      ["'fed.strategy' = 'fedyogi'", "'fed.lora-aggregation' = 'product'"]),
     ({"fed.server-learning-rate": 0.5}, ["'fed.server-learning-rate' = 0.5", "'fed.strategy' = 'fedavg'"]),
+    ({"fed.strategy": "fedadam", "fed.client-ranks": "2,8"}, ["'fed.client-ranks' = 2", "'fed.strategy' = 'fedadam'"]),
     ({"fed.strategy": "fedsgd"}, ["'fed.strategy' = 'fedsgd'"]),
     ({"fed.strategy": "fedavgm", "fed.server-momentum": 1.0}, ["'fed.server-momentum' = 1.0"]),
 ])
@@ -136,6 +137,11 @@ def test_unsound_combinations_are_refused_by_key_and_value(run, named):
     with pytest.raises(ConfigError) as e:
         AppConfig.from_flat(run)
     assert all(n in str(e.value) for n in named), str(e.value)
+
+
+def test_a_node_of_lower_rank_refuses_a_server_optimizer_by_name():
+    with pytest.raises(ConfigError, match="node-config key 'lora-rank' = 4 with 'fed.strategy' = 'fedyogi'"):
+        AppConfig.from_flat({"fed.strategy": "fedyogi"}).node_rank(0, 4)
 
 
 # --- a node's optimizer state ------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Per-round checkpoints: what users load (PEFT adapter, sentence-transformers retriever) plus round metadata.
 
-<output>/round-<n>/{adapter/, retriever/, state.json}. Each round folder is written into a temp sibling and
-renamed into place whole, so a crash mid-save leaves the previous checkpoints intact and no half-written one;
+<output>/round-<n>/{adapter/, retriever/, state.json}, plus server-optimizer.safetensors under a server optimizer
+(fed.strategy: its momentum or moments, so a resumed run continues them). Each round folder is written into a temp
+sibling and renamed into place whole, so a crash mid-save leaves the previous checkpoints intact and no half-written one;
 resume picks the highest round whose state.json says it is complete.
 """
 
@@ -13,12 +14,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from fedrag_app.atomic import atomic_dir
 from fedrag_app.errors import CheckpointError
 from fedrag_app.generator import Generator, load_lora_state_dict, save_adapter
 from fedrag_app.retriever import DualEncoder, load_retriever
 
 _ROUND_DIR = re.compile(r"^round-(\d+)$")
+SERVER_STATE = "server-optimizer.safetensors"
 
 
 @dataclass(frozen=True)
@@ -36,15 +40,32 @@ class Checkpoint:
 
 
 def save_checkpoint(out_dir: str | Path, server_round: int, gen: Generator, retriever: DualEncoder,
-                    metrics: dict[str, float], config: dict) -> Checkpoint:
-    """Write round-<n> atomically; an existing round-<n> is replaced whole."""
+                    metrics: dict[str, float], config: dict, server_state: dict | None = None) -> Checkpoint:
+    """Write round-<n> atomically; an existing round-<n> is replaced whole. ``server_state``: the server
+    optimizer's numpy arrays (strategies.ServerOptimizer.optimizer_state)."""
     target = Path(out_dir) / f"round-{server_round:04d}"
     with atomic_dir(target) as tmp:
         save_adapter(gen, tmp / "adapter")
         retriever.save(tmp / "retriever")
         state = {"round": server_round, "complete": True, "saved-at": time.time(), "metrics": metrics, "config": config}
         (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+        if server_state:
+            from safetensors.numpy import save_file
+
+            save_file({k: np.ascontiguousarray(v) for k, v in server_state.items()}, str(tmp / SERVER_STATE))
     return Checkpoint(server_round, target)
+
+
+def load_server_state(ckpt: Checkpoint) -> dict:
+    """The server optimizer's arrays saved with a checkpoint; {} when it has none (FedAvg, or an older one)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    path = ckpt.path / SERVER_STATE
+    try:
+        return load_file(str(path)) if path.exists() else {}
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from e
 
 
 def latest_checkpoint(out_dir: str | Path) -> Checkpoint | None:

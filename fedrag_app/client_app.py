@@ -2,7 +2,8 @@
 
 train    -> run_local_round (RALT / LSR / RA-DIT) on its own questions against its own Qdrant shard;
             replies with one ArrayRecord ("lora.*" and/or "retriever.*": what the mode trains) and one
-            MetricRecord of scalars.
+            MetricRecord of scalars. With train.keep-optimizer-state the node's AdamW state persists across
+            rounds in its Flower context.state (records.save_optimizer_state), never in a reply.
 evaluate -> Web Questions EM/F1 and retrieval recall@k/MRR on its held-out questions (scalars only).
 query.retrieve -> top-k passages per question from its shard, only if its node-config sets federated-retrieval=true
             (in simulation: its partition id is in run-config query.opted-in-partitions).
@@ -35,8 +36,8 @@ from fedrag_app.node_data import NodeData, node_data, node_questions
 from fedrag_app.personal import RoundOf, personal_adapter
 from fedrag_app.ralt import retrieve
 from fedrag_app.lora_aggregation import to_client_rank
-from fedrag_app.records import (metric_record, numpy_to_record, pack_weights, record_to_numpy, to_wire_update,
-                                unpack_weights)
+from fedrag_app.records import (load_optimizer_state, metric_record, numpy_to_record, pack_weights, record_to_numpy,
+                                save_optimizer_state, to_wire_update, unpack_weights)
 from fedrag_app.retriever import DualEncoder, load_retriever
 from fedrag_app.runtime import apply_runtime, release_memory
 
@@ -132,8 +133,12 @@ def train(msg: Message, context: Context) -> Message:
     cfg, node, gen, retriever = _prepare(msg, context)
     examples, _ = node_questions(node, cfg.partition.heldout_fraction)
     at = _round_of(msg, context)
+    kept = load_optimizer_state(context.state) if cfg.train.keep_optimizer_state else None
     with _open_store(node, retriever) as store, personal_adapter(cfg, gen, node.state_dir, node.partition_id, at, keep=True):
-        result = run_local_round(cfg, gen, retriever, store, examples, server_round=at.server_round)
+        result = run_local_round(cfg, gen, retriever, store, examples, server_round=at.server_round,
+                                 optimizer_state=kept)
+    if kept is not None:  # the node's AdamW state stays in its own context.state, never in the reply
+        save_optimizer_state(context.state, kept)
     arrays = pack_weights(*exchanged_weights(cfg, gen, retriever))  # fp32: wire_mod casts the retriever update
     release_memory()  # the round's activations and optimizer states: other actors on this GPU may need them
     extra = _dp_weight(cfg)

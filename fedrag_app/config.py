@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 from fedrag_app.config_values import _coerce, _fraction, _help, _kebab, _one_of, _positive
 from fedrag_app.config_values import flatten, parse_override  # noqa: F401  (re-exported: the CLI reads them here)
+from fedrag_app.config_checks import check_federation_options, check_rank_options
 from fedrag_app.config_query import QueryConfig
 from fedrag_app.errors import ConfigError
 
@@ -115,6 +116,7 @@ class TrainConfig:
                         "num-examples / Q times over a node's Q questions)", 1)
     max_steps: int = _help("stop after N optimizer steps per phase; 0 = run the epochs", 0)
     output_dir: str = _help("where `fedrag-app train` writes adapter, retriever and metrics", "outputs/train")
+    keep_optimizer_state: bool = _help("each node keeps its AdamW moments and steps across rounds, on the node", False)
 
     def __post_init__(self) -> None:
         _one_of("train", "mode", self.mode, ("ralt", "lsr", "ra-dit"))
@@ -244,6 +246,12 @@ class FedConfig:
     client_ranks: str = _help("heterogeneous LoRA ranks, comma-separated by partition id (node i gets the i-th, cycling), "
                               "e.g. '2,4,8'; each <= generator.lora-r, the global rank; '' = every node trains at "
                               "generator.lora-r unless its node-config sets lora-rank", "")
+    strategy: str = _help("fedavg | fedavgm | fedadam | fedyogi | fedadagrad: server optimizer (Flower's own)", "fedavg")
+    server_learning_rate: float = _help("server step; 0 = the strategy's own (fedavgm 1.0, adaptive ones 1e-3)", 0.0)
+    server_momentum: float = _help("fedavgm: momentum of the server's update, in [0, 1)", 0.9)
+    server_beta_1: float = _help("fedadam | fedyogi: decay of the first moment, in [0, 1)", 0.9)
+    server_beta_2: float = _help("fedadam | fedyogi: decay of the second moment, in [0, 1)", 0.99)
+    server_tau: float = _help("fedadam | fedyogi | fedadagrad: added to sqrt(v); below it an update is damped", 1e-6)
 
     def __post_init__(self) -> None:
         _one_of("fed", "lora_aggregation", self.lora_aggregation, ("fedavg", "ffa", "product"))
@@ -328,12 +336,7 @@ class AppConfig:
     query: QueryConfig = field(default_factory=QueryConfig)
 
     def __post_init__(self) -> None:
-        if self.dp.central and self.fed.lora_aggregation == "product":
-            raise ConfigError("run-config keys 'dp.mode' = 'client-clip'/'server-clip' and 'fed.lora-aggregation' = "
-                              "'product' do not combine: the DP accountant covers FedAvg's aggregation only "
-                              "(use fed.lora-aggregation = 'ffa' or 'fedavg')")
-        for rank in sorted(set(self.fed.ranks)):
-            check_rank_options(self, "run-config key 'fed.client-ranks'", rank)
+        check_federation_options(self)  # DP, LoRA aggregation, ranks and fed.strategy: which combine
 
     def node_rank(self, partition_id: int, node_rank: int | None = None) -> int:
         """The LoRA rank a node trains: its node-config lora-rank, else fed.client-ranks by partition id, else
@@ -396,21 +399,6 @@ class AppConfig:
     def replace(self, **sections: Any) -> "AppConfig":
         """A copy with whole sections replaced, e.g. ``cfg.replace(store=StoreConfig(path=...))``."""
         return dataclasses.replace(self, **sections)
-
-
-def check_rank_options(cfg: AppConfig, where: str, rank: int) -> None:
-    """A node's own LoRA rank needs what the server can pad and average: rank <= the global rank, no FFA-LoRA
-    (its frozen A is seeded per rank), no DP (Flower's clipping subtracts the sent from the received arrays, which
-    then differ in shape)."""
-    if not 0 < rank <= cfg.generator.lora_r:
-        raise ConfigError(f"{where} = {rank}: must be in [1, generator.lora-r = {cfg.generator.lora_r}] "
-                          "(the global adapter's rank)")
-    if rank != cfg.generator.lora_r and cfg.fed.lora_aggregation == "ffa":
-        raise ConfigError(f"{where} = {rank} with fed.lora-aggregation = 'ffa': heterogeneous ranks use 'fedavg' "
-                          "(zero-padding) or 'product' (stacking)")
-    if rank != cfg.generator.lora_r and cfg.dp.mode != "off":
-        raise ConfigError(f"{where} = {rank} with dp.mode = {cfg.dp.mode!r}: Flower's DP clipping needs every node "
-                          "to send the global rank")
 
 
 def all_keys() -> list[str]:

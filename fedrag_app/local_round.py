@@ -97,22 +97,31 @@ def _score_cache(cfg: AppConfig):
 
 
 def run_local_round(cfg: AppConfig, gen: Generator, retriever: DualEncoder, store: KnowledgeStore,
-                    examples: list[QAExample], *, server_round: int = 1) -> RoundResult:
+                    examples: list[QAExample], *, server_round: int = 1,
+                    optimizer_state: dict | None = None) -> RoundResult:
     """Train in place per cfg.train (mode, schedule, epochs, max steps) on this round's share of ``examples``
-    (all of the node's questions: round_examples picks the share from the absolute ``server_round``)."""
+    (all of the node's questions: round_examples picks the share from the absolute ``server_round``).
+
+    ``optimizer_state`` (train.keep-optimizer-state): {phase: OptimizerState}, read and updated in place, so each
+    phase's AdamW continues from the last round; None = fresh optimizers."""
     seed = cfg.runtime.seed + server_round
     seed_everything(seed)
     set_lora_a_trainable(gen, cfg.fed.lora_aggregation != "ffa")
     examples = round_examples(examples, cfg.train.num_examples, cfg.runtime.seed, server_round)
     start = time.perf_counter()
     metrics: dict[str, float] = {"server-round": float(server_round)}
+
+    def kept(phase: str) -> dict | None:  # this phase's AdamW state, or None: a fresh optimizer
+        return None if optimizer_state is None else optimizer_state.setdefault(phase, {})
+
     for phase in phases(cfg.train, server_round):
         if phase == "lsr":
             with _score_cache(cfg) as cache:
                 metrics.update(train_lsr(gen, retriever, store, examples, cfg.lsr, epochs=cfg.train.epochs,
-                                         max_steps=cfg.train.max_steps, seed=seed, cache=cache))
+                                         max_steps=cfg.train.max_steps, seed=seed, cache=cache,
+                                         optimizer_state=kept("lsr")))
         else:
             metrics.update(train_ralt(gen, retriever, store, examples, cfg.ralt, epochs=cfg.train.epochs,
-                                      max_steps=cfg.train.max_steps, seed=seed))
+                                      max_steps=cfg.train.max_steps, seed=seed, optimizer_state=kept("ralt")))
     metrics["local-seconds"] = time.perf_counter() - start
     return RoundResult(metrics=metrics, num_examples=len(examples), example_ids=tuple(e.id for e in examples))

@@ -26,6 +26,7 @@ from fedrag_app.data import QAExample
 from fedrag_app.generator import Generator
 from fedrag_app.knowledge_store import Hit, KnowledgeStore
 from fedrag_app.lm_scoring import answer_logprobs
+from fedrag_app.optimizer_state import OptimizerState, keep_optimizer, restore_optimizer
 from fedrag_app.prompts import format_passage
 from fedrag_app.ralt import IGNORE, StepCallback, build_sequence, collate, retrieve
 from fedrag_app.retriever import DualEncoder
@@ -118,7 +119,8 @@ def entropy(log_p: torch.Tensor) -> torch.Tensor:
 
 def train_lsr(gen: Generator, retriever: DualEncoder, store: KnowledgeStore, examples: list[QAExample],
               cfg: LsrConfig, *, epochs: int = 1, max_steps: int = 0, seed: int = 0,
-              on_step: StepCallback | None = None, cache: ScoreCache | None = None) -> dict[str, float]:
+              on_step: StepCallback | None = None, cache: ScoreCache | None = None,
+              optimizer_state: OptimizerState | None = None) -> dict[str, float]:
     """One LSR phase: candidates and LM scores once (both fixed during the phase), then AdamW on the retriever.
     ``cache``: reuse LM scores of a frozen generator (train.mode = lsr; score_cache.py)."""
     start = time.perf_counter()
@@ -129,7 +131,7 @@ def train_lsr(gen: Generator, retriever: DualEncoder, store: KnowledgeStore, exa
     targets = lm_scores(gen, examples, hits, cfg, cache=cache) if examples else torch.zeros(0, cfg.top_k)  # (N, k)
     scoring_seconds = time.perf_counter() - start
     metrics = lsr_steps(retriever, examples, hits, targets, cfg, epochs=epochs, max_steps=max_steps, seed=seed,
-                        on_step=on_step)
+                        on_step=on_step, optimizer_state=optimizer_state)
     cached = (cache.hits - hits_before) / max(1, targets.numel()) if cache is not None else 0.0
     return metrics | {"lsr-scores-cached": cached, "lsr-scoring-seconds": scoring_seconds,
                       "lsr-seconds": time.perf_counter() - start}
@@ -137,7 +139,7 @@ def train_lsr(gen: Generator, retriever: DualEncoder, store: KnowledgeStore, exa
 
 def lsr_steps(retriever: DualEncoder, examples: list[QAExample], hits: list[list[Hit]], targets: torch.Tensor,
               cfg: LsrConfig, *, epochs: int = 1, max_steps: int = 0, seed: int = 0,
-              on_step: StepCallback | None = None) -> dict[str, float]:
+              on_step: StepCallback | None = None, optimizer_state: OptimizerState | None = None) -> dict[str, float]:
     """AdamW on the retriever towards fixed LM scores ``targets`` (N, k) of the candidates ``hits``.
 
     Metrics say whether there was anything to learn: the target's entropy (nats, and over log k: 1 = uniform,
@@ -146,6 +148,7 @@ def lsr_steps(retriever: DualEncoder, examples: list[QAExample], hits: list[list
     rng = random.Random(seed)
     batches = [list(range(s, min(s + cfg.batch_size, len(examples)))) for s in range(0, len(examples), cfg.batch_size)]
     optimizer = torch.optim.AdamW(retriever.trainable_parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+    restore_optimizer(optimizer, optimizer_state)  # train.keep-optimizer-state: continue the last round's AdamW
     losses: list[float] = []
     kls: list[float] = []
     temps = dict(retriever_temperature=cfg.retriever_temperature, lm_temperature=cfg.lm_temperature)
@@ -170,6 +173,7 @@ def lsr_steps(retriever: DualEncoder, examples: list[QAExample], hits: list[list
                 break
     finally:
         retriever.query_model.eval()
+    keep_optimizer(optimizer, optimizer_state)  # handed back in place, for the next round
     stored = torch.tensor([[h.score for h in ex_hits] for ex_hits in hits]).view(len(hits), cfg.top_k)  # (N, k)
     log_p_r, log_p_lsr = log_distributions(stored, targets, **temps)
     log_k = math.log(cfg.top_k)

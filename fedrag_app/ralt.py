@@ -20,6 +20,7 @@ from fedrag_app.data import QAExample
 from fedrag_app.generator import Generator
 from fedrag_app.knowledge_store import Hit, KnowledgeStore
 from fedrag_app.lm_scoring import answer_nll
+from fedrag_app.optimizer_state import OptimizerState, keep_optimizer, restore_optimizer
 from fedrag_app.prompts import answer_target, build_prompt, format_passage, truncate_passage
 from fedrag_app.retriever import DualEncoder
 
@@ -159,7 +160,7 @@ def trainable_lora_parameters(gen: Generator) -> list[torch.nn.Parameter]:
 
 def train_ralt(gen: Generator, retriever: DualEncoder, store: KnowledgeStore, examples: list[QAExample],
                cfg: RaltConfig, *, epochs: int = 1, max_steps: int = 0, seed: int = 0,
-               on_step: StepCallback | None = None) -> dict[str, float]:
+               on_step: StepCallback | None = None, optimizer_state: OptimizerState | None = None) -> dict[str, float]:
     """One RALT phase: retrieve once, then AdamW over length-grouped batches (each in micro-batches of at most
     ``cfg.forward_tokens`` padded tokens); returns scalar metrics.
 
@@ -170,6 +171,7 @@ def train_ralt(gen: Generator, retriever: DualEncoder, store: KnowledgeStore, ex
     sequences = build_ralt_sequences(gen.tokenizer, examples, hits, cfg, rng)
     params = trainable_lora_parameters(gen)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    restore_optimizer(optimizer, optimizer_state)  # train.keep-optimizer-state: continue the last round's AdamW
     losses: list[float] = []
     tokens = 0
     gen.model.train()
@@ -189,6 +191,7 @@ def train_ralt(gen: Generator, retriever: DualEncoder, store: KnowledgeStore, ex
                 break
     finally:
         gen.model.eval()
+    keep_optimizer(optimizer, optimizer_state)  # handed back in place, for the next round
     return {
         "ralt-loss-first": losses[0] if losses else 0.0,
         "ralt-loss-last": losses[-1] if losses else 0.0,

@@ -1,4 +1,5 @@
-"""The Flower edge: weights and metrics in and out of Flower records. The only library module importing flwr.
+"""The Flower edge: weights and metrics in and out of Flower records. With strategies.py (Flower's server optimizers)
+the only library modules importing flwr.
 
 One ArrayRecord carries both models, keys prefixed "lora.<peft key>" and "retriever.<param>" (Flower's
 reply contract wants exactly one ArrayRecord and one MetricRecord). Arrays travel as fp32, never bf16 (numpy has no
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedrag_app.aggregation import check_update
 from fedrag_app.errors import WeightsError
@@ -82,3 +83,23 @@ def metric_record(metrics: dict[str, float | int]) -> MetricRecord:
     for key, value in metrics.items():
         assert isinstance(value, (int, float)) and not isinstance(value, bool), f"metric '{key}' is not a number: {value!r}"
     return MetricRecord({k: float(v) if isinstance(v, float) else int(v) for k, v in metrics.items()})
+
+
+def save_optimizer_state(state: RecordDict, kept: dict[str, dict]) -> None:
+    """Each phase's AdamW state (optimizer_state.py) into a node's context.state: moments in the ArrayRecord
+    'optimizer-<phase>', step counts in the ConfigRecord 'optimizer-<phase>-steps'. Never part of a reply."""
+    for phase, entries in kept.items():
+        tensors = {k: v for k, v in entries.items() if isinstance(v, torch.Tensor)}
+        state[f"optimizer-{phase}"] = ArrayRecord({k: Array(v.detach().float().cpu().numpy()) for k, v in tensors.items()})
+        state[f"optimizer-{phase}-steps"] = ConfigRecord({k: int(v) for k, v in entries.items() if k not in tensors})
+
+
+def load_optimizer_state(state: RecordDict) -> dict[str, dict]:
+    """What save_optimizer_state kept in a node's context.state: {phase: OptimizerState}; {} before its first round."""
+    kept: dict[str, dict] = {}
+    for key in state.array_records:
+        if key.startswith("optimizer-"):
+            entries: dict = {k: torch.from_numpy(a.numpy().copy()) for k, a in state[key].items()}
+            entries.update({k: int(v) for k, v in state[f"{key}-steps"].items()})
+            kept[key[len("optimizer-"):]] = entries
+    return kept

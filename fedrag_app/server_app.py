@@ -4,7 +4,8 @@ After every round: a server-side evaluation (MMLU + Web Questions, sizes from ev
 atomically (PEFT adapter + sentence-transformers retriever + state.json), a metrics JSONL row and a PNG plot.
 ``fed.resume`` restarts from the last complete checkpoint and keeps numbering rounds from there.
 Replies whose weights cannot be averaged (NaN/Inf, wrong keys or shapes) are logged and dropped.
-Run-config switches: fed.lora-aggregation (fedavg | ffa | product) and dp.mode (off | client-clip | server-clip |
+Run-config switches: fed.strategy (FedAvg, or one of Flower's server optimizers: strategies.py),
+fed.lora-aggregation (fedavg | ffa | product) and dp.mode (off | client-clip | server-clip |
 local: Flower's DP wrappers and mods; epsilon from Flower's RDP accountant goes into every metrics row).
 Nodes of a lower LoRA rank (heterogeneous ranks) reply with their own rank; a round with such replies averages the
 nodes' ΔW updates (reply minus what each was sent) onto the global ΔW, refactored to the global rank.
@@ -30,7 +31,7 @@ from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
                                      DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy)
 
 from fedrag_app.aggregation import check_update
-from fedrag_app.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from fedrag_app.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, load_server_state, save_checkpoint
 from fedrag_app.config import AppConfig, FedConfig, PrivacyConfig
 from fedrag_app.config_values import check_federated
 from fedrag_app.errors import CheckpointError, ConfigError, StoreError
@@ -46,6 +47,7 @@ from fedrag_app.records import (from_wire_update, metric_record, numpy_to_record
 from fedrag_app.reporting import append_metrics, plot_metrics
 from fedrag_app.retriever import load_retriever
 from fedrag_app.runtime import apply_runtime
+from fedrag_app.strategies import ServerOptimizer, server_strategy
 
 app = ServerApp()
 
@@ -192,8 +194,8 @@ def build_strategy(cfg: AppConfig, reference: dict, a_fingerprint: float | None,
                   min_available_nodes=m, weighted_by_key="dp-weight" if central else "num-examples")
     if cfg.fed.lora_aggregation == "product":
         fedavg: FedAvg = LoraProductFedAvg(rank=cfg.generator.lora_r, alpha=cfg.generator.lora_alpha, **kwargs)
-    else:
-        fedavg = FedAvg(**kwargs)
+    else:  # FedAvg, or the server optimizer fed.strategy names (config_checks refuses it with product / central DP)
+        fedavg = server_strategy(cfg.fed, round_offset=rounds_done, **kwargs)
     inner: Strategy = fedavg
     if central:
         accountant = None
@@ -304,6 +306,11 @@ def main(grid: Grid, context: Context) -> None:
         return
     initial = pack_weights(*exchanged_weights(cfg, gen, retriever))  # fp32: only the nodes' updates use the wire dtype
     strategy = build_strategy(cfg, record_to_numpy(initial), lora_a_fingerprint(gen), rounds_done=done)
+    optimizer = strategy.fedavg if isinstance(strategy.fedavg, ServerOptimizer) else None
+    if optimizer is not None and done and not optimizer.restore_optimizer_state(load_server_state(ckpt),
+                                                                                record_to_numpy(initial)):
+        log(WARNING, "%s holds no %s state: the server optimizer's momentum / moments restart", ckpt.path,
+            cfg.fed.strategy)
     try:
         store = open_store(cfg, retriever) if cfg.fed.server_eval and cfg.eval.use_retrieval else None
     except StoreError as e:
@@ -316,7 +323,8 @@ def main(grid: Grid, context: Context) -> None:
         load_exchanged_weights(cfg, gen, retriever, *unpack_weights(arrays, *exchanged_weights(cfg, gen, retriever)))
         n = done + server_round
         metrics = run_evaluation(cfg, gen, retriever, store) if evaluation_due(cfg.fed, n) else {}
-        save_checkpoint(out, n, gen, retriever, metrics, cfg.to_flat())
+        save_checkpoint(out, n, gen, retriever, metrics, cfg.to_flat(),
+                        server_state=optimizer.optimizer_state() if optimizer is not None else None)
         row = {"round": n, **strategy.round_costs, **strategy.privacy_metrics(n, cfg.dp),
                **{f"train-{k}": v for k, v in strategy.last_train_metrics.items()}, **strategy.last_evaluate_metrics,
                **metrics}

@@ -30,12 +30,14 @@ def train_centralized(cfg: AppConfig, *, progress: bool = True) -> list[dict[str
     retriever = load_retriever(cfg.retriever, device=device)
     examples = load_web_questions("train", cfg.data)  # all of them: each round takes its share (round_examples)
     history: list[dict[str, float]] = []
+    optimizer_state = {} if cfg.train.keep_optimizer_state else None  # AdamW continues across rounds, in memory
     columns = (TextColumn("training {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, disable=not progress) as bar:
         task = bar.add_task(cfg.train.mode, total=cfg.fed.num_server_rounds)
         for server_round in range(1, cfg.fed.num_server_rounds + 1):
             with open_store(cfg, retriever) as store:
-                result = run_local_round(cfg, gen, retriever, store, examples, server_round=server_round)
+                result = run_local_round(cfg, gen, retriever, store, examples, server_round=server_round,
+                                         optimizer_state=optimizer_state)
             if result.metrics.get("lsr-needs-reindex") and "path" in store_location(cfg):
                 reindex(store_location(cfg)["path"], retriever, progress=progress)
             history.append({"round": server_round, "num-examples": result.num_examples, **result.metrics})

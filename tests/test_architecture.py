@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fedrag_app"
-FLOWER_EDGE = {"client_app", "server_app", "records"}  # the app entry points and the one record-packing module
+FLOWER_EDGE = {"client_app", "server_app", "records", "strategies"}  # entry points, record packing, server optimizers
 ENTRY_POINTS = {"client_app", "server_app", "cli"}
 
 

@@ -189,7 +189,8 @@ def main(table_file: Path = typer.Argument(..., help="a table TOML in experiment
     # seed-major: every row gets its first seed before any row gets its second, so a table stopped early
     # still covers every row
     cells = [(c, r, s) for i, s in enumerate(table["seeds"]) for c in table["columns"] for r in table["rows"]
-             if i == 0 or r.get("kind") != "evaluate"]
+             if (i == 0 or r.get("kind") != "evaluate") and s in r.get("seeds", table["seeds"])
+             and c["name"] in r.get("columns", [c["name"] for c in table["columns"]])]
 
     def cell_dir(column: dict, row: dict, seed: int) -> Path:
         trains = row.get("kind") != "evaluate"  # an evaluation trains nothing: one run serves every column

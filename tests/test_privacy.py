@@ -95,7 +95,9 @@ def test_fp16_updates_on_the_wire_compose_with_client_clipping(node):
     arrays = out.content["arrays"]
     assert list(arrays) == list(sent) and all(a.numpy().dtype == np.float16 for a in arrays.values())
     norm = _update_norm(from_wire_update(arrays, record_to_numpy(sent)), sent)
-    assert 0.5 * clip < norm <= clip * 1.01, "clipped (LSR moves the query encoder by more than 1e-3) and intact"
+    # fp16 rounds the clipped update: at norm 1e-3 over millions of weights its elements (~1e-6) are fp16 subnormals,
+    # whose rounding moves the norm by up to ~1% (seen: 1.0104 C); a 2% bound still catches an unclipped update.
+    assert 0.5 * clip < norm <= clip * 1.02, "clipped (LSR moves the query encoder by more than 1e-3) and intact"
 
 
 def test_local_dp_adds_noise_of_the_calibrated_std_and_never_the_same_noise_twice(node):

@@ -3,6 +3,8 @@ the refused combinations, resume, and a node's AdamW state kept in its own conte
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -216,8 +218,11 @@ def test_centralized_training_keeps_adamw_across_rounds_as_a_one_node_federation
     from fedrag_app.training_run import train_centralized
     from tests.test_flower_app import _peft_key, checked
 
+    central_data = tmp_path / "data" / "web_questions"  # centralized trains on the train split: the node's questions
+    central_data.mkdir(parents=True)
+    shutil.copy(node["data-path"], central_data / "train.jsonl")
     run = {**TINY, "train.mode": "ralt", "fed.num-server-rounds": 2, "train.output-dir": str(tmp_path / "central"),
-           "store.path": small_shard_path, "train.keep-optimizer-state": True}
+           "store.path": small_shard_path, "train.keep-optimizer-state": True, "data.dir": str(tmp_path / "data")}
     cfg = AppConfig.from_flat(run)
     client_app._MODELS.clear()  # the client starts from a fresh load, as train_centralized does
     sent, ctx = pack_weights(*exchanged_weights(cfg, *client_app._models(cfg))), context(node, run)  # LoRA only

@@ -137,7 +137,7 @@ class RaltConfig:
     no_context_ratio: float = _help("share of extra examples with no retrieved passage", 0.0)
     length_grouping: bool = _help("group sequences of similar length into a batch to cut padding", True)
     forward_tokens: int = _help("most padded tokens per forward/backward: a step's batch runs as micro-batches of whole "
-                                "sequences, gradients summed (same loss; bounds activation memory); 0 = all at once", 1024)
+                                "sequences, gradients summed (same loss; bounds activation memory); 0 = all at once", 512)
 
     def __post_init__(self) -> None:
         _positive("ralt", "learning_rate", self.learning_rate)

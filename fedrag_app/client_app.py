@@ -188,15 +188,19 @@ def retrieve_passages(msg: Message, context: Context) -> Message:
     top_k = int(query.get("top-k", cfg.eval.top_k))
     if not 0 < top_k <= MAX_TOP_K_PER_NODE:
         raise ConfigError(f"query top-k = {top_k}: a node sends 1..{MAX_TOP_K_PER_NODE} passages per question")
+    fingerprint = None  # the shard must hold the context encoder the query vectors were made for, when the server says
     if "vectors" in query:
         vectors, model = np.asarray(query["vectors"], dtype=np.float32), str(query["embedding-model"])
+        fingerprint = str(query["context-fingerprint"]) if "context-fingerprint" in query else None
         if not questions or vectors.size % len(questions):
             raise ConfigError(f"{vectors.size} query vector values do not split into {len(questions)} vectors")
         vectors = vectors.reshape(len(questions), -1)
     else:
         _, retriever = _models(cfg)
-        vectors, model = retriever.encode_queries(questions).cpu().numpy(), retriever.name
-    with KnowledgeStore.open(**node.store, embedding_model=model, dim=vectors.shape[1]) as store:
+        vectors, model, fingerprint = (retriever.encode_queries(questions).cpu().numpy(), retriever.name,
+                                       retriever.context_fingerprint())
+    with KnowledgeStore.open(**node.store, embedding_model=model, dim=vectors.shape[1],
+                             context_fingerprint=fingerprint) as store:
         hits = store.search_batch(vectors, top_k)
     metrics = {"node-seconds": time.perf_counter() - started}
     if "partition-id" in context.node_config:

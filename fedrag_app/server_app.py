@@ -364,7 +364,8 @@ def run_query(grid: Grid, cfg: AppConfig, out: Path) -> None:
         t1 = time.perf_counter()
         messages = [Message(RecordDict({"query": ConfigRecord({  # a new record per node (FLOWER.md section 2)
             "questions": [e.question for e in batch], "vectors": vectors.ravel().tolist(), "top-k": q.top_k_per_node,
-            "embedding-model": retriever.name})}), dst_node_id=n, message_type="query.retrieve", group_id=f"q{start}")
+            "embedding-model": retriever.name, "context-fingerprint": retriever.context_fingerprint()})}),
+            dst_node_id=n, message_type="query.retrieve", group_id=f"q{start}")
             for n in nodes]
         replies = list(grid.send_and_receive(messages, timeout=q.timeout_s))
         lists, node_seconds = [[] for _ in batch], [0.0]

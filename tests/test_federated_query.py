@@ -128,6 +128,14 @@ def test_a_node_answers_a_batch_with_the_servers_vectors(small_shard_path, retri
                                                "top-k": 3, "embedding-model": "another-encoder"})})
     with pytest.raises(Exception, match="another-encoder"):
         client_app.retrieve_passages(Message(content=other, metadata=md), ctx)
+    trained = RecordDict({"query": ConfigRecord({"questions": questions, "vectors": vectors.ravel().tolist(), "top-k": 3,
+                                                 "embedding-model": retriever.name, "context-fingerprint": "0" * 16})})
+    with pytest.raises(Exception, match="0000000000000000"):  # vectors meant for another context encoder's shard
+        client_app.retrieve_passages(Message(content=trained, metadata=md), ctx)
+    fine = RecordDict({"query": ConfigRecord({"questions": questions, "vectors": vectors.ravel().tolist(), "top-k": 3,
+                                              "embedding-model": retriever.name,
+                                              "context-fingerprint": retriever.context_fingerprint()})})
+    assert client_app.retrieve_passages(Message(content=fine, metadata=md), ctx).content["docs"]["ids"]
 
 
 def test_ask_federation_run_config_carries_any_question_and_the_answer_is_read_from_the_log(tmp_path):

@@ -16,11 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedrag_app.config import DataConfig, RetrieverConfig
-from fedrag_app.data import corpus_path, load_passages
-from fedrag_app.embedding_cache import EmbeddingCache, encoder_fingerprint, file_sha256
-from fedrag_app.ingest import build_shard
-from fedrag_app.retriever import load_retriever
+from fedrag_app.config.app_config import DataConfig, RetrieverConfig
+from fedrag_app.data.loaders import corpus_path, load_passages
+from fedrag_app.rag.embedding_cache import EmbeddingCache, encoder_fingerprint, file_sha256
+from fedrag_app.rag.ingest import build_shard
+from fedrag_app.rag.retriever import load_retriever
 
 
 def main() -> None:
@@ -41,7 +41,9 @@ def main() -> None:
     t1 = time.perf_counter()
     encoder_fingerprint(retriever)
     t2 = time.perf_counter()
-    print(f"key: corpus sha256 {t1 - t0:.2f} s ({corpus.stat().st_size / 1e6:.1f} MB), encoder fingerprint {t2 - t1:.2f} s")
+    print(
+        f"key: corpus sha256 {t1 - t0:.2f} s ({corpus.stat().st_size / 1e6:.1f} MB), encoder fingerprint {t2 - t1:.2f} s"
+    )
 
     cache = EmbeddingCache.open(corpus, retriever)
     todo = len(cache.missing(passages))
@@ -49,8 +51,10 @@ def main() -> None:
     cache.fill(passages, batch_size=args.batch_size)
     encode_s = time.perf_counter() - t0
     if todo:
-        print(f"encode into the cache: {todo} passages in {encode_s:.1f} s = {todo / encode_s:.1f} passages/s "
-              f"(45,739 would take {45739 / (todo / encode_s) / 60:.0f} min)")
+        print(
+            f"encode into the cache: {todo} passages in {encode_s:.1f} s = {todo / encode_s:.1f} passages/s "
+            f"(45,739 would take {45739 / (todo / encode_s) / 60:.0f} min)"
+        )
     else:
         print(f"encode into the cache: all {len(passages)} passages were cached already ({cache.folder})")
 
@@ -65,9 +69,11 @@ def main() -> None:
         build_s = time.perf_counter() - t0
     assert stats.encoded == 0
     per = build_s / len(passages)
-    print(f"shard from cached vectors: {len(passages)} passages in {build_s:.1f} s (read {stats.encode_s:.1f} s, "
-          f"upsert {stats.upsert_s:.1f} s, HNSW {stats.index_s:.1f} s); linear extrapolation: 15,000 -> "
-          f"{15000 * per:.0f} s, 45,739 -> {45739 * per:.0f} s")
+    print(
+        f"shard from cached vectors: {len(passages)} passages in {build_s:.1f} s (read {stats.encode_s:.1f} s, "
+        f"upsert {stats.upsert_s:.1f} s, HNSW {stats.index_s:.1f} s); linear extrapolation: 15,000 -> "
+        f"{15000 * per:.0f} s, 45,739 -> {45739 * per:.0f} s"
+    )
 
 
 if __name__ == "__main__":

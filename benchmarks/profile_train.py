@@ -25,9 +25,31 @@ FAMILIES = (  # first match wins; matched against the lower-cased aten op name
     ("attention", ("scaled_dot_product", "flash_attention")),
     ("softmax", ("softmax",)),
     ("optimizer", ("adam", "_foreach", "_fused")),
-    ("copy/reshape", ("copy_", "contiguous", "clone", "cat", "index", "_to_copy", "fill_", "zero_", "empty", "as_strided")),
-    ("element-wise", ("mul", "add", "pow", "rsqrt", "mean", "silu", "neg", "div", "sum", "sub", "exp", "where",
-                      "dropout", "bernoulli", "threshold", "sigmoid")),
+    (
+        "copy/reshape",
+        ("copy_", "contiguous", "clone", "cat", "index", "_to_copy", "fill_", "zero_", "empty", "as_strided"),
+    ),
+    (
+        "element-wise",
+        (
+            "mul",
+            "add",
+            "pow",
+            "rsqrt",
+            "mean",
+            "silu",
+            "neg",
+            "div",
+            "sum",
+            "sub",
+            "exp",
+            "where",
+            "dropout",
+            "bernoulli",
+            "threshold",
+            "sigmoid",
+        ),
+    ),
 )
 
 
@@ -50,8 +72,10 @@ def breakdown(prof, wall: float) -> dict[str, float]:
 
 
 def show(title: str, parts: dict[str, float], wall: float, flops: float, peak: float) -> None:
-    print(f"\n== {title}: {wall:.2f} s wall, {flops / wall / 1e9:.1f} GFLOP/s useful = MFU {flops / wall / 1e9 / peak:.0%} "
-          f"of the measured {peak:.0f} GFLOP/s (profiler overhead included)")
+    print(
+        f"\n== {title}: {wall:.2f} s wall, {flops / wall / 1e9:.1f} GFLOP/s useful = MFU {flops / wall / 1e9 / peak:.0%} "
+        f"of the measured {peak:.0f} GFLOP/s (profiler overhead included)"
+    )
     for name, sec in sorted(parts.items(), key=lambda kv: -kv[1]):
         print(f"  {name:30s} {sec:7.3f} s  {sec / wall:6.1%}")
 
@@ -64,23 +88,34 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="run-config override, e.g. ralt.forward-tokens=0")
     args = ap.parse_args()
 
+    import bench_train as bt
     import torch
+    from peer_fedrag import peak_rss_mib
     from torch.profiler import ProfilerActivity, profile
 
-    import bench_train as bt
-    from peer_fedrag import peak_rss_mib
-    from fedrag_app.config import AppConfig
-    from fedrag_app.data import load_web_questions
-    from fedrag_app.generator import load_generator
-    from fedrag_app.knowledge_store import KnowledgeStore
-    from fedrag_app.lm_scoring import answer_logprobs
-    from fedrag_app.lsr import scoring_sequences
-    from fedrag_app.ralt import accumulate_gradients, build_ralt_sequences, collate, make_batches, retrieve, trainable_lora_parameters
-    from fedrag_app.retriever import load_retriever
-    from fedrag_app.runtime import apply_runtime
+    from fedrag_app.config.app_config import AppConfig
+    from fedrag_app.config.runtime import apply_runtime
+    from fedrag_app.data.loaders import load_web_questions
+    from fedrag_app.rag.generator import load_generator
+    from fedrag_app.rag.knowledge_store import KnowledgeStore
+    from fedrag_app.rag.retrieval import retrieve
+    from fedrag_app.rag.retriever import load_retriever
+    from fedrag_app.training.lm_scoring import answer_logprobs
+    from fedrag_app.training.lsr import scoring_sequences
+    from fedrag_app.training.ralt import accumulate_gradients, build_ralt_sequences, trainable_lora_parameters
+    from fedrag_app.training.sequences import collate, make_batches
 
-    cfg = AppConfig.from_flat({"runtime.seed": bt.SEED, "runtime.num-threads": 2, "ralt.batch-size": 4, "ralt.top-k": 2,
-                               "lsr.batch-size": 4, "lsr.top-k": 2, **dict(kv.split("=", 1) for kv in args.set)})
+    cfg = AppConfig.from_flat(
+        {
+            "runtime.seed": bt.SEED,
+            "runtime.num-threads": 2,
+            "ralt.batch-size": 4,
+            "ralt.top-k": 2,
+            "lsr.batch-size": 4,
+            "lsr.top-k": 2,
+            **dict(kv.split("=", 1) for kv in args.set),
+        }
+    )
     apply_runtime(cfg.runtime)
     gen, retriever = load_generator(cfg.generator), load_retriever(cfg.retriever)
     examples = load_web_questions("train", cfg.data)[: bt.QUESTIONS]
@@ -92,8 +127,8 @@ def main() -> None:
     if args.what in ("encode", "all"):
         from bench_store import encode_flops
 
-        from fedrag_app.data import iter_passages
-        from fedrag_app.prompts import format_passage
+        from fedrag_app.data.loaders import iter_passages
+        from fedrag_app.rag.prompts import format_passage
 
         texts = [format_passage(p.title, p.text) for p in iter_passages(cfg.data, limit=320)]
         retriever.encode_passages(texts[:64], batch_size=args.encode_batch)
@@ -108,8 +143,9 @@ def main() -> None:
 
     if args.what in ("ralt", "both", "all"):
         rng = random.Random(bt.SEED)
-        batches = make_batches(build_ralt_sequences(gen.tokenizer, examples, hits, cfg.ralt, rng), 8,
-                               length_grouping=True, rng=rng)
+        batches = make_batches(
+            build_ralt_sequences(gen.tokenizer, examples, hits, cfg.ralt, rng), 8, length_grouping=True, rng=rng
+        )
         batches.sort(key=lambda b: max(len(s.input_ids) for s in b))
         warm, seqs = batches[len(batches) // 2 - 1], batches[len(batches) // 2]
         batch = collate(seqs, pad, "cpu")
@@ -143,7 +179,9 @@ def main() -> None:
                 t0 = time.perf_counter()
                 answer_logprobs(gen.model, **batch)
                 wall = time.perf_counter() - t0
-        print(f"\nLSR batch: {tuple(batch['input_ids'].shape)}, {int(batch['attention_mask'].sum())} non-padding tokens")
+        print(
+            f"\nLSR batch: {tuple(batch['input_ids'].shape)}, {int(batch['attention_mask'].sum())} non-padding tokens"
+        )
         show("LSR scoring forward", breakdown(prof, wall), wall, bt.forward_flops(gen.model, batch), peak)
         if args.rows:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))

@@ -30,7 +30,9 @@ def make_tls(out_dir: str | Path, hosts: list[str]) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / name for name in ("ca.crt", "ca.key", "server.pem", "server.key")}
     if paths["ca.key"].exists():
-        raise FileExistsError(f"{paths['ca.key']} exists: a new CA would orphan every issued certificate; use another folder")
+        raise FileExistsError(
+            f"{paths['ca.key']} exists: a new CA would orphan every issued certificate; use another folder"
+        )
     if not hosts:
         raise ValueError("give at least one host name or IP the SuperNodes will dial (e.g. 127.0.0.1)")
 
@@ -69,7 +71,9 @@ def make_node_key(out_dir: str | Path, name: str) -> tuple[Path, Path]:
     if private_path.exists():
         raise FileExistsError(f"{private_path} exists: keep it, or delete it and unregister its public key first")
     key = ec.generate_private_key(ec.SECP384R1())
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     _write(private_path, private, private=True)
     _write(public_path, public + f" {name}\n".encode())
@@ -77,7 +81,7 @@ def make_node_key(out_dir: str | Path, name: str) -> tuple[Path, Path]:
 
 
 def _builder(subject: x509.Name, issuer: x509.Name, public_key) -> x509.CertificateBuilder:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     return (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -91,8 +95,15 @@ def _builder(subject: x509.Name, issuer: x509.Name, public_key) -> x509.Certific
 
 def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
     return x509.KeyUsage(
-        digital_signature=True, key_encipherment=not cert_sign, key_cert_sign=cert_sign, crl_sign=cert_sign,
-        content_commitment=False, data_encipherment=False, key_agreement=False, encipher_only=False, decipher_only=False,
+        digital_signature=True,
+        key_encipherment=not cert_sign,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        content_commitment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        encipher_only=False,
+        decipher_only=False,
     )
 
 
@@ -104,7 +115,9 @@ def _general_name(host: str) -> x509.GeneralName:
 
 
 def _pem_key(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    )
 
 
 def _write(path: Path, data: bytes, *, private: bool = False) -> None:

@@ -89,26 +89,44 @@ def cmd_register(args) -> int:
 
 
 def cmd_superlink(args) -> int:
-    settings = SuperLinkSettings(tls_dir=str(Path(args.tls_dir).resolve()), database=str(Path(args.database).resolve()),
-                                 host=args.host, port=args.port, log_file=args.log_file)
+    settings = SuperLinkSettings(
+        tls_dir=str(Path(args.tls_dir).resolve()),
+        database=str(Path(args.database).resolve()),
+        host=args.host,
+        port=args.port,
+        log_file=args.log_file,
+    )
     Path(settings.database).parent.mkdir(parents=True, exist_ok=True)
     return _exec(superlink_argv(settings), args.print)
 
 
 def cmd_supernode(args) -> int:
     node_config = str(Path(args.node_config).resolve()) if args.node_config else ""
-    settings = SuperNodeSettings(superlink=args.superlink, ca_cert=str(Path(args.ca_cert).resolve()),
-                                 private_key=str(Path(args.private_key).resolve()), node_config_file=node_config,
-                                 host=args.host, port=args.port)
+    settings = SuperNodeSettings(
+        superlink=args.superlink,
+        ca_cert=str(Path(args.ca_cert).resolve()),
+        private_key=str(Path(args.private_key).resolve()),
+        node_config_file=node_config,
+        host=args.host,
+        port=args.port,
+    )
     return _exec(supernode_argv(settings), args.print)
 
 
 def cmd_run(args) -> int:
     try:
         run_id = follow_run.launch_run(args.app, args.connection, args.run_config, flwr=args.flwr)
-        print(f"run {run_id} submitted; following its status (flwr log {run_id} {args.connection} --stream for logs)", flush=True)
-        status = follow_run.wait_for_run(args.connection, run_id, timeout_s=args.timeout_s, flwr=args.flwr,
-                                         on_status=lambda s: print(f"run {run_id}: {s}", flush=True))
+        print(
+            f"run {run_id} submitted; following its status (flwr log {run_id} {args.connection} --stream for logs)",
+            flush=True,
+        )
+        status = follow_run.wait_for_run(
+            args.connection,
+            run_id,
+            timeout_s=args.timeout_s,
+            flwr=args.flwr,
+            on_status=lambda s: print(f"run {run_id}: {s}", flush=True),
+        )
     except follow_run.RunFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -137,7 +155,9 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("tls", help="create the federation CA and the SuperLink certificate")
     c.add_argument("out_dir")
-    c.add_argument("--host", action="append", default=[], help="name or IP SuperNodes dial (repeat); loopback is always added")
+    c.add_argument(
+        "--host", action="append", default=[], help="name or IP SuperNodes dial (repeat); loopback is always added"
+    )
     c.set_defaults(func=cmd_tls)
 
     c = sub.add_parser("node-key", help="create a SuperNode key pair (run by the institution)")
@@ -173,7 +193,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--private-key", required=True)
     c.add_argument("--node-config", default="", help="node.toml (see docs/FEDERATION.md for the keys)")
     c.add_argument("--host", default="127.0.0.1")
-    c.add_argument("--port", type=int, default=DEFAULT_SUPERNODE_PORT, help="local Runtime API port, one per node on a host")
+    c.add_argument(
+        "--port", type=int, default=DEFAULT_SUPERNODE_PORT, help="local Runtime API port, one per node on a host"
+    )
     c.add_argument("--print", action="store_true", help="print the command instead of running it")
     c.set_defaults(func=cmd_supernode)
 

@@ -20,8 +20,8 @@ DEFAULT_SUPERNODE_PORT = 9094  # the SuperNode's own Runtime API (ClientApp proc
 class SuperLinkSettings:
     """A SuperLink with TLS, SuperNode authentication and a persistent state database (never in memory)."""
 
-    tls_dir: str            # holds ca.crt, server.pem, server.key (credentials.make_tls)
-    database: str           # sqlite file: runs, registered node keys and messages survive a restart
+    tls_dir: str  # holds ca.crt, server.pem, server.key (credentials.make_tls)
+    database: str  # sqlite file: runs, registered node keys and messages survive a restart
     host: str = "127.0.0.1"  # 0.0.0.0 to accept SuperNodes from other machines
     port: int = DEFAULT_SUPERLINK_PORT
     log_file: str = ""
@@ -31,9 +31,9 @@ class SuperLinkSettings:
 class SuperNodeSettings:
     """One institution's SuperNode: where the SuperLink is, its CA, its private key and its node config."""
 
-    superlink: str          # host:port of the SuperLink, as named in its certificate
-    ca_cert: str            # the federation CA certificate (ca.crt)
-    private_key: str        # this node's OpenSSH EC private key; its .pub is registered on the SuperLink
+    superlink: str  # host:port of the SuperLink, as named in its certificate
+    ca_cert: str  # the federation CA certificate (ca.crt)
+    private_key: str  # this node's OpenSSH EC private key; its .pub is registered on the SuperLink
     node_config_file: str = ""  # the institution's node.toml (flat keys: data paths, shard or Qdrant URL, opt-ins)
     host: str = "127.0.0.1"  # the SuperNode's local Runtime API; keep it on loopback
     port: int = DEFAULT_SUPERNODE_PORT
@@ -43,13 +43,19 @@ def superlink_argv(s: SuperLinkSettings) -> list[str]:
     tls = Path(s.tls_dir)
     argv = [
         "flower-superlink",
-        "--ssl-ca-certfile", str(tls / "ca.crt"),
-        "--ssl-certfile", str(tls / "server.pem"),
-        "--ssl-keyfile", str(tls / "server.key"),
+        "--ssl-ca-certfile",
+        str(tls / "ca.crt"),
+        "--ssl-certfile",
+        str(tls / "server.pem"),
+        "--ssl-keyfile",
+        str(tls / "server.key"),
         "--enable-supernode-auth",
-        "--database", s.database,
-        "--host", s.host,
-        "--port", str(s.port),
+        "--database",
+        s.database,
+        "--host",
+        s.host,
+        "--port",
+        str(s.port),
         # The app's dependencies are installed beforehand (pip install -e .); a per-run `uv sync` would re-resolve
         # torch and fail offline (FLOWER.md section 3).
         "--disable-runtime-dependency-installation",
@@ -62,11 +68,16 @@ def superlink_argv(s: SuperLinkSettings) -> list[str]:
 def supernode_argv(s: SuperNodeSettings) -> list[str]:
     argv = [
         "flower-supernode",
-        "--root-certificates", s.ca_cert,
-        "--superlink", s.superlink,
-        "--auth-supernode-private-key", s.private_key,
-        "--host", s.host,
-        "--port", str(s.port),
+        "--root-certificates",
+        s.ca_cert,
+        "--superlink",
+        s.superlink,
+        "--auth-supernode-private-key",
+        s.private_key,
+        "--host",
+        s.host,
+        "--port",
+        str(s.port),
     ]
     if s.node_config_file:
         # Flower reads a lone `*.toml` argument as a file (flwr.common.config.parse_config_args).

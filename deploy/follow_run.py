@@ -30,8 +30,16 @@ def run_config_value(value) -> str:
     return repr(value)
 
 
-def launch_run(app_dir: str, connection: str, run_config: list[str], *, flwr: str = "flwr", timeout_s: float = 300,
-               env: dict | None = None, federation_config: str = "") -> int:
+def launch_run(
+    app_dir: str,
+    connection: str,
+    run_config: list[str],
+    *,
+    flwr: str = "flwr",
+    timeout_s: float = 300,
+    env: dict | None = None,
+    federation_config: str = "",
+) -> int:
     """Submit the app; returns the run id. `run_config` items are `key=value` overrides (values as TOML);
     `federation_config` is passed as --federation-config (simulation: e.g. "num-supernodes=3")."""
     argv = [flwr, "run", app_dir, connection, "--format", "json"]
@@ -44,7 +52,9 @@ def launch_run(app_dir: str, connection: str, run_config: list[str], *, flwr: st
     done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, env=_cli_env(env))
     reply = _last_json(done.stdout)
     if done.returncode != 0 or not reply.get("success") or "run-id" not in reply:
-        raise RunFailed(f"`{' '.join(argv)}` did not submit a run (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
+        raise RunFailed(
+            f"`{' '.join(argv)}` did not submit a run (exit {done.returncode}):\n{done.stdout}\n{done.stderr}"
+        )
     return int(reply["run-id"])
 
 
@@ -70,8 +80,16 @@ def stop_run(connection: str, run_id: int, *, flwr: str = "flwr", env: dict | No
     raise RunFailed(f"`{' '.join(argv)}` failed (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
 
 
-def wait_for_run(connection: str, run_id: int, *, timeout_s: float, poll_s: float = 3.0, flwr: str = "flwr",
-                 on_status=None, env: dict | None = None) -> str:
+def wait_for_run(
+    connection: str,
+    run_id: int,
+    *,
+    timeout_s: float,
+    poll_s: float = 3.0,
+    flwr: str = "flwr",
+    on_status=None,
+    env: dict | None = None,
+) -> str:
     """Poll until the run finishes or `timeout_s` passes; returns the final status (raises on a timeout)."""
     deadline = time.monotonic() + timeout_s
     last = ""

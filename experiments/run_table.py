@@ -53,14 +53,24 @@ def partition(column: dict, folder: Path, env: dict) -> None:
     """The column's institutions: questions and one Qdrant shard each (kept if already built)."""
     if (folder / "manifest.json").exists():
         return
-    argv = [str(BIN / "fedrag-app"), "partition", "-n", str(column["num-partitions"]), "--scheme", column["scheme"],
-            "--out", str(folder)] + [arg for k, v in column.get("partition", {}).items() for arg in ("--set", f"{k}={v}")]
+    argv = [
+        str(BIN / "fedrag-app"),
+        "partition",
+        "-n",
+        str(column["num-partitions"]),
+        "--scheme",
+        column["scheme"],
+        "--out",
+        str(folder),
+    ] + [arg for k, v in column.get("partition", {}).items() for arg in ("--set", f"{k}={v}")]
     subprocess.run(argv, check=True, env=env)
 
 
 def index_server_store(table: dict, env: dict) -> None:
     """The shard the server evaluates with (store.* keys of the table's run-config); kept if already built."""
-    if table.get("run", {}).get("fed.server-eval", True) is False and all(r.get("kind") != "evaluate" for r in table["rows"]):
+    if table.get("run", {}).get("fed.server-eval", True) is False and all(
+        r.get("kind") != "evaluate" for r in table["rows"]
+    ):
         return
     flags = [arg for k, v in table.get("run", {}).items() if k.startswith("store.") for arg in ("--set", f"{k}={v}")]
     subprocess.run([str(BIN / "fedrag-app"), "index", *flags], check=True, env=env, stdout=subprocess.DEVNULL)
@@ -72,28 +82,56 @@ def run_cell(table: dict, column: dict, row: dict, seed: int, parts: Path, out: 
     started = time.perf_counter()
     if row.get("kind") == "evaluate":
         run["runtime.num-threads"] = 0  # alone on the machine: every core (simulation nodes share them instead)
-        flags = [arg for k, v in run.items() if not k.startswith(("fed.", "partition.", "dp."))
-                 for arg in ("--set", f"{k}={v}")]
-        subprocess.run([str(BIN / "fedrag-app"), "evaluate", "--output", str(out / "evaluate.json"), *flags],
-                       check=True, env=env, stdout=subprocess.DEVNULL)
+        flags = [
+            arg
+            for k, v in run.items()
+            if not k.startswith(("fed.", "partition.", "dp."))
+            for arg in ("--set", f"{k}={v}")
+        ]
+        subprocess.run(
+            [str(BIN / "fedrag-app"), "evaluate", "--output", str(out / "evaluate.json"), *flags],
+            check=True,
+            env=env,
+            stdout=subprocess.DEVNULL,
+        )
         metrics = json.loads((out / "evaluate.json").read_text())["results"]
     else:
         run.update({"partition.dir": str(parts), "fed.output-dir": str(out), "fed.min-nodes": column["num-partitions"]})
         items = [f"{k}={follow_run.run_config_value(v)}" for k, v in run.items()]
-        run_id = follow_run.launch_run(str(REPO), "local", items, flwr=str(BIN / "flwr"), env=env,
-                                       federation_config=f"num-supernodes={column['num-partitions']}")
+        run_id = follow_run.launch_run(
+            str(REPO),
+            "local",
+            items,
+            flwr=str(BIN / "flwr"),
+            env=env,
+            federation_config=f"num-supernodes={column['num-partitions']}",
+        )
         # Each `flwr ls` costs ~1.8 s of CPU: polled every 3 s it took a third of a core from a 2-core cell.
-        status = follow_run.wait_for_run("local", run_id, timeout_s=table.get("cell-timeout-s", 3600),
-                                         poll_s=table.get("poll-seconds", 20), flwr=str(BIN / "flwr"), env=env)
+        status = follow_run.wait_for_run(
+            "local",
+            run_id,
+            timeout_s=table.get("cell-timeout-s", 3600),
+            poll_s=table.get("poll-seconds", 20),
+            flwr=str(BIN / "flwr"),
+            env=env,
+        )
         if status != follow_run.COMPLETED:
             raise RuntimeError(f"run {run_id} ({row['name']}, seed {seed}) ended {status}: see `flwr log {run_id}`")
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         if failed := [r["round"] for r in rows if r.get("round-failures", 0) > 0]:
-            raise RuntimeError(f"run {run_id} ({row['name']}, seed {seed}): nodes failed in rounds {failed}, so the "
-                               f"average is not over every institution; see `flwr log {run_id}`")
+            raise RuntimeError(
+                f"run {run_id} ({row['name']}, seed {seed}): nodes failed in rounds {failed}, so the "
+                f"average is not over every institution; see `flwr log {run_id}`"
+            )
         metrics = rows[-1]
-    return {"row": row["name"], "column": column["name"], "seed": seed, "run-config": run,
-            "wall-seconds": time.perf_counter() - started, "metrics": metrics}
+    return {
+        "row": row["name"],
+        "column": column["name"],
+        "seed": seed,
+        "run-config": run,
+        "wall-seconds": time.perf_counter() - started,
+        "metrics": metrics,
+    }
 
 
 def keep_adapter(cell_out: Path, dest: Path) -> Path | None:
@@ -109,8 +147,9 @@ def keep_adapter(cell_out: Path, dest: Path) -> Path | None:
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(rounds[-1] / "adapter", tmp)
-    (tmp / "round.json").write_text(json.dumps({"round": state["round"], "run-config": state.get("config", {})},
-                                               indent=1, sort_keys=True))
+    (tmp / "round.json").write_text(
+        json.dumps({"round": state["round"], "run-config": state.get("config", {})}, indent=1, sort_keys=True)
+    )
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return dest
@@ -124,15 +163,24 @@ def summarise(table: dict, results: list[dict]) -> str:
     """Markdown: one table per column, rows x metrics, mean ± std over the seeds that finished."""
     lines = [f"# {table.get('title', table['name'])}", "", table.get("description", "").strip(), ""]
     for column in table["columns"]:
-        lines += [f"## {column['name']}", "", "| row | n | " + " | ".join(table["metrics"]) + " |",
-                  "|---|---|" + "---|" * len(table["metrics"])]
+        lines += [
+            f"## {column['name']}",
+            "",
+            "| row | n | " + " | ".join(table["metrics"]) + " |",
+            "|---|---|" + "---|" * len(table["metrics"]),
+        ]
         for row in table["rows"]:
             cells = [r for r in results if r["row"] == row["name"] and r["column"] == column["name"]]
             values = []
             for metric in table["metrics"]:
                 xs = [float(r["metrics"][metric]) for r in cells if metric in r["metrics"]]
-                values.append("–" if not xs else _number(statistics.mean(xs)) if len(xs) == 1 else
-                              f"{_number(statistics.mean(xs))} ± {_number(statistics.stdev(xs))}")
+                values.append(
+                    "–"
+                    if not xs
+                    else _number(statistics.mean(xs))
+                    if len(xs) == 1
+                    else f"{_number(statistics.mean(xs))} ± {_number(statistics.stdev(xs))}"
+                )
             lines.append(f"| {row['name']} | {len(cells)} | " + " | ".join(values) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -151,14 +199,23 @@ def plot(table: dict, results: list[dict], path: Path) -> None:
     for j, column in enumerate(table["columns"]):
         means, stds = [], []
         for row in table["rows"]:
-            xs = [float(r["metrics"][metric]) for r in results
-                  if r["row"] == row["name"] and r["column"] == column["name"] and metric in r["metrics"]]
+            xs = [
+                float(r["metrics"][metric])
+                for r in results
+                if r["row"] == row["name"] and r["column"] == column["name"] and metric in r["metrics"]
+            ]
             means.append(statistics.mean(xs) if xs else 0.0)
             stds.append(statistics.stdev(xs) if len(xs) > 1 else 0.0)
-        ax.bar([i + j * width for i in range(len(table["rows"]))], means, width, yerr=stds, label=column["name"],
-               capsize=3)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(table["rows"]))], [r["name"] for r in table["rows"]],
-                  rotation=20, ha="right", fontsize=8)
+        ax.bar(
+            [i + j * width for i in range(len(table["rows"]))], means, width, yerr=stds, label=column["name"], capsize=3
+        )
+    ax.set_xticks(
+        [i + 0.4 - width / 2 for i in range(len(table["rows"]))],
+        [r["name"] for r in table["rows"]],
+        rotation=20,
+        ha="right",
+        fontsize=8,
+    )
     ax.set_ylabel(metric)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -174,23 +231,36 @@ def write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def main(table_file: Path = typer.Argument(..., help="a table TOML in experiments/tables/"),
-         results_dir: Path = typer.Option(REPO / "results", help="where results/<table>/ goes"),
-         fresh: bool = typer.Option(False, help="discard finished cells and run everything again"),
-         summarise_only: bool = typer.Option(False, help="only rewrite the table from the cells finished so far")) -> None:
+def main(
+    table_file: Path = typer.Argument(..., help="a table TOML in experiments/tables/"),
+    results_dir: Path = typer.Option(REPO / "results", help="where results/<table>/ goes"),
+    fresh: bool = typer.Option(False, help="discard finished cells and run everything again"),
+    summarise_only: bool = typer.Option(False, help="only rewrite the table from the cells finished so far"),
+) -> None:
     table = load_table(table_file)
     root = results_dir / table["name"]
     runs = root / "runs"
     root.mkdir(parents=True, exist_ok=True)
     if fresh and runs.exists():
         subprocess.run(["rm", "-rf", str(runs)], check=True)
-    env = dict(os.environ, FLWR_HOME=str(root / "flwr_home"), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-               FLWR_TELEMETRY_ENABLED="0", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    env = dict(
+        os.environ,
+        FLWR_HOME=str(root / "flwr_home"),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_TELEMETRY_ENABLED="0",
+        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+    )
     # seed-major: every row gets its first seed before any row gets its second, so a table stopped early
     # still covers every row
-    cells = [(c, r, s) for i, s in enumerate(table["seeds"]) for c in table["columns"] for r in table["rows"]
-             if (i == 0 or r.get("kind") != "evaluate") and s in r.get("seeds", table["seeds"])
-             and c["name"] in r.get("columns", [c["name"] for c in table["columns"]])]
+    cells = [
+        (c, r, s)
+        for i, s in enumerate(table["seeds"])
+        for c in table["columns"]
+        for r in table["rows"]
+        if (i == 0 or r.get("kind") != "evaluate")
+        and s in r.get("seeds", table["seeds"])
+        and c["name"] in r.get("columns", [c["name"] for c in table["columns"]])
+    ]
 
     def cell_dir(column: dict, row: dict, seed: int) -> Path:
         trains = row.get("kind") != "evaluate"  # an evaluation trains nothing: one run serves every column
@@ -202,8 +272,11 @@ def main(table_file: Path = typer.Argument(..., help="a table TOML in experiment
 
     def finished() -> list[dict]:
         """Every cell with a result on disk, whichever run of this command produced it."""
-        return [{**json.loads(done.read_text()), "column": c["name"]} for c, r, s in cells
-                if (done := result_file(c, r, s)).exists()]
+        return [
+            {**json.loads(done.read_text()), "column": c["name"]}
+            for c, r, s in cells
+            if (done := result_file(c, r, s)).exists()
+        ]
 
     def report() -> list[dict]:
         results = finished()
@@ -230,7 +303,9 @@ def main(table_file: Path = typer.Argument(..., help="a table TOML in experiment
                             partition(column, root / "partitions" / slug(column["name"]), env)
                         out.mkdir(parents=True, exist_ok=True)
                         progress.console.print(f"[bold]{column['name']} · {row['name']} · seed {seed}[/]")
-                        result = run_cell(table, column, row, seed, root / "partitions" / slug(column["name"]), out, env)
+                        result = run_cell(
+                            table, column, row, seed, root / "partitions" / slug(column["name"]), out, env
+                        )
                         if table.get("keep-adapters") and row.get("kind") != "evaluate":
                             keep_adapter(out, root / "adapters" / cell_dir(column, row, seed).relative_to(runs))
                         result_file(column, row, seed).parent.mkdir(parents=True, exist_ok=True)
@@ -240,8 +315,10 @@ def main(table_file: Path = typer.Argument(..., help="a table TOML in experiment
         except KeyboardInterrupt:
             for partial in (root / "partitions").glob(".*.tmp-*"):  # a partition killed mid-write (atomic_dir's temp)
                 shutil.rmtree(partial, ignore_errors=True)
-            console.print(f"[yellow]interrupted[/]: finished cells are kept in {root / 'cells'}; run the same command "
-                          "to go on from the cell that was running")
+            console.print(
+                f"[yellow]interrupted[/]: finished cells are kept in {root / 'cells'}; run the same command "
+                "to go on from the cell that was running"
+            )
             raise typer.Exit(130)
         finally:
             follow_run.stop_local_superlink(env["FLWR_HOME"])

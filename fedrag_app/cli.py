@@ -10,25 +10,28 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedrag_app.config import AppConfig, parse_override
-from fedrag_app.errors import FedRagAppError
+from fedrag_app.config.app_config import AppConfig, parse_override
+from fedrag_app.core.errors import FedRagAppError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fine-tuning of retrieval-augmented generation.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Federated fine-tuning of retrieval-augmented generation."
+)
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="TOML file of run-config keys (or a pyproject.toml)")
 SetOpt = typer.Option(None, "--set", "-s", help="override one key, e.g. --set ralt.top-k=4 (repeatable)")
-DataDirOpt = typer.Option(None, "--data-dir", help="local data folder laid out like shared/data (else $FEDRAG_DATA_DIR)")
+DataDirOpt = typer.Option(
+    None, "--data-dir", help="local data folder laid out like shared/data (else $FEDRAG_DATA_DIR)"
+)
 
 
-def load_config(config: Optional[Path], sets: Optional[list[str]], **extra: object) -> AppConfig:
+def load_config(config: Path | None, sets: list[str] | None, **extra: object) -> AppConfig:
     """The CLI's one road to an AppConfig: file, then --set overrides, then command options."""
     overrides = dict(parse_override(s) for s in sets or [])
     overrides.update({k: v for k, v in extra.items() if v is not None})
@@ -38,18 +41,25 @@ def load_config(config: Optional[Path], sets: Optional[list[str]], **extra: obje
 
 
 @app.callback()
-def _root(verbose: bool = typer.Option(False, "--verbose", "-v", envvar="FEDRAG_VERBOSE",
-                                       help="show library warnings and progress bars (quiet by default)")) -> None:
+def _root(
+    verbose: bool = typer.Option(
+        False,
+        "--verbose",
+        "-v",
+        envvar="FEDRAG_VERBOSE",
+        help="show library warnings and progress bars (quiet by default)",
+    ),
+) -> None:
     """Federated fine-tuning of retrieval-augmented generation."""
-    from fedrag_app.verbosity import configure
+    from fedrag_app.core.verbosity import configure
 
     configure(verbose)
 
 
 def _models(cfg: AppConfig, *, generator: bool = True):
-    from fedrag_app.generator import load_generator
-    from fedrag_app.retriever import load_retriever
-    from fedrag_app.runtime import apply_runtime
+    from fedrag_app.config.runtime import apply_runtime
+    from fedrag_app.rag.generator import load_generator
+    from fedrag_app.rag.retriever import load_retriever
 
     device = apply_runtime(cfg.runtime)
     with console.status("loading models"):
@@ -60,27 +70,39 @@ def _models(cfg: AppConfig, *, generator: bool = True):
 
 @app.command()
 def index(
-    corpus: Optional[Path] = typer.Argument(None, help="passages JSONL (id/title/text) or a folder holding passages.jsonl"),
-    limit: Optional[int] = typer.Option(None, help="index only the first N passages"),
-    store: Optional[str] = typer.Option(None, help="shard folder to write (default: in the cache, per corpus+retriever)"),
+    corpus: Path | None = typer.Argument(
+        None, help="passages JSONL (id/title/text) or a folder holding passages.jsonl"
+    ),
+    limit: int | None = typer.Option(None, help="index only the first N passages"),
+    store: str | None = typer.Option(
+        None, help="shard folder to write (default: in the cache, per corpus+retriever)"
+    ),
     rebuild: bool = typer.Option(False, help="re-index even if the shard exists (swapped in atomically)"),
-    config: Optional[Path] = ConfigOpt,
-    sets: Optional[list[str]] = SetOpt,
-    data_dir: Optional[str] = DataDirOpt,
+    config: Path | None = ConfigOpt,
+    sets: list[str] | None = SetOpt,
+    data_dir: str | None = DataDirOpt,
 ) -> None:
     """Encode a passage corpus and build a Qdrant shard (embedded Qdrant Edge by default).
 
     Vectors go through the embedding cache: an interrupted index resumes from what was already encoded, and a
     rebuild (or another shard of the same corpus) encodes nothing again.
     """
-    from fedrag_app.data import load_passages
-    from fedrag_app.knowledge_store import KnowledgeStore
-    from fedrag_app.rag import build_store, store_location
+    from fedrag_app.data.loaders import load_passages
+    from fedrag_app.rag.knowledge_store import KnowledgeStore
+    from fedrag_app.rag.pipeline import build_store, store_location
 
     if corpus is not None and corpus.is_dir():
         corpus = corpus / "passages.jsonl"
-    cfg = load_config(config, sets, **{"data.corpus": str(corpus.resolve()) if corpus else None,
-                                       "store.passages-limit": limit, "store.path": store, "data.dir": data_dir})
+    cfg = load_config(
+        config,
+        sets,
+        **{
+            "data.corpus": str(corpus.resolve()) if corpus else None,
+            "store.passages-limit": limit,
+            "store.path": store,
+            "data.dir": data_dir,
+        },
+    )
     where = store_location(cfg)
     if "path" in where and Path(where["path"]).exists() and not rebuild:
         _, retriever = _models(cfg, generator=False)
@@ -88,7 +110,9 @@ def index(
             console.print(f"[green]already indexed[/] {kb.count()} passages in {where['path']} (--rebuild to redo)")
         return
     with console.status("reading the corpus"):
-        passages = load_passages(cfg.data, limit=cfg.store.passages_limit)  # counted (and checked) before any model loads
+        passages = load_passages(
+            cfg.data, limit=cfg.store.passages_limit
+        )  # counted (and checked) before any model loads
     _, retriever = _models(cfg, generator=False)
     stats = build_store(cfg, retriever, passages=passages, progress=True, replace=rebuild)
     console.print(f"[green]indexed[/] {stats} -> {where.get('path') or where.get('url')}")
@@ -96,19 +120,26 @@ def index(
 
 @app.command()
 def ask(
-    question: Optional[str] = typer.Argument(None, help="the question; none: read questions from stdin, one a line, "
-                                                       "until an empty line or EOF (models load once)"),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="passages to retrieve (0 = closed book)"),
-    adapter: Optional[str] = typer.Option(None, help="PEFT adapter folder from `train` or a checkpoint"),
-    retriever_path: Optional[str] = typer.Option(None, "--retriever", help="retriever folder from `train` or a checkpoint"),
-    store: Optional[str] = typer.Option(None, help="shard folder (default: the one `index` built)"),
-    federation: Optional[str] = typer.Option(None, help="ask across a federation's shards instead: a flwr connection "
-                                             "(SuperLink address + credentials, e.g. 'local' or one added by "
-                                             "deploy/fedrag_deploy.py connection)"),
+    question: str | None = typer.Argument(
+        None,
+        help="the question; none: read questions from stdin, one a line, until an empty line or EOF (models load once)",
+    ),
+    top_k: int | None = typer.Option(None, "--top-k", help="passages to retrieve (0 = closed book)"),
+    adapter: str | None = typer.Option(None, help="PEFT adapter folder from `train` or a checkpoint"),
+    retriever_path: str | None = typer.Option(
+        None, "--retriever", help="retriever folder from `train` or a checkpoint"
+    ),
+    store: str | None = typer.Option(None, help="shard folder (default: the one `index` built)"),
+    federation: str | None = typer.Option(
+        None,
+        help="ask across a federation's shards instead: a flwr connection "
+        "(SuperLink address + credentials, e.g. 'local' or one added by "
+        "deploy/fedrag_deploy.py connection)",
+    ),
     federation_config: str = typer.Option("", help="with --federation local: e.g. 'num-supernodes=3'"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object per answer (question, answer, passages)"),
-    config: Optional[Path] = ConfigOpt,
-    sets: Optional[list[str]] = SetOpt,
+    config: Path | None = ConfigOpt,
+    sets: list[str] | None = SetOpt,
 ) -> None:
     """Answer a question from retrieved passages (or many, from stdin); print the answer and the passages used."""
     if federation:
@@ -116,10 +147,10 @@ def ask(
             raise typer.BadParameter("--federation answers one question given as an argument", param_hint="QUESTION")
         cfg = load_config(config, sets, **{"eval.top-k": top_k, "generator.adapter-path": adapter})
         return ask_federation(question, federation, federation_config, cfg, local=retriever_path or store)
-    from fedrag_app.generator import load_generator
-    from fedrag_app.rag import RagPipeline, check_store, open_store
-    from fedrag_app.retriever import load_retriever
-    from fedrag_app.runtime import apply_runtime
+    from fedrag_app.config.runtime import apply_runtime
+    from fedrag_app.rag.generator import load_generator
+    from fedrag_app.rag.pipeline import RagPipeline, check_store, open_store
+    from fedrag_app.rag.retriever import load_retriever
 
     cfg = load_config(config, sets, **{"eval.top-k": top_k, "store.path": store, "generator.adapter-path": adapter})
     if cfg.eval.top_k:
@@ -156,8 +187,10 @@ def _stdin_questions(quiet: bool):
 def print_answer(result, as_json: bool) -> None:
     """The answer and its passages: a JSON line for scripts, or text and a table for people."""
     if as_json:
-        passages = [{"rank": i, "id": h.id, "score": h.score, "title": h.title, "text": h.text}
-                    for i, h in enumerate(result.hits, 1)]
+        passages = [
+            {"rank": i, "id": h.id, "score": h.score, "title": h.title, "text": h.text}
+            for i, h in enumerate(result.hits, 1)
+        ]
         print(json.dumps({"question": result.question, "answer": result.answer, "passages": passages}), flush=True)
         return
     console.print(f"[bold]Q:[/] {result.question}\n[bold green]A:[/] {result.answer}")
@@ -171,42 +204,53 @@ def print_answer(result, as_json: bool) -> None:
 def ask_federation(question: str, connection: str, federation_config: str, cfg: AppConfig, local: str | None) -> None:
     """`ask --federation`: a query run (fed.task = "query") with the keys that differ from the defaults (--adapter is
     a path on the SuperLink's host; the retriever comes from query.checkpoint, the passages from the nodes)."""
-    from fedrag_app.errors import ConfigError
-    from fedrag_app.federated_ask import ask_federation as run
+    from fedrag_app.core.errors import ConfigError
+    from fedrag_app.federation.ask import ask_federation as run
 
     if local:
-        raise ConfigError(f"--retriever/--store {local!r} do not apply with --federation: the nodes search their own "
-                          "shards; use --set query.checkpoint=<round folder or 'latest'> for a trained retriever")
+        raise ConfigError(
+            f"--retriever/--store {local!r} do not apply with --federation: the nodes search their own "
+            "shards; use --set query.checkpoint=<round folder or 'latest'> for a trained retriever"
+        )
     defaults = AppConfig().to_flat()
     overrides = {k: v for k, v in cfg.to_flat().items() if v != defaults[k]}
     with console.status(f"asking the federation '{connection}' (flwr run, fed.task='query')"):
         result = run(question, connection, overrides, federation_config=federation_config)
     console.print(f"[bold]Q:[/] {question}\n[bold green]A:[/] {result['answer']}")
-    table = Table("#", "score", "node", "partition", "title", "passage", title=f"merged passages (run {result['run-id']})")
+    table = Table(
+        "#", "score", "node", "partition", "title", "passage", title=f"merged passages (run {result['run-id']})"
+    )
     for i, p in enumerate(result["passages"], 1):
         table.add_row(str(i), f"{p['score']:.4f}", str(p["node"]), str(p["partition"]), p["title"], p["text"][:100])
     console.print(table)
     m = result["metrics"]
-    console.print(f"nodes {m.get('nodes')}: {m.get('replies-ok')} answered, {m.get('replies-refused')} refused, "
-                  f"{m.get('replies-error', 0) + m.get('replies-invalid', 0)} failed, {m.get('replies-timeout')} late")
+    console.print(
+        f"nodes {m.get('nodes')}: {m.get('replies-ok')} answered, {m.get('replies-refused')} refused, "
+        f"{m.get('replies-error', 0) + m.get('replies-invalid', 0)} failed, {m.get('replies-timeout')} late"
+    )
 
 
 @app.command()
 def train(
-    mode: Optional[str] = typer.Option(None, help="ralt | lsr | ra-dit (train.mode)"),
-    output: Optional[str] = typer.Option(None, help="output folder (train.output-dir)"),
-    config: Optional[Path] = ConfigOpt,
-    sets: Optional[list[str]] = SetOpt,
-    data_dir: Optional[str] = DataDirOpt,
+    mode: str | None = typer.Option(None, help="ralt | lsr | ra-dit (train.mode)"),
+    output: str | None = typer.Option(None, help="output folder (train.output-dir)"),
+    config: Path | None = ConfigOpt,
+    sets: list[str] | None = SetOpt,
+    data_dir: str | None = DataDirOpt,
 ) -> None:
     """Centralized training: fed.num-server-rounds rounds of the same local round a federated client runs."""
-    from fedrag_app.training_run import train_centralized
+    from fedrag_app.training.centralized import train_centralized
 
     cfg = load_config(config, sets, **{"train.mode": mode, "train.output-dir": output, "data.dir": data_dir})
     history = train_centralized(cfg, progress=True)
-    table = Table("round", *[k for k in history[-1] if k.endswith(("loss-first", "loss-last", "seconds"))], title="training")
+    table = Table(
+        "round", *[k for k in history[-1] if k.endswith(("loss-first", "loss-last", "seconds"))], title="training"
+    )
     for row in history:
-        table.add_row(str(row["round"]), *[f"{v:.4g}" for k, v in row.items() if k.endswith(("loss-first", "loss-last", "seconds"))])
+        table.add_row(
+            str(row["round"]),
+            *[f"{v:.4g}" for k, v in row.items() if k.endswith(("loss-first", "loss-last", "seconds"))],
+        )
     console.print(table)
     out = Path(cfg.train.output_dir).resolve()
     console.print(f"[green]wrote[/] {out}/adapter (PEFT), {out}/retriever (sentence-transformers), {out}/metrics.jsonl")
@@ -214,28 +258,41 @@ def train(
 
 @app.command()
 def evaluate(
-    adapter: Optional[str] = typer.Option(None, help="PEFT adapter folder (default: the untrained LoRA = the base model)"),
-    retriever_path: Optional[str] = typer.Option(None, "--retriever", help="retriever folder from `train` or a checkpoint"),
+    adapter: str | None = typer.Option(
+        None, help="PEFT adapter folder (default: the untrained LoRA = the base model)"
+    ),
+    retriever_path: str | None = typer.Option(
+        None, "--retriever", help="retriever folder from `train` or a checkpoint"
+    ),
     no_retrieval: bool = typer.Option(False, "--no-retrieval", help="closed-book baseline"),
-    output: Optional[Path] = typer.Option(None, help="write the results as JSON here"),
-    config: Optional[Path] = ConfigOpt,
-    sets: Optional[list[str]] = SetOpt,
-    data_dir: Optional[str] = DataDirOpt,
+    output: Path | None = typer.Option(None, help="write the results as JSON here"),
+    config: Path | None = ConfigOpt,
+    sets: list[str] | None = SetOpt,
+    data_dir: str | None = DataDirOpt,
 ) -> None:
     """MMLU (letter log-likelihood and generation), Web Questions EM/F1, retrieval recall@k and MRR."""
-    from fedrag_app.atomic import write_json
-    from fedrag_app.evaluate import format_table, run_evaluation
-    from fedrag_app.generator import load_generator
-    from fedrag_app.rag import open_store
-    from fedrag_app.retriever import load_retriever
-    from fedrag_app.runtime import apply_runtime
+    from fedrag_app.config.runtime import apply_runtime
+    from fedrag_app.core.atomic import write_json
+    from fedrag_app.evaluation.evaluate import format_table, run_evaluation
+    from fedrag_app.rag.generator import load_generator
+    from fedrag_app.rag.pipeline import open_store
+    from fedrag_app.rag.retriever import load_retriever
 
-    cfg = load_config(config, sets, **{"generator.adapter-path": adapter, "data.dir": data_dir,
-                                       "eval.use-retrieval": False if no_retrieval else None})
+    cfg = load_config(
+        config,
+        sets,
+        **{
+            "generator.adapter-path": adapter,
+            "data.dir": data_dir,
+            "eval.use-retrieval": False if no_retrieval else None,
+        },
+    )
     device = apply_runtime(cfg.runtime)
     with console.status("loading models and store"):
         gen = load_generator(cfg.generator, device=device)
-        retriever = load_retriever(cfg.retriever, device=device, path=retriever_path) if cfg.eval.use_retrieval else None
+        retriever = (
+            load_retriever(cfg.retriever, device=device, path=retriever_path) if cfg.eval.use_retrieval else None
+        )
         kb = open_store(cfg, retriever) if retriever is not None else None
     try:
         with console.status("evaluating"):
@@ -251,58 +308,83 @@ def evaluate(
 
 @app.command()
 def partition(
-    num_partitions: Optional[int] = typer.Option(None, "--num-partitions", "-n", help="institutions (partition.num-partitions)"),
-    scheme: Optional[str] = typer.Option(None, help="iid | dirichlet (partition.scheme)"),
-    out: Optional[str] = typer.Option(None, "--out", help="output folder (partition.dir; default ./data_partitions)"),
-    config: Optional[Path] = ConfigOpt,
-    sets: Optional[list[str]] = SetOpt,
-    data_dir: Optional[str] = DataDirOpt,
+    num_partitions: int | None = typer.Option(
+        None, "--num-partitions", "-n", help="institutions (partition.num-partitions)"
+    ),
+    scheme: str | None = typer.Option(None, help="iid | dirichlet (partition.scheme)"),
+    out: str | None = typer.Option(None, "--out", help="output folder (partition.dir; default ./data_partitions)"),
+    config: Path | None = ConfigOpt,
+    sets: list[str] | None = SetOpt,
+    data_dir: str | None = DataDirOpt,
 ) -> None:
     """Split questions (flwr-datasets) and articles across institutions and build one Qdrant shard each."""
-    from fedrag_app.partition import make_partitions
+    from fedrag_app.federation.partition import make_partitions
 
-    cfg = load_config(config, sets, **{"partition.num-partitions": num_partitions, "partition.scheme": scheme,
-                                       "partition.dir": str(Path(out).resolve()) if out else None, "data.dir": data_dir})
+    cfg = load_config(
+        config,
+        sets,
+        **{
+            "partition.num-partitions": num_partitions,
+            "partition.scheme": scheme,
+            "partition.dir": str(Path(out).resolve()) if out else None,
+            "data.dir": data_dir,
+        },
+    )
     _, retriever = _models(cfg, generator=False)
     manifest = make_partitions(cfg, retriever, progress=True)
-    table = Table("client", "questions", "held-out", "topics", "articles", "passages", title=f"{manifest['scheme']} partitions")
+    table = Table(
+        "client", "questions", "held-out", "topics", "articles", "passages", title=f"{manifest['scheme']} partitions"
+    )
     for c in manifest["clients"]:
-        table.add_row(str(c["partition-id"]), str(c["questions"]), str(c["heldout-questions"]), str(c["topics"]),
-                      str(c["articles"]), str(c["passages"]))
+        table.add_row(
+            str(c["partition-id"]),
+            str(c["questions"]),
+            str(c["heldout-questions"]),
+            str(c["topics"]),
+            str(c["articles"]),
+            str(c["passages"]),
+        )
     console.print(table)
     console.print(f"[green]wrote[/] {manifest['dir']}/manifest.json")
 
 
 @app.command()
 def export(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="a round-NNNN folder, a federated output folder (its "
-                                                              "latest round) or a `fedrag-app train` output"),
-    out: Path = typer.Option(..., "--out", help="folder to write: generator/, retriever/, context-encoder/, manifest.json"),
+    checkpoint: Path = typer.Option(
+        ...,
+        "--checkpoint",
+        help="a round-NNNN folder, a federated output folder (its latest round) or a `fedrag-app train` output",
+    ),
+    out: Path = typer.Option(
+        ..., "--out", help="folder to write: generator/, retriever/, context-encoder/, manifest.json"
+    ),
     force: bool = typer.Option(False, "--force", help="replace --out if it is not empty"),
 ) -> None:
     """The global adapter merged into the base LM (transformers folder), the retriever (sentence-transformers) and a manifest."""
-    from fedrag_app.export import export_checkpoint
+    from fedrag_app.commands.export import export_checkpoint
 
     with console.status("merging the adapter into the base model"):
         manifest = export_checkpoint(checkpoint, out, overwrite=force)
     out = out.expanduser().resolve()
-    console.print(f"[green]exported[/] {manifest['checkpoint']} -> {out}\n"
-                  f"  generator/        AutoModelForCausalLM.from_pretrained('{out}/generator') (or vLLM)\n"
-                  f"  retriever/        SentenceTransformer('{out}/retriever'): encodes questions\n"
-                  f"  context-encoder/  SentenceTransformer: embedded the store's passages\n"
-                  f"  manifest.json     checkpoint, base models, store, embedding fingerprint")
+    console.print(
+        f"[green]exported[/] {manifest['checkpoint']} -> {out}\n"
+        f"  generator/        AutoModelForCausalLM.from_pretrained('{out}/generator') (or vLLM)\n"
+        f"  retriever/        SentenceTransformer('{out}/retriever'): encodes questions\n"
+        f"  context-encoder/  SentenceTransformer: embedded the store's passages\n"
+        f"  manifest.json     checkpoint, base models, store, embedding fingerprint"
+    )
 
 
 @app.command()
 def quickstart(
     out: Path = typer.Option(Path("outputs/quickstart"), "--out", help="folder for indexes, checkpoints, metrics"),
-    rounds: Optional[int] = typer.Option(None, "--rounds", help="federated rounds (fed.num-server-rounds; default 3)"),
-    question: Optional[str] = typer.Option(None, "--question", help="what to ask the fine-tuned system at the end"),
-    sets: Optional[list[str]] = SetOpt,
-    data_dir: Optional[str] = DataDirOpt,
+    rounds: int | None = typer.Option(None, "--rounds", help="federated rounds (fed.num-server-rounds; default 3)"),
+    question: str | None = typer.Option(None, "--question", help="what to ask the fine-tuned system at the end"),
+    sets: list[str] | None = SetOpt,
+    data_dir: str | None = DataDirOpt,
 ) -> None:
     """The main job on embedded defaults (`make run`): index, evaluate, federated RA-DIT with `flwr run`, evaluate, ask."""
-    from fedrag_app.quickstart import QUESTION, Quickstart
+    from fedrag_app.commands.quickstart import QUESTION, Quickstart
 
     overrides = dict(parse_override(s) for s in sets or [])
     if rounds is not None:
@@ -310,8 +392,10 @@ def quickstart(
     try:
         Quickstart(overrides, out=out, question=question or QUESTION, data_dir=data_dir, console=console).run()
     except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted[/]: the local SuperLink and its simulation were stopped; finished "
-                          "indexes are kept for the next run")
+        err_console.print(
+            "[yellow]interrupted[/]: the local SuperLink and its simulation were stopped; finished "
+            "indexes are kept for the next run"
+        )
         raise typer.Exit(130)
 
 

@@ -6,7 +6,7 @@ the two agree. Run this after adding a config field and paste its output into py
 
 from dataclasses import fields
 
-from fedrag_app.config import SECTIONS
+from fedrag_app.config.app_config import SECTIONS
 
 
 def render() -> str:

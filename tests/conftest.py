@@ -32,8 +32,8 @@ def generator():
     """SmolLM2-135M-Instruct + a fresh LoRA (seeded). Shared: restore any weights you change."""
     import torch
 
-    from fedrag_app.config import GeneratorConfig
-    from fedrag_app.generator import load_generator
+    from fedrag_app.config.app_config import GeneratorConfig
+    from fedrag_app.rag.generator import load_generator
 
     torch.manual_seed(0)
     return load_generator(GeneratorConfig())
@@ -42,8 +42,8 @@ def generator():
 @pytest.fixture(scope="session")
 def retriever():
     """all-MiniLM-L6-v2 as a dual encoder. Shared: restore any weights you change."""
-    from fedrag_app.config import RetrieverConfig
-    from fedrag_app.retriever import load_retriever
+    from fedrag_app.config.app_config import RetrieverConfig
+    from fedrag_app.rag.retriever import load_retriever
 
     return load_retriever(RetrieverConfig())
 
@@ -53,8 +53,8 @@ SMALL_CORPUS = 300  # passages in the shared test shard: the first articles of t
 
 @pytest.fixture(scope="session")
 def small_passages(data_dir):
-    from fedrag_app.config import DataConfig
-    from fedrag_app.data import iter_passages
+    from fedrag_app.config.app_config import DataConfig
+    from fedrag_app.data.loaders import iter_passages
 
     return list(iter_passages(DataConfig(dir=str(data_dir)), limit=SMALL_CORPUS))
 
@@ -62,7 +62,7 @@ def small_passages(data_dir):
 @pytest.fixture(scope="session")
 def small_shard_path(tmp_path_factory, small_passages, retriever) -> str:
     """A real Qdrant Edge shard of the first 300 Wikipedia passages, built once per session. Open it, use it, close it."""
-    from fedrag_app.ingest import build_shard
+    from fedrag_app.rag.ingest import build_shard
 
     path = tmp_path_factory.mktemp("shards") / "wiki300"
     build_shard(small_passages, retriever, path=str(path), progress=False)

@@ -56,14 +56,16 @@ class Federation:
         self.logs: dict[str, Path] = {}
         self.node_ids: dict[str, int] = {}
         self.env = dict(os.environ)
-        self.env.update({
-            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "FLWR_HOME": str(self.flwr_home),
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "PYTHONUNBUFFERED": "1",
-        })
+        self.env.update(
+            {
+                "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                "FLWR_HOME": str(self.flwr_home),
+                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                "FLWR_TELEMETRY_ENABLED": "0",
+                "FLWR_DISABLE_UPDATE_CHECK": "1",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
 
     # --- operator -------------------------------------------------------------------------------------------
     def create_credentials(self) -> None:
@@ -72,10 +74,27 @@ class Federation:
 
     def start_superlink(self) -> None:
         offset = len(self.log("superlink"))  # the log is appended across restarts
-        self._start("superlink", ["superlink", "--tls-dir", str(self.certs), "--database", str(self.database),
-                                  "--host", "127.0.0.1", "--port", str(self.port)], cwd=self.work, env=self.env)
-        wait_until(lambda: "Uvicorn running on https://" in self.log("superlink")[offset:] or self._died("superlink"),
-                   timeout_s=60, what="the SuperLink to listen")
+        self._start(
+            "superlink",
+            [
+                "superlink",
+                "--tls-dir",
+                str(self.certs),
+                "--database",
+                str(self.database),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            cwd=self.work,
+            env=self.env,
+        )
+        wait_until(
+            lambda: "Uvicorn running on https://" in self.log("superlink")[offset:] or self._died("superlink"),
+            timeout_s=60,
+            what="the SuperLink to listen",
+        )
         assert not self._died("superlink"), f"SuperLink exited:\n{self.log('superlink')}"
 
     def register(self, name: str) -> int:
@@ -84,22 +103,32 @@ class Federation:
         return self.node_ids[name]
 
     def online_node_ids(self) -> set[int]:
-        done = subprocess.run([str(VENV_BIN / "flwr"), "supernode", "list", CONNECTION, "--format", "json"],
-                              capture_output=True, text=True, timeout=60, env=self.env)
+        done = subprocess.run(
+            [str(VENV_BIN / "flwr"), "supernode", "list", CONNECTION, "--format", "json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=self.env,
+        )
         nodes = follow_run._last_json(done.stdout).get("nodes") or []
         return {int(n["node-id"]) for n in nodes if n.get("status") == "online"}
 
     def wait_online(self, names: list[str], timeout_s: float = 90) -> None:
         want = {self.node_ids[n] for n in names}
-        wait_until(lambda: want <= self.online_node_ids(), timeout_s=timeout_s, what=f"SuperNodes {names} online", poll_s=2)
+        wait_until(
+            lambda: want <= self.online_node_ids(), timeout_s=timeout_s, what=f"SuperNodes {names} online", poll_s=2
+        )
 
     def launch(self, run_config: dict) -> int:
         items = [f"{k}={follow_run.run_config_value(v)}" for k, v in run_config.items()]
-        return follow_run.launch_run(str(self.app_dir), CONNECTION, items, flwr=str(VENV_BIN / "flwr"), timeout_s=180,
-                                     env=self.env)
+        return follow_run.launch_run(
+            str(self.app_dir), CONNECTION, items, flwr=str(VENV_BIN / "flwr"), timeout_s=180, env=self.env
+        )
 
     def wait_run(self, run_id: int, timeout_s: float) -> str:
-        return follow_run.wait_for_run(CONNECTION, run_id, timeout_s=timeout_s, flwr=str(VENV_BIN / "flwr"), env=self.env)
+        return follow_run.wait_for_run(
+            CONNECTION, run_id, timeout_s=timeout_s, flwr=str(VENV_BIN / "flwr"), env=self.env
+        )
 
     def run_status(self, run_id: int) -> str:
         return follow_run.run_status(CONNECTION, run_id, flwr=str(VENV_BIN / "flwr"), env=self.env)
@@ -109,8 +138,13 @@ class Federation:
 
     def run_log(self, run_id: int) -> str:
         """The ServerApp's log as the SuperLink stored it (`flwr log RUN_ID <conn> --show`)."""
-        done = subprocess.run([str(VENV_BIN / "flwr"), "log", str(run_id), CONNECTION, "--show"],
-                              capture_output=True, text=True, timeout=60, env=self.env)
+        done = subprocess.run(
+            [str(VENV_BIN / "flwr"), "log", str(run_id), CONNECTION, "--show"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=self.env,
+        )
         return done.stdout + done.stderr
 
     # --- institution ----------------------------------------------------------------------------------------
@@ -126,15 +160,35 @@ class Federation:
 
     def start_node(self, name: str) -> None:
         env = dict(self.env, FLWR_HOME=str(self.work / "nodes" / name / "flwr_home"))
-        self._start(name, ["supernode", "--superlink", self.address, "--ca-cert", str(self.certs / "ca.crt"),
-                           "--private-key", str(self.work / "keys" / name),
-                           "--node-config", str(self.work / "nodes" / name / "node.toml"),
-                           "--port", str(free_port())], cwd=self.work / "nodes" / name, env=env)
+        self._start(
+            name,
+            [
+                "supernode",
+                "--superlink",
+                self.address,
+                "--ca-cert",
+                str(self.certs / "ca.crt"),
+                "--private-key",
+                str(self.work / "keys" / name),
+                "--node-config",
+                str(self.work / "nodes" / name / "node.toml"),
+                "--port",
+                str(free_port()),
+            ],
+            cwd=self.work / "nodes" / name,
+            env=env,
+        )
 
     # --- processes ------------------------------------------------------------------------------------------
     def cli(self, *args: str) -> str:
-        done = subprocess.run([sys.executable, str(DEPLOY_CLI), *args], capture_output=True, text=True,
-                              timeout=120, env=self.env, cwd=self.work)
+        done = subprocess.run(
+            [sys.executable, str(DEPLOY_CLI), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=self.env,
+            cwd=self.work,
+        )
         assert done.returncode == 0, f"fedrag_deploy.py {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
         return done.stdout
 
@@ -170,8 +224,14 @@ class Federation:
         self.logs[name] = self.work / "logs" / f"{name}.log"
         self.logs[name].parent.mkdir(parents=True, exist_ok=True)
         with self.logs[name].open("a") as log:
-            self.procs[name] = subprocess.Popen([sys.executable, str(DEPLOY_CLI), *args], stdout=log,
-                                                stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True)
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, str(DEPLOY_CLI), *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                env=env,
+                start_new_session=True,
+            )
 
     def _died(self, name: str) -> bool:
         return self.procs[name].poll() is not None

@@ -16,8 +16,15 @@ from typer.testing import CliRunner
 from fedrag_app.cli import app
 
 Q = "who was the first president of the united states"
-QUIET_KEYS = ("TQDM_DISABLE", "TRANSFORMERS_VERBOSITY", "TRANSFORMERS_NO_ADVISORY_WARNINGS", "PYTHONWARNINGS",
-              "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", "FEDRAG_VERBOSE")
+QUIET_KEYS = (
+    "TQDM_DISABLE",
+    "TRANSFORMERS_VERBOSITY",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS",
+    "PYTHONWARNINGS",
+    "HF_HUB_DISABLE_PROGRESS_BARS",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS",
+    "FEDRAG_VERBOSE",
+)
 
 
 def _env(**extra) -> dict:
@@ -28,15 +35,21 @@ def _env(**extra) -> dict:
 
 def test_interactive_ask_answers_each_stdin_line_until_an_empty_one(small_shard_path):
     runner = CliRunner()
-    result = runner.invoke(app, ["ask", "--json", "--store", small_shard_path, "--set", "generator.max-new-tokens=8"],
-                           input=f"{Q}\nwhat is the capital of france\n\nnever asked\n")
+    result = runner.invoke(
+        app,
+        ["ask", "--json", "--store", small_shard_path, "--set", "generator.max-new-tokens=8"],
+        input=f"{Q}\nwhat is the capital of france\n\nnever asked\n",
+    )
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
     assert [x["question"] for x in lines] == [Q, "what is the capital of france"]
     assert all(x["answer"] and len(x["passages"]) == 2 for x in lines)
     assert set(lines[0]["passages"][0]) == {"rank", "id", "score", "title", "text"}
-    text = runner.invoke(app, ["ask", "--store", small_shard_path, "--set", "generator.max-new-tokens=8"],
-                         input=f"{Q}\nwhat is the capital of france")  # EOF without a newline ends it too
+    text = runner.invoke(
+        app,
+        ["ask", "--store", small_shard_path, "--set", "generator.max-new-tokens=8"],
+        input=f"{Q}\nwhat is the capital of france",
+    )  # EOF without a newline ends it too
     assert text.exit_code == 0, text.output
     assert f"Q: {Q}" in text.stdout and "Q: what is the capital of france" in text.stdout
     assert text.stdout.count("retrieved passages") == 2
@@ -46,10 +59,23 @@ def test_interactive_ask_answers_each_stdin_line_until_an_empty_one(small_shard_
 def test_library_chatter_only_with_verbose(tmp_path, small_shard_path):
     """A fresh cache converts the packaged GGUF (transformers' per-tensor tqdm bar) and loading PEFT trips
     transformers' is_gradient_checkpointing FutureWarning: neither reaches a quiet terminal."""
-    argv = [sys.executable, "-m", "fedrag_app.cli", "ask", Q, "--json", "--top-k", "1", "--store", small_shard_path,
-            "--set", "generator.max-new-tokens=8"]
-    quiet = subprocess.run(argv, capture_output=True, text=True, timeout=600,
-                           env=_env(FEDRAG_CACHE_DIR=str(tmp_path / "cache")))
+    argv = [
+        sys.executable,
+        "-m",
+        "fedrag_app.cli",
+        "ask",
+        Q,
+        "--json",
+        "--top-k",
+        "1",
+        "--store",
+        small_shard_path,
+        "--set",
+        "generator.max-new-tokens=8",
+    ]
+    quiet = subprocess.run(
+        argv, capture_output=True, text=True, timeout=600, env=_env(FEDRAG_CACHE_DIR=str(tmp_path / "cache"))
+    )
     assert quiet.returncode == 0, quiet.stderr
     assert (tmp_path / "cache" / "models").exists(), "the GGUF conversion ran"
     assert "is_gradient_checkpointing" not in quiet.stderr and "GGUF" not in quiet.stderr, quiet.stderr[-2000:]
@@ -63,10 +89,10 @@ def test_library_chatter_only_with_verbose(tmp_path, small_shard_path):
 def _perturbed_checkpoint(root, store_path):
     """A round checkpoint whose adapter and query encoder both change the output (a fresh LoRA's B is 0, which
     would let an export that forgot the adapter pass)."""
-    from fedrag_app.checkpoint import save_checkpoint
-    from fedrag_app.config import AppConfig, GeneratorConfig, RetrieverConfig
-    from fedrag_app.generator import load_generator
-    from fedrag_app.retriever import load_retriever
+    from fedrag_app.config.app_config import AppConfig, GeneratorConfig, RetrieverConfig
+    from fedrag_app.federation.checkpoint import save_checkpoint
+    from fedrag_app.rag.generator import load_generator
+    from fedrag_app.rag.retriever import load_retriever
 
     torch.manual_seed(7)
     gen, retriever = load_generator(GeneratorConfig()), load_retriever(RetrieverConfig())
@@ -82,27 +108,44 @@ def _perturbed_checkpoint(root, store_path):
 
 
 def _plain_answer(model, tok, passages: list[dict]) -> str:
-    from fedrag_app.prompts import build_prompt, format_passage
+    from fedrag_app.rag.prompts import build_prompt, format_passage
 
     prompt = build_prompt(tok, Q, [format_passage(p["title"], p["text"]) for p in passages])
     enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id,
-                             eos_token_id=tok.eos_token_id)
-    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        out = model.generate(
+            **enc,
+            max_new_tokens=32,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id or tok.eos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
 def test_export_round_trips_to_the_same_answer_as_ask_with_the_adapter(tmp_path, small_shard_path):
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fedrag_app.knowledge_store import KnowledgeStore
-    from fedrag_app.model_sources import resolve_generator
+    from fedrag_app.rag.knowledge_store import KnowledgeStore
+    from fedrag_app.rag.model_sources import resolve_generator
 
     ckpt = _perturbed_checkpoint(tmp_path / "fed", small_shard_path)
     runner = CliRunner()
-    asked = runner.invoke(app, ["ask", Q, "--json", "--store", small_shard_path, "--adapter", str(ckpt.adapter_dir),
-                                "--retriever", str(ckpt.retriever_dir)])
+    asked = runner.invoke(
+        app,
+        [
+            "ask",
+            Q,
+            "--json",
+            "--store",
+            small_shard_path,
+            "--adapter",
+            str(ckpt.adapter_dir),
+            "--retriever",
+            str(ckpt.retriever_dir),
+        ],
+    )
     assert asked.exit_code == 0, asked.output
     want = json.loads(asked.stdout)
     out = tmp_path / "export"

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from fedrag_app.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from fedrag_app.errors import CheckpointError
-from fedrag_app.generator import load_lora_state_dict, lora_state_dict
+from fedrag_app.core.errors import CheckpointError
+from fedrag_app.federation.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from fedrag_app.rag.generator import load_lora_state_dict, lora_state_dict
 
 
 def test_save_then_resume_restores_both_models(tmp_path, generator, retriever):
@@ -20,8 +20,8 @@ def test_save_then_resume_restores_both_models(tmp_path, generator, retriever):
         load_lora_state_dict(generator, bumped)
         retriever.load_trainable_state_dict({k: v * 2 for k, v in retr0.items()})
         save_checkpoint(tmp_path, 2, generator, retriever, {"wq-f1": 0.2}, {})
-        (tmp_path / "round-0003.tmp").mkdir()                      # a crash mid-save: ignored
-        (tmp_path / "round-0004").mkdir()                          # no state.json: ignored
+        (tmp_path / "round-0003.tmp").mkdir()  # a crash mid-save: ignored
+        (tmp_path / "round-0004").mkdir()  # no state.json: ignored
         (tmp_path / "round-0004" / "state.json").write_text(json.dumps({"round": 4, "complete": False}))
 
         load_lora_state_dict(generator, lora0)

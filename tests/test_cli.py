@@ -28,15 +28,23 @@ def test_index_then_ask_answers_from_retrieved_passages(tmp_path, data_dir):
 
 
 def test_unknown_key_exits_1_with_one_clear_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fedrag_app.cli", "ask", "x", "--set", "eval.topk=3"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedrag_app.cli", "ask", "x", "--set", "eval.topk=3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert "'eval.topk' is unknown (did you mean 'eval.top-k'?)" in proc.stderr
 
 
 def test_missing_store_exits_1_and_says_how_to_build_it(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fedrag_app.cli", "ask", "x", "--store", str(tmp_path / "none")],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedrag_app.cli", "ask", "x", "--store", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1
     assert "fedrag-app index" in proc.stderr
 
@@ -44,8 +52,12 @@ def test_missing_store_exits_1_and_says_how_to_build_it(tmp_path):
 def test_malformed_corpus_line_exits_1_naming_the_line(tmp_path):
     corpus = tmp_path / "bad.jsonl"
     corpus.write_text(json.dumps({"id": "a", "title": "t", "text": "x"}) + "\n{oops\n")
-    proc = subprocess.run([sys.executable, "-m", "fedrag_app.cli", "index", str(corpus), "--store", str(tmp_path / "s")],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedrag_app.cli", "index", str(corpus), "--store", str(tmp_path / "s")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1
     assert "bad.jsonl:2: malformed JSON" in proc.stderr
     assert not (tmp_path / "s").exists()
@@ -53,13 +65,38 @@ def test_malformed_corpus_line_exits_1_naming_the_line(tmp_path):
 
 def test_train_writes_adapter_retriever_and_metrics(tmp_path, small_shard_path):
     out = tmp_path / "run"
-    result = CliRunner().invoke(app, [
-        "train", "--mode", "ra-dit", "--output", str(out),
-        "--set", f"store.path={small_shard_path}", "--set", "train.num-examples=4", "--set", "train.max-steps=1",
-        "--set", "ralt.batch-size=2", "--set", "lsr.batch-size=2", "--set", "lsr.top-k=2", "--set", "fed.num-server-rounds=1",
-        "--set", "ralt.max-seq-len=192", "--set", "lsr.max-seq-len=192"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--mode",
+            "ra-dit",
+            "--output",
+            str(out),
+            "--set",
+            f"store.path={small_shard_path}",
+            "--set",
+            "train.num-examples=4",
+            "--set",
+            "train.max-steps=1",
+            "--set",
+            "ralt.batch-size=2",
+            "--set",
+            "lsr.batch-size=2",
+            "--set",
+            "lsr.top-k=2",
+            "--set",
+            "fed.num-server-rounds=1",
+            "--set",
+            "ralt.max-seq-len=192",
+            "--set",
+            "lsr.max-seq-len=192",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    assert (out / "adapter" / "adapter_config.json").exists() and (out / "adapter" / "adapter_model.safetensors").exists()
+    assert (out / "adapter" / "adapter_config.json").exists() and (
+        out / "adapter" / "adapter_model.safetensors"
+    ).exists()
     assert (out / "retriever" / "query" / "modules.json").exists()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["ralt-steps"] == 1 and rows[0]["lsr-steps"] == 1
@@ -68,12 +105,36 @@ def test_train_writes_adapter_retriever_and_metrics(tmp_path, small_shard_path):
 
 def test_evaluate_writes_results_json(tmp_path, small_shard_path):
     out = tmp_path / "results.json"
-    result = CliRunner().invoke(app, [
-        "evaluate", "--output", str(out), "--set", f"store.path={small_shard_path}", "--set", "eval.mmlu-limit=2",
-        "--set", "eval.web-questions-limit=2", "--set", "generator.max-new-tokens=6"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--output",
+            str(out),
+            "--set",
+            f"store.path={small_shard_path}",
+            "--set",
+            "eval.mmlu-limit=2",
+            "--set",
+            "eval.web-questions-limit=2",
+            "--set",
+            "generator.max-new-tokens=6",
+        ],
+    )
     assert result.exit_code == 0, result.output
     saved = json.loads(out.read_text())
     assert saved["results"]["mmlu-loglik-n"] == 2 and "retrieval-recall@10" in saved["results"]
-    closed = CliRunner().invoke(app, ["evaluate", "--no-retrieval", "--set", "eval.mmlu-limit=2",
-                                      "--set", "eval.web-questions-limit=2", "--set", "generator.max-new-tokens=6"])
+    closed = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--no-retrieval",
+            "--set",
+            "eval.mmlu-limit=2",
+            "--set",
+            "eval.web-questions-limit=2",
+            "--set",
+            "generator.max-new-tokens=6",
+        ],
+    )
     assert closed.exit_code == 0 and "retrieval-recall" not in closed.output

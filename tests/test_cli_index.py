@@ -9,17 +9,18 @@ import pytest
 from typer.testing import CliRunner
 
 from fedrag_app.cli import app
-from fedrag_app.errors import DataError, StoreError
+from fedrag_app.core.errors import DataError, StoreError
 
 
 @pytest.fixture
 def no_models(monkeypatch):
     """Loading a model is a failure here: these errors must come before the models load (~20 s)."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the input was checked")
 
-    monkeypatch.setattr("fedrag_app.generator.load_generator", refuse)
-    monkeypatch.setattr("fedrag_app.retriever.load_retriever", refuse)
+    monkeypatch.setattr("fedrag_app.rag.generator.load_generator", refuse)
+    monkeypatch.setattr("fedrag_app.rag.retriever.load_retriever", refuse)
 
 
 def test_ask_checks_the_store_before_loading_the_models(tmp_path, no_models):

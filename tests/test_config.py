@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from fedrag_app.config import AppConfig, all_keys, flatten, parse_override
-from fedrag_app.errors import ConfigError
+from fedrag_app.config.app_config import AppConfig, all_keys, flatten, parse_override
+from fedrag_app.core.errors import ConfigError
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
@@ -26,7 +26,9 @@ def test_flat_round_trip_is_identity():
 
 
 def test_unknown_key_is_an_error_with_a_suggestion():
-    with pytest.raises(ConfigError, match=r"'lsr.retriever-temprature' is unknown \(did you mean 'lsr.retriever-temperature'\?\)"):
+    with pytest.raises(
+        ConfigError, match=r"'lsr.retriever-temprature' is unknown \(did you mean 'lsr.retriever-temperature'\?\)"
+    ):
         AppConfig.from_flat({"lsr.retriever-temprature": 0.1})
 
 

@@ -2,8 +2,9 @@
 
 import pytest
 
-from fedrag_app.config import DataConfig
-from fedrag_app.data import (
+from fedrag_app.config.app_config import DataConfig
+from fedrag_app.core.errors import DataError
+from fedrag_app.data.loaders import (
     QAExample,
     iter_passages,
     load_mmlu,
@@ -12,7 +13,6 @@ from fedrag_app.data import (
     load_web_questions,
     write_qa_jsonl,
 )
-from fedrag_app.errors import DataError
 
 
 def test_web_questions_splits_have_their_published_sizes(data_dir):
@@ -28,7 +28,7 @@ def test_the_training_target_is_one_gold_answer_each_in_its_turn(data_dir):
     """The joined list ("Jazmyn Bieber, Jaxon Bieber", FedRAG's target) can never exact-match a gold answer."""
     from dataclasses import replace
 
-    from fedrag_app.metrics import exact_match
+    from fedrag_app.evaluation.metrics import exact_match
 
     bieber = load_web_questions("train", DataConfig(dir=str(data_dir)))[0]
     assert [replace(bieber, turn=t).target for t in range(3)] == ["Jazmyn Bieber", "Jaxon Bieber", "Jazmyn Bieber"]
@@ -98,7 +98,9 @@ def test_missing_file_and_missing_folder_are_named(tmp_path):
 
 def test_mmlu_bad_answer_is_named(tmp_path):
     (tmp_path / "mmlu_global_facts").mkdir()
-    (tmp_path / "mmlu_global_facts" / "test.jsonl").write_text('{"question": "q", "choices": ["1","2","3","4"], "answer": "E"}\n')
+    (tmp_path / "mmlu_global_facts" / "test.jsonl").write_text(
+        '{"question": "q", "choices": ["1","2","3","4"], "answer": "E"}\n'
+    )
     with pytest.raises(DataError, match=r"test\.jsonl:1: field 'answer' must be A-D"):
         load_mmlu(DataConfig(dir=str(tmp_path)))
 

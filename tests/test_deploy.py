@@ -61,8 +61,9 @@ TINY_RUN = {
 
 
 # --- node data: the layout an institution provides (deploy/README.md) ------------------------------------------
-def node_config(node_dir: Path, *, partition_id: int, num_partitions: int, shard: Path | None = None,
-                store_url: str = "") -> dict:
+def node_config(
+    node_dir: Path, *, partition_id: int, num_partitions: int, shard: Path | None = None, store_url: str = ""
+) -> dict:
     """The node.toml keys fedrag_app's ClientApp reads on a real SuperNode (docs/FEDERATION.md)."""
     cfg = {"partition-id": partition_id, "num-partitions": num_partitions, "data-path": str(node_dir / "train.jsonl")}
     if store_url:
@@ -76,9 +77,23 @@ def node_config(node_dir: Path, *, partition_id: int, num_partitions: int, shard
 def template_shard(tmp_path_factory) -> Path:
     """One small shard built with the app's own CLI; each node gets a copy (one process per shard)."""
     shard = tmp_path_factory.mktemp("shard") / "passages"
-    done = subprocess.run([sys.executable, "-m", "fedrag_app.cli", "index", str(DATA_DIR / "wikipedia"),
-                           "--limit", str(SHARD_PASSAGES), "--store", str(shard)],
-                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedrag_app.cli",
+            "index",
+            str(DATA_DIR / "wikipedia"),
+            "--limit",
+            str(SHARD_PASSAGES),
+            "--store",
+            str(shard),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return shard
 
@@ -88,7 +103,7 @@ def make_node_data(work: Path, name: str, index: int, template_shard: Path) -> t
     node_dir = work / "data" / name
     node_dir.mkdir(parents=True)
     lines = (DATA_DIR / "web_questions" / "train.jsonl").read_text().splitlines()
-    (node_dir / "train.jsonl").write_text("\n".join(lines[index * QA_PER_NODE:(index + 1) * QA_PER_NODE]) + "\n")
+    (node_dir / "train.jsonl").write_text("\n".join(lines[index * QA_PER_NODE : (index + 1) * QA_PER_NODE]) + "\n")
     shard = node_dir / "shard"
     shutil.copytree(template_shard, shard)
     return node_dir, shard
@@ -131,7 +146,9 @@ def test_tls_certificate_chains_to_ca_and_names_loopback(tmp_path):
     paths = credentials.make_tls(tmp_path, ["superlink.example.org", "127.0.0.1"])
     ca = x509.load_pem_x509_certificate(paths["ca.crt"].read_bytes())
     server = x509.load_pem_x509_certificate(paths["server.pem"].read_bytes())
-    ca.public_key().verify(server.signature, server.tbs_certificate_bytes, padding.PKCS1v15(), server.signature_hash_algorithm)
+    ca.public_key().verify(
+        server.signature, server.tbs_certificate_bytes, padding.PKCS1v15(), server.signature_hash_algorithm
+    )
     sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "superlink.example.org" in sans.get_values_for_type(x509.DNSName)
     assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
@@ -154,20 +171,34 @@ def test_compose_files_are_rendered_from_the_tested_flags():
     yaml = pytest.importorskip("yaml")
     for name, text in compose_files.rendered().items():
         committed = (DEPLOY / "compose" / name).read_text()
-        assert committed == text, f"deploy/compose/{name} is stale: run python deploy/fedrag_deploy.py compose deploy/compose"
+        assert committed == text, (
+            f"deploy/compose/{name} is stale: run python deploy/fedrag_deploy.py compose deploy/compose"
+        )
     superlink = yaml.safe_load((DEPLOY / "compose" / "superlink.yml").read_text())["services"]["superlink"]
     supernode = yaml.safe_load((DEPLOY / "compose" / "supernode.yml").read_text())["services"]["supernode"]
     assert superlink["command"] == superlink_argv(compose_files.CONTAINER_SUPERLINK)
     assert supernode["command"] == supernode_argv(compose_files.CONTAINER_SUPERNODE)
     assert superlink["ports"] == ["8000:8000"]
     flags = " ".join(superlink["command"] + supernode["command"])
-    for grpc_era in ("--fleet-api-address", "--control-api-address", "--clientappio-api-address", "9091", "9092", "9093"):
+    for grpc_era in (
+        "--fleet-api-address",
+        "--control-api-address",
+        "--clientappio-api-address",
+        "9091",
+        "9092",
+        "9093",
+    ):
         assert grpc_era not in flags
     assert "--insecure" not in flags and "--enable-supernode-auth" in flags
     installed = compose_files.flwr_version()
     assert superlink["build"]["args"]["FLWR_VERSION"] == installed == supernode["build"]["args"]["FLWR_VERSION"]
-    help_text = subprocess.run(["flower-superlink", "--help"], capture_output=True, text=True, timeout=60,
-                               env={"PATH": str(Path(sys.executable).parent)}).stdout
+    help_text = subprocess.run(
+        ["flower-superlink", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": str(Path(sys.executable).parent)},
+    ).stdout
     for flag in (f for f in superlink["command"][1:] if f.startswith("--")):
         assert flag in help_text, f"flower-superlink {installed} has no {flag}"
 
@@ -183,8 +214,16 @@ def happy_federation(tmp_path_factory, template_shard):
         fed.add_node("intruder", node_config(node_dir, partition_id=0, num_partitions=3, shard=shard), register=False)
         out = work / "outputs"
         started = time.monotonic()
-        run_id = fed.launch({**TINY_RUN, "train.mode": "ra-dit", "retriever.train-top-layers": 1, "fed.min-nodes": 3,
-                             "fed.round-timeout-s": 300, "fed.output-dir": str(out)})
+        run_id = fed.launch(
+            {
+                **TINY_RUN,
+                "train.mode": "ra-dit",
+                "retriever.train-top-layers": 1,
+                "fed.min-nodes": 3,
+                "fed.round-timeout-s": 300,
+                "fed.output-dir": str(out),
+            }
+        )
         status = fed.wait_run(run_id, timeout_s=420)
         yield fed, run_id, status, out, time.monotonic() - started
     finally:
@@ -219,7 +258,9 @@ def test_supernode_killed_during_a_round_the_run_goes_on_with_the_others(tmp_pat
         # min-nodes 2: the two survivors are enough to sample round 2. The dead node is noticed by its missed
         # heartbeats (~60 s in flwr 1.42) or by the round timeout, whichever comes first.
         run_id = fed.launch({**TINY_RUN, "fed.min-nodes": 2, "fed.round-timeout-s": 90, "fed.output-dir": str(out)})
-        wait_until(lambda: "Start `flwr-clientapp` process" in fed.log("c"), timeout_s=180, what="node c to start round 1")
+        wait_until(
+            lambda: "Start `flwr-clientapp` process" in fed.log("c"), timeout_s=180, what="node c to start round 1"
+        )
         fed.kill("c")
         status = fed.wait_run(run_id, timeout_s=400)
         run_log = fed.run_log(run_id)
@@ -237,8 +278,13 @@ def test_superlink_killed_mid_run_resume_continues_from_last_checkpoint(tmp_path
     fed = start_federation(tmp_path, template_shard, ["a", "b", "c"])
     try:
         out = tmp_path / "outputs"
-        run = {**TINY_RUN, "fed.num-server-rounds": 2, "fed.min-nodes": 3, "fed.round-timeout-s": 300,
-               "fed.output-dir": str(out)}
+        run = {
+            **TINY_RUN,
+            "fed.num-server-rounds": 2,
+            "fed.min-nodes": 3,
+            "fed.round-timeout-s": 300,
+            "fed.output-dir": str(out),
+        }
         first = fed.launch(run)
         wait_until(lambda: 1 in checkpoint_rounds(out), timeout_s=300, what="the round-1 checkpoint")
         fed.kill("superlink")  # takes its ServerApp subprocess with it
@@ -264,8 +310,9 @@ def test_superlink_killed_mid_run_resume_continues_from_last_checkpoint(tmp_path
 
 @pytest.mark.slow
 def test_misconfigured_nodes_reply_with_clear_errors_and_the_server_carries_on(tmp_path, template_shard):
-    from fedrag_app.knowledge_store import KnowledgeStore
     import numpy as np
+
+    from fedrag_app.rag.knowledge_store import KnowledgeStore
 
     fed = Federation(tmp_path)
     try:
@@ -275,8 +322,9 @@ def test_misconfigured_nodes_reply_with_clear_errors_and_the_server_carries_on(t
         fed.add_node("good", node_config(good_dir, partition_id=0, num_partitions=4, shard=good_shard))
 
         bad_dir, _ = make_node_data(tmp_path, "malformed", 1, template_shard)
-        fed.add_node("malformed", {**node_config(bad_dir, partition_id=1, num_partitions=4, shard=good_shard),
-                                   "data-path": 7})  # an int where a file path belongs
+        fed.add_node(
+            "malformed", {**node_config(bad_dir, partition_id=1, num_partitions=4, shard=good_shard), "data-path": 7}
+        )  # an int where a file path belongs
 
         url_dir, _ = make_node_data(tmp_path, "no-qdrant", 2, template_shard)
         dead_url = f"http://127.0.0.1:{free_port()}"
@@ -291,17 +339,24 @@ def test_misconfigured_nodes_reply_with_clear_errors_and_the_server_carries_on(t
 
         fed.wait_online(["good", "malformed", "no-qdrant", "wrong-dim"])
         out = tmp_path / "outputs"
-        run_id = fed.launch({**TINY_RUN, "fed.num-server-rounds": 1, "fed.min-nodes": 4, "fed.round-timeout-s": 300,
-                             "fed.output-dir": str(out)})
+        run_id = fed.launch(
+            {
+                **TINY_RUN,
+                "fed.num-server-rounds": 1,
+                "fed.min-nodes": 4,
+                "fed.round-timeout-s": 300,
+                "fed.output-dir": str(out),
+            }
+        )
         status = fed.wait_run(run_id, timeout_s=300)
         run_log = fed.run_log(run_id)
         assert status == "finished:completed", run_log[-4000:]
         assert reply_counts(run_log) == [(1, 3)], run_log[-4000:]
         errors = re.findall(r"Received error in reply from node \d+: (.*)", run_log)
         assert len(errors) == 3, run_log[-4000:]
-        assert any("data-path" in e for e in errors), errors          # the malformed key is named
-        assert any(dead_url in e for e in errors), errors             # the unreachable Qdrant URL is named
-        assert any("384" in e and "8" in e for e in errors), errors   # both dimensions of the mismatch
+        assert any("data-path" in e for e in errors), errors  # the malformed key is named
+        assert any(dead_url in e for e in errors), errors  # the unreachable Qdrant URL is named
+        assert any("384" in e and "8" in e for e in errors), errors  # both dimensions of the mismatch
         assert checkpoint_rounds(out)[-1] == 1
     finally:
         fed.close()
@@ -309,14 +364,33 @@ def test_misconfigured_nodes_reply_with_clear_errors_and_the_server_carries_on(t
 
 def test_start_commands_exec_the_same_builders_the_compose_files_use(tmp_path):
     def printed(*args: str) -> list[str]:
-        done = subprocess.run([sys.executable, str(DEPLOY / "fedrag_deploy.py"), *args, "--print"],
-                              capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        done = subprocess.run(
+            [sys.executable, str(DEPLOY / "fedrag_deploy.py"), *args, "--print"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
         assert done.returncode == 0, done.stderr
         return shlex.split(done.stdout)
 
     link = printed("superlink", "--tls-dir", "/c", "--database", "/s/state.db", "--host", "0.0.0.0", "--port", "8000")
     assert link == superlink_argv(SuperLinkSettings(tls_dir="/c", database="/s/state.db", host="0.0.0.0", port=8000))
-    node = printed("supernode", "--superlink", "h:8000", "--ca-cert", "/c/ca.crt", "--private-key", "/k/a",
-                   "--node-config", "/n/node.toml", "--port", "9094")
-    assert node == supernode_argv(SuperNodeSettings(superlink="h:8000", ca_cert="/c/ca.crt", private_key="/k/a",
-                                                    node_config_file="/n/node.toml", port=9094))
+    node = printed(
+        "supernode",
+        "--superlink",
+        "h:8000",
+        "--ca-cert",
+        "/c/ca.crt",
+        "--private-key",
+        "/k/a",
+        "--node-config",
+        "/n/node.toml",
+        "--port",
+        "9094",
+    )
+    assert node == supernode_argv(
+        SuperNodeSettings(
+            superlink="h:8000", ca_cert="/c/ca.crt", private_key="/k/a", node_config_file="/n/node.toml", port=9094
+        )
+    )

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from fedrag_app.embedding_cache import EmbeddingCache, encoder_fingerprint
-from fedrag_app.errors import StoreError
-from fedrag_app.ingest import build_shard
-from fedrag_app.knowledge_store import KnowledgeStore
-from fedrag_app.prompts import format_passage
+from fedrag_app.core.errors import StoreError
+from fedrag_app.rag.embedding_cache import EmbeddingCache, encoder_fingerprint
+from fedrag_app.rag.ingest import build_shard
+from fedrag_app.rag.knowledge_store import KnowledgeStore
+from fedrag_app.rag.prompts import format_passage
 
 
 class CountingEncoder:
@@ -42,7 +42,9 @@ def corpus(tmp_path, data_dir, monkeypatch):
     return path
 
 
-def test_cached_vectors_equal_direct_encoding_and_only_missing_passages_are_encoded(corpus, tmp_path, retriever, small_passages):
+def test_cached_vectors_equal_direct_encoding_and_only_missing_passages_are_encoded(
+    corpus, tmp_path, retriever, small_passages
+):
     counting = CountingEncoder(retriever)
     cache = EmbeddingCache.open(corpus, counting)
     assert cache.folder.parent == tmp_path / "cache" / "embeddings"
@@ -86,7 +88,7 @@ def test_the_key_follows_the_corpus_bytes_and_the_encoder_weights(corpus, retrie
 
 
 def test_a_passage_that_is_not_the_corpus_one_is_refused(corpus, retriever, small_passages):
-    from fedrag_app.data import Passage
+    from fedrag_app.data.loaders import Passage
 
     cache = EmbeddingCache.open(corpus, retriever)
     cache.fill(small_passages[:2])
@@ -98,10 +100,14 @@ def test_a_passage_that_is_not_the_corpus_one_is_refused(corpus, retriever, smal
 def test_a_shard_built_from_cached_vectors_calls_no_encoder(corpus, tmp_path, retriever, small_passages):
     passages = small_passages[:50]
     first = CountingEncoder(retriever)
-    stats = build_shard(passages, first, path=str(tmp_path / "a"), progress=False, cache=EmbeddingCache.open(corpus, first))
+    stats = build_shard(
+        passages, first, path=str(tmp_path / "a"), progress=False, cache=EmbeddingCache.open(corpus, first)
+    )
     assert first.texts == 50 and stats.encoded == 50
     second = CountingEncoder(retriever)
-    stats = build_shard(passages, second, path=str(tmp_path / "b"), progress=False, cache=EmbeddingCache.open(corpus, second))
+    stats = build_shard(
+        passages, second, path=str(tmp_path / "b"), progress=False, cache=EmbeddingCache.open(corpus, second)
+    )
     assert second.calls == 0 and stats.encoded == 0
     query = retriever.encode_queries(["anarchism political philosophy"]).numpy()[0]
     with KnowledgeStore.open(path=tmp_path / "a") as a, KnowledgeStore.open(path=tmp_path / "b") as b:
@@ -112,10 +118,11 @@ def test_a_shard_built_from_cached_vectors_calls_no_encoder(corpus, tmp_path, re
     np.testing.assert_allclose(np.stack([h.vector for h in hits_b]), direct, atol=1e-5)
 
 
-def test_the_default_store_is_built_on_demand_from_the_cache_and_a_configured_one_is_not(corpus, tmp_path, retriever,
-                                                                                           small_passages):
-    from fedrag_app.config import AppConfig
-    from fedrag_app.rag import open_store
+def test_the_default_store_is_built_on_demand_from_the_cache_and_a_configured_one_is_not(
+    corpus, tmp_path, retriever, small_passages
+):
+    from fedrag_app.config.app_config import AppConfig
+    from fedrag_app.rag.pipeline import open_store
 
     counting = CountingEncoder(retriever)
     EmbeddingCache.open(corpus, counting).fill(small_passages[:30])  # e.g. by `fedrag-app partition`

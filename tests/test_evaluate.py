@@ -5,13 +5,19 @@ import dataclasses
 import pytest
 import torch
 
-from fedrag_app.config import AppConfig, DataConfig
-from fedrag_app.data import QAExample, load_mmlu
-from fedrag_app.generator import generate, generate_scored
-from fedrag_app.metrics import parse_choice_letter
-from fedrag_app.evaluate import evaluate_mmlu, evaluate_retrieval, letter_token_ids, mmlu_letter_logprobs, run_evaluation
-from fedrag_app.knowledge_store import Hit, KnowledgeStore
-from fedrag_app.prompts import CHOICE_LETTERS, build_mmlu_prompt
+from fedrag_app.config.app_config import AppConfig, DataConfig
+from fedrag_app.data.loaders import QAExample, load_mmlu
+from fedrag_app.evaluation.evaluate import (
+    evaluate_mmlu,
+    evaluate_retrieval,
+    letter_token_ids,
+    mmlu_letter_logprobs,
+    run_evaluation,
+)
+from fedrag_app.evaluation.metrics import parse_choice_letter
+from fedrag_app.rag.generator import generate, generate_scored
+from fedrag_app.rag.knowledge_store import Hit, KnowledgeStore
+from fedrag_app.rag.prompts import CHOICE_LETTERS, build_mmlu_prompt
 
 
 @pytest.fixture(scope="module")
@@ -88,18 +94,35 @@ def test_one_generation_pass_gives_the_letter_scores_of_a_forward(generator, que
 
 def test_retrieval_metrics_on_hand_made_hits():
     examples = [QAExample("1", "q", ("Paris",), ""), QAExample("2", "q", ("Rome",), "")]
-    hits = [[Hit("a", 0.9, "Lyon", "a city"), Hit("b", 0.8, "France", "Paris is the capital")], [Hit("c", 0.9, "X", "none")]]
+    hits = [
+        [Hit("a", 0.9, "Lyon", "a city"), Hit("b", 0.8, "France", "Paris is the capital")],
+        [Hit("c", 0.9, "X", "none")],
+    ]
     result = evaluate_retrieval(hits, examples, k=2)
     assert result["retrieval-recall@2"] == 0.5 and result["retrieval-mrr@2"] == 0.25
 
 
 def test_run_evaluation_with_and_without_retrieval(generator, retriever, small_shard_path, data_dir):
-    cfg = AppConfig.from_flat({"data.dir": str(data_dir), "eval.mmlu-limit": 3, "eval.web-questions-limit": 3,
-                               "eval.recall-k": 5, "generator.max-new-tokens": 8})
+    cfg = AppConfig.from_flat(
+        {
+            "data.dir": str(data_dir),
+            "eval.mmlu-limit": 3,
+            "eval.web-questions-limit": 3,
+            "eval.recall-k": 5,
+            "generator.max-new-tokens": 8,
+        }
+    )
     with KnowledgeStore.open(path=small_shard_path) as store:
         rag = run_evaluation(cfg, generator, retriever, store)
     closed = run_evaluation(cfg, generator)
-    for key in ("mmlu-loglik-accuracy", "mmlu-generate-accuracy", "wq-em", "wq-f1", "retrieval-recall@5", "retrieval-mrr@5"):
+    for key in (
+        "mmlu-loglik-accuracy",
+        "mmlu-generate-accuracy",
+        "wq-em",
+        "wq-f1",
+        "retrieval-recall@5",
+        "retrieval-mrr@5",
+    ):
         assert 0.0 <= rag[key] <= 1.0, key
     assert rag["eval-retrieval"] == 1.0 and closed["eval-retrieval"] == 0.0
     assert "retrieval-recall@5" not in closed

@@ -24,7 +24,7 @@ spec.loader.exec_module(run_table)
 
 
 def test_every_shipped_table_loads_and_names_valid_run_config_keys():
-    from fedrag_app.config import AppConfig
+    from fedrag_app.config.app_config import AppConfig
 
     tables = sorted((REPO / "experiments" / "tables").glob("*.toml"))
     assert tables
@@ -32,8 +32,14 @@ def test_every_shipped_table_loads_and_names_valid_run_config_keys():
         table = run_table.load_table(path)
         for column in table["columns"]:
             for row in table["rows"]:
-                AppConfig.from_flat({**table.get("run", {}), **column.get("run", {}), **row.get("run", {}),
-                                     **column.get("partition", {})})
+                AppConfig.from_flat(
+                    {
+                        **table.get("run", {}),
+                        **column.get("run", {}),
+                        **row.get("run", {}),
+                        **column.get("partition", {}),
+                    }
+                )
 
 
 def test_a_table_without_rows_is_refused_by_name(tmp_path):
@@ -44,8 +50,12 @@ def test_a_table_without_rows_is_refused_by_name(tmp_path):
 
 
 def test_summary_is_mean_and_sample_std_over_finished_seeds():
-    table = {"name": "t", "metrics": ["f1", "eps"], "columns": [{"name": "c"}],
-             "rows": [{"name": "a"}, {"name": "b"}, {"name": "never ran"}]}
+    table = {
+        "name": "t",
+        "metrics": ["f1", "eps"],
+        "columns": [{"name": "c"}],
+        "rows": [{"name": "a"}, {"name": "b"}, {"name": "never ran"}],
+    }
     results = [{"row": "a", "column": "c", "metrics": {"f1": x, "eps": 8.0}} for x in (0.1, 0.2, 0.3)]
     results.append({"row": "b", "column": "c", "metrics": {"f1": 0.5}})
     text = run_table.summarise(table, results)
@@ -82,11 +92,25 @@ def test_sigterm_stops_the_table_and_every_process_it_started(tmp_path, data_dir
     """`kill` on the runner mid-cell must not orphan the local SuperLink, flwr-simulation or its Ray workers (they
     would keep the cores busy and race the next run), and must leave no result for the cell it cut short."""
     (tmp_path / "t.toml").write_text(TINY_TABLE)
-    env = dict(os.environ, FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
-               FLWR_LOCAL_CONTROL_API_PORT=str(free_port()), FLWR_TELEMETRY_ENABLED="0")
-    runner = subprocess.Popen([sys.executable, str(REPO / "experiments" / "run_table.py"), str(tmp_path / "t.toml"),
-                               "--results-dir", str(tmp_path / "results")],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = dict(
+        os.environ,
+        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
+        FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
+        FLWR_TELEMETRY_ENABLED="0",
+    )
+    runner = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "experiments" / "run_table.py"),
+            str(tmp_path / "t.toml"),
+            "--results-dir",
+            str(tmp_path / "results"),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     root = tmp_path / "results" / "interrupted"
     flwr_home = str(root / "flwr_home")
 
@@ -116,10 +140,13 @@ def test_keep_adapter_copies_the_last_rounds_adapter_of_a_ralt_cell_only(tmp_pat
         (tmp_path / "cell" / f"round-{n:04d}" / "adapter").mkdir(parents=True)
         (tmp_path / "cell" / f"round-{n:04d}" / "adapter" / "adapter_model.safetensors").write_text(f"round {n}")
         (tmp_path / "cell" / f"round-{n:04d}" / "state.json").write_text(
-            _json.dumps({"round": n, "config": {"train.mode": mode}}))
+            _json.dumps({"round": n, "config": {"train.mode": mode}})
+        )
     kept = run_table.keep_adapter(tmp_path / "cell", tmp_path / "adapters" / "col" / "ralt" / "seed-1")
     assert (kept / "adapter_model.safetensors").read_text() == "round 2"
     assert _json.loads((kept / "round.json").read_text())["round"] == 2
     (tmp_path / "lsr" / "round-0001" / "adapter").mkdir(parents=True)
-    (tmp_path / "lsr" / "round-0001" / "state.json").write_text(_json.dumps({"round": 1, "config": {"train.mode": "lsr"}}))
+    (tmp_path / "lsr" / "round-0001" / "state.json").write_text(
+        _json.dumps({"round": 1, "config": {"train.mode": "lsr"}})
+    )
     assert run_table.keep_adapter(tmp_path / "lsr", tmp_path / "adapters" / "lsr") is None

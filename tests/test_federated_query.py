@@ -5,14 +5,22 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Error, Message, Metadata, RecordDict
 
-from fedrag_app.config import AppConfig
-from fedrag_app.errors import ConfigError
-from fedrag_app.federated_query import (REFUSAL, NodeHit, merge, merge_by_score, merge_rrf, opted_in, pack_hits,
-                                        read_reply, unpack_hits)
+from fedrag_app.config.app_config import AppConfig
+from fedrag_app.core.errors import ConfigError
+from fedrag_app.federation.query import (
+    REFUSAL,
+    NodeHit,
+    merge,
+    merge_by_score,
+    merge_rrf,
+    opted_in,
+    pack_hits,
+    read_reply,
+    unpack_hits,
+)
 
 
 def hits(node: int, *passages: tuple[str, float]) -> list[NodeHit]:
@@ -51,8 +59,12 @@ def test_a_node_reply_round_trips_and_bad_replies_are_refused_by_name():
         unpack_hits(docs, 3, top_k=2, node=5)  # 3 passages for one question, but 2 were asked
     with pytest.raises(ValueError, match="counts"):
         unpack_hits(docs, 2, top_k=3, node=5)  # answers for 3 questions, 2 were asked
-    for key, value, named in [("texts", ["x", "y"], "texts"), ("scores", [0.1] * 4 + [float("nan")], "finite"),
-                              ("titles", [1, 2, 3, 4, 5], "strings"), ("texts", ["x" * 20_001] * 5, "longer")]:
+    for key, value, named in [
+        ("texts", ["x", "y"], "texts"),
+        ("scores", [0.1] * 4 + [float("nan")], "finite"),
+        ("titles", [1, 2, 3, 4, 5], "strings"),
+        ("texts", ["x" * 20_001] * 5, "longer"),
+    ]:
         with pytest.raises(ValueError, match=named):
             unpack_hits({**docs, key: value}, 3, top_k=3, node=5)
     with pytest.raises(ValueError, match="lacks"):
@@ -69,30 +81,52 @@ def test_only_a_simulated_node_can_be_opted_in_by_the_run_config():
     assert not opted_in({**sim, "federated-retrieval": False}, False, 1, frozenset({1}))
 
 
-@pytest.mark.parametrize("key, value, named", [("query.opted-in-partitions", "0;1", "opted-in-partitions"),
-                                               ("query.top-k-per-node", 101, "at most 100"),
-                                               ("query.merge", "borda", "query.merge"), ("fed.task", "ask", "fed.task")])
+@pytest.mark.parametrize(
+    "key, value, named",
+    [
+        ("query.opted-in-partitions", "0;1", "opted-in-partitions"),
+        ("query.top-k-per-node", 101, "at most 100"),
+        ("query.merge", "borda", "query.merge"),
+        ("fed.task", "ask", "fed.task"),
+    ],
+)
 def test_query_keys_are_checked(key, value, named):
     with pytest.raises(ConfigError, match=named):
         AppConfig.from_flat({key: value})
 
 
 def _reply(content: RecordDict | Error, src: int = 9) -> Message:
-    md = Metadata(run_id=1, message_id="r", src_node_id=src, dst_node_id=0, reply_to_message_id="m", group_id="q0",
-                  created_at=time.time(), ttl=60, message_type="query.retrieve")
+    md = Metadata(
+        run_id=1,
+        message_id="r",
+        src_node_id=src,
+        dst_node_id=0,
+        reply_to_message_id="m",
+        group_id="q0",
+        created_at=time.time(),
+        ttl=60,
+        message_type="query.retrieve",
+    )
     return Message(error=content, metadata=md) if isinstance(content, Error) else Message(content=content, metadata=md)
 
 
 def test_the_server_reader_counts_refusals_errors_and_bad_replies():
-    from fedrag_app.records import metric_record
+    from fedrag_app.flower.records import metric_record
 
-    good = RecordDict({"docs": ConfigRecord(pack_hits([A])), "metrics": metric_record({"node-seconds": 0.5, "partition-id": 2})})
+    good = RecordDict(
+        {"docs": ConfigRecord(pack_hits([A])), "metrics": metric_record({"node-seconds": 0.5, "partition-id": 2})}
+    )
     kind, lists, seconds, problem = read_reply(_reply(good), 1, 3)
     assert (kind, seconds, problem) == ("ok", 0.5, None) and [h.partition for h in lists[0]] == [2, 2, 2]
     assert read_reply(_reply(Error(2, f"<class 'ConfigError'>:<'{REFUSAL}: ...'>")), 1, 3)[0] == "refused"
     assert read_reply(_reply(Error(2, "shard locked")), 1, 3)[0] == "error"
-    extra = RecordDict({"docs": ConfigRecord(pack_hits([A])), "metrics": metric_record({"node-seconds": 0.5}),
-                        "more": ConfigRecord({"x": 1})})
+    extra = RecordDict(
+        {
+            "docs": ConfigRecord(pack_hits([A])),
+            "metrics": metric_record({"node-seconds": 0.5}),
+            "more": ConfigRecord({"x": 1}),
+        }
+    )
     kind, lists, _, problem = read_reply(_reply(extra), 1, 3)
     assert kind == "invalid" and lists == [[]] and "more" in problem
     assert read_reply(_reply(good), 1, 2)[0] == "invalid", "more passages than asked"
@@ -101,17 +135,41 @@ def test_the_server_reader_counts_refusals_errors_and_bad_replies():
 def test_a_node_answers_a_batch_with_the_servers_vectors(small_shard_path, retriever, tmp_path):
     """The ClientApp handler on a batched message carrying query vectors; its reply passes the server's reader and
     holds what a direct search of the shard gives."""
-    from fedrag_app import client_app
-    from fedrag_app.knowledge_store import KnowledgeStore
+    from fedrag_app.flower import client_app
+    from fedrag_app.rag.knowledge_store import KnowledgeStore
 
     questions = ["who founded the red cross", "what is the capital of france", "when did world war 2 end"]
     vectors = retriever.encode_queries(questions).cpu().numpy()
-    node = {"partition-id": 0, "num-partitions": 1, "data-path": str(tmp_path / "t.jsonl"),
-            "store-path": small_shard_path, "federated-retrieval": True}
-    content = RecordDict({"query": ConfigRecord({"questions": questions, "vectors": vectors.ravel().tolist(),
-                                                 "top-k": 3, "embedding-model": retriever.name})})
-    md = Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=7, reply_to_message_id="", group_id="q0",
-                  created_at=time.time(), ttl=60, message_type="query.retrieve")
+    node = {
+        "partition-id": 0,
+        "num-partitions": 1,
+        "data-path": str(tmp_path / "t.jsonl"),
+        "store-path": small_shard_path,
+        "federated-retrieval": True,
+    }
+    content = RecordDict(
+        {
+            "query": ConfigRecord(
+                {
+                    "questions": questions,
+                    "vectors": vectors.ravel().tolist(),
+                    "top-k": 3,
+                    "embedding-model": retriever.name,
+                }
+            )
+        }
+    )
+    md = Metadata(
+        run_id=1,
+        message_id="m",
+        src_node_id=0,
+        dst_node_id=7,
+        reply_to_message_id="",
+        group_id="q0",
+        created_at=time.time(),
+        ttl=60,
+        message_type="query.retrieve",
+    )
     ctx = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={})
     out = client_app.retrieve_passages(Message(content=content, metadata=md), ctx)
     kind, lists, seconds, problem = read_reply(_reply(out.content), 3, 3)
@@ -120,21 +178,62 @@ def test_a_node_answers_a_batch_with_the_servers_vectors(small_shard_path, retri
         direct = store.search_batch(vectors, 3)
     assert [[h.id for h in q] for q in lists] == [[h.id for h in q] for q in direct]
     assert not out.content.array_records, "only passages leave the node"
-    wrong = RecordDict({"query": ConfigRecord({"questions": questions, "vectors": vectors.ravel().tolist()[:-1],
-                                               "top-k": 3, "embedding-model": retriever.name})})
+    wrong = RecordDict(
+        {
+            "query": ConfigRecord(
+                {
+                    "questions": questions,
+                    "vectors": vectors.ravel().tolist()[:-1],
+                    "top-k": 3,
+                    "embedding-model": retriever.name,
+                }
+            )
+        }
+    )
     with pytest.raises(ConfigError, match="do not split"):
         client_app.retrieve_passages(Message(content=wrong, metadata=md), ctx)
-    other = RecordDict({"query": ConfigRecord({"questions": questions, "vectors": vectors.ravel().tolist(),
-                                               "top-k": 3, "embedding-model": "another-encoder"})})
+    other = RecordDict(
+        {
+            "query": ConfigRecord(
+                {
+                    "questions": questions,
+                    "vectors": vectors.ravel().tolist(),
+                    "top-k": 3,
+                    "embedding-model": "another-encoder",
+                }
+            )
+        }
+    )
     with pytest.raises(Exception, match="another-encoder"):
         client_app.retrieve_passages(Message(content=other, metadata=md), ctx)
-    trained = RecordDict({"query": ConfigRecord({"questions": questions, "vectors": vectors.ravel().tolist(), "top-k": 3,
-                                                 "embedding-model": retriever.name, "context-fingerprint": "0" * 16})})
+    trained = RecordDict(
+        {
+            "query": ConfigRecord(
+                {
+                    "questions": questions,
+                    "vectors": vectors.ravel().tolist(),
+                    "top-k": 3,
+                    "embedding-model": retriever.name,
+                    "context-fingerprint": "0" * 16,
+                }
+            )
+        }
+    )
     with pytest.raises(Exception, match="0000000000000000"):  # vectors meant for another context encoder's shard
         client_app.retrieve_passages(Message(content=trained, metadata=md), ctx)
-    fine = RecordDict({"query": ConfigRecord({"questions": questions, "vectors": vectors.ravel().tolist(), "top-k": 3,
-                                              "embedding-model": retriever.name,
-                                              "context-fingerprint": retriever.context_fingerprint()})})
+    fine = RecordDict(
+        {
+            "query": ConfigRecord(
+                {
+                    "questions": questions,
+                    "vectors": vectors.ravel().tolist(),
+                    "top-k": 3,
+                    "embedding-model": retriever.name,
+                    "context-fingerprint": retriever.context_fingerprint(),
+                }
+            )
+        }
+    )
     assert client_app.retrieve_passages(Message(content=fine, metadata=md), ctx).content["docs"]["ids"]
 
 
@@ -143,16 +242,25 @@ def test_ask_federation_run_config_carries_any_question_and_the_answer_is_read_f
     to the same keys, whatever quotes or backslashes the question holds."""
     from flwr.common.config import parse_config_args
 
-    from fedrag_app.federated_ask import answers_from_log, query_run_config
+    from fedrag_app.federation.ask import answers_from_log, query_run_config
 
     question = """who's "the" \\ best? ünïcode\tand a tab"""
     path = tmp_path / "run.toml"
-    path.write_text(query_run_config(question, {"partition.dir": "/p", "query.rrf-k": 10, "fed.resume": False,
-                                                "dp.delta": 1e-5}))
+    path.write_text(
+        query_run_config(question, {"partition.dir": "/p", "query.rrf-k": 10, "fed.resume": False, "dp.delta": 1e-5})
+    )
     flat = parse_config_args([str(path)])
-    assert flat == {"partition.dir": "/p", "query.rrf-k": 10, "fed.resume": False, "dp.delta": 1e-5,
-                    "fed.task": "query", "query.question": question}
+    assert flat == {
+        "partition.dir": "/p",
+        "query.rrf-k": 10,
+        "fed.resume": False,
+        "dp.delta": 1e-5,
+        "fed.task": "query",
+        "query.question": question,
+    }
     AppConfig.from_flat(flat)
-    log = ('INFO :      fedrag-answer {"question": "q", "answer": "Paris", "passages": []}\n'
-           'INFO :      other line {"x": 1}\nINFO :      fedrag-query-metrics {"replies-ok": 2}\n')
+    log = (
+        'INFO :      fedrag-answer {"question": "q", "answer": "Paris", "passages": []}\n'
+        'INFO :      other line {"x": 1}\nINFO :      fedrag-query-metrics {"replies-ok": 2}\n'
+    )
     assert answers_from_log(log) == ([{"question": "q", "answer": "Paris", "passages": []}], {"replies-ok": 2})

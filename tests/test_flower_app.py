@@ -15,28 +15,57 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message, Metadata, RecordDict
 
-from fedrag_app import client_app
-from fedrag_app.config import AppConfig
-from fedrag_app.data import load_web_questions, write_qa_jsonl
-from fedrag_app.errors import WeightsError
-from fedrag_app.generator import lora_state_dict
-from fedrag_app.records import metric_record, numpy_to_record, pack_weights, record_to_numpy, unpack_weights
-from fedrag_app.server_app import build_strategy, evaluation_due
+from fedrag_app.config.app_config import AppConfig
+from fedrag_app.core.errors import WeightsError
+from fedrag_app.data.loaders import load_web_questions, write_qa_jsonl
+from fedrag_app.flower import client_app
+from fedrag_app.flower.records import metric_record, numpy_to_record, pack_weights, record_to_numpy, unpack_weights
+from fedrag_app.flower.server_app import build_strategy, evaluation_due
+from fedrag_app.rag.generator import lora_state_dict
 
-TINY = {"runtime.num-threads": 0, "train.mode": "ra-dit", "train.max-steps": 1, "train.num-examples": 4,
-        "ralt.batch-size": 2, "ralt.top-k": 1, "ralt.max-seq-len": 128, "lsr.batch-size": 2, "lsr.top-k": 2,
-        "lsr.max-seq-len": 128, "eval.top-k": 1, "eval.recall-k": 5}
+TINY = {
+    "runtime.num-threads": 0,
+    "train.mode": "ra-dit",
+    "train.max-steps": 1,
+    "train.num-examples": 4,
+    "ralt.batch-size": 2,
+    "ralt.top-k": 1,
+    "ralt.max-seq-len": 128,
+    "lsr.batch-size": 2,
+    "lsr.top-k": 2,
+    "lsr.max-seq-len": 128,
+    "eval.top-k": 1,
+    "eval.recall-k": 5,
+}
 
 
 def message(content: RecordDict, message_type: str, *, src: int = 0, dst: int = 7) -> Message:
-    md = Metadata(run_id=1, message_id=f"m{src}", src_node_id=src, dst_node_id=dst, reply_to_message_id="",
-                  group_id="1", created_at=time.time(), ttl=3600, message_type=message_type)
+    md = Metadata(
+        run_id=1,
+        message_id=f"m{src}",
+        src_node_id=src,
+        dst_node_id=dst,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=3600,
+        message_type=message_type,
+    )
     return Message(content=content, metadata=md)
 
 
 def reply(content: RecordDict | Error, src: int) -> Message:
-    md = Metadata(run_id=1, message_id=f"r{src}", src_node_id=src, dst_node_id=0, reply_to_message_id="m0",
-                  group_id="1", created_at=time.time(), ttl=3600, message_type="train")
+    md = Metadata(
+        run_id=1,
+        message_id=f"r{src}",
+        src_node_id=src,
+        dst_node_id=0,
+        reply_to_message_id="m0",
+        group_id="1",
+        created_at=time.time(),
+        ttl=3600,
+        message_type="train",
+    )
     if isinstance(content, Error):
         return Message(error=content, metadata=md)
     return Message(content=content, metadata=md)
@@ -58,15 +87,21 @@ def test_pack_unpack_round_trip_is_exact_and_wire_dtype_applies_to_the_retriever
     assert half["retriever.query.w"].dtype == np.float16 and half["lora.a.lora_A.weight"].dtype == np.float32
 
 
-@pytest.mark.parametrize("spoil, named", [
-    (lambda s: s.update({"retriever.query.w": np.full(4, np.nan, np.float32)}), "NaN"),
-    (lambda s: s.update({"retriever.query.w": np.zeros(5, np.float32)}), "shape"),
-    (lambda s: s.pop("lora.a.lora_B.weight"), "missing"),
-])
+@pytest.mark.parametrize(
+    "spoil, named",
+    [
+        (lambda s: s.update({"retriever.query.w": np.full(4, np.nan, np.float32)}), "NaN"),
+        (lambda s: s.update({"retriever.query.w": np.zeros(5, np.float32)}), "shape"),
+        (lambda s: s.pop("lora.a.lora_B.weight"), "missing"),
+    ],
+)
 def test_unpack_refuses_weights_that_do_not_fit_and_names_them(spoil, named):
-    from fedrag_app.records import numpy_to_record
+    from fedrag_app.flower.records import numpy_to_record
 
-    lora, retr = {"a.lora_A.weight": torch.zeros(2, 3), "a.lora_B.weight": torch.zeros(3, 2)}, {"query.w": torch.zeros(4)}
+    lora, retr = (
+        {"a.lora_A.weight": torch.zeros(2, 3), "a.lora_B.weight": torch.zeros(3, 2)},
+        {"query.w": torch.zeros(4)},
+    )
     state = record_to_numpy(pack_weights(lora, retr))
     spoil(state)
     with pytest.raises(WeightsError, match=named):
@@ -82,8 +117,12 @@ def test_a_small_retriever_update_survives_fp16_on_the_wire_and_the_server_rebui
     update = (1e-5 * rng.standard_normal(50_000)).astype(np.float32)
     run = {"retriever.wire-dtype": "float16", "train.mode": "lsr"}
     sent = {"retriever.w": weights}
-    trained = RecordDict({"arrays": numpy_to_record({"retriever.w": weights + update}),
-                          "metrics": metric_record({"num-examples": 4, "bytes-sent": 200_000})})
+    trained = RecordDict(
+        {
+            "arrays": numpy_to_record({"retriever.w": weights + update}),
+            "metrics": metric_record({"num-examples": 4, "bytes-sent": 200_000}),
+        }
+    )
     msg = message(RecordDict({"arrays": numpy_to_record(sent), "config": ConfigRecord({"server-round": 1})}), "train")
     fp32_bytes = trained["arrays"].count_bytes()
     out = client_app.wire_mod(msg, context({}, run), lambda m, c: Message(trained, reply_to=m))
@@ -105,9 +144,11 @@ def test_metric_record_refuses_text():
 
 # --- the server's FedAvg ---------------------------------------------------------------------------------------
 def _update(value: float, n: int, *, shape=(2, 2)) -> RecordDict:
-    from fedrag_app.records import numpy_to_record
+    from fedrag_app.flower.records import numpy_to_record
 
-    arrays = numpy_to_record({"lora.w": np.full(shape, value, np.float32), "retriever.v": np.full(3, -value, np.float32)})
+    arrays = numpy_to_record(
+        {"lora.w": np.full(shape, value, np.float32), "retriever.v": np.full(3, -value, np.float32)}
+    )
     return RecordDict({"arrays": arrays, "metrics": metric_record({"num-examples": n, "loss": value})})
 
 
@@ -119,10 +160,13 @@ def checked(reference: dict, run: dict | None = None, a_fingerprint: float | Non
 def test_checked_fedavg_weights_by_examples_and_drops_bad_updates(caplog):
     reference = {"lora.w": np.zeros((2, 2), np.float32), "retriever.v": np.zeros(3, np.float32)}
     strategy = checked(reference)
-    replies = [reply(_update(1.0, 1), 1), reply(_update(4.0, 3), 2),
-               reply(_update(float("nan"), 100), 3),             # NaN: dropped, not averaged
-               reply(_update(9.0, 100, shape=(3, 2)), 4),        # wrong shape: dropped
-               reply(Error(code=0, reason="node crashed"), 5)]   # an error reply
+    replies = [
+        reply(_update(1.0, 1), 1),
+        reply(_update(4.0, 3), 2),
+        reply(_update(float("nan"), 100), 3),  # NaN: dropped, not averaged
+        reply(_update(9.0, 100, shape=(3, 2)), 4),  # wrong shape: dropped
+        reply(Error(code=0, reason="node crashed"), 5),
+    ]  # an error reply
     with caplog.at_level(logging.INFO):
         arrays, metrics = strategy.aggregate_train(1, replies)
     state = record_to_numpy(arrays)
@@ -148,8 +192,13 @@ def node(tmp_path_factory, small_shard_path, data_dir):
     questions = load_web_questions("train", AppConfig().data)
     write_qa_jsonl(folder / "train.jsonl", questions[:6])
     write_qa_jsonl(folder / "heldout.jsonl", questions[6:8])
-    yield {"partition-id": 0, "num-partitions": 1, "data-path": str(folder / "train.jsonl"),
-           "heldout-path": str(folder / "heldout.jsonl"), "store-path": small_shard_path}
+    yield {
+        "partition-id": 0,
+        "num-partitions": 1,
+        "data-path": str(folder / "train.jsonl"),
+        "heldout-path": str(folder / "heldout.jsonl"),
+        "store-path": small_shard_path,
+    }
     client_app._MODELS.clear()
 
 
@@ -168,7 +217,9 @@ def test_train_reply_is_one_array_record_and_scalar_metrics_with_changed_weights
     got, before = record_to_numpy(out.content["arrays"]), record_to_numpy(sent)
     assert sorted(got) == sorted(before)
     assert any(not np.array_equal(got[k], before[k]) for k in got if k.startswith("lora.")), "RALT moved no LoRA weight"
-    assert any(not np.array_equal(got[k], before[k]) for k in got if k.startswith("retriever.")), "LSR moved no retriever weight"
+    assert any(not np.array_equal(got[k], before[k]) for k in got if k.startswith("retriever.")), (
+        "LSR moved no retriever weight"
+    )
     metrics = out.content["metrics"]
     assert metrics["num-examples"] == 4 and metrics["ralt-steps"] == 1 and metrics["lsr-steps"] == 1
     assert all(isinstance(v, (int, float)) for v in metrics.values())
@@ -188,8 +239,9 @@ def test_retrieval_query_is_refused_unless_the_node_opts_in(node):
     content = RecordDict({"query": ConfigRecord({"question": "who founded the red cross", "top-k": 2})})
     with pytest.raises(Exception, match="federated-retrieval"):
         client_app.retrieve_passages(message(content, "query.retrieve"), context(node, TINY))
-    out = client_app.retrieve_passages(message(content, "query.retrieve"),
-                                       context({**node, "federated-retrieval": True}, TINY))
+    out = client_app.retrieve_passages(
+        message(content, "query.retrieve"), context({**node, "federated-retrieval": True}, TINY)
+    )
     docs = out.content["docs"]
     assert len(docs["ids"]) == len(docs["texts"]) == 2 and all(isinstance(t, str) and t for t in docs["texts"])
 
@@ -197,8 +249,8 @@ def test_retrieval_query_is_refused_unless_the_node_opts_in(node):
 def test_a_federated_run_refuses_to_train_the_context_encoder_by_name():
     """Only centralized training re-indexes after LSR trains the context encoder: nodes' shards and the server's store
     would keep the old encoder's vectors, so the ServerApp and the ClientApp both refuse the option."""
-    from fedrag_app import server_app
-    from fedrag_app.errors import ConfigError
+    from fedrag_app.core.errors import ConfigError
+    from fedrag_app.flower import server_app
 
     run = {**TINY, "retriever.train-context-encoder": True}
     content = RecordDict({"arrays": numpy_to_record({}), "config": ConfigRecord({"server-round": 1})})
@@ -208,12 +260,20 @@ def test_a_federated_run_refuses_to_train_the_context_encoder_by_name():
         server_app.main(object(), context({}, run))
 
 
-@pytest.mark.parametrize("bad, named", [({"data-path": 7}, "data-path"), ({"data-path": "rel/train.jsonl"}, "absolute"),
-                                        ({"qdrant-path": "/x"}, "qdrant-path")])
+@pytest.mark.parametrize(
+    "bad, named",
+    [
+        ({"data-path": 7}, "data-path"),
+        ({"data-path": "rel/train.jsonl"}, "absolute"),
+        ({"qdrant-path": "/x"}, "qdrant-path"),
+    ],
+)
 def test_bad_node_config_names_the_key(node, bad, named):
-    from fedrag_app.errors import ConfigError
+    from fedrag_app.core.errors import ConfigError
 
-    content = RecordDict({"arrays": _global_weights(AppConfig.from_flat(TINY)), "config": ConfigRecord({"server-round": 1})})
+    content = RecordDict(
+        {"arrays": _global_weights(AppConfig.from_flat(TINY)), "config": ConfigRecord({"server-round": 1})}
+    )
     with pytest.raises(ConfigError, match=named):
         client_app.train(message(content, "train"), context({**node, **bad}, TINY))
 
@@ -222,14 +282,19 @@ def test_one_client_federated_round_equals_centralized_training(node, small_shar
     """Centralized mode is the single-client case: same data, seed and start -> the same weights, bit for bit."""
     from peft.utils import load_peft_weights
 
-    from fedrag_app.retriever import load_retriever
-    from fedrag_app.training_run import train_centralized
+    from fedrag_app.rag.retriever import load_retriever
+    from fedrag_app.training.centralized import train_centralized
 
     central_data = tmp_path / "data" / "web_questions"  # centralized trains on the train split: the node's questions
     central_data.mkdir(parents=True)
     shutil.copy(node["data-path"], central_data / "train.jsonl")
-    run = {**TINY, "fed.num-server-rounds": 1, "train.output-dir": str(tmp_path / "central"),
-           "store.path": small_shard_path, "data.dir": str(tmp_path / "data")}
+    run = {
+        **TINY,
+        "fed.num-server-rounds": 1,
+        "train.output-dir": str(tmp_path / "central"),
+        "store.path": small_shard_path,
+        "data.dir": str(tmp_path / "data"),
+    }
     cfg = AppConfig.from_flat(run)
     client_app._MODELS.clear()  # the client starts from a fresh load, as train_centralized does
     sent = _global_weights(cfg)
@@ -252,20 +317,21 @@ def test_one_client_federated_round_equals_centralized_training(node, small_shar
 
 def _peft_key(record_key: str) -> str:
     """lora.<peft state key> -> the key save_pretrained writes (adapter name dropped)."""
-    return record_key[len("lora."):].replace(".default.", ".")
+    return record_key[len("lora.") :].replace(".default.", ".")
 
 
 @pytest.mark.parametrize("mode, prefixes", [("ralt", {"lora."}), ("lsr", {"retriever."})])
 def test_only_what_the_mode_trains_travels(node, mode, prefixes):
-    from fedrag_app.local_round import exchanged_weights
+    from fedrag_app.training.local_round import exchanged_weights
 
     run = {**TINY, "train.mode": mode}
     cfg = AppConfig.from_flat(run)
     gen, retriever = client_app._models(cfg)
     sent = pack_weights(*exchanged_weights(cfg, gen, retriever))
     assert {k.split(".", 1)[0] + "." for k in sent} == prefixes
-    out = client_app.train(message(RecordDict({"arrays": sent, "config": ConfigRecord({"server-round": 1})}), "train"),
-                           context(node, run))
+    out = client_app.train(
+        message(RecordDict({"arrays": sent, "config": ConfigRecord({"server-round": 1})}), "train"), context(node, run)
+    )
     assert sorted(out.content["arrays"]) == sorted(sent)
     assert out.content["metrics"]["bytes-sent"] == sent.count_bytes()
 
@@ -273,7 +339,7 @@ def test_only_what_the_mode_trains_travels(node, mode, prefixes):
 def test_pulls_are_retried_on_a_superlink_5xx_but_not_on_other_errors():
     from types import SimpleNamespace
 
-    from fedrag_app.server_app import retry_transient_pulls
+    from fedrag_app.flower.server_app import retry_transient_pulls
 
     class Grid:
         def __init__(self, failures):

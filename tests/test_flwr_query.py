@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -25,9 +24,9 @@ QUESTIONS = 4
 
 def _partition_ids(shard: str, questions: list[str]) -> set[str]:
     """Every passage id in a (tiny) shard: a search deeper than the shard returns all of it."""
-    from fedrag_app.config import RetrieverConfig
-    from fedrag_app.knowledge_store import KnowledgeStore
-    from fedrag_app.retriever import load_retriever
+    from fedrag_app.config.app_config import RetrieverConfig
+    from fedrag_app.rag.knowledge_store import KnowledgeStore
+    from fedrag_app.rag.retriever import load_retriever
 
     retriever = load_retriever(RetrieverConfig())
     with KnowledgeStore.open(path=shard, embedding_model=retriever.name, dim=retriever.dim) as store:
@@ -37,32 +36,71 @@ def _partition_ids(shard: str, questions: list[str]) -> set[str]:
 
 @pytest.mark.slow
 def test_query_run_three_nodes_one_not_opted_in(tmp_path, data_dir):
-    env = dict(os.environ, PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", FLWR_HOME=str(tmp_path / "flwr_home"),
-               FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()), FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
-               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_TELEMETRY_ENABLED="0", PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ,
+        PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
+        FLWR_HOME=str(tmp_path / "flwr_home"),
+        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
+        FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_TELEMETRY_ENABLED="0",
+        PYTHONUNBUFFERED="1",
+    )
     parts, out = tmp_path / "parts", tmp_path / "outputs"
-    done = subprocess.run([str(VENV_BIN / "fedrag-app"), "partition", "-n", "3", "--out", str(parts),
-                           "--set", "partition.questions-per-client=2", "--set", "partition.passages-per-client=40"],
-                          capture_output=True, text=True, timeout=300, env=env)
+    done = subprocess.run(
+        [
+            str(VENV_BIN / "fedrag-app"),
+            "partition",
+            "-n",
+            "3",
+            "--out",
+            str(parts),
+            "--set",
+            "partition.questions-per-client=2",
+            "--set",
+            "partition.passages-per-client=40",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
-    common = [f"partition.dir='{parts}'", "fed.task='query'", "fed.min-nodes=3", "query.opted-in-partitions='0,1'",
-              "query.top-k-per-node=3", "eval.top-k=2", "eval.recall-k=5", "generator.max-new-tokens=8",
-              "runtime.num-threads=1"]
+    common = [
+        f"partition.dir='{parts}'",
+        "fed.task='query'",
+        "fed.min-nodes=3",
+        "query.opted-in-partitions='0,1'",
+        "query.top-k-per-node=3",
+        "eval.top-k=2",
+        "eval.recall-k=5",
+        "generator.max-new-tokens=8",
+        "runtime.num-threads=1",
+    ]
     flwr = str(VENV_BIN / "flwr")
     try:
-        run_id = follow_run.launch_run(str(REPO), "local", common + [f"fed.output-dir='{out}'", "query.batch-size=2",
-                                       f"query.questions-limit={QUESTIONS}"], flwr=flwr, timeout_s=180, env=env,
-                                       federation_config="num-supernodes=3")
+        run_id = follow_run.launch_run(
+            str(REPO),
+            "local",
+            common + [f"fed.output-dir='{out}'", "query.batch-size=2", f"query.questions-limit={QUESTIONS}"],
+            flwr=flwr,
+            timeout_s=180,
+            env=env,
+            federation_config="num-supernodes=3",
+        )
         status = follow_run.wait_for_run("local", run_id, timeout_s=600, flwr=flwr, env=env)
-        log = subprocess.run([flwr, "log", str(run_id), "local", "--show"], capture_output=True, text=True,
-                             timeout=60, env=env).stdout
+        log = subprocess.run(
+            [flwr, "log", str(run_id), "local", "--show"], capture_output=True, text=True, timeout=60, env=env
+        ).stdout
         assert status == "finished:completed", log[-4000:]
         rows = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
         metrics = json.loads((out / "query-metrics.json").read_text())
         assert len(rows) == QUESTIONS and all(r["answer"] and r["gold"] for r in rows)
         assert metrics["replies-ok"] == 2 * 2 and metrics["replies-refused"] == 2, metrics  # 2 batches x 3 nodes
         assert metrics["replies-error"] == metrics["replies-invalid"] == metrics["replies-timeout"] == 0
-        assert 0 <= metrics["wq-f1"] <= 1 and "retrieval-recall@5" in metrics and metrics["s-per-question-generation"] > 0
+        assert (
+            0 <= metrics["wq-f1"] <= 1 and "retrieval-recall@5" in metrics and metrics["s-per-question-generation"] > 0
+        )
         passages = [p for r in rows for p in r["passages"]]
         assert len(passages) == QUESTIONS * 5 and {p["partition"] for p in passages} == {0, 1}
         refused = _partition_ids(str(parts / "client-2" / "shard"), [r["question"] for r in rows])
@@ -71,11 +109,31 @@ def test_query_run_three_nodes_one_not_opted_in(tmp_path, data_dir):
         assert {p["id"] for p in passages if p["partition"] == 0} <= answered
         assert "fedrag-answer" in log and "refused" in log
 
-        ask = subprocess.run([sys.executable, "-m", "fedrag_app.cli", "ask", rows[0]["question"], "--federation", "local",
-                              "--federation-config", "num-supernodes=3", "--top-k", "2"]
-                             + [a for item in common + [f"fed.output-dir='{tmp_path / 'ask'}'"] if item.split("=")[0]
-                                not in ("eval.top-k",) for a in ("--set", item)],
-                             capture_output=True, text=True, timeout=900, env=dict(env, PYTHONPATH=str(REPO)))
+        ask = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fedrag_app.cli",
+                "ask",
+                rows[0]["question"],
+                "--federation",
+                "local",
+                "--federation-config",
+                "num-supernodes=3",
+                "--top-k",
+                "2",
+            ]
+            + [
+                a
+                for item in common + [f"fed.output-dir='{tmp_path / 'ask'}'"]
+                if item.split("=")[0] not in ("eval.top-k",)
+                for a in ("--set", item)
+            ],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=dict(env, PYTHONPATH=str(REPO)),
+        )
         assert ask.returncode == 0, ask.stdout[-3000:] + ask.stderr[-3000:]
         asked = [json.loads(line) for line in (tmp_path / "ask" / "answers.jsonl").read_text().splitlines()]
         assert [r["question"] for r in asked] == [rows[0]["question"]] and asked[0]["answer"] in ask.stdout

@@ -19,28 +19,47 @@ import numpy as np
 import pytest
 import torch
 
-from fedrag_app.config import AppConfig, DataConfig, GeneratorConfig, RetrieverConfig
-from fedrag_app.data import QAExample, iter_passages
-from fedrag_app.errors import ConfigError
-from fedrag_app.generator import load_generator, load_tokenizer
-from fedrag_app.knowledge_store import KnowledgeStore
-from fedrag_app.lm_scoring import answer_nll
-from fedrag_app.local_round import exchanged_weights, load_exchanged_weights
-from fedrag_app.lsr import train_lsr
-from fedrag_app.prompts import format_passage
-from fedrag_app.ralt import build_sequence, collate, train_ralt, trainable_lora_parameters
-from fedrag_app.retriever import load_retriever
-from fedrag_app.runtime import release_memory, resolve_dtype
+from fedrag_app.config.app_config import AppConfig, DataConfig, GeneratorConfig
+from fedrag_app.config.runtime import release_memory, resolve_dtype
+from fedrag_app.core.errors import ConfigError
+from fedrag_app.data.loaders import QAExample, iter_passages
+from fedrag_app.rag.generator import load_generator, load_tokenizer
+from fedrag_app.rag.knowledge_store import KnowledgeStore
+from fedrag_app.rag.prompts import format_passage
+from fedrag_app.rag.retriever import load_retriever
+from fedrag_app.training.lm_scoring import answer_nll
+from fedrag_app.training.local_round import exchanged_weights, load_exchanged_weights
+from fedrag_app.training.lsr import train_lsr
+from fedrag_app.training.ralt import train_ralt, trainable_lora_parameters
+from fedrag_app.training.sequences import build_sequence, collate
 
 REPO = Path(__file__).resolve().parents[1]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 # SmolLM2's layout (GQA, tied embeddings, its vocabulary) at toy width: bf16 matmuls are slow on this CPU.
-TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, max_position_embeddings=1024,
-            rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-EXAMPLES = [QAExample(str(i), q, (a,), "") for i, (q, a) in enumerate(
-    [("what is the name of justin bieber brother?", "Jaxon Bieber"),
-     ("who was the first president?", "George Washington")])]
+TINY = dict(
+    vocab_size=49152,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    tie_word_embeddings=True,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
+)
+EXAMPLES = [
+    QAExample(str(i), q, (a,), "")
+    for i, (q, a) in enumerate(
+        [
+            ("what is the name of justin bieber brother?", "Jaxon Bieber"),
+            ("who was the first president?", "George Washington"),
+        ]
+    )
+]
 PASSAGE = format_passage("George Washington", "George Washington was the first president of the United States.")
 
 
@@ -59,7 +78,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_shard(tmp_path_factory, retriever, data_dir) -> str:
-    from fedrag_app.ingest import build_shard
+    from fedrag_app.rag.ingest import build_shard
 
     path = tmp_path_factory.mktemp("shard") / "wiki16"
     build_shard(list(iter_passages(DataConfig(dir=str(data_dir)), limit=16)), retriever, path=str(path), progress=False)
@@ -80,11 +99,21 @@ def test_dtype_auto_is_fp32_on_cpu_and_bad_values_are_named():
 
 
 def test_bf16_base_trains_fp32_lora_only_and_sends_fp32(tiny_model_dir, tiny_shard):
-    from fedrag_app.records import pack_weights, record_to_numpy, unpack_weights
+    from fedrag_app.flower.records import pack_weights, record_to_numpy, unpack_weights
 
-    cfg = AppConfig.from_flat({"generator.model": str(tiny_model_dir), "generator.dtype": "bfloat16",
-                               "train.mode": "ra-dit", "ralt.batch-size": 2, "ralt.top-k": 1, "ralt.max-seq-len": 128,
-                               "lsr.batch-size": 2, "lsr.top-k": 2, "lsr.max-seq-len": 128})
+    cfg = AppConfig.from_flat(
+        {
+            "generator.model": str(tiny_model_dir),
+            "generator.dtype": "bfloat16",
+            "train.mode": "ra-dit",
+            "ralt.batch-size": 2,
+            "ralt.top-k": 1,
+            "ralt.max-seq-len": 128,
+            "lsr.batch-size": 2,
+            "lsr.top-k": 2,
+            "lsr.max-seq-len": 128,
+        }
+    )
     gen = load_generator(cfg.generator, device="cpu")
     base = gen.model.get_base_model()
     frozen = base.model.layers[0].self_attn.q_proj.base_layer.weight
@@ -177,8 +206,13 @@ def test_readme_gpu_simulation_settings_are_what_flwr_reads():
 
 
 def test_bench_gpu_tiny_runs_on_cpu():
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_gpu.py"), "--tiny"], capture_output=True,
-                          text=True, timeout=300, cwd=REPO)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_gpu.py"), "--tiny"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     for what in ("matmul peak", "RALT", "tokens/s", "MFU", "LSR step", "peak memory per client"):
         assert what in done.stdout, f"{what!r} missing from:\n{done.stdout}"

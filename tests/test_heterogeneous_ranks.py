@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, RecordDict
 
-from fedrag_app import client_app
-from fedrag_app.config import AppConfig
-from fedrag_app.errors import ConfigError
-from fedrag_app.lora_aggregation import DEAD_ROW_NORM, refactor, to_client_rank, to_global_rank
-from fedrag_app.records import metric_record, numpy_to_record, record_to_numpy
+from fedrag_app.config.app_config import AppConfig
+from fedrag_app.core.errors import ConfigError
+from fedrag_app.federation.lora_aggregation import DEAD_ROW_NORM, refactor, to_client_rank, to_global_rank
+from fedrag_app.flower import client_app
+from fedrag_app.flower.records import metric_record, numpy_to_record, record_to_numpy
 from tests.test_flower_app import checked, node, reply  # noqa: F401  (node is a fixture)
 from tests.test_privacy import RALT, Nodes, _client_round, in_a_server_app  # noqa: F401  (a fixture)
 
@@ -70,26 +70,40 @@ def test_a_zero_update_keeps_every_direction_trainable():
 
 
 def _replies(states, weights):
-    return [reply(RecordDict({"arrays": numpy_to_record(s), "metrics": metric_record({"num-examples": n})}), i + 1)
-            for i, (s, n) in enumerate(zip(states, weights))]
+    return [
+        reply(RecordDict({"arrays": numpy_to_record(s), "metrics": metric_record({"num-examples": n})}), i + 1)
+        for i, (s, n) in enumerate(zip(states, weights))
+    ]
 
 
 @pytest.mark.parametrize("aggregation, method", [("fedavg", "truncate"), ("product", "svd")])
 def test_mixed_ranks_2_4_8_keep_the_global_update_in_a_no_op_round_and_add_the_mean_change_in_a_trained_one(
-        in_a_server_app, aggregation, method):
+    in_a_server_app, aggregation, method
+):
     """Three rounds through the strategy as main() builds it: nodes of ranks 2, 4 and 8 start from what the server
     sends them (to_client_rank) and reply either unchanged (no training) or with a trained change. Averaging whole
     replies kept 0.44 (zero-padding) or 0.84 (stacking) of ΔW's size in a no-op round, shrinking every round."""
-    run = {"fed.lora-aggregation": aggregation, "generator.lora-r": 8, "generator.lora-alpha": ALPHA,
-           "fed.min-nodes": 3}
-    glob = adapter(8)  # an already trained global adapter: ΔW != 0, of rank 5 (= min(OUT, IN)), so every refactor is exact
+    run = {
+        "fed.lora-aggregation": aggregation,
+        "generator.lora-r": 8,
+        "generator.lora-alpha": ALPHA,
+        "fed.min-nodes": 3,
+    }
+    glob = adapter(
+        8
+    )  # an already trained global adapter: ΔW != 0, of rank 5 (= min(OUT, IN)), so every refactor is exact
     strategy = checked({k: np.zeros_like(v) for k, v in glob.items()}, run)
     ranks, weights = (2, 4, 8), (1.0, 2.0, 3.0)
     for server_round, trains in ((1, False), (2, True), (3, False)):
         list(strategy.configure_train(server_round, numpy_to_record(glob), ConfigRecord({}), Nodes(3)))
         sent = [to_client_rank(glob, rank=r, alpha=ALPHA, method=method) for r in ranks]
-        replies = [{k: v + (0.1 * rng.standard_normal(v.shape).astype(np.float32) if trains and ".lora_" in k else 0)
-                    for k, v in s.items()} for s in sent]
+        replies = [
+            {
+                k: v + (0.1 * rng.standard_normal(v.shape).astype(np.float32) if trains and ".lora_" in k else 0)
+                for k, v in s.items()
+            }
+            for s in sent
+        ]
         arrays, _ = strategy.aggregate_train(server_round, _replies(replies, weights))
         new = record_to_numpy(arrays)
         assert new[A].shape == (8, IN) and new[B].shape == (OUT, 8)
@@ -126,12 +140,15 @@ def test_a_rank_4_node_trains_its_rank_and_the_server_pads_its_reply(node, aggre
     assert strategy.round_costs["round-bytes-up"] < sum(v.nbytes for v in glob.values()), "rank 4 sends less"
 
 
-@pytest.mark.parametrize("run, named", [
-    ({"fed.client-ranks": "4,16"}, "generator.lora-r = 8"),
-    ({"fed.client-ranks": "4,x"}, "comma-separated integers"),
-    ({"fed.client-ranks": "4,8", "fed.lora-aggregation": "ffa"}, "'ffa'"),
-    ({"fed.client-ranks": "4,8", "dp.mode": "local"}, "dp.mode = 'local'"),
-])
+@pytest.mark.parametrize(
+    "run, named",
+    [
+        ({"fed.client-ranks": "4,16"}, "generator.lora-r = 8"),
+        ({"fed.client-ranks": "4,x"}, "comma-separated integers"),
+        ({"fed.client-ranks": "4,8", "fed.lora-aggregation": "ffa"}, "'ffa'"),
+        ({"fed.client-ranks": "4,8", "dp.mode": "local"}, "dp.mode = 'local'"),
+    ],
+)
 def test_rank_options_that_cannot_work_are_refused_by_name(run, named):
     with pytest.raises(ConfigError, match=named):
         AppConfig.from_flat(run)

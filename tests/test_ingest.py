@@ -2,9 +2,9 @@
 
 import pytest
 
-from fedrag_app.errors import StoreError
-from fedrag_app.ingest import build_shard, iter_store_passages, reindex
-from fedrag_app.knowledge_store import KnowledgeStore
+from fedrag_app.core.errors import StoreError
+from fedrag_app.rag.ingest import build_shard, iter_store_passages, reindex
+from fedrag_app.rag.knowledge_store import KnowledgeStore
 
 
 class FailingEncoder:
@@ -24,8 +24,14 @@ class FailingEncoder:
 def test_interrupted_build_leaves_nothing_that_opens_and_a_rerun_succeeds(tmp_path, retriever, small_passages):
     target = tmp_path / "shard"
     with pytest.raises(KeyboardInterrupt):
-        build_shard(small_passages[:60], FailingEncoder(retriever, 1), path=str(target), batch_size=20, chunk_size=20,
-                    progress=False)
+        build_shard(
+            small_passages[:60],
+            FailingEncoder(retriever, 1),
+            path=str(target),
+            batch_size=20,
+            chunk_size=20,
+            progress=False,
+        )
     assert not target.exists() and list(tmp_path.iterdir()) == []
     stats = build_shard(small_passages[:60], retriever, path=str(target), batch_size=20, progress=False)
     assert stats.passages == 60
@@ -54,8 +60,10 @@ def test_reindex_rebuilds_from_stored_passages(tmp_path, retriever, small_passag
         assert store.count() == 30
 
 
-def test_an_interrupted_index_resumes_from_the_embedding_cache(tmp_path, monkeypatch, retriever, small_passages, data_dir):
-    from fedrag_app.embedding_cache import EmbeddingCache
+def test_an_interrupted_index_resumes_from_the_embedding_cache(
+    tmp_path, monkeypatch, retriever, small_passages, data_dir
+):
+    from fedrag_app.rag.embedding_cache import EmbeddingCache
     from tests.test_embedding_cache import CountingEncoder
 
     monkeypatch.setenv("FEDRAG_CACHE_DIR", str(tmp_path / "cache"))
@@ -63,12 +71,19 @@ def test_an_interrupted_index_resumes_from_the_embedding_cache(tmp_path, monkeyp
     target, passages = tmp_path / "shard", small_passages[:60]
     crashing = CountingEncoder(retriever, fail_after=2)
     with pytest.raises(KeyboardInterrupt):
-        build_shard(passages, crashing, path=str(target), chunk_size=20, progress=False,
-                    cache=EmbeddingCache.open(corpus, crashing))
+        build_shard(
+            passages,
+            crashing,
+            path=str(target),
+            chunk_size=20,
+            progress=False,
+            cache=EmbeddingCache.open(corpus, crashing),
+        )
     assert not target.exists()
     resumed = CountingEncoder(retriever)
-    stats = build_shard(passages, resumed, path=str(target), chunk_size=20, progress=False,
-                        cache=EmbeddingCache.open(corpus, resumed))
+    stats = build_shard(
+        passages, resumed, path=str(target), chunk_size=20, progress=False, cache=EmbeddingCache.open(corpus, resumed)
+    )
     assert resumed.texts == 20 and stats.encoded == 20 and stats.passages == 60
     with KnowledgeStore.open(path=target) as store:
         assert store.count() == 60
@@ -95,7 +110,7 @@ def test_a_killed_builds_folder_is_removed_and_a_live_ones_kept(tmp_path, retrie
 
 
 def test_no_passages_is_an_error_not_an_empty_store(tmp_path, retriever):
-    from fedrag_app.errors import DataError
+    from fedrag_app.core.errors import DataError
 
     with pytest.raises(DataError, match="no passages"):
         build_shard([], retriever, path=str(tmp_path / "shard"), progress=False)

@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from fedrag_app.errors import StoreError
-from fedrag_app.knowledge_store import KnowledgeStore
+from fedrag_app.core.errors import StoreError
+from fedrag_app.rag.knowledge_store import KnowledgeStore
 
 
 @pytest.fixture(scope="module")
@@ -18,8 +18,13 @@ def vectors(retriever, small_passages):
 
 @pytest.fixture(scope="module")
 def queries(retriever):
-    return retriever.encode_queries(["who was the first president of the united states",
-                                     "what is the capital of france", "when did world war 2 end"]).numpy()
+    return retriever.encode_queries(
+        [
+            "who was the first president of the united states",
+            "what is the capital of france",
+            "when did world war 2 end",
+        ]
+    ).numpy()
 
 
 def fill(store, passages, vectors):
@@ -29,8 +34,10 @@ def fill(store, passages, vectors):
 
 def test_edge_and_server_backends_return_the_same_top_k(tmp_path, small_passages, vectors, queries):
     passages = small_passages[:120]
-    with KnowledgeStore.create(path=tmp_path / "edge", embedding_model="m", dim=384) as edge, \
-            KnowledgeStore.create(url=":memory:", embedding_model="m", dim=384) as server:
+    with (
+        KnowledgeStore.create(path=tmp_path / "edge", embedding_model="m", dim=384) as edge,
+        KnowledgeStore.create(url=":memory:", embedding_model="m", dim=384) as server,
+    ):
         fill(edge, passages, vectors)
         fill(server, passages, vectors)
         assert edge.count() == server.count() == 120
@@ -78,8 +85,9 @@ def test_server_store_checks_the_model_too():
 
 def test_a_second_process_cannot_open_an_open_shard(small_shard_path):
     with KnowledgeStore.open(path=small_shard_path):
-        code = ("from fedrag_app.knowledge_store import KnowledgeStore\n"
-                f"KnowledgeStore.open(path={small_shard_path!r})")
+        code = (
+            f"from fedrag_app.rag.knowledge_store import KnowledgeStore\nKnowledgeStore.open(path={small_shard_path!r})"
+        )
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
         assert proc.returncode != 0
         assert "already open in another process" in proc.stderr and small_shard_path in proc.stderr
@@ -112,8 +120,9 @@ def test_a_store_refuses_a_context_encoder_with_other_weights(retriever, small_s
     import torch
 
     built = retriever.context_fingerprint()
-    with KnowledgeStore.open(path=small_shard_path, embedding_model=retriever.name, dim=retriever.dim,
-                             context_fingerprint=built) as store:
+    with KnowledgeStore.open(
+        path=small_shard_path, embedding_model=retriever.name, dim=retriever.dim, context_fingerprint=built
+    ) as store:
         assert store.count() > 0
     param = next(retriever.context_model.parameters())
     saved = param.detach().clone()
@@ -124,8 +133,9 @@ def test_a_store_refuses_a_context_encoder_with_other_weights(retriever, small_s
         changed = retriever.context_fingerprint()
         assert changed != built
         with pytest.raises(StoreError, match="stale"):
-            KnowledgeStore.open(path=small_shard_path, embedding_model=retriever.name, dim=retriever.dim,
-                                context_fingerprint=changed)
+            KnowledgeStore.open(
+                path=small_shard_path, embedding_model=retriever.name, dim=retriever.dim, context_fingerprint=changed
+            )
     finally:
         with torch.no_grad():
             param.copy_(saved)

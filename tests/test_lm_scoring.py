@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from fedrag_app.lm_scoring import answer_logprobs, answer_nll
-from fedrag_app.ralt import IGNORE, build_sequence, collate
+from fedrag_app.training.lm_scoring import answer_logprobs, answer_nll
+from fedrag_app.training.sequences import IGNORE, build_sequence, collate
 
 PAIRS = [("what is the capital of france?", "Paris"), ("who wrote hamlet?", "William Shakespeare, Shakespeare")]
 

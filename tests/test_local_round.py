@@ -2,14 +2,22 @@
 
 import torch
 
-from fedrag_app.config import AppConfig, TrainConfig
-from fedrag_app.data import QAExample, load_web_questions
-from fedrag_app.generator import load_lora_state_dict, lora_state_dict
-from fedrag_app.knowledge_store import KnowledgeStore
-from fedrag_app.local_round import phases, round_examples, run_local_round
+from fedrag_app.config.app_config import AppConfig, TrainConfig
+from fedrag_app.data.loaders import QAExample, load_web_questions
+from fedrag_app.rag.generator import load_lora_state_dict, lora_state_dict
+from fedrag_app.rag.knowledge_store import KnowledgeStore
+from fedrag_app.training.local_round import phases, round_examples, run_local_round
 
-TINY = {"train.mode": "ra-dit", "train.max-steps": 1, "train.num-examples": 4, "ralt.batch-size": 2,
-        "ralt.max-seq-len": 192, "lsr.batch-size": 2, "lsr.top-k": 2, "lsr.max-seq-len": 192}
+TINY = {
+    "train.mode": "ra-dit",
+    "train.max-steps": 1,
+    "train.num-examples": 4,
+    "ralt.batch-size": 2,
+    "ralt.max-seq-len": 192,
+    "lsr.batch-size": 2,
+    "lsr.top-k": 2,
+    "lsr.max-seq-len": 192,
+}
 
 
 def test_ra_dit_schedules():
@@ -38,8 +46,14 @@ def test_rounds_cover_the_whole_partition_once_per_pass_then_wrap():
     walk = [e for r in range(1, 9) for e in round_examples(PARTITION, 8, seed=7, server_round=r)]  # 64 = 2 passes + 4
     assert sorted(ids(walk[:30])) == sorted(ids(PARTITION)) and sorted(ids(walk[30:60])) == sorted(ids(PARTITION))
     assert ids(walk[:30]) != ids(walk[30:60]), "each pass in its own shuffle"
-    assert {e.turn for e in walk[:30]} == {0} and {e.turn for e in walk[30:60]} == {1} and {e.turn for e in walk[60:]} == {2}
-    assert {e.target for e in walk[30:60]} == {f"second {i}" for i in range(30)}, "the second pass trains the second answers"
+    assert (
+        {e.turn for e in walk[:30]} == {0}
+        and {e.turn for e in walk[30:60]} == {1}
+        and {e.turn for e in walk[60:]} == {2}
+    )
+    assert {e.target for e in walk[30:60]} == {f"second {i}" for i in range(30)}, (
+        "the second pass trains the second answers"
+    )
     everything = round_examples(PARTITION, 0, seed=7, server_round=2)  # 0 = all: round 2 is the second pass
     assert ids(everything) == ids(walk[30:60]) and round_examples(PARTITION, 100, seed=7, server_round=2) == everything
     assert ids(round_examples(PARTITION, 8, seed=8, server_round=1)) != ids(walk[:8]), "the seed picks the order"

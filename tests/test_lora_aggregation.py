@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from fedrag_app.generator import load_lora_state_dict, lora_state_dict
-from fedrag_app.lora_aggregation import (
+from fedrag_app.federation.lora_aggregation import (
     lora_pairs,
     product_average,
     weighted_mean,
 )
+from fedrag_app.rag.generator import load_lora_state_dict, lora_state_dict
 
 rng = np.random.default_rng(0)
 OUT, IN = 12, 10
@@ -23,7 +23,9 @@ def adapter(rank: int, a: np.ndarray | None = None) -> dict[str, np.ndarray]:
 
 
 def product(state, scale=1.0):
-    return scale * state["m.q_proj.lora_B.weight"].astype(np.float64) @ state["m.q_proj.lora_A.weight"].astype(np.float64)
+    return (
+        scale * state["m.q_proj.lora_B.weight"].astype(np.float64) @ state["m.q_proj.lora_A.weight"].astype(np.float64)
+    )
 
 
 def test_plain_fedavg_of_factors_is_not_the_mean_of_products():
@@ -74,8 +76,10 @@ def test_product_average_yields_a_valid_adapter_for_the_real_model(generator):
     merged, report = product_average(states, [1, 2], rank=8, alpha=16)
     losses = []
     for pair in lora_pairs(states[0]).values():  # the best rank-8 approximation of the exact weighted mean of B_i A_i
-        exact = sum(w * s[pair.b_key].astype(np.float64) @ s[pair.a_key].astype(np.float64)
-                    for w, s in zip((1 / 3, 2 / 3), states))
+        exact = sum(
+            w * s[pair.b_key].astype(np.float64) @ s[pair.a_key].astype(np.float64)
+            for w, s in zip((1 / 3, 2 / 3), states)
+        )
         u, sv, vt = np.linalg.svd(exact, full_matrices=False)
         got = merged[pair.b_key].astype(np.float64) @ merged[pair.a_key].astype(np.float64)
         np.testing.assert_allclose(got, (u[:, :8] * sv[:8]) @ vt[:8], atol=1e-5)

@@ -6,13 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedrag_app.config import DataConfig, LsrConfig, RetrieverConfig
-from fedrag_app.data import QAExample, load_web_questions
-from fedrag_app.knowledge_store import Hit, KnowledgeStore
-from fedrag_app.lsr import log_distributions, lm_scores, lsr_loss, retriever_scores, train_lsr
-from fedrag_app.prompts import format_passage
-from fedrag_app.ralt import IGNORE, build_sequence, retrieve
-from fedrag_app.retriever import load_retriever
+from fedrag_app.config.app_config import DataConfig, LsrConfig, RetrieverConfig
+from fedrag_app.data.loaders import QAExample, load_web_questions
+from fedrag_app.rag.knowledge_store import Hit, KnowledgeStore
+from fedrag_app.rag.prompts import format_passage
+from fedrag_app.rag.retrieval import retrieve
+from fedrag_app.rag.retriever import load_retriever
+from fedrag_app.training.lsr import lm_scores, log_distributions, lsr_loss, retriever_scores, train_lsr
+from fedrag_app.training.sequences import IGNORE, build_sequence
 
 QUESTION = QAExample("q", "what is the capital of france?", ("Paris",), "france")
 PASSAGES = [
@@ -26,8 +27,15 @@ PASSAGES = [
 def test_one_lsr_step_changes_the_query_encoder(generator, small_shard_path):
     retriever = load_retriever(RetrieverConfig(train_top_layers=0))  # every layer: all of them must move
     before = retriever.trainable_state_dict()
-    examples = [QAExample(str(i), q, (a,), "") for i, (q, a) in enumerate(
-        [("what is the name of justin bieber brother?", "Jaxon Bieber"), ("who was the first president?", "George Washington")])]
+    examples = [
+        QAExample(str(i), q, (a,), "")
+        for i, (q, a) in enumerate(
+            [
+                ("what is the name of justin bieber brother?", "Jaxon Bieber"),
+                ("who was the first president?", "George Washington"),
+            ]
+        )
+    ]
     with KnowledgeStore.open(path=small_shard_path) as store:
         metrics = train_lsr(generator, retriever, store, examples, LsrConfig(top_k=4, learning_rate=1e-4), max_steps=1)
     after = retriever.trainable_state_dict()
@@ -41,8 +49,9 @@ def test_lm_score_equals_a_hand_computation_from_full_logits(generator):
     cfg = LsrConfig(lm_score="sum")
     ours = lm_scores(generator, [QUESTION], hits, cfg)[0]  # (k,)
     for j, (title, text) in enumerate(PASSAGES[:2]):
-        seq = build_sequence(generator.tokenizer, QUESTION.question, format_passage(title, text), QUESTION.target, 512,
-                             label_eos=False)
+        seq = build_sequence(
+            generator.tokenizer, QUESTION.question, format_passage(title, text), QUESTION.target, 512, label_eos=False
+        )
         with torch.no_grad():
             logits = generator.model(input_ids=torch.tensor([seq.input_ids])).logits[0]  # (T, V)
         logp = torch.log_softmax(logits.float(), dim=-1)
@@ -76,15 +85,22 @@ def test_kl_direction_matches_a_hand_written_kl_on_a_2x3_example():
     assert lsr_loss(retr, lm, kl_direction="lsr-retriever", **kw).item() == pytest.approx(kl_lsr_r.item(), rel=1e-5)
     assert lsr_loss(retr, lm, kl_direction="retriever-lsr", **kw).item() == pytest.approx(kl_r_lsr.item(), rel=1e-5)
     assert lsr_loss(retr, lm, kl_direction="lsr-retriever", **kw).item() == pytest.approx(
-        F.kl_div(F.log_softmax(retr / 0.1, -1), p_lsr, reduction="batchmean").item(), rel=1e-5)
+        F.kl_div(F.log_softmax(retr / 0.1, -1), p_lsr, reduction="batchmean").item(), rel=1e-5
+    )
 
 
 PRESIDENT = QAExample("p", "who was the first president of the united states?", ("George Washington",), "")
 PRESIDENT_PASSAGES = [  # the retriever likes the first for its wording; only the second holds the answer
-    ("President of the United States", "The president of the United States is the head of state and head of "
-     "government of the United States, elected every four years."),
-    ("George Washington", "George Washington commanded the Continental Army and in 1789 was inaugurated as the first "
-     "to hold the nation's highest office."),
+    (
+        "President of the United States",
+        "The president of the United States is the head of state and head of "
+        "government of the United States, elected every four years.",
+    ),
+    (
+        "George Washington",
+        "George Washington commanded the Continental Army and in 1789 was inaugurated as the first "
+        "to hold the nation's highest office.",
+    ),
     ("White House", "The White House in Washington, D.C. is the official residence and workplace of the president."),
     ("Mount Everest", "Mount Everest is Earth's highest mountain above sea level."),
 ]
@@ -102,12 +118,16 @@ def test_the_answer_passage_gains_retrieval_probability(generator):
 
     def p_answer() -> float:
         with torch.no_grad():
-            return F.softmax(retriever_scores(retriever, [PRESIDENT], hits) / cfg.retriever_temperature, -1)[0, 1].item()
+            return F.softmax(retriever_scores(retriever, [PRESIDENT], hits) / cfg.retriever_temperature, -1)[
+                0, 1
+            ].item()
 
     before = p_answer()
     assert before < 0.8, "the case must leave room to rise"
     for _ in range(5):
-        loss = lsr_loss(retriever_scores(retriever, [PRESIDENT], hits), target, retriever_temperature=0.1, lm_temperature=1.0)
+        loss = lsr_loss(
+            retriever_scores(retriever, [PRESIDENT], hits), target, retriever_temperature=0.1, lm_temperature=1.0
+        )
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -133,7 +153,9 @@ def test_train_lsr_with_the_defaults_moves_the_lm_preferred_passage_up(generator
         """KL(p_LSR || p_R), mean p_R of the favourite, sum of its ranks, on the same candidates as train_lsr's."""
         with torch.no_grad():
             scores = retriever_scores(retriever, examples, hits)  # (8, k)
-        kl = lsr_loss(scores, target, retriever_temperature=cfg.retriever_temperature, lm_temperature=cfg.lm_temperature)
+        kl = lsr_loss(
+            scores, target, retriever_temperature=cfg.retriever_temperature, lm_temperature=cfg.lm_temperature
+        )
         fav = scores[torch.arange(8), favourite]
         p_fav = F.softmax(scores / cfg.retriever_temperature, -1)[torch.arange(8), favourite]
         return kl.item(), p_fav.mean().item(), int((1 + (scores > fav[:, None]).sum(-1)).sum())
@@ -151,8 +173,8 @@ def test_train_lsr_with_the_defaults_moves_the_lm_preferred_passage_up(generator
 
 
 def test_the_score_cache_answers_a_frozen_generator_and_misses_a_changed_one(generator, tmp_path):
-    from fedrag_app.generator import load_lora_state_dict, lora_state_dict
-    from fedrag_app.score_cache import ScoreCache
+    from fedrag_app.rag.generator import load_lora_state_dict, lora_state_dict
+    from fedrag_app.training.score_cache import ScoreCache
 
     hits = [[Hit(t, 0.0, t, x) for t, x in PASSAGES]]
     mean, total = LsrConfig(lm_score="mean"), LsrConfig(lm_score="sum")
@@ -164,8 +186,11 @@ def test_the_score_cache_answers_a_frozen_generator_and_misses_a_changed_one(gen
         again = lm_scores(generator, [QUESTION], hits, total, cache=cache)  # 'sum' and 'mean' share entries
         assert (cache.hits, cache.misses) == (4, 0)
         np.testing.assert_allclose(again.numpy(), plain.numpy(), atol=1e-4)
-        np.testing.assert_allclose(first.numpy(), (plain / len(generator.tokenizer("Paris", add_special_tokens=False)["input_ids"])).numpy(),
-                                   atol=1e-4)
+        np.testing.assert_allclose(
+            first.numpy(),
+            (plain / len(generator.tokenizer("Paris", add_special_tokens=False)["input_ids"])).numpy(),
+            atol=1e-4,
+        )
         saved = lora_state_dict(generator)
         try:
             load_lora_state_dict(generator, {k: v + 0.01 if ".lora_B." in k else v for k, v in saved.items()})

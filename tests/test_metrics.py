@@ -2,14 +2,14 @@
 
 import pytest
 
-from fedrag_app.metrics import (
+from fedrag_app.evaluation.metrics import (
     RunningMean,
     answer_rank,
     exact_match,
     normalize_answer,
     parse_choice_letter,
-    reciprocal_rank,
     recall_at_k,
+    reciprocal_rank,
     token_f1,
 )
 
@@ -20,9 +20,15 @@ def test_running_mean_that_starts_with_zeros():
     assert RunningMean().value == 0.0
 
 
-@pytest.mark.parametrize("pred, gold", [
-    ("The Beatles", "beatles"), ("  Paris. ", "paris"), ("an Apple!", "apple"), ("George   Washington", "george washington"),
-])
+@pytest.mark.parametrize(
+    "pred, gold",
+    [
+        ("The Beatles", "beatles"),
+        ("  Paris. ", "paris"),
+        ("an Apple!", "apple"),
+        ("George   Washington", "george washington"),
+    ],
+)
 def test_normalisation_makes_these_equal(pred, gold):
     assert normalize_answer(pred) == normalize_answer(gold)
     assert exact_match(pred, [gold]) == 1.0
@@ -50,9 +56,19 @@ def test_recall_and_mrr_on_hand_made_hits():
     assert answer_rank(["Washingtonia palms"], ["Washington"]) is None  # whole words only
 
 
-@pytest.mark.parametrize("text, letter", [
-    ("B", "B"), ("C.", "C"), ("(D) 40%", "D"), ("Answer: A", "A"), (" B) 20%", "B"), ("The answer is C", "C"),
-    ("10%", None), ("I don't know", None), ("", None),
-])
+@pytest.mark.parametrize(
+    "text, letter",
+    [
+        ("B", "B"),
+        ("C.", "C"),
+        ("(D) 40%", "D"),
+        ("Answer: A", "A"),
+        (" B) 20%", "B"),
+        ("The answer is C", "C"),
+        ("10%", None),
+        ("I don't know", None),
+        ("", None),
+    ],
+)
 def test_letter_parsing(text, letter):
     assert parse_choice_letter(text) == letter

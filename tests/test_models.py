@@ -6,12 +6,12 @@ import pytest
 import torch
 from sentence_transformers import SentenceTransformer
 
-from fedrag_app.config import GeneratorConfig, RetrieverConfig
-from fedrag_app.errors import ConfigError, WeightsError
-from fedrag_app.generator import generate, load_generator, load_lora_state_dict, lora_state_dict, save_adapter
-from fedrag_app.model_sources import resolve_generator, resolve_retriever
-from fedrag_app.prompts import build_prompt
-from fedrag_app.retriever import load_retriever
+from fedrag_app.config.app_config import GeneratorConfig, RetrieverConfig
+from fedrag_app.core.errors import ConfigError, WeightsError
+from fedrag_app.rag.generator import generate, load_generator, load_lora_state_dict, lora_state_dict, save_adapter
+from fedrag_app.rag.model_sources import resolve_generator, resolve_retriever
+from fedrag_app.rag.prompts import build_prompt
+from fedrag_app.rag.retriever import load_retriever
 
 
 def test_default_generator_is_a_cached_fp32_safetensors_folder():
@@ -37,13 +37,20 @@ def test_only_lora_weights_are_trainable(generator):
 
 
 def test_generator_answers_a_simple_question(generator):
-    [answer] = generate(generator, [build_prompt(generator.tokenizer, "What is the capital of France?")], max_new_tokens=12)
+    [answer] = generate(
+        generator, [build_prompt(generator.tokenizer, "What is the capital of France?")], max_new_tokens=12
+    )
     assert "Paris" in answer
 
 
 def test_batched_generation_matches_single(generator):
-    prompts = [build_prompt(generator.tokenizer, q) for q in ("What is the capital of France?", "Who wrote Hamlet? Answer briefly.")]
-    assert generate(generator, prompts, max_new_tokens=8) == [generate(generator, [p], max_new_tokens=8)[0] for p in prompts]
+    prompts = [
+        build_prompt(generator.tokenizer, q)
+        for q in ("What is the capital of France?", "Who wrote Hamlet? Answer briefly.")
+    ]
+    assert generate(generator, prompts, max_new_tokens=8) == [
+        generate(generator, [p], max_new_tokens=8)[0] for p in prompts
+    ]
 
 
 def test_lora_state_round_trip_and_mismatch_errors(generator):

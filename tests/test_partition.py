@@ -7,10 +7,10 @@ from collections import Counter
 
 import pytest
 
-from fedrag_app.config import AppConfig, PartitionConfig
-from fedrag_app.data import load_qa_jsonl, load_web_questions
-from fedrag_app.knowledge_store import KnowledgeStore
-from fedrag_app.partition import assign_articles, make_partitions, split_questions, topic_label
+from fedrag_app.config.app_config import AppConfig, PartitionConfig
+from fedrag_app.data.loaders import load_qa_jsonl, load_web_questions
+from fedrag_app.federation.partition import assign_articles, make_partitions, split_questions, topic_label
+from fedrag_app.rag.knowledge_store import KnowledgeStore
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,9 @@ def test_iid_split_is_disjoint_and_complete(questions):
 def test_dirichlet_split_is_skewed_by_topic_and_keeps_an_entity_together(questions):
     labels = lambda part: [topic_label(e) for e in part]  # noqa: E731
     iid = split_questions(questions, PartitionConfig(num_partitions=3), seed=0)
-    skewed = split_questions(questions, PartitionConfig(num_partitions=3, scheme="dirichlet", dirichlet_alpha=0.1), seed=0)
+    skewed = split_questions(
+        questions, PartitionConfig(num_partitions=3, scheme="dirichlet", dirichlet_alpha=0.1), seed=0
+    )
     assert sum(map(len, skewed)) == len(questions)
     assert _skew(skewed, labels) > 3 * _skew(iid, labels)
     by_topic = {}
@@ -63,8 +65,14 @@ def test_make_partitions_writes_per_client_files_shards_and_manifest(tmp_path, m
     from tests.test_embedding_cache import CountingEncoder
 
     monkeypatch.setenv("FEDRAG_CACHE_DIR", str(tmp_path / "cache"))
-    cfg = AppConfig.from_flat({"partition.num-partitions": 2, "partition.questions-per-client": 5,
-                               "partition.passages-per-client": 24, "partition.dir": str(tmp_path / "parts")})
+    cfg = AppConfig.from_flat(
+        {
+            "partition.num-partitions": 2,
+            "partition.questions-per-client": 5,
+            "partition.passages-per-client": 24,
+            "partition.dir": str(tmp_path / "parts"),
+        }
+    )
     counting = CountingEncoder(retriever)
     manifest = make_partitions(cfg, counting, progress=False)
     assert counting.texts == 48, "each client's passages encoded once, into the embedding cache"
@@ -90,7 +98,7 @@ def test_make_partitions_writes_per_client_files_shards_and_manifest(tmp_path, m
 
 def _client_passages(cfg: AppConfig) -> list:
     """The passages make_partitions gives the clients (the first passages-per-client of each one's articles)."""
-    from fedrag_app.data import iter_passages
+    from fedrag_app.data.loaders import iter_passages
 
     passages = list(iter_passages(cfg.data))
     owners = assign_articles(sorted({p.title for p in passages}), cfg.partition, cfg.runtime.seed)

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, RecordDict
 
-from fedrag_app import client_app
-from fedrag_app.config import AppConfig
-from fedrag_app.errors import ConfigError
-from fedrag_app.generator import load_generator, lora_a_fingerprint
-from fedrag_app.local_round import exchanged_weights
-from fedrag_app.records import metric_record, numpy_to_record, pack_weights, record_to_numpy
-from fedrag_app.runtime import apply_runtime
+from fedrag_app.config.app_config import AppConfig
+from fedrag_app.config.runtime import apply_runtime
+from fedrag_app.core.errors import ConfigError
+from fedrag_app.flower import client_app
+from fedrag_app.flower.records import metric_record, numpy_to_record, pack_weights, record_to_numpy
+from fedrag_app.rag.generator import load_generator, lora_a_fingerprint
+from fedrag_app.training.local_round import exchanged_weights
 from tests.test_flower_app import TINY, checked, context, message, node, reply  # noqa: F401  (node is a fixture)
 from tests.test_flwr_run import rdp_epsilon
 
@@ -47,8 +47,9 @@ def _update_norm(reply_record, sent_record) -> float:
     return float(np.sqrt(sum(np.sum((got[k].astype(np.float64) - sent[k]) ** 2) for k in sent)))
 
 
-def _client_round(run: dict, node_config: dict, clipping_norm: float | None = None, run_id: int = 1,
-                  server_round: int = 1):
+def _client_round(
+    run: dict, node_config: dict, clipping_norm: float | None = None, run_id: int = 1, server_round: int = 1
+):
     """One train message through the ClientApp (its mods included), as the server's strategy would send it."""
     cfg = AppConfig.from_flat(run)
     gen, retriever = client_app._models(cfg)
@@ -56,8 +57,10 @@ def _client_round(run: dict, node_config: dict, clipping_norm: float | None = No
     config = {"server-round": server_round}
     if clipping_norm is not None:
         config["clipping_norm"] = clipping_norm
-    out = client_app.app(message(RecordDict({"arrays": sent, "config": ConfigRecord(config)}), "train"),
-                         context(node_config, run, run_id))
+    out = client_app.app(
+        message(RecordDict({"arrays": sent, "config": ConfigRecord(config)}), "train"),
+        context(node_config, run, run_id),
+    )
     assert not out.has_error(), out.error
     return sent, out
 
@@ -86,11 +89,16 @@ def _gaussian_delta(sigma: float, sensitivity: float, eps: float) -> float:
 def test_fp16_updates_on_the_wire_compose_with_client_clipping(node):
     """The wire mod is outermost: fixedclipping_mod clips the fp32 weights against what was received, then the
     retriever update goes out in fp16; the weights the server rebuilds are within the clipping norm."""
-    from fedrag_app.records import from_wire_update
+    from fedrag_app.flower.records import from_wire_update
 
     clip = 1e-3
-    run = {**TINY, "train.mode": "lsr", "retriever.wire-dtype": "float16", "dp.mode": "client-clip",
-           "dp.clipping-norm": clip}
+    run = {
+        **TINY,
+        "train.mode": "lsr",
+        "retriever.wire-dtype": "float16",
+        "dp.mode": "client-clip",
+        "dp.clipping-norm": clip,
+    }
     sent, out = _client_round(run, node, clipping_norm=clip)
     arrays = out.content["arrays"]
     assert list(arrays) == list(sent) and all(a.numpy().dtype == np.float16 for a in arrays.values())
@@ -110,8 +118,12 @@ def test_local_dp_adds_noise_of_the_calibrated_std_and_never_the_same_noise_twic
     expected = 2 * clip * np.sqrt(2 * np.log(1.25 / delta)) / eps
     assert _gaussian_delta(expected, 2 * clip, eps) <= delta, "the reported (epsilon, delta) holds for this noise"
     assert _gaussian_delta(expected / 2, 2 * clip, eps) > delta, "noise calibrated to C does not give it"
-    noise = [np.concatenate([(record_to_numpy(out.content["arrays"])[k] - record_to_numpy(sent)[k]).ravel()
-                             for k in sorted(sent)]) for out in (first, second)]
+    noise = [
+        np.concatenate(
+            [(record_to_numpy(out.content["arrays"])[k] - record_to_numpy(sent)[k]).ravel() for k in sorted(sent)]
+        )
+        for out in (first, second)
+    ]
     assert noise[0].size > 100_000
     assert np.std(noise[0]) == pytest.approx(expected, rel=0.01)  # the clipped update (norm <= 1e-4) is negligible
     assert np.corrcoef(noise[0], noise[1])[0, 1] < 0.01, "two rounds drew the same noise: it is predictable"
@@ -119,9 +131,15 @@ def test_local_dp_adds_noise_of_the_calibrated_std_and_never_the_same_noise_twic
 
 # --- server-side DP ------------------------------------------------------------------------------------------------
 def _dp_replies(n: int, states: list[dict]):
-    return [reply(RecordDict({"arrays": numpy_to_record(s), "metrics": metric_record({"num-examples": 10 + i,
-                                                                                        "dp-weight": 1})}), i + 1)
-            for i, s in enumerate(states)]
+    return [
+        reply(
+            RecordDict(
+                {"arrays": numpy_to_record(s), "metrics": metric_record({"num-examples": 10 + i, "dp-weight": 1})}
+            ),
+            i + 1,
+        )
+        for i, s in enumerate(states)
+    ]
 
 
 def test_server_clip_clips_every_reply_to_the_clipping_norm(in_a_server_app):
@@ -141,8 +159,13 @@ def test_server_clip_clips_every_reply_to_the_clipping_norm(in_a_server_app):
 def test_central_noise_has_the_configured_std_and_epsilon_matches_the_accountant(in_a_server_app):
     z, clip, m, rounds = 2.0, 0.5, 3, 3
     reference = {"lora.w": np.zeros(200_000, np.float32)}
-    run = {"dp.mode": "client-clip", "dp.clipping-norm": clip, "dp.noise-multiplier": z, "dp.delta": 1e-5,
-           "fed.min-nodes": m}
+    run = {
+        "dp.mode": "client-clip",
+        "dp.clipping-norm": clip,
+        "dp.noise-multiplier": z,
+        "dp.delta": 1e-5,
+        "fed.min-nodes": m,
+    }
     strategy = checked(reference, run)
     for server_round in range(1, rounds + 1):
         sent = list(strategy.configure_train(server_round, numpy_to_record(reference), ConfigRecord({}), Nodes(5)))
@@ -156,7 +179,7 @@ def test_central_noise_has_the_configured_std_and_epsilon_matches_the_accountant
 
 
 def test_a_resumed_run_charges_the_accountant_for_the_rounds_already_done():
-    from fedrag_app.server_app import build_strategy
+    from fedrag_app.flower.server_app import build_strategy
 
     run = {"dp.mode": "server-clip", "dp.noise-multiplier": 1.5, "fed.min-nodes": 2}
     cfg = AppConfig.from_flat(run)
@@ -185,21 +208,36 @@ def test_ffa_lora_sends_only_b_keeps_a_frozen_and_matches_the_servers_a(node):
     strategy = checked(record_to_numpy(sent), run, a_fingerprint=server_a)
     arrays, _ = strategy.aggregate_train(1, [reply(out.content, 1)])
     assert arrays is not None
-    other = RecordDict({"arrays": out.content["arrays"],
-                        "metrics": metric_record({"num-examples": 4, "lora-a-fingerprint": server_a + 1.0})})
-    assert checked(record_to_numpy(sent), run, a_fingerprint=server_a).aggregate_train(1, [reply(other, 2)]) == (None, None)
+    other = RecordDict(
+        {
+            "arrays": out.content["arrays"],
+            "metrics": metric_record({"num-examples": 4, "lora-a-fingerprint": server_a + 1.0}),
+        }
+    )
+    assert checked(record_to_numpy(sent), run, a_fingerprint=server_a).aggregate_train(1, [reply(other, 2)]) == (
+        None,
+        None,
+    )
 
 
 def test_product_aggregation_in_the_strategy_is_the_exact_mean_of_the_products():
     rng = np.random.default_rng(0)
     a = rng.standard_normal((4, 6)).astype(np.float32)  # a shared A: the mean of B_i A has rank <= 4, so exact
-    states = [{"lora.m.lora_A.weight": a, "lora.m.lora_B.weight": rng.standard_normal((5, 4)).astype(np.float32),
-               "retriever.v": np.full(3, float(i), np.float32)} for i in range(2)]
+    states = [
+        {
+            "lora.m.lora_A.weight": a,
+            "lora.m.lora_B.weight": rng.standard_normal((5, 4)).astype(np.float32),
+            "retriever.v": np.full(3, float(i), np.float32),
+        }
+        for i in range(2)
+    ]
     reference = {k: np.zeros_like(v) for k, v in states[0].items()}
     run = {"fed.lora-aggregation": "product", "generator.lora-r": 4, "generator.lora-alpha": 8}
     strategy = checked(reference, run)
-    replies = [reply(RecordDict({"arrays": numpy_to_record(s), "metrics": metric_record({"num-examples": n})}), i)
-               for i, (s, n) in enumerate(zip(states, (1, 3)))]
+    replies = [
+        reply(RecordDict({"arrays": numpy_to_record(s), "metrics": metric_record({"num-examples": n})}), i)
+        for i, (s, n) in enumerate(zip(states, (1, 3)))
+    ]
     arrays, _ = strategy.aggregate_train(1, replies)
     out = record_to_numpy(arrays)
     want = (1 * states[0]["lora.m.lora_B.weight"] @ a + 3 * states[1]["lora.m.lora_B.weight"] @ a) / 4
@@ -213,7 +251,7 @@ def test_product_aggregation_in_the_strategy_is_the_exact_mean_of_the_products()
 def test_a_personal_adapter_continues_only_in_its_own_federation(tmp_path):
     import torch
 
-    from fedrag_app.personal import RoundOf, load_personal, save_personal
+    from fedrag_app.federation.personal import RoundOf, load_personal, save_personal
 
     save_personal(tmp_path, {"x": torch.ones(2)}, RoundOf(run_id=5, server_round=2))
     assert load_personal(tmp_path, RoundOf(5, 3)) is not None, "the same run, its next round"
@@ -227,10 +265,12 @@ def test_a_run_resumed_after_a_lost_round_continues_the_adapter_of_the_round_it_
     trained again from the node's round-2 adapter, not from the lost round 3's, nor from scratch."""
     import torch
 
-    from fedrag_app.personal import RoundOf, load_personal, save_personal
+    from fedrag_app.federation.personal import RoundOf, load_personal, save_personal
 
     for server_round in (1, 2, 3):
-        save_personal(tmp_path, {"x": torch.full((2,), float(server_round))}, RoundOf(run_id=5, server_round=server_round))
+        save_personal(
+            tmp_path, {"x": torch.full((2,), float(server_round))}, RoundOf(run_id=5, server_round=server_round)
+        )
     assert len(list(tmp_path.iterdir())) == 2, "the last two rounds are kept"
     resumed = load_personal(tmp_path, RoundOf(run_id=6, server_round=3, round_offset=2))
     assert resumed is not None and torch.equal(resumed["x"], torch.full((2,), 2.0))
@@ -241,8 +281,8 @@ def test_a_run_resumed_after_a_lost_round_continues_the_adapter_of_the_round_it_
 def test_personal_adapter_trains_on_the_node_persists_and_never_appears_in_a_reply(node, tmp_path, monkeypatch):
     import torch
 
-    from fedrag_app import personal
-    from fedrag_app.personal import load_personal
+    from fedrag_app.federation import personal
+    from fedrag_app.federation.personal import load_personal
 
     run = {**RALT, "fed.personal-adapter": True}
     here = {**node, "state-path": str(tmp_path / "state")}
@@ -259,7 +299,9 @@ def test_personal_adapter_trains_on_the_node_persists_and_never_appears_in_a_rep
     assert any(not torch.equal(saved[k], again[k]) for k in saved), "round 2 did not start from the saved adapter"
     started_from = []
     real_load = personal.load_personal
-    monkeypatch.setattr(personal, "load_personal", lambda *a, **k: started_from.append(real_load(*a, **k)) or started_from[-1])
+    monkeypatch.setattr(
+        personal, "load_personal", lambda *a, **k: started_from.append(real_load(*a, **k)) or started_from[-1]
+    )
     _client_round(run, here, run_id=2)  # another federation on the same node
     assert started_from == [None], "a new run must not inherit the personal adapter of another run"
     content = RecordDict({"arrays": sent, "config": ConfigRecord({"server-round": 1})})

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from fedrag_app.errors import ConfigError
-from fedrag_app.quickstart import DEFAULTS, app_dir, run_config
+from fedrag_app.commands.quickstart import DEFAULTS, app_dir, run_config
+from fedrag_app.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,14 +38,38 @@ def test_a_bad_override_is_refused_before_anything_runs(tmp_path):
 @pytest.mark.slow
 def test_quickstart_end_to_end_tiny(tmp_path, data_dir):
     out = tmp_path / "qs"
-    argv = [sys.executable, "-m", "fedrag_app.cli", "quickstart", "--out", str(out), "--rounds", "1",
-            "--question", "who was the first president of the united states",
-            *[a for kv in ("partition.num-partitions=2", "partition.questions-per-client=4",
-                           "partition.passages-per-client=40", "store.passages-limit=80", "train.num-examples=2",
-                           "ralt.batch-size=2", "lsr.batch-size=2", "eval.mmlu-limit=2", "eval.web-questions-limit=2",
-                           "ralt.max-seq-len=128", "lsr.max-seq-len=128") for a in ("--set", kv)]]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=900, cwd=tmp_path,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    argv = [
+        sys.executable,
+        "-m",
+        "fedrag_app.cli",
+        "quickstart",
+        "--out",
+        str(out),
+        "--rounds",
+        "1",
+        "--question",
+        "who was the first president of the united states",
+        *[
+            a
+            for kv in (
+                "partition.num-partitions=2",
+                "partition.questions-per-client=4",
+                "partition.passages-per-client=40",
+                "store.passages-limit=80",
+                "train.num-examples=2",
+                "ralt.batch-size=2",
+                "lsr.batch-size=2",
+                "eval.mmlu-limit=2",
+                "eval.web-questions-limit=2",
+                "ralt.max-seq-len=128",
+                "lsr.max-seq-len=128",
+            )
+            for a in ("--set", kv)
+        ],
+    ]
+    done = subprocess.run(
+        argv, capture_output=True, text=True, timeout=900, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["before"]["mmlu-loglik-n"] == 2 and summary["after"]["round"] == 1

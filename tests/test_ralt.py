@@ -5,15 +5,18 @@ import random
 import pytest
 import torch
 
-from fedrag_app.config import RaltConfig
-from fedrag_app.data import QAExample
-from fedrag_app.generator import load_lora_state_dict, lora_state_dict
-from fedrag_app.knowledge_store import Hit
-from fedrag_app.lm_scoring import answer_nll
-from fedrag_app.prompts import answer_target, build_prompt, format_passage
-from fedrag_app.ralt import IGNORE, build_ralt_sequences, build_sequence, collate, make_batches, trainable_lora_parameters
+from fedrag_app.config.app_config import RaltConfig
+from fedrag_app.data.loaders import QAExample
+from fedrag_app.rag.generator import load_lora_state_dict, lora_state_dict
+from fedrag_app.rag.knowledge_store import Hit
+from fedrag_app.rag.prompts import answer_target, build_prompt, format_passage
+from fedrag_app.training.lm_scoring import answer_nll
+from fedrag_app.training.ralt import build_ralt_sequences, trainable_lora_parameters
+from fedrag_app.training.sequences import IGNORE, build_sequence, collate, make_batches
 
-PASSAGE = format_passage("George Washington", "George Washington was the first president of the United States, from 1789 to 1797.")
+PASSAGE = format_passage(
+    "George Washington", "George Washington was the first president of the United States, from 1789 to 1797."
+)
 
 
 @pytest.fixture
@@ -26,7 +29,9 @@ def restore_lora(generator):
 def test_prompt_and_context_tokens_carry_ignore_and_the_answer_is_labelled(generator):
     tok = generator.tokenizer
     seq = build_sequence(tok, "who was the first president?", PASSAGE, "George Washington", 512)
-    prompt_ids = tok(build_prompt(tok, "who was the first president?", [PASSAGE]), add_special_tokens=False)["input_ids"]
+    prompt_ids = tok(build_prompt(tok, "who was the first president?", [PASSAGE]), add_special_tokens=False)[
+        "input_ids"
+    ]
     answer_ids = tok(answer_target(tok, "George Washington"), add_special_tokens=False)["input_ids"]
     assert seq.input_ids == prompt_ids + answer_ids
     assert seq.labels == [IGNORE] * len(prompt_ids) + answer_ids
@@ -47,7 +52,7 @@ def test_truncation_cuts_the_passage_and_keeps_answer_and_eos_whole(generator):
     seq = build_sequence(tok, "what is the name of justin bieber brother?", long_passage, answer, 128)
     answer_ids = tok(answer_target(tok, answer), add_special_tokens=False)["input_ids"]
     assert len(seq.input_ids) <= 128
-    assert seq.input_ids[-len(answer_ids):] == answer_ids
+    assert seq.input_ids[-len(answer_ids) :] == answer_ids
     assert [t for t in seq.labels if t != IGNORE] == answer_ids
     assert "Question: what is the name of justin bieber brother?" in tok.decode(seq.input_ids)
 
@@ -55,14 +60,16 @@ def test_truncation_cuts_the_passage_and_keeps_answer_and_eos_whole(generator):
 def test_k_sequences_per_pair_plus_no_context_share(generator):
     examples = [QAExample(str(i), f"question {i}?", (f"answer {i}",), "") for i in range(4)]
     hits = [[Hit(f"p{i}{j}", 1.0, "T", f"text {j}") for j in range(3)] for i in range(4)]
-    seqs = build_ralt_sequences(generator.tokenizer, examples, hits, RaltConfig(top_k=2, no_context_ratio=0.5), random.Random(0))
+    seqs = build_ralt_sequences(
+        generator.tokenizer, examples, hits, RaltConfig(top_k=2, no_context_ratio=0.5), random.Random(0)
+    )
     assert len(seqs) == 4 * 2 + 2
     no_ctx = [s for s in seqs if "Context:" not in generator.tokenizer.decode(s.input_ids)]
     assert len(no_ctx) == 2
 
 
 def test_a_many_answer_question_trains_on_one_gold_answer_that_can_exact_match(generator):
-    from fedrag_app.metrics import exact_match
+    from fedrag_app.evaluation.metrics import exact_match
 
     tok = generator.tokenizer
     bieber = QAExample("0", "what is the name of justin bieber brother?", ("Jazmyn Bieber", "Jaxon Bieber"), "")
@@ -73,7 +80,7 @@ def test_a_many_answer_question_trains_on_one_gold_answer_that_can_exact_match(g
 
 
 def test_length_grouping_puts_similar_lengths_together():
-    from fedrag_app.ralt import LabelledSequence
+    from fedrag_app.training.sequences import LabelledSequence
 
     seqs = [LabelledSequence([1] * n, [IGNORE] * n) for n in random.Random(1).sample(range(10, 400), 64)]
     grouped = make_batches(seqs, 8, length_grouping=True, rng=random.Random(0))
@@ -88,8 +95,10 @@ def test_length_grouping_puts_similar_lengths_together():
 
 def test_loss_equals_manual_cross_entropy_over_answer_and_eos(generator):
     tok = generator.tokenizer
-    seqs = [build_sequence(tok, "who was the first president?", PASSAGE, "George Washington", 512),
-            build_sequence(tok, "capital of france?", None, "Paris", 512)]
+    seqs = [
+        build_sequence(tok, "who was the first president?", PASSAGE, "George Washington", 512),
+        build_sequence(tok, "capital of france?", None, "Paris", 512),
+    ]
     batch = collate(seqs, tok.pad_token_id, "cpu")
     with torch.no_grad():
         ours = answer_nll(generator.model, **batch)
@@ -108,8 +117,10 @@ def test_only_lora_trains(generator):
 
 def test_loss_falls_over_a_few_steps_on_a_fixed_tiny_set(generator, restore_lora):
     tok = generator.tokenizer
-    seqs = [build_sequence(tok, "who was the first president?", PASSAGE, "George Washington", 256),
-            build_sequence(tok, "what is the capital of france?", None, "Paris", 256)]
+    seqs = [
+        build_sequence(tok, "who was the first president?", PASSAGE, "George Washington", 256),
+        build_sequence(tok, "what is the capital of france?", None, "Paris", 256),
+    ]
     batch = collate(seqs, tok.pad_token_id, "cpu")
     optimizer = torch.optim.AdamW(trainable_lora_parameters(generator), lr=2e-3)
     generator.model.train()

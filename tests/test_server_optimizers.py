@@ -11,13 +11,13 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvgM
 
-from fedrag_app import client_app
-from fedrag_app.config import AppConfig
-from fedrag_app.errors import ConfigError
-from fedrag_app.local_round import exchanged_weights
-from fedrag_app.optimizer_state import keep_optimizer, restore_optimizer
-from fedrag_app.records import metric_record, numpy_to_record, pack_weights, record_to_numpy
-from fedrag_app.server_app import build_strategy
+from fedrag_app.config.app_config import AppConfig
+from fedrag_app.core.errors import ConfigError
+from fedrag_app.flower import client_app
+from fedrag_app.flower.records import metric_record, numpy_to_record, pack_weights, record_to_numpy
+from fedrag_app.flower.server_app import build_strategy
+from fedrag_app.training.local_round import exchanged_weights
+from fedrag_app.training.optimizer_state import keep_optimizer, restore_optimizer
 from tests.test_flower_app import TINY, _global_weights, context, message, node, reply  # noqa: F401  (node: a fixture)
 from tests.test_privacy import Nodes, in_a_server_app  # noqa: F401  (in_a_server_app is a fixture)
 
@@ -28,10 +28,13 @@ WEIGHTS = (1, 2, 5)  # num-examples of the three nodes
 def _replies(x: dict, server_round: int) -> tuple[list, dict]:
     """Three distinct replies around the global weights ``x``, and their weighted mean (float64)."""
     rng = np.random.default_rng(server_round)
-    states = [{k: (v + rng.normal(0, 0.1 * (i + 1), v.shape)).astype(np.float32) for k, v in x.items()}
-              for i in range(3)]
-    replies = [reply(RecordDict({"arrays": numpy_to_record(s), "metrics": metric_record({"num-examples": n})}), i + 1)
-               for i, (s, n) in enumerate(zip(states, WEIGHTS))]
+    states = [
+        {k: (v + rng.normal(0, 0.1 * (i + 1), v.shape)).astype(np.float32) for k, v in x.items()} for i in range(3)
+    ]
+    replies = [
+        reply(RecordDict({"arrays": numpy_to_record(s), "metrics": metric_record({"num-examples": n})}), i + 1)
+        for i, (s, n) in enumerate(zip(states, WEIGHTS))
+    ]
     mean = {k: sum(n * s[k].astype(np.float64) for s, n in zip(states, WEIGHTS)) / sum(WEIGHTS) for k in x}
     return replies, mean
 
@@ -48,9 +51,13 @@ def _run(strategy, rounds: range, x: dict, *, done: int = 0) -> dict:
 
 def test_fedavgm_matches_server_sgd_with_momentum_over_three_rounds(in_a_server_app):
     lr, beta = 0.7, 0.9
-    strategy = build_strategy(AppConfig.from_flat({"fed.min-nodes": 3, "fed.strategy": "fedavgm",
-                                                   "fed.server-learning-rate": lr, "fed.server-momentum": beta}),
-                              REFERENCE, None)
+    strategy = build_strategy(
+        AppConfig.from_flat(
+            {"fed.min-nodes": 3, "fed.strategy": "fedavgm", "fed.server-learning-rate": lr, "fed.server-momentum": beta}
+        ),
+        REFERENCE,
+        None,
+    )
     assert isinstance(strategy.fedavg, FedAvgM)
     x, expected, momentum = dict(REFERENCE), {k: v.astype(np.float64) for k, v in REFERENCE.items()}, None
     for r in (1, 2, 3):
@@ -66,8 +73,14 @@ def test_fedavgm_matches_server_sgd_with_momentum_over_three_rounds(in_a_server_
 
 def test_fedadam_matches_the_adam_step_on_the_average_update_over_three_rounds(in_a_server_app):
     eta, b1, b2, tau = 0.05, 0.9, 0.99, 1e-6
-    run = {"fed.min-nodes": 3, "fed.strategy": "fedadam", "fed.server-learning-rate": eta, "fed.server-beta-1": b1,
-           "fed.server-beta-2": b2, "fed.server-tau": tau}
+    run = {
+        "fed.min-nodes": 3,
+        "fed.strategy": "fedadam",
+        "fed.server-learning-rate": eta,
+        "fed.server-beta-1": b1,
+        "fed.server-beta-2": b2,
+        "fed.server-tau": tau,
+    }
     strategy = build_strategy(AppConfig.from_flat(run), REFERENCE, None)
     assert isinstance(strategy.fedavg, FedAdam)
     x = dict(REFERENCE)
@@ -102,21 +115,41 @@ def test_a_resumed_server_optimizer_continues_exactly(in_a_server_app, name):
     x = _run(resumed, range(1, 2), x, done=2)
     for k in x:
         np.testing.assert_allclose(x[k], whole[k], rtol=1e-6, atol=1e-7)
-    other = build_strategy(AppConfig.from_flat({"fed.strategy": "fedyogi" if name != "fedyogi" else "fedadam"}),
-                           REFERENCE, None)
+    other = build_strategy(
+        AppConfig.from_flat({"fed.strategy": "fedyogi" if name != "fedyogi" else "fedadam"}), REFERENCE, None
+    )
     assert not other.fedavg.restore_optimizer_state(state, REFERENCE), "another strategy's state must not load"
 
 
 def test_server_optimizers_compose_with_ffa_and_local_dp_and_keep_a_float16_part(in_a_server_app):
     eta, b1, b2, tau = 0.01, 0.9, 0.99, 1e-6
-    run = {"fed.min-nodes": 3, "fed.strategy": "fedadam", "fed.lora-aggregation": "ffa", "dp.mode": "local",
-           "fed.server-learning-rate": eta}
+    run = {
+        "fed.min-nodes": 3,
+        "fed.strategy": "fedadam",
+        "fed.lora-aggregation": "ffa",
+        "dp.mode": "local",
+        "fed.server-learning-rate": eta,
+    }
     strategy = build_strategy(AppConfig.from_flat(run), REFERENCE, None)
     half = {**REFERENCE, "retriever.v": np.zeros(5, np.float16)}  # a float16 wire part, updates of ~1e-4
     list(strategy.configure_train(1, numpy_to_record(half), ConfigRecord({}), Nodes(3)))
-    replies = [reply(RecordDict({"arrays": numpy_to_record({"lora.w": half["lora.w"] + np.float32(0.01 * i),
-                                                            "retriever.v": np.full(5, 1e-4 * i, np.float16)}),
-                                 "metrics": metric_record({"num-examples": 1})}), i) for i in (1, 2, 3)]
+    replies = [
+        reply(
+            RecordDict(
+                {
+                    "arrays": numpy_to_record(
+                        {
+                            "lora.w": half["lora.w"] + np.float32(0.01 * i),
+                            "retriever.v": np.full(5, 1e-4 * i, np.float16),
+                        }
+                    ),
+                    "metrics": metric_record({"num-examples": 1}),
+                }
+            ),
+            i,
+        )
+        for i in (1, 2, 3)
+    ]
     got = record_to_numpy(strategy.aggregate_train(1, replies)[0])
     assert got["retriever.v"].dtype == np.float16 and got["lora.w"].dtype == np.float32
     delta = np.mean([np.float16(1e-4 * i) for i in (1, 2, 3)], dtype=np.float64)
@@ -125,16 +158,30 @@ def test_server_optimizers_compose_with_ffa_and_local_dp_and_keep_a_float16_part
     # in float16 (1 - b2) * delta**2 = 4e-10 underflows to 0 and the step is m / tau, 20 times too large
 
 
-@pytest.mark.parametrize("run, named", [
-    ({"fed.strategy": "fedadam", "dp.mode": "server-clip"}, ["'fed.strategy' = 'fedadam'", "'dp.mode' = 'server-clip'"]),
-    ({"fed.strategy": "fedavgm", "dp.mode": "client-clip"}, ["'fed.strategy' = 'fedavgm'", "'dp.mode' = 'client-clip'"]),
-    ({"fed.strategy": "fedyogi", "fed.lora-aggregation": "product"},
-     ["'fed.strategy' = 'fedyogi'", "'fed.lora-aggregation' = 'product'"]),
-    ({"fed.server-learning-rate": 0.5}, ["'fed.server-learning-rate' = 0.5", "'fed.strategy' = 'fedavg'"]),
-    ({"fed.strategy": "fedadam", "fed.client-ranks": "2,8"}, ["'fed.client-ranks' = 2", "'fed.strategy' = 'fedadam'"]),
-    ({"fed.strategy": "fedsgd"}, ["'fed.strategy' = 'fedsgd'"]),
-    ({"fed.strategy": "fedavgm", "fed.server-momentum": 1.0}, ["'fed.server-momentum' = 1.0"]),
-])
+@pytest.mark.parametrize(
+    "run, named",
+    [
+        (
+            {"fed.strategy": "fedadam", "dp.mode": "server-clip"},
+            ["'fed.strategy' = 'fedadam'", "'dp.mode' = 'server-clip'"],
+        ),
+        (
+            {"fed.strategy": "fedavgm", "dp.mode": "client-clip"},
+            ["'fed.strategy' = 'fedavgm'", "'dp.mode' = 'client-clip'"],
+        ),
+        (
+            {"fed.strategy": "fedyogi", "fed.lora-aggregation": "product"},
+            ["'fed.strategy' = 'fedyogi'", "'fed.lora-aggregation' = 'product'"],
+        ),
+        ({"fed.server-learning-rate": 0.5}, ["'fed.server-learning-rate' = 0.5", "'fed.strategy' = 'fedavg'"]),
+        (
+            {"fed.strategy": "fedadam", "fed.client-ranks": "2,8"},
+            ["'fed.client-ranks' = 2", "'fed.strategy' = 'fedadam'"],
+        ),
+        ({"fed.strategy": "fedsgd"}, ["'fed.strategy' = 'fedsgd'"]),
+        ({"fed.strategy": "fedavgm", "fed.server-momentum": 1.0}, ["'fed.server-momentum' = 1.0"]),
+    ],
+)
 def test_unsound_combinations_are_refused_by_key_and_value(run, named):
     with pytest.raises(ConfigError) as e:
         AppConfig.from_flat(run)
@@ -202,7 +249,7 @@ def test_the_client_keeps_its_adamw_state_in_its_context_never_in_the_reply(node
 
 
 def test_a_checkpoint_carries_the_server_optimizers_state(tmp_path, generator, retriever):
-    from fedrag_app.checkpoint import load_server_state, save_checkpoint
+    from fedrag_app.federation.checkpoint import load_server_state, save_checkpoint
 
     state = {"fedadam/m/lora.w": np.arange(6, dtype=np.float32).reshape(2, 3), "fedadam/v/lora.w": np.ones((2, 3))}
     with_state = save_checkpoint(tmp_path, 1, generator, retriever, {}, {}, server_state=state)
@@ -215,14 +262,21 @@ def test_centralized_training_keeps_adamw_across_rounds_as_a_one_node_federation
     """Two rounds of `fedrag-app train` with the key give, bit for bit, what two rounds of one node give with it."""
     from peft.utils import load_peft_weights
 
-    from fedrag_app.training_run import train_centralized
+    from fedrag_app.training.centralized import train_centralized
     from tests.test_flower_app import _peft_key, checked
 
     central_data = tmp_path / "data" / "web_questions"  # centralized trains on the train split: the node's questions
     central_data.mkdir(parents=True)
     shutil.copy(node["data-path"], central_data / "train.jsonl")
-    run = {**TINY, "train.mode": "ralt", "fed.num-server-rounds": 2, "train.output-dir": str(tmp_path / "central"),
-           "store.path": small_shard_path, "train.keep-optimizer-state": True, "data.dir": str(tmp_path / "data")}
+    run = {
+        **TINY,
+        "train.mode": "ralt",
+        "fed.num-server-rounds": 2,
+        "train.output-dir": str(tmp_path / "central"),
+        "store.path": small_shard_path,
+        "train.keep-optimizer-state": True,
+        "data.dir": str(tmp_path / "data"),
+    }
     cfg = AppConfig.from_flat(run)
     client_app._MODELS.clear()  # the client starts from a fresh load, as train_centralized does
     sent, ctx = pack_weights(*exchanged_weights(cfg, *client_app._models(cfg))), context(node, run)  # LoRA only

@@ -5,17 +5,25 @@ LM head, textbook cross-entropy), and the mask-free causal path scores what the 
 import pytest
 import torch
 
-from fedrag_app.generator import load_lora_state_dict, lora_state_dict
-from fedrag_app.lm_scoring import answer_logprobs
-from fedrag_app.prompts import format_passage
-from fedrag_app.ralt import IGNORE, LabelledSequence, accumulate_gradients, build_sequence, collate, micro_batches
-from fedrag_app.ralt import trainable_lora_parameters
+from fedrag_app.rag.generator import load_lora_state_dict, lora_state_dict
+from fedrag_app.rag.prompts import format_passage
+from fedrag_app.training.lm_scoring import answer_logprobs
+from fedrag_app.training.ralt import accumulate_gradients, trainable_lora_parameters
+from fedrag_app.training.sequences import IGNORE, LabelledSequence, build_sequence, collate, micro_batches
 
 LR = 1e-3
 PAIRS = [  # passages of very different lengths, so the batch is padded and the micro-batches differ in width
-    ("who was the first president?", "George Washington was the first president of the United States.", "George Washington"),
+    (
+        "who was the first president?",
+        "George Washington was the first president of the United States.",
+        "George Washington",
+    ),
     ("what is the capital of france?", None, "Paris"),
-    ("where was mozart born?", " ".join(["Mozart was born in Salzburg in 1756 and moved to Vienna later."] * 6), "Salzburg"),
+    (
+        "where was mozart born?",
+        " ".join(["Mozart was born in Salzburg in 1756 and moved to Vienna later."] * 6),
+        "Salzburg",
+    ),
     ("what language is spoken in brazil?", "Portuguese is the official language of Brazil.", "Portuguese"),
 ]
 
@@ -24,8 +32,10 @@ def reference_loss(model, batch: list[LabelledSequence], pad_id: int) -> torch.T
     """The code before issue 22, spelled out: one padded forward with the (B, T) mask, logits at every position."""
     inputs = collate(batch, pad_id, "cpu")
     logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits  # (B, T, V)
-    per_seq = [torch.nn.functional.cross_entropy(logits[b, :-1], inputs["labels"][b, 1:], ignore_index=IGNORE)
-               for b in range(len(batch))]
+    per_seq = [
+        torch.nn.functional.cross_entropy(logits[b, :-1], inputs["labels"][b, 1:], ignore_index=IGNORE)
+        for b in range(len(batch))
+    ]
     return torch.stack(per_seq).mean()
 
 
@@ -70,8 +80,9 @@ def test_micro_batched_steps_match_the_whole_batch_reference(generator, tiny_bat
 
     ref_losses, ref_grads, ref_weights = _train(generator, tiny_batch, reference_step)
     load_lora_state_dict(generator, restore_lora)
-    ours_losses, ours_grads, ours_weights = _train(generator, tiny_batch,
-                                                   lambda: accumulate_gradients(generator, tiny_batch, budget)[0])
+    ours_losses, ours_grads, ours_weights = _train(
+        generator, tiny_batch, lambda: accumulate_gradients(generator, tiny_batch, budget)[0]
+    )
 
     assert ours_losses == pytest.approx(ref_losses, rel=1e-5)
     assert ref_losses[1] < ref_losses[0]  # the adapter did move: the comparison covers trained weights

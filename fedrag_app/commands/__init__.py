@@ -1,0 +1,1 @@
+"""What the CLI runs beyond the library calls: the quickstart job and the model export."""

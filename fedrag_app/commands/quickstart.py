@@ -1,0 +1,351 @@
+"""`fedrag-app quickstart` (what `make run` runs): the product's main job, federated fine-tuning, on embedded
+defaults sized for a 2-core CPU, from an empty cache to a fine-tuned answer in minutes.
+
+1. index   the server's evaluation store (the first passages of the corpus, `fedrag-app index`) and three
+           institutions' questions and Qdrant shards (`fedrag-app partition`); both are kept for the next run
+2. before  the untrained system evaluated (MMLU, Web Questions, answer recall) with the same sizes the server
+           evaluates with after the last round
+3. train   `flwr run .` in Flower's simulation: RA-DIT over 3 institutions, a few rounds; its own FLWR_HOME and
+           ports; progress is rounds done out of planned (metrics.jsonl rows); the local SuperLink and the
+           simulation are stopped afterwards, also on Ctrl-C
+4. ask     the fine-tuned system (last round's checkpoint) answers one question
+5. a summary: metrics before and after, where the checkpoints, metrics.jsonl and plot are, the next commands.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from fedrag_app.config.app_config import AppConfig
+from fedrag_app.core.atomic import write_json
+from fedrag_app.core.errors import ConfigError, FedRagAppError
+from fedrag_app.core.verbosity import child_env
+
+# The embedded defaults: every key is a run-config key (pyproject.toml documents them); --set overrides any.
+DEFAULTS: dict[str, object] = {
+    "partition.num-partitions": 3,
+    "partition.scheme": "iid",
+    "partition.questions-per-client": 16,
+    "partition.passages-per-client": 150,
+    "partition.heldout-fraction": 0.1,
+    "store.passages-limit": 500,  # the server's evaluation store: the first 500 passages (the institutions' 450 among them)
+    "train.mode": "ra-dit",
+    "train.num-examples": 8,
+    "ralt.batch-size": 4,
+    "ralt.top-k": 1,
+    "ralt.max-seq-len": 256,
+    "ralt.learning-rate": 3e-4,
+    "lsr.batch-size": 4,
+    "lsr.top-k": 2,
+    "lsr.max-seq-len": 256,
+    "retriever.train-top-layers": 2,
+    "fed.num-server-rounds": 3,
+    "fed.min-nodes": 3,
+    "eval.mmlu-limit": 20,
+    "eval.web-questions-limit": 20,
+    "eval.top-k": 1,
+    "eval.batch-size": 10,
+    "runtime.num-threads": 0,  # Flower's simulation runs one 2-CPU node at a time here; the server evaluates alone
+}
+QUESTION = "who was the 16th president of the united states"  # answered in the first 500 passages
+SHOWN = ("mmlu-loglik-accuracy", "mmlu-generate-accuracy", "wq-em", "wq-f1", "retrieval-recall@10", "retrieval-mrr@10")
+POLL_S, STATUS_EVERY_S = 2.0, 15.0  # metrics.jsonl is read every 2 s; `flwr ls` (~1.8 s of CPU) every 15 s
+
+
+def app_dir() -> Path:
+    """The Flower app folder `flwr run` packages: this checkout (the package is installed editable), else cwd."""
+    for candidate in (Path(__file__).resolve().parents[1], Path.cwd()):
+        pyproject = candidate / "pyproject.toml"
+        if pyproject.exists() and "[tool.flwr.app]" in pyproject.read_text():
+            return candidate
+    raise ConfigError("quickstart runs `flwr run` on the app's folder: run it from a checkout of fedrag_app")
+
+
+def run_config(overrides: dict[str, object], out: Path, data_dir: str | None) -> dict[str, object]:
+    """DEFAULTS + overrides + the paths under ``out``; validated as an AppConfig (a bad key fails here, not in Flower)."""
+    flat = {**DEFAULTS, **overrides}
+    if "fed.server-eval-every" not in overrides:  # evaluate once, after the last round (the slow part on a CPU)
+        flat["fed.server-eval-every"] = flat["fed.num-server-rounds"]
+    if data_dir:
+        flat["data.dir"] = str(Path(data_dir).resolve())
+    flat["fed.min-nodes"] = flat["partition.num-partitions"]
+    parts = {k: v for k, v in sorted(flat.items()) if k.startswith(("partition.", "data.", "runtime.seed"))}
+    tag = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    flat.update(
+        {
+            "partition.dir": str(out / f"partitions-{tag}"),
+            "fed.output-dir": str(out / "fed"),
+            "store.path": str(out / f"server-store-first{flat['store.passages-limit']}"),
+        }
+    )
+    AppConfig.from_flat(flat, source="quickstart")
+    return flat
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _follow_run(root: Path):
+    """deploy/follow_run.py: the repo's one way to submit a run, follow its status and stop a local SuperLink."""
+    spec = importlib.util.spec_from_file_location("follow_run", root / "deploy" / "follow_run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Quickstart:
+    def __init__(
+        self,
+        overrides: dict[str, object],
+        *,
+        out: Path,
+        question: str = QUESTION,
+        data_dir: str | None = None,
+        console: Console | None = None,
+    ):
+        self.console = console or Console(soft_wrap=True)
+        self.root, self.out, self.question = app_dir(), out.expanduser().resolve(), question
+        self.flat = run_config(overrides, self.out, data_dir)
+        self.cfg = AppConfig.from_flat(self.flat, source="quickstart")
+        self.bin = Path(sys.executable).parent
+        self.started = time.perf_counter()
+        self.times: dict[str, float] = {}
+
+    # -- steps -----------------------------------------------------------------------------------------------------
+    def plan(self) -> None:
+        c = self.cfg
+        self.console.print(
+            f"[bold]fedrag_app quick start[/]: federated fine-tuning of a RAG system ({c.generator.model} + "
+            f"{c.retriever.model}) across {c.partition.num_partitions} institutions, {c.train.mode.upper()}, "
+            f"{c.fed.num_server_rounds} rounds, on embedded defaults.\n"
+            "  1 index      the server's evaluation store and each institution's questions + Qdrant shard (kept)\n"
+            f"  2 before     evaluate the untrained system ({c.eval.mmlu_limit} MMLU, {c.eval.web_questions_limit} "
+            "Web Questions)\n"
+            f"  3 train      `flwr run .` (Flower simulation, {c.partition.num_partitions} SuperNodes)\n"
+            "  4 after      the server's evaluation after the last round; then ask the fine-tuned system\n"
+            f"Outputs go to {self.out}. About 6 minutes on 2 CPU cores (measured; a second run reuses the indexes)."
+        )
+
+    def _cli(self, *args: str) -> None:
+        argv = [str(self.bin / "fedrag-app"), *args]
+        done = subprocess.run(argv, env=child_env())
+        if done.returncode != 0:
+            raise FedRagAppError(f"`{' '.join(argv)}` failed (exit {done.returncode}); its error is above")
+
+    def index(self) -> None:
+        t0 = time.perf_counter()
+        f = self.flat
+        self.console.rule("1 · index")
+        data = ["--data-dir", str(f["data.dir"])] if f.get("data.dir") else []
+        self._cli("index", "--limit", str(f["store.passages-limit"]), "--store", str(f["store.path"]), *data)
+        parts = Path(str(f["partition.dir"]))
+        if (parts / "manifest.json").exists():
+            self.console.print(f"[green]institutions already partitioned[/] in {parts}")
+        else:
+            keys = [
+                a
+                for k, v in f.items()
+                if k.startswith(("partition.", "runtime.seed")) and k != "partition.dir"
+                for a in ("--set", f"{k}={v}")
+            ]
+            self._cli("partition", "--out", str(parts), *keys, *data)
+        self.times["index"] = time.perf_counter() - t0
+
+    def before(self) -> dict[str, float]:
+        """The untrained system (a fresh LoRA adds nothing: B = 0) under the server's evaluation settings."""
+        from fedrag_app.config.runtime import apply_runtime
+        from fedrag_app.evaluation.evaluate import run_evaluation
+        from fedrag_app.rag.generator import load_generator
+        from fedrag_app.rag.pipeline import open_store
+        from fedrag_app.rag.retriever import load_retriever
+
+        t0 = time.perf_counter()
+        self.console.rule("2 · evaluate before fine-tuning")
+        with self.console.status("loading models"):
+            device = apply_runtime(self.cfg.runtime)
+            self.gen = load_generator(self.cfg.generator, device=device)
+            self.retriever = load_retriever(self.cfg.retriever, device=device)
+        with (
+            self.console.status(
+                f"evaluating: {self.cfg.eval.mmlu_limit} MMLU and {self.cfg.eval.web_questions_limit} "
+                "Web Questions questions, with retrieval"
+            ),
+            open_store(self.cfg, self.retriever) as kb,
+        ):
+            results = run_evaluation(self.cfg, self.gen, self.retriever, kb)
+        write_json(self.out / "before.json", results)
+        self.console.print("  " + ", ".join(f"{k} {results[k]:.3f}" for k in SHOWN if k in results))
+        self.times["before"] = time.perf_counter() - t0
+        return results
+
+    def train(self) -> list[dict]:
+        """`flwr run .` with this run's config; follows rounds in metrics.jsonl; stops the local SuperLink at the end."""
+        t0 = time.perf_counter()
+        fr = _follow_run(self.root)
+        rounds, n = self.cfg.fed.num_server_rounds, self.cfg.partition.num_partitions
+        self.console.rule(f"3 · federated fine-tuning: {n} institutions, {rounds} rounds")
+        fed = Path(str(self.flat["fed.output-dir"]))
+        shutil.rmtree(fed, ignore_errors=True)  # this run's checkpoints and rows only
+        home = self.out / "flwr_home"
+        env = child_env(
+            dict(
+                os.environ,
+                FLWR_HOME=str(home),
+                FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
+                FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
+                FLWR_TELEMETRY_ENABLED="0",
+                FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+                PYTHONUNBUFFERED="1",
+                PATH=f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}",
+            )
+        )
+        flwr = str(self.bin / "flwr")
+        fr.stop_local_superlink(str(home))  # a SuperLink an earlier, killed quickstart left behind
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` cleans up like Ctrl-C
+        try:
+            items = [f"{k}={fr.run_config_value(v)}" for k, v in self.flat.items()]
+            run_id = fr.launch_run(
+                str(self.root), "local", items, flwr=flwr, env=env, federation_config=f"num-supernodes={n}"
+            )
+            status = self._follow(fr, run_id, fed / "metrics.jsonl", rounds, flwr, env)
+            log = subprocess.run(
+                [flwr, "log", str(run_id), "local", "--show"], capture_output=True, text=True, timeout=120, env=env
+            ).stdout
+            fed.mkdir(parents=True, exist_ok=True)
+            (fed / "flower.log").write_text(log)
+            if status != fr.COMPLETED:
+                self.console.print(log[-3000:])
+                raise FedRagAppError(f"the Flower run {run_id} ended {status}: its log is in {fed / 'flower.log'}")
+        finally:
+            fr.stop_local_superlink(str(home))
+            signal.signal(signal.SIGTERM, previous)
+        rows = [json.loads(line) for line in (fed / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        if failed := [r["round"] for r in rows if r.get("round-failures", 0) > 0]:
+            raise FedRagAppError(f"institutions failed in rounds {failed}: see {fed / 'flower.log'}")
+        self.times["train"] = time.perf_counter() - t0
+        return rows
+
+    def _follow(self, fr, run_id: int, metrics: Path, rounds: int, flwr: str, env: dict) -> str:
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("rounds"),
+            TimeElapsedColumn(),
+            TextColumn("left"),
+            TimeRemainingColumn(),
+        )
+        status, checked = "starting", 0.0
+        with Progress(*columns, console=self.console) as bar:
+            task = bar.add_task(f"run {run_id}: starting Flower", total=rounds)
+            while True:
+                done = sum(1 for line in metrics.read_text().splitlines() if line.strip()) if metrics.exists() else 0
+                if time.monotonic() - checked > STATUS_EVERY_S:
+                    try:
+                        status = fr.run_status("local", run_id, flwr=flwr, env=env)
+                    except (fr.RunFailed, subprocess.TimeoutExpired):
+                        status = "unreachable"
+                    checked = time.monotonic()
+                last = " (then the server evaluates)" if done == rounds - 1 and self.cfg.fed.server_eval else ""
+                doing = f"round {min(done + 1, rounds)} of {rounds}{last}" if status == "running" else status
+                bar.update(task, completed=done, description=f"run {run_id}: {doing}")
+                if status.startswith("finished"):
+                    return status
+                time.sleep(POLL_S)
+
+    def ask(self, rows: list[dict]) -> dict:
+        from fedrag_app.federation.checkpoint import latest_checkpoint, load_checkpoint
+        from fedrag_app.rag.pipeline import RagPipeline, open_store
+
+        t0 = time.perf_counter()
+        self.console.rule("4 · ask the fine-tuned system")
+        ckpt = latest_checkpoint(Path(str(self.flat["fed.output-dir"])))
+        if ckpt is None:
+            raise FedRagAppError(f"the Flower run wrote no checkpoint under {self.flat['fed.output-dir']}")
+        load_checkpoint(ckpt, self.gen, self.retriever)
+        with open_store(self.cfg, self.retriever) as kb:
+            result = RagPipeline(self.gen, self.retriever, kb, self.cfg.eval.top_k).answer(
+                [self.question], max_new_tokens=self.cfg.generator.max_new_tokens
+            )[0]
+        self.console.print(f"[bold]Q:[/] {result.question}\n[bold green]A:[/] {result.answer}")
+        for i, hit in enumerate(result.hits, 1):
+            self.console.print(f"  [dim]{i}. {hit.title} ({hit.score:.3f}): {hit.text[:90]}…[/]")
+        self.times["ask"] = time.perf_counter() - t0
+        return {
+            "question": result.question,
+            "answer": result.answer,
+            "checkpoint": str(ckpt.path),
+            "passages": [h.title for h in result.hits],
+        }
+
+    def summary(self, before: dict, rows: list[dict], answer: dict) -> dict:
+        after = rows[-1] if rows else {}
+        table = Table(
+            "metric",
+            "before",
+            "after",
+            title=f"server evaluation ({before.get('mmlu-loglik-n', 0):.0f} MMLU, "
+            f"{before.get('wq-n', 0):.0f} Web Questions; small samples: differences this size are noise)",
+        )
+        for key in SHOWN:
+            if key in before or key in after:
+                table.add_row(key, *(f"{d[key]:.3f}" if key in d else "–" for d in (before, after)))
+        for key in ("train-lsr-loss-mean", "train-ralt-loss-mean"):
+            if any(key in r for r in rows):
+                table.add_row(
+                    f"{key[6:]} (round 1 → {len(rows)})",
+                    *(f"{r[key]:.3f}" if key in r else "–" for r in (rows[0], rows[-1])),
+                )
+        self.console.rule("5 · summary")
+        self.console.print(table)
+        fed, ckpt, store = Path(str(self.flat["fed.output-dir"])), Path(answer["checkpoint"]), self.flat["store.path"]
+        total = time.perf_counter() - self.started
+        self.console.print(
+            f"Took {total / 60:.1f} min ({', '.join(f'{k} {v:.0f} s' for k, v in self.times.items())}).\n"
+            f"[bold]Outputs[/]\n  checkpoints  {fed}/round-NNNN/{{adapter,retriever,state.json}} (last: {ckpt.name})\n"
+            f"  metrics      {fed}/metrics.jsonl, plot {fed}/metrics.png, before {self.out}/before.json\n"
+            f"  Flower log   {fed}/flower.log\n"
+            "[bold]Next[/]\n"
+            f"  fedrag-app ask --store {store} --adapter {ckpt}/adapter --retriever {ckpt}/retriever"
+            "          # questions from stdin, models loaded once (add --json for scripts)\n"
+            f"  fedrag-app export --checkpoint {ckpt} --out {self.out}/export"
+            "          # merged transformers model + sentence-transformers retriever\n"
+            f"  fedrag-app evaluate --adapter {ckpt}/adapter --retriever {ckpt}/retriever --set store.path={store}\n"
+            "  make run again reuses the indexes; --set key=value changes any run-config key "
+            "(e.g. --set fed.num-server-rounds=4); README: 'Federated, with Flower' for full-size runs"
+        )
+        summary = {
+            "before": before,
+            "after": after,
+            "answer": answer,
+            "seconds": {**self.times, "total": total},
+            "run-config": self.flat,
+        }
+        write_json(self.out / "summary.json", summary)
+        return summary
+
+    def run(self) -> dict:
+        self.plan()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.index()
+        before = self.before()
+        rows = self.train()
+        answer = self.ask(rows)
+        return self.summary(before, rows, answer)

@@ -1,0 +1,60 @@
+"""Per-round metrics as JSONL (one object per round) and a PNG plot of losses and scores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fedrag_app.core.atomic import write_text
+
+PLOTTED = (
+    "ralt-loss-mean",
+    "lsr-loss-mean",
+    "mmlu-loglik-accuracy",
+    "mmlu-generate-accuracy",
+    "wq-f1",
+    "wq-em",
+    "retrieval-recall@10",
+    "client-wq-f1",
+)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def append_metrics(path: str | Path, row: dict) -> list[dict]:
+    """Add (or replace, on a resumed round) the row for row['round']; the file is rewritten atomically."""
+    rows = [r for r in read_metrics(path) if r.get("round") != row["round"]] + [row]
+    rows.sort(key=lambda r: r["round"])
+    write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    return rows
+
+
+def plot_metrics(rows: list[dict], png_path: str | Path) -> None:
+    """Losses (left) and evaluation scores (right) per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (losses, scores) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in PLOTTED:
+        # the federated server prefixes client training metrics with "train-"; the centralized run does not
+        points = [(r["round"], r.get(key, r.get(f"train-{key}"))) for r in rows if key in r or f"train-{key}" in r]
+        if points:
+            axis = losses if "loss" in key else scores
+            axis.plot(*zip(*points), marker="o", label=key)
+    for axis, title in ((losses, "training loss (client mean)"), (scores, "evaluation")):
+        axis.set_title(title)
+        axis.set_xlabel("round")
+        if axis.lines:
+            axis.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = Path(png_path).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(png_path)

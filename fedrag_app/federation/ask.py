@@ -1,0 +1,111 @@
+"""`fedrag-app ask --federation <connection>`: one question through a running federation, with Flower's own CLI.
+
+Submits this app with ``flwr run <app> <connection>`` and ``fed.task = "query"`` (the connection, in
+$FLWR_HOME/config.toml, carries the SuperLink address and the app's credentials: TLS CA, account login; ``local``
+is Flower's local simulation), follows the run with ``flwr ls`` until it finishes (deploy/follow_run.py), and reads
+the answer back from the ServerApp's log (``flwr log``): the ServerApp logs each answer as one JSON line, so this
+works whether the SuperLink is on this machine or elsewhere. The run-config goes in a TOML file: a question may hold
+any character (``--run-config "k='v'"`` cannot carry both quote kinds).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fedrag_app.core.errors import ConfigError, FedRagAppError
+from fedrag_app.federation.query import ANSWER_LOG, METRICS_LOG
+
+APP_DIR = Path(__file__).resolve().parents[1]  # the checkout holding pyproject.toml: what `flwr run` packages
+FLWR = str(Path(sys.executable).with_name("flwr")) if Path(sys.executable).with_name("flwr").exists() else "flwr"
+
+
+class FederatedRunFailed(FedRagAppError, RuntimeError):
+    """The query run was not submitted, did not complete, or logged no answer."""
+
+
+def toml_value(value: Any) -> str:
+    """A run-config value as a TOML literal (strings JSON-escaped: a valid TOML basic string)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    raise ConfigError(f"run-config value {value!r}: expected a bool, int, finite float or string")
+
+
+def query_run_config(question: str, overrides: Mapping[str, Any]) -> str:
+    """The TOML text of a one-question query run: the caller's keys, then fed.task and query.question."""
+    items = {**overrides, "fed.task": "query", "query.question": question}
+    return "".join(f"{key} = {toml_value(value)}\n" for key, value in items.items())
+
+
+def answers_from_log(log: str) -> tuple[list[dict], dict]:
+    """The answers and the metrics the ServerApp logged (federated_query.ANSWER_LOG / METRICS_LOG lines)."""
+    answers, metrics = [], {}
+    for line in log.splitlines():
+        for marker in (ANSWER_LOG, METRICS_LOG):
+            at = line.find(marker + " {")
+            if at >= 0:
+                obj = json.loads(line[at + len(marker) + 1 :])
+                answers.append(obj) if marker == ANSWER_LOG else metrics.update(obj)
+    return answers, metrics
+
+
+def _follow_run(app_dir: Path):
+    path = app_dir / "deploy" / "follow_run.py"
+    if not path.exists():
+        raise ConfigError(f"{path} not found: --federation needs the app's checkout (--app)")
+    spec = importlib.util.spec_from_file_location("follow_run", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def ask_federation(
+    question: str,
+    connection: str,
+    overrides: Mapping[str, Any],
+    *,
+    app_dir: Path = APP_DIR,
+    federation_config: str = "",
+    flwr: str = FLWR,
+    timeout_s: float = 1800,
+    env: dict | None = None,
+) -> dict[str, Any]:
+    """Run one question across the federation; {"run-id", "question", "answer", "passages", "metrics"}."""
+    fr = _follow_run(app_dir)
+    with tempfile.TemporaryDirectory(prefix="fedrag-ask-") as tmp:
+        config = Path(tmp) / "run_config.toml"
+        config.write_text(query_run_config(question, overrides))
+        try:
+            run_id = fr.launch_run(
+                str(app_dir), connection, [str(config)], flwr=flwr, env=env, federation_config=federation_config
+            )
+        except fr.RunFailed as e:
+            raise FederatedRunFailed(str(e)) from e
+    status = fr.wait_for_run(connection, run_id, timeout_s=timeout_s, flwr=flwr, env=env)
+    done = subprocess.run(
+        [flwr, "log", str(run_id), connection, "--show"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=fr._cli_env(env),
+    )
+    answers, metrics = answers_from_log(done.stdout)
+    if status != fr.COMPLETED or not answers:
+        raise FederatedRunFailed(
+            f"run {run_id} on '{connection}' ended '{status}' with {len(answers)} answer(s); "
+            f"its log ends:\n{done.stdout[-3000:]}{done.stderr[-1000:]}"
+        )
+    return {"run-id": run_id, **answers[0], "metrics": metrics}

@@ -1,0 +1,147 @@
+"""Split the data across simulated institutions: questions with flwr-datasets partitioners, documents by article.
+
+Questions (Web Questions train): IID, or non-IID with a Dirichlet over a topic label derived from the data —
+the question's Freebase topic key hashed into ``NUM_TOPIC_GROUPS`` groups, so all questions about one entity
+share a label and a skewed Dirichlet gives each institution its own subjects. Each client keeps a held-out
+split. Documents: every article (title) lives with one institution (optionally a second, ``doc_overlap``),
+and each institution gets its own Qdrant Edge shard, built from the embedding cache: every passage the clients
+hold is encoded at most once per (corpus, context encoder), whatever the seed, scheme or number of clients.
+A manifest records seeds, sizes, hashes and absolute paths. The whole output folder is written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from pathlib import Path
+
+from fedrag_app.config.app_config import AppConfig, PartitionConfig
+from fedrag_app.core.atomic import atomic_dir, write_json
+from fedrag_app.core.errors import ConfigError, DataError
+from fedrag_app.data.loaders import Passage, QAExample, corpus_path, load_passages, load_web_questions, write_qa_jsonl
+from fedrag_app.rag.embedding_cache import EmbeddingCache
+from fedrag_app.rag.ingest import build_shard, encode_into_cache
+
+NUM_TOPIC_GROUPS = 12
+MANIFEST = "manifest.json"
+
+
+def partitions_dir(cfg: PartitionConfig) -> Path:
+    """Absolute output folder: partition.dir, else $FEDRAG_PARTITIONS_DIR, else ./data_partitions."""
+    return Path(cfg.dir or os.environ.get("FEDRAG_PARTITIONS_DIR") or Path.cwd() / "data_partitions").resolve()
+
+
+def topic_label(example: QAExample) -> int:
+    """A stable topic group per Freebase entity (same entity -> same label)."""
+    return int(hashlib.sha256(example.topic.encode()).hexdigest(), 16) % NUM_TOPIC_GROUPS
+
+
+def split_questions(examples: list[QAExample], cfg: PartitionConfig, seed: int) -> list[list[QAExample]]:
+    """Per-client question lists via flwr-datasets' IID or Dirichlet partitioner."""
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    ds = Dataset.from_dict({"idx": list(range(len(examples))), "topic": [topic_label(e) for e in examples]})
+    if cfg.scheme == "iid":
+        partitioner = IidPartitioner(num_partitions=cfg.num_partitions)
+    else:
+        partitioner = DirichletPartitioner(
+            num_partitions=cfg.num_partitions,
+            partition_by="topic",
+            alpha=cfg.dirichlet_alpha,
+            min_partition_size=2,
+            self_balancing=False,
+            shuffle=True,
+            seed=seed,
+        )
+    partitioner.dataset = ds
+    return [[examples[i] for i in partitioner.load_partition(p)["idx"]] for p in range(cfg.num_partitions)]
+
+
+def assign_articles(titles: list[str], cfg: PartitionConfig, seed: int) -> dict[str, list[int]]:
+    """title -> the client(s) that hold it: one owner each, a second with probability doc_overlap."""
+    rng = random.Random(seed)
+    owners: dict[str, list[int]] = {}
+    for title in titles:
+        first = rng.randrange(cfg.num_partitions)
+        owners[title] = [first]
+        if cfg.num_partitions > 1 and rng.random() < cfg.doc_overlap:
+            owners[title].append((first + rng.randrange(1, cfg.num_partitions)) % cfg.num_partitions)
+    return owners
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def make_partitions(cfg: AppConfig, encoder, *, progress: bool = True) -> dict:
+    """Write client-<i>/{train.jsonl, heldout.jsonl, shard/} and manifest.json under partitions_dir(cfg.partition)."""
+    pc, seed = cfg.partition, cfg.runtime.seed
+    target = partitions_dir(pc)
+    foreign = {p.name for p in target.iterdir()} - {"README.md"} if target.exists() else set()
+    if foreign and not (target / MANIFEST).exists():
+        raise ConfigError(f"partition.dir {target} holds other files: choose an empty or earlier partition folder")
+    questions = split_questions(load_web_questions("train", cfg.data), pc, seed)
+    passages: list[Passage] = load_passages(cfg.data)
+    owners = assign_articles(sorted({p.title for p in passages}), pc, seed)
+    per_client: list[list[Passage]] = [[] for _ in range(pc.num_partitions)]
+    for p in passages:
+        for client in owners[p.title]:
+            per_client[client].append(p)
+    docs_of = [mine[: pc.passages_per_client] if pc.passages_per_client else mine for mine in per_client]
+    if empty := [i for i, docs in enumerate(docs_of) if not docs]:
+        raise DataError(
+            f"{corpus_path(cfg.data)}: its {len(owners)} articles leave client(s) {empty} without a "
+            "passage: use fewer partition.num-partitions or a larger corpus"
+        )
+    cache = EmbeddingCache.open(corpus_path(cfg.data), encoder)
+    batch = cfg.store.index_batch_size  # one bar (with time left) over every client's passages, each encoded once
+    encode_into_cache(cache, [p for docs in docs_of for p in docs], batch_size=batch, progress=progress)
+    clients = []
+    readme = (target / "README.md").read_text() if (target / "README.md").exists() else None
+    with atomic_dir(target) as tmp:
+        for i in range(pc.num_partitions):
+            folder, final = tmp / f"client-{i}", target / f"client-{i}"
+            rng = random.Random(seed + i)
+            mine = questions[i][:]
+            rng.shuffle(mine)
+            n_heldout = max(1, round(pc.heldout_fraction * len(mine))) if pc.heldout_fraction else 0
+            heldout, train = mine[:n_heldout], mine[n_heldout:]
+            if pc.questions_per_client:
+                train = train[: pc.questions_per_client]
+                heldout = heldout[: max(1, round(pc.heldout_fraction * pc.questions_per_client))] if heldout else []
+            docs = docs_of[i]
+            write_qa_jsonl(folder / "train.jsonl", train)
+            write_qa_jsonl(folder / "heldout.jsonl", heldout)
+            build_shard(docs, encoder, path=str(folder / "shard"), batch_size=batch, progress=progress, cache=cache)
+            clients.append(
+                {
+                    "partition-id": i,
+                    "train": str(final / "train.jsonl"),
+                    "heldout": str(final / "heldout.jsonl"),
+                    "shard": str(final / "shard"),
+                    "questions": len(train),
+                    "heldout-questions": len(heldout),
+                    "passages": len(docs),
+                    "articles": len({p.title for p in docs}),
+                    "topics": len({e.topic for e in train}),
+                    "sha256": {"train": _sha256(folder / "train.jsonl"), "heldout": _sha256(folder / "heldout.jsonl")},
+                }
+            )
+        manifest = {
+            "seed": seed,
+            "scheme": pc.scheme,
+            "dirichlet-alpha": pc.dirichlet_alpha,
+            "num-partitions": pc.num_partitions,
+            "topic-groups": NUM_TOPIC_GROUPS,
+            "doc-overlap": pc.doc_overlap,
+            "embedding-model": encoder.name,
+            "embedding-cache": cache.key,
+            "dir": str(target),
+            "clients": clients,
+        }
+        write_json(tmp / MANIFEST, manifest)
+        if readme is not None:
+            (tmp / "README.md").write_text(readme)
+    return manifest

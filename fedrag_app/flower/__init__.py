@@ -1,0 +1,1 @@
+"""The Flower edge, the only place that imports flwr: records, server strategies, the ClientApp and the ServerApp."""

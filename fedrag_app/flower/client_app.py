@@ -1,0 +1,253 @@
+"""Flower ClientApp: an institution's node. Thin: unpack, call the library, pack.
+
+train    -> run_local_round (RALT / LSR / RA-DIT) on its own questions against its own Qdrant shard;
+            replies with one ArrayRecord ("lora.*" and/or "retriever.*": what the mode trains) and one
+            MetricRecord of scalars. With train.keep-optimizer-state the node's AdamW state persists across
+            rounds in its Flower context.state (records.save_optimizer_state), never in a reply.
+evaluate -> Web Questions EM/F1 and retrieval recall@k/MRR on its held-out questions (scalars only).
+query.retrieve -> top-k passages per question from its shard, only if its node-config sets federated-retrieval=true
+            (in simulation: its partition id is in run-config query.opted-in-partitions).
+
+Models are loaded once per process (simulation reuses Ray actors across nodes and rounds; every message
+overwrites the weights with the global ones). Shards are opened per message and closed at its end, so no
+two nodes in one process ever hold the same lock.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import LocalDpMod, fixedclipping_mod
+
+from fedrag_app.config.app_config import AppConfig
+from fedrag_app.config.query import MAX_TOP_K_PER_NODE
+from fedrag_app.config.runtime import apply_runtime, release_memory
+from fedrag_app.config.values import check_federated
+from fedrag_app.core.errors import ConfigError
+from fedrag_app.evaluation.evaluate import evaluate_retrieval, evaluate_web_questions
+from fedrag_app.federation.lora_aggregation import to_client_rank
+from fedrag_app.federation.node_data import NodeData, node_data, node_questions
+from fedrag_app.federation.personal import RoundOf, personal_adapter
+from fedrag_app.federation.query import REFUSAL, opted_in, pack_hits
+from fedrag_app.flower.records import (
+    load_optimizer_state,
+    metric_record,
+    numpy_to_record,
+    pack_weights,
+    record_to_numpy,
+    save_optimizer_state,
+    to_wire_update,
+    unpack_weights,
+)
+from fedrag_app.rag.generator import Generator, load_generator, lora_a_fingerprint
+from fedrag_app.rag.knowledge_store import KnowledgeStore
+from fedrag_app.rag.retrieval import retrieve
+from fedrag_app.rag.retriever import DualEncoder, load_retriever
+from fedrag_app.training.local_round import exchanged_weights, load_exchanged_weights, run_local_round
+
+app = ClientApp()
+_MODELS: dict = {}  # (generator config, retriever config, runtime) -> (Generator, DualEncoder), one per process
+
+
+def _models(cfg: AppConfig) -> tuple[Generator, DualEncoder]:
+    key = (cfg.generator, cfg.retriever, cfg.runtime)
+    if key not in _MODELS:
+        _MODELS.clear()  # another run's models: free them first
+        release_memory()
+        device = apply_runtime(cfg.runtime)
+        _MODELS[key] = (load_generator(cfg.generator, device=device), load_retriever(cfg.retriever, device=device))
+    return _MODELS[key]
+
+
+def privacy_mod(msg: Message, context: Context, call_next) -> Message:
+    """dp.mode picks Flower's own client-side DP mod for this run: fixedclipping_mod (client-clip: the node clips its
+    update to the clipping norm the server's DP wrapper sends) or LocalDpMod (local: it clips and adds its own
+    noise). Local DP protects a node's whole contribution: swapping its dataset moves its clipped update by up to
+    2C (two updates of norm <= C), so the noise is calibrated to sensitivity 2C, not C. Both require the train
+    message's one ArrayRecord and one ConfigRecord, and reply keys in the order received, which is the layout this
+    app uses."""
+    dp = AppConfig.from_flat(context.run_config).dp
+    if dp.mode == "client-clip":
+        return fixedclipping_mod(msg, context, call_next)
+    if dp.mode == "local":
+
+        def train_then_unseed(m: Message, c: Context) -> Message:
+            reply = call_next(m, c)
+            np.random.seed()  # training seeded numpy from runtime.seed; the mod's noise must not be predictable
+            return reply
+
+        return LocalDpMod(dp.clipping_norm, 2 * dp.clipping_norm, dp.local_epsilon, dp.delta)(
+            msg, context, train_then_unseed
+        )
+    return call_next(msg, context)
+
+
+def wire_mod(msg: Message, context: Context, call_next) -> Message:
+    """retriever.wire-dtype = float16: the reply's retriever arrays become the update (trained − received) in fp16.
+    Outermost mod, so the DP mods inside it clip and noise fp32 weights against what was received, as they expect;
+    the server adds the update back to the fp32 global it sent."""
+    dtype = AppConfig.from_flat(context.run_config).retriever.wire_dtype
+    reply = call_next(msg, context)
+    if dtype == "float32" or reply.has_error():
+        return reply
+    arrays = to_wire_update(reply.content["arrays"], msg.content["arrays"], dtype)
+    reply.content["arrays"] = arrays
+    reply.content["metrics"]["bytes-sent"] = arrays.count_bytes()
+    return reply
+
+
+def _dp_weight(cfg: AppConfig) -> dict[str, int]:
+    """Central DP averages nodes with equal weights; the server's FedAvg reads this key in train and evaluate
+    replies alike."""
+    return {"dp-weight": 1} if cfg.dp.central else {}
+
+
+def _open_store(node: NodeData, retriever: DualEncoder) -> KnowledgeStore:
+    return KnowledgeStore.open(
+        **node.store,
+        embedding_model=retriever.name,
+        dim=retriever.dim,
+        context_fingerprint=retriever.context_fingerprint(),
+    )
+
+
+def _prepare(msg: Message, context: Context) -> tuple[AppConfig, NodeData, Generator, DualEncoder]:
+    """Config once (at this node's LoRA rank), the node's data locations, and the models set to the global weights
+    in the message: a node of lower rank than the global adapter takes its truncation (fed.lora-aggregation =
+    fedavg) or its best rank-r approximation (product); the server recomputes the same to average its update."""
+    run_cfg = AppConfig.from_flat(context.run_config)
+    check_federated(run_cfg)
+    node = node_data(run_cfg, context.node_config)
+    cfg = run_cfg.for_rank(run_cfg.node_rank(node.partition_id, node.lora_rank))
+    gen, retriever = _models(cfg)
+    record = msg.content["arrays"]
+    if cfg.generator.lora_r != run_cfg.generator.lora_r:
+        method = "svd" if cfg.fed.lora_aggregation == "product" else "truncate"
+        record = numpy_to_record(
+            to_client_rank(
+                record_to_numpy(record), rank=cfg.generator.lora_r, alpha=cfg.generator.lora_alpha, method=method
+            )
+        )
+    lora, retr = unpack_weights(record, *exchanged_weights(cfg, gen, retriever))
+    load_exchanged_weights(cfg, gen, retriever, lora, retr)
+    return cfg, node, gen, retriever
+
+
+def _round_of(msg: Message, context: Context) -> RoundOf:
+    """The absolute round (a resumed run's server counts from 1 again and sends the rounds done before)."""
+    config = msg.content["config"]
+    offset = int(config.get("round-offset", 0))
+    return RoundOf(run_id=context.run_id, server_round=int(config["server-round"]) + offset, round_offset=offset)
+
+
+@app.train(mods=[wire_mod, privacy_mod])
+def train(msg: Message, context: Context) -> Message:
+    started = time.perf_counter()
+    cfg, node, gen, retriever = _prepare(msg, context)
+    examples, _ = node_questions(node, cfg.partition.heldout_fraction)
+    at = _round_of(msg, context)
+    kept = load_optimizer_state(context.state) if cfg.train.keep_optimizer_state else None
+    with (
+        _open_store(node, retriever) as store,
+        personal_adapter(cfg, gen, node.state_dir, node.partition_id, at, keep=True),
+    ):
+        result = run_local_round(
+            cfg, gen, retriever, store, examples, server_round=at.server_round, optimizer_state=kept
+        )
+    if kept is not None:  # the node's AdamW state stays in its own context.state, never in the reply
+        save_optimizer_state(context.state, kept)
+    arrays = pack_weights(*exchanged_weights(cfg, gen, retriever))  # fp32: wire_mod casts the retriever update
+    release_memory()  # the round's activations and optimizer states: other actors on this GPU may need them
+    extra = _dp_weight(cfg)
+    if cfg.fed.lora_aggregation == "ffa":
+        extra["lora-a-fingerprint"] = lora_a_fingerprint(gen)  # the server checks every node froze the same A
+    metrics = metric_record(
+        {
+            "num-examples": result.num_examples,
+            **result.metrics,
+            **extra,
+            "lora-rank": cfg.generator.lora_r,
+            "bytes-sent": arrays.count_bytes(),
+            "handler-seconds": time.perf_counter() - started,
+        }
+    )  # incl. model load, unpack, pack
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    cfg, node, gen, retriever = _prepare(msg, context)
+    _, heldout = node_questions(node, cfg.partition.heldout_fraction)
+    depth = max(cfg.eval.top_k, cfg.eval.recall_k)
+    with _open_store(node, retriever) as store:
+        hits = retrieve(retriever, store, [e.question for e in heldout], depth)
+    scores = evaluate_web_questions(
+        gen,
+        heldout,
+        hits,
+        top_k=cfg.eval.top_k,
+        batch_size=cfg.eval.batch_size,
+        max_new_tokens=cfg.generator.max_new_tokens,
+    )
+    if cfg.fed.personal_adapter:  # the global model above; the node's personalised model (global + its own) here
+        with personal_adapter(cfg, gen, node.state_dir, node.partition_id, _round_of(msg, context), keep=False):
+            personal = evaluate_web_questions(
+                gen,
+                heldout,
+                hits,
+                top_k=cfg.eval.top_k,
+                batch_size=cfg.eval.batch_size,
+                max_new_tokens=cfg.generator.max_new_tokens,
+            )
+        scores.update({f"personal-{k}": v for k, v in personal.items()})
+    scores.update(evaluate_retrieval(hits, heldout, cfg.eval.recall_k))
+    metrics = metric_record(
+        {"num-examples": len(heldout), **_dp_weight(cfg), **{f"client-{k}": v for k, v in scores.items()}}
+    )
+    release_memory()
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+@app.query("retrieve")
+def retrieve_passages(msg: Message, context: Context) -> Message:
+    """Top-k passages per question from this node's shard, only if it opted in (federated_query.opted_in). The server
+    sends query vectors encoded with the retriever it answers with (e.g. a checkpoint's trained query encoder; the
+    shard is checked against its embedding model); without them the node encodes the questions itself."""
+    started = time.perf_counter()
+    cfg = AppConfig.from_flat(context.run_config)
+    node = node_data(cfg, context.node_config)
+    if not opted_in(context.node_config, node.federated_retrieval, node.partition_id, cfg.query.opted_in):
+        raise ConfigError(
+            f"{REFUSAL}: passage text stays here unless its node-config sets federated-retrieval=true "
+            "(in simulation: run-config query.opted-in-partitions)"
+        )
+    query = msg.content["query"]
+    questions = [str(q) for q in query["questions"]] if "questions" in query else [str(query["question"])]
+    top_k = int(query.get("top-k", cfg.eval.top_k))
+    if not 0 < top_k <= MAX_TOP_K_PER_NODE:
+        raise ConfigError(f"query top-k = {top_k}: a node sends 1..{MAX_TOP_K_PER_NODE} passages per question")
+    fingerprint = None  # the shard must hold the context encoder the query vectors were made for, when the server says
+    if "vectors" in query:
+        vectors, model = np.asarray(query["vectors"], dtype=np.float32), str(query["embedding-model"])
+        fingerprint = str(query["context-fingerprint"]) if "context-fingerprint" in query else None
+        if not questions or vectors.size % len(questions):
+            raise ConfigError(f"{vectors.size} query vector values do not split into {len(questions)} vectors")
+        vectors = vectors.reshape(len(questions), -1)
+    else:
+        _, retriever = _models(cfg)
+        vectors, model, fingerprint = (
+            retriever.encode_queries(questions).cpu().numpy(),
+            retriever.name,
+            retriever.context_fingerprint(),
+        )
+    with KnowledgeStore.open(
+        **node.store, embedding_model=model, dim=vectors.shape[1], context_fingerprint=fingerprint
+    ) as store:
+        hits = store.search_batch(vectors, top_k)
+    metrics = {"node-seconds": time.perf_counter() - started}
+    if "partition-id" in context.node_config:
+        metrics["partition-id"] = node.partition_id
+    return Message(RecordDict({"docs": ConfigRecord(pack_hits(hits)), "metrics": metric_record(metrics)}), reply_to=msg)

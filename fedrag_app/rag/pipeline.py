@@ -1,0 +1,135 @@
+"""The RAG pipeline: retrieve top-k (one batched encode, one batched search) -> shared prompt -> greedy answer."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedrag_app.config.app_config import AppConfig
+from fedrag_app.core.errors import DataError, StoreError
+from fedrag_app.data.loaders import Passage, corpus_path, load_passages
+from fedrag_app.rag.embedding_cache import EmbeddingCache
+from fedrag_app.rag.generator import Generator, generate
+from fedrag_app.rag.ingest import IndexStats, build_shard
+from fedrag_app.rag.knowledge_store import MANIFEST, Hit, KnowledgeStore
+from fedrag_app.rag.model_sources import cache_dir
+from fedrag_app.rag.prompts import build_prompt, format_passage
+from fedrag_app.rag.retrieval import retrieve
+from fedrag_app.rag.retriever import DualEncoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RagAnswer:
+    question: str
+    answer: str
+    hits: list[Hit]
+
+
+def store_location(cfg: AppConfig) -> dict[str, str]:
+    """``{"url": ...}`` for a Qdrant server, else ``{"path": ...}``: the configured folder or a default per corpus+retriever."""
+    if cfg.store.url:
+        return {"url": cfg.store.url, "collection": cfg.store.collection}
+    if cfg.store.path:
+        return {"path": str(Path(cfg.store.path).expanduser().resolve())}
+    corpus = Path(cfg.data.corpus).stem if cfg.data.corpus else "wikipedia"
+    limit = f"-first{cfg.store.passages_limit}" if cfg.store.passages_limit else ""
+    name = f"{corpus}{limit}-{Path(cfg.retriever.context_model or cfg.retriever.model).name}"
+    return {"path": str(cache_dir() / "shards" / name)}
+
+
+def is_default_location(cfg: AppConfig) -> bool:
+    """The store is the cache's own shard (neither store.path nor store.url set): built on demand."""
+    return not (cfg.store.url or cfg.store.path)
+
+
+def check_store(cfg: AppConfig) -> None:
+    """Fail fast, before any model loads, when the configured shard folder is missing or half-built."""
+    where = store_location(cfg)
+    if "path" not in where:
+        return  # a server is checked when opened
+    folder = Path(where["path"])
+    if not (folder / MANIFEST).exists():
+        raise StoreError(
+            f"{folder} is not a knowledge store (no {MANIFEST}): build it with `fedrag-app index`"
+            + ("" if is_default_location(cfg) else f" --store {folder}")
+        )
+    if not json.loads((folder / MANIFEST).read_text()).get("complete"):
+        raise StoreError(
+            f"store {folder} is incomplete (its build was interrupted): rebuild it with `fedrag-app index`"
+        )
+
+
+def build_store(
+    cfg: AppConfig,
+    retriever: DualEncoder,
+    *,
+    passages: list[Passage] | None = None,
+    progress: bool = True,
+    replace: bool = False,
+) -> IndexStats:
+    """Index the corpus (or its first store.passages-limit passages) into the configured store, vectors through the
+    embedding cache: what is cached is not encoded again, by this store or any other built from the same corpus."""
+    if passages is None:
+        passages = load_passages(cfg.data, limit=cfg.store.passages_limit)
+    cache = EmbeddingCache.open(corpus_path(cfg.data), retriever)
+    return build_shard(
+        passages,
+        retriever,
+        cache=cache,
+        batch_size=cfg.store.index_batch_size,
+        progress=progress,
+        replace=replace,
+        **store_location(cfg),
+    )
+
+
+def open_store(cfg: AppConfig, retriever: DualEncoder, *, progress: bool = False) -> KnowledgeStore:
+    """Open the configured shard, checked against the retriever that will query it. The default shard in the cache
+    (no store.path / store.url) is built from the embedding cache when missing; a configured one must exist."""
+    where = store_location(cfg)
+    if is_default_location(cfg) and not (Path(where["path"]) / MANIFEST).exists():
+        log.warning(
+            "building the knowledge store %s from the embedding cache (encoding only passages not cached yet)",
+            where["path"],
+        )
+        try:
+            build_store(cfg, retriever, progress=progress)
+        except DataError as e:  # no corpus here: callers that can go on without a store catch StoreError
+            raise StoreError(f"cannot build the knowledge store {where['path']}: {e}") from e
+        except StoreError:
+            if not (Path(where["path"]) / MANIFEST).exists():  # not just another process finishing first
+                raise
+    return KnowledgeStore.open(
+        **where, embedding_model=retriever.name, dim=retriever.dim, context_fingerprint=retriever.context_fingerprint()
+    )
+
+
+class RagPipeline:
+    """Retrieval + generation with the one prompt template that training also uses."""
+
+    def __init__(self, generator: Generator, retriever: DualEncoder, store: KnowledgeStore | None, top_k: int):
+        self.generator, self.retriever, self.store, self.top_k = generator, retriever, store, top_k
+
+    def retrieve(
+        self, questions: list[str], top_k: int | None = None, *, with_vectors: bool = False
+    ) -> list[list[Hit]]:
+        """Top-k hits per question; an empty list each when there is no store or k = 0 (closed book)."""
+        k = self.top_k if top_k is None else top_k
+        if self.store is None or k == 0:
+            return [[] for _ in questions]
+        return retrieve(self.retriever, self.store, questions, k, with_vectors=with_vectors)
+
+    def prompts(self, questions: list[str], hits: list[list[Hit]]) -> list[str]:
+        tok = self.generator.tokenizer
+        return [build_prompt(tok, q, [format_passage(h.title, h.text) for h in hs]) for q, hs in zip(questions, hits)]
+
+    def answer(self, questions: list[str], *, max_new_tokens: int = 32, batch_size: int = 8) -> list[RagAnswer]:
+        hits = self.retrieve(questions)
+        answers = generate(
+            self.generator, self.prompts(questions, hits), max_new_tokens=max_new_tokens, batch_size=batch_size
+        )
+        return [RagAnswer(q, a, h) for q, a, h in zip(questions, answers, hits)]

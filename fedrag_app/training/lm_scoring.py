@@ -1,0 +1,53 @@
+"""log p_LM(answer | prompt), computed the way RALT's loss and LSR's target both need it.
+
+The logit at position t−1 scores token t (FedRAG's scorer reads position t: an off-by-one). The LM head runs
+only at the positions that predict an answer token: RALT answers are a few tokens after a prompt of hundreds,
+so this removes most of the head's compute and all of its (B, T, V) logits memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _decoder_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA lives inside the base modules
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def _right_padded(attention_mask: torch.Tensor) -> bool:
+    """Every row is ones then zeros. Under a causal mask no real token then sees padding, so the decoder can run
+    without the mask: SDPA takes its causal kernel with no (B, 1, T, T) mask and no repeated GQA keys/values."""
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+
+
+def answer_token_logprobs(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p of every answer token (labels != −100) and the row it belongs to: ((N,), (N,))."""
+    decoder, head = _decoder_and_head(model)
+    mask_in = None if _right_padded(attention_mask) else attention_mask  # positions are 0..T-1 either way
+    hidden = decoder(input_ids=input_ids, attention_mask=mask_in).last_hidden_state  # (B, T, H)
+    targets = labels[:, 1:]  # (B, T-1): token t+1 is predicted at position t
+    mask = targets != -100  # (B, T-1)
+    logits = head(hidden[:, :-1][mask]).float()  # (N, V): only where an answer token is predicted
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)  # (N,)
+    return logp, mask.nonzero()[:, 0]
+
+
+def answer_logprobs(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, *, reduction: str = "sum"
+) -> torch.Tensor:
+    """(B,) Σ (or mean) over answer tokens of log p(y_t | prompt, y_<t)."""
+    assert reduction in ("sum", "mean"), f"reduction must be sum or mean, got {reduction}"
+    logp, rows = answer_token_logprobs(model, input_ids, attention_mask, labels)
+    total = torch.zeros(input_ids.shape[0], dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)  # (B,)
+    if reduction == "mean":
+        counts = (labels[:, 1:] != -100).sum(dim=1).clamp(min=1)  # (B,)
+        total = total / counts
+    return total
+
+
+def answer_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """RALT's loss: −(1/|y|) Σ_t log p(y_t | …) per sequence, averaged over the sequences of the batch."""
+    return -answer_logprobs(model, input_ids, attention_mask, labels, reduction="mean").mean()

@@ -1,0 +1,156 @@
+"""One local round of training: what a federated client does each round, and what centralized training repeats.
+
+Centralized training is the one-client case: ``fedrag-app train`` calls this function round after round on
+all the data; a ClientApp calls it once per server round on its partition. Either way a round trains on the
+next train.num-examples questions of a walk through all of them (round_examples), never the same first N. Seeding from seed + round makes the
+same inputs give the same weights, which is what lets a test prove the two paths agree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import random
+import time
+from dataclasses import dataclass
+
+from fedrag_app.config.app_config import AppConfig, TrainConfig
+from fedrag_app.config.runtime import seed_everything
+from fedrag_app.data.loaders import QAExample
+from fedrag_app.rag.generator import Generator, load_lora_state_dict, lora_state_dict, set_lora_a_trainable
+from fedrag_app.rag.knowledge_store import KnowledgeStore
+from fedrag_app.rag.retriever import DualEncoder
+from fedrag_app.training.lsr import train_lsr
+from fedrag_app.training.ralt import train_ralt
+from fedrag_app.training.score_cache import ScoreCache, default_path
+
+
+@dataclass
+class RoundResult:
+    metrics: dict[str, float]  # scalars only: never text from the data
+    num_examples: int  # the FedAvg weight
+    example_ids: tuple[str, ...] = ()  # which questions this round trained on (stays on the node: never in a reply)
+
+
+def phases(cfg: TrainConfig, server_round: int) -> list[str]:
+    """Which trainers run this round: RALT, LSR, or RA-DIT's joint (LSR then RALT) / alternating schedule."""
+    if cfg.mode != "ra-dit":
+        return [cfg.mode]
+    if cfg.ra_dit_schedule == "joint":
+        return ["lsr", "ralt"]  # retriever first, so RALT retrieves with the updated retriever
+    return ["lsr"] if server_round % 2 == 1 else ["ralt"]
+
+
+def exchanged_parts(cfg: TrainConfig) -> tuple[bool, bool]:
+    """(LoRA, retriever): what this mode can change, and so all that travels each round.
+
+    RALT never changes the retriever and LSR never changes the adapter, so sending them would only cost bytes
+    (88 MB of query encoder per message with the defaults)."""
+    return cfg.mode in ("ralt", "ra-dit"), cfg.mode in ("lsr", "ra-dit")
+
+
+def exchanged_weights(cfg: AppConfig, gen: Generator, retriever: DualEncoder) -> tuple[dict, dict]:
+    """The (LoRA, retriever) state dicts that travel; a part that does not travel is {}. Under FFA-LoRA
+    (fed.lora-aggregation = ffa) the A factors never change, so only the B factors travel (40% of SmolLM2's
+    q/v adapter)."""
+    lora, retr = exchanged_parts(cfg.train)
+    lora_state = lora_state_dict(gen) if lora else {}
+    if cfg.fed.lora_aggregation == "ffa":
+        lora_state = {k: v for k, v in lora_state.items() if ".lora_A." not in k}
+    return lora_state, (retriever.trainable_state_dict() if retr else {})
+
+
+def load_exchanged_weights(cfg: AppConfig, gen: Generator, retriever: DualEncoder, lora: dict, retr: dict) -> None:
+    if lora:
+        load_lora_state_dict(gen, lora, keep_a=cfg.fed.lora_aggregation == "ffa")
+    if retr:
+        retriever.load_trainable_state_dict(retr)
+
+
+def round_examples(examples: list[QAExample], num_examples: int, seed: int, server_round: int) -> list[QAExample]:
+    """The questions a node trains on in absolute round ``server_round`` (1-based): the next ``num_examples`` of
+    an endless walk through all its questions, each pass over them in its own shuffle (seeded by seed and the pass
+    index), so every question comes up once per pass. A pure function of its arguments: a resumed run (the
+    absolute round comes from the server's round-offset) continues exactly where it stopped, with no state kept.
+    0 (or more than the node holds) = all of them every round, round r being pass r - 1. Each copy's target is
+    its pass-th gold answer (QAExample.turn), so every answer of a many-answer question gets its turn."""
+    if server_round < 1:
+        raise ValueError(f"server_round is 1-based, got {server_round}")
+    total = len(examples)
+    per_round = min(num_examples, total) if num_examples else total
+    orders: dict[int, list[int]] = {}
+    out = []
+    for position in range((server_round - 1) * per_round, server_round * per_round):
+        pass_index, i = divmod(position, total)
+        if pass_index not in orders:
+            orders[pass_index] = list(range(total))
+            random.Random(f"rotation/{seed}/{pass_index}").shuffle(orders[pass_index])  # str seeds: no seed+1 overlap
+        out.append(dataclasses.replace(examples[orders[pass_index][i]], turn=pass_index))
+    return out
+
+
+def _score_cache(cfg: AppConfig):
+    """The LM-score cache when the generator stays frozen all run (train.mode = lsr), else nothing (None)."""
+    if cfg.train.mode == "lsr" and cfg.lsr.score_cache:
+        return ScoreCache(default_path())
+    return contextlib.nullcontext()
+
+
+def run_local_round(
+    cfg: AppConfig,
+    gen: Generator,
+    retriever: DualEncoder,
+    store: KnowledgeStore,
+    examples: list[QAExample],
+    *,
+    server_round: int = 1,
+    optimizer_state: dict | None = None,
+) -> RoundResult:
+    """Train in place per cfg.train (mode, schedule, epochs, max steps) on this round's share of ``examples``
+    (all of the node's questions: round_examples picks the share from the absolute ``server_round``).
+
+    ``optimizer_state`` (train.keep-optimizer-state): {phase: OptimizerState}, read and updated in place, so each
+    phase's AdamW continues from the last round; None = fresh optimizers."""
+    seed = cfg.runtime.seed + server_round
+    seed_everything(seed)
+    set_lora_a_trainable(gen, cfg.fed.lora_aggregation != "ffa")
+    examples = round_examples(examples, cfg.train.num_examples, cfg.runtime.seed, server_round)
+    start = time.perf_counter()
+    metrics: dict[str, float] = {"server-round": float(server_round)}
+
+    def kept(phase: str) -> dict | None:  # this phase's AdamW state, or None: a fresh optimizer
+        return None if optimizer_state is None else optimizer_state.setdefault(phase, {})
+
+    for phase in phases(cfg.train, server_round):
+        if phase == "lsr":
+            with _score_cache(cfg) as cache:
+                metrics.update(
+                    train_lsr(
+                        gen,
+                        retriever,
+                        store,
+                        examples,
+                        cfg.lsr,
+                        epochs=cfg.train.epochs,
+                        max_steps=cfg.train.max_steps,
+                        seed=seed,
+                        cache=cache,
+                        optimizer_state=kept("lsr"),
+                    )
+                )
+        else:
+            metrics.update(
+                train_ralt(
+                    gen,
+                    retriever,
+                    store,
+                    examples,
+                    cfg.ralt,
+                    epochs=cfg.train.epochs,
+                    max_steps=cfg.train.max_steps,
+                    seed=seed,
+                    optimizer_state=kept("ralt"),
+                )
+            )
+    metrics["local-seconds"] = time.perf_counter() - start
+    return RoundResult(metrics=metrics, num_examples=len(examples), example_ids=tuple(e.id for e in examples))

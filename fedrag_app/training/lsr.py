@@ -1,0 +1,241 @@
+"""LSR: LM-supervised retrieval, training the query encoder towards the passages the generator finds useful.
+
+p_R(c|x)   = softmax_c(<E_q(x), E_c(c)> / τ)                      with gradient through the query encoder
+p_LSR(c|x) = softmax_c(log p_LM(y | prompt(c, x)) / β)            under no_grad, all k passages in one forward
+             (y = the answer tokens; the end-of-turn token is not scored: a small chat model that would go on
+             "Paris is the capital…" after a supporting passage must not be punished for it)
+loss       = KL(p_LSR ‖ p_R) (REPLUG/Atlas), or KL(p_R ‖ p_LSR) (RA-DIT's writing) — named in lsr.kl-direction.
+
+FedRAG builds its retrieval scores as a fresh leaf tensor from floats, so its retriever never moves; here the
+scores come out of the query encoder's forward pass. The LM scores are log-likelihoods (FedRAG softmaxes raw
+probabilities that underflow to 0, giving a uniform target).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedrag_app.config.app_config import LsrConfig
+from fedrag_app.data.loaders import QAExample
+from fedrag_app.rag.generator import Generator
+from fedrag_app.rag.knowledge_store import Hit, KnowledgeStore
+from fedrag_app.rag.prompts import format_passage
+from fedrag_app.rag.retrieval import retrieve
+from fedrag_app.rag.retriever import DualEncoder
+from fedrag_app.training.lm_scoring import answer_logprobs
+from fedrag_app.training.optimizer_state import OptimizerState, keep_optimizer, restore_optimizer
+from fedrag_app.training.ralt import StepCallback
+from fedrag_app.training.score_cache import ScoreCache, generator_fingerprint, sequence_key
+from fedrag_app.training.sequences import IGNORE, build_sequence, collate
+
+
+def log_distributions(
+    retriever_scores: torch.Tensor, lm_scores: torch.Tensor, *, retriever_temperature: float, lm_temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p_R, log p_LSR), each (B, k); p_LSR is a fixed target (no gradient)."""
+    log_p_r = F.log_softmax(retriever_scores / retriever_temperature, dim=-1)
+    log_p_lsr = F.log_softmax(lm_scores.detach() / lm_temperature, dim=-1)
+    return log_p_r, log_p_lsr
+
+
+def lsr_loss(
+    retriever_scores: torch.Tensor,
+    lm_scores: torch.Tensor,
+    *,
+    retriever_temperature: float,
+    lm_temperature: float,
+    kl_direction: str = "lsr-retriever",
+) -> torch.Tensor:
+    """Mean over the batch of KL between p_LSR and p_R; both inputs (B, k)."""
+    log_p_r, log_p_lsr = log_distributions(
+        retriever_scores, lm_scores, retriever_temperature=retriever_temperature, lm_temperature=lm_temperature
+    )
+    if kl_direction == "lsr-retriever":  # KL(p_LSR || p_R)
+        kl = (log_p_lsr.exp() * (log_p_lsr - log_p_r)).sum(-1)
+    elif kl_direction == "retriever-lsr":  # KL(p_R || p_LSR)
+        kl = (log_p_r.exp() * (log_p_r - log_p_lsr)).sum(-1)
+    else:
+        raise ValueError(f"kl_direction must be 'lsr-retriever' or 'retriever-lsr', got {kl_direction!r}")
+    return kl.mean()
+
+
+def scoring_sequences(gen: Generator, examples: list[QAExample], hits: list[list[Hit]], cfg: LsrConfig) -> list:
+    """The B·k sequences (passage, question -> answer without end-of-turn), example-major."""
+    return [
+        build_sequence(
+            gen.tokenizer, ex.question, format_passage(h.title, h.text), ex.target, cfg.max_seq_len, label_eos=False
+        )
+        for ex, ex_hits in zip(examples, hits)
+        for h in ex_hits
+    ]
+
+
+@torch.no_grad()
+def lm_scores(
+    gen: Generator, examples: list[QAExample], hits: list[list[Hit]], cfg: LsrConfig, *, cache: ScoreCache | None = None
+) -> torch.Tensor:
+    """(B, k) log p_LM(answer | passage, question): LSR's targets, fixed during a phase.
+
+    The B·k sequences are sorted by length and scored cfg.batch_size·k per no-grad forward, so that little of it
+    is padding. With a ``cache`` (a frozen generator) only sequences it has never scored go through the model."""
+    seqs = scoring_sequences(gen, examples, hits, cfg)
+    k = len(seqs) // max(1, len(examples))
+    totals = torch.zeros(len(seqs))
+    counts = torch.tensor([sum(1 for t in s.labels if t != IGNORE) for s in seqs], dtype=torch.float32)
+    keys: list[str] = []
+    if cache is not None:
+        fingerprint = generator_fingerprint(gen)
+        keys = [sequence_key(fingerprint, s.input_ids, s.labels) for s in seqs]
+        known = cache.get_many(keys)
+        for i, key in enumerate(keys):
+            if key in known:
+                totals[i] = known[key][0]
+        todo = [i for i, key in enumerate(keys) if key not in known]
+    else:
+        todo = list(range(len(seqs)))
+    todo.sort(key=lambda i: len(seqs[i].input_ids))
+    was_training = gen.model.training
+    gen.model.eval()  # no dropout in the supervision signal
+    try:
+        for start in range(0, len(todo), cfg.batch_size * max(1, k)):
+            idx = todo[start : start + cfg.batch_size * max(1, k)]
+            inputs = collate([seqs[i] for i in idx], gen.tokenizer.pad_token_id, gen.device)
+            totals[idx] = answer_logprobs(gen.model, **inputs, reduction="sum").float().cpu()
+    finally:
+        gen.model.train(was_training)
+    if cache is not None and todo:
+        cache.put_many({keys[i]: (totals[i].item(), int(counts[i])) for i in todo})
+    scores = totals if cfg.lm_score == "sum" else totals / counts.clamp(min=1)
+    return scores.view(len(examples), k)
+
+
+def retriever_scores(retriever: DualEncoder, examples: list[QAExample], hits: list[list[Hit]]) -> torch.Tensor:
+    """(B, k) cosine scores with gradient into the trainable encoder(s)."""
+    queries = retriever.encode_queries([e.question for e in examples], grad=True)  # (B, D)
+    k = len(hits[0])
+    if retriever.train_context:
+        texts = [format_passage(h.title, h.text) for ex_hits in hits for h in ex_hits]
+        contexts = retriever.encode_passages(texts, grad=True).view(len(examples), k, -1)  # (B, k, D)
+    else:  # the frozen context encoder's embeddings, as stored in the index
+        contexts = torch.from_numpy(np.stack([np.stack([h.vector for h in ex_hits]) for ex_hits in hits])).to(queries)
+    return torch.einsum("bd,bkd->bk", queries, contexts)  # (B, k)
+
+
+def entropy(log_p: torch.Tensor) -> torch.Tensor:
+    """(B,) entropy in nats of each row of a (B, k) log-distribution."""
+    return -(log_p.exp() * log_p).sum(-1)
+
+
+def train_lsr(
+    gen: Generator,
+    retriever: DualEncoder,
+    store: KnowledgeStore,
+    examples: list[QAExample],
+    cfg: LsrConfig,
+    *,
+    epochs: int = 1,
+    max_steps: int = 0,
+    seed: int = 0,
+    on_step: StepCallback | None = None,
+    cache: ScoreCache | None = None,
+    optimizer_state: OptimizerState | None = None,
+) -> dict[str, float]:
+    """One LSR phase: candidates and LM scores once (both fixed during the phase), then AdamW on the retriever.
+    ``cache``: reuse LM scores of a frozen generator (train.mode = lsr; score_cache.py)."""
+    start = time.perf_counter()
+    hits = retrieve(retriever, store, [e.question for e in examples], cfg.top_k, with_vectors=True)
+    keep = [i for i, h in enumerate(hits) if len(h) == cfg.top_k]  # a store smaller than k cannot rank k
+    examples, hits = [examples[i] for i in keep], [hits[i] for i in keep]
+    hits_before = cache.hits if cache is not None else 0
+    targets = lm_scores(gen, examples, hits, cfg, cache=cache) if examples else torch.zeros(0, cfg.top_k)  # (N, k)
+    scoring_seconds = time.perf_counter() - start
+    metrics = lsr_steps(
+        retriever,
+        examples,
+        hits,
+        targets,
+        cfg,
+        epochs=epochs,
+        max_steps=max_steps,
+        seed=seed,
+        on_step=on_step,
+        optimizer_state=optimizer_state,
+    )
+    cached = (cache.hits - hits_before) / max(1, targets.numel()) if cache is not None else 0.0
+    return metrics | {
+        "lsr-scores-cached": cached,
+        "lsr-scoring-seconds": scoring_seconds,
+        "lsr-seconds": time.perf_counter() - start,
+    }
+
+
+def lsr_steps(
+    retriever: DualEncoder,
+    examples: list[QAExample],
+    hits: list[list[Hit]],
+    targets: torch.Tensor,
+    cfg: LsrConfig,
+    *,
+    epochs: int = 1,
+    max_steps: int = 0,
+    seed: int = 0,
+    on_step: StepCallback | None = None,
+    optimizer_state: OptimizerState | None = None,
+) -> dict[str, float]:
+    """AdamW on the retriever towards fixed LM scores ``targets`` (N, k) of the candidates ``hits``.
+
+    Metrics say whether there was anything to learn: the target's entropy (nats, and over log k: 1 = uniform,
+    nothing to learn), the retriever's own entropy on the candidates at the start (from the store's scores), and
+    KL(p_LSR || p_R) of each step's batch before the step (first / last / mean), whatever the loss direction."""
+    rng = random.Random(seed)
+    batches = [list(range(s, min(s + cfg.batch_size, len(examples)))) for s in range(0, len(examples), cfg.batch_size)]
+    optimizer = torch.optim.AdamW(retriever.trainable_parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+    restore_optimizer(optimizer, optimizer_state)  # train.keep-optimizer-state: continue the last round's AdamW
+    losses: list[float] = []
+    kls: list[float] = []
+    temps = dict(retriever_temperature=cfg.retriever_temperature, lm_temperature=cfg.lm_temperature)
+    retriever.query_model.train()
+    try:
+        for _ in range(epochs):
+            rng.shuffle(batches)
+            for b in batches:
+                scores = retriever_scores(retriever, [examples[i] for i in b], [hits[i] for i in b])
+                target = targets[b].to(scores)
+                loss = lsr_loss(scores, target, kl_direction=cfg.kl_direction, **temps)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                kls.append(lsr_loss(scores.detach(), target, kl_direction="lsr-retriever", **temps).item())
+                if on_step is not None:
+                    on_step(len(losses), losses[-1], None)
+                if max_steps and len(losses) >= max_steps:
+                    break
+            if max_steps and len(losses) >= max_steps:
+                break
+    finally:
+        retriever.query_model.eval()
+    keep_optimizer(optimizer, optimizer_state)  # handed back in place, for the next round
+    stored = torch.tensor([[h.score for h in ex_hits] for ex_hits in hits]).view(len(hits), cfg.top_k)  # (N, k)
+    log_p_r, log_p_lsr = log_distributions(stored, targets, **temps)
+    log_k = math.log(cfg.top_k)
+    target_entropy = entropy(log_p_lsr).mean().item() if len(hits) else 0.0
+    return {
+        "lsr-loss-first": losses[0] if losses else 0.0,
+        "lsr-loss-last": losses[-1] if losses else 0.0,
+        "lsr-loss-mean": sum(losses) / len(losses) if losses else 0.0,
+        "lsr-kl-first": kls[0] if kls else 0.0,
+        "lsr-kl-last": kls[-1] if kls else 0.0,
+        "lsr-kl-mean": sum(kls) / len(kls) if kls else 0.0,
+        "lsr-target-entropy": target_entropy,
+        "lsr-target-entropy-norm": target_entropy / log_k,
+        "lsr-retriever-entropy": entropy(log_p_r).mean().item() if len(hits) else 0.0,
+        "lsr-steps": float(len(losses)),
+        "lsr-needs-reindex": float(retriever.train_context and bool(losses)),
+    }

@@ -61,9 +61,19 @@ def small_passages(data_dir):
 
 @pytest.fixture(scope="session")
 def small_shard_path(tmp_path_factory, small_passages, retriever) -> str:
-    """A real Qdrant Edge shard of the first 300 Wikipedia passages, built once per session. Open it, use it, close it."""
+    """A real Qdrant Edge shard of the first 300 Wikipedia passages, built once per session: open, use, close it."""
     from fedrag_app.rag.ingest import build_shard
 
     path = tmp_path_factory.mktemp("shards") / "wiki300"
     build_shard(small_passages, retriever, path=str(path), progress=False)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_models_config() -> dict[str, str]:
+    """Run-config keys that swap in tiny random-initialised models of the real architectures (tests/tiny_models.py):
+    for orchestration tests only (processes, records, checkpoints, faults); maths tests use the real models."""
+    from tests.tiny_models import tiny_models
+
+    gen, retr = tiny_models()
+    return {"generator.model": gen, "retriever.model": retr}

@@ -63,8 +63,9 @@ def prepare(args, work: Path, env: dict) -> None:
         )
     if not union.exists():
         from fedrag_app.config.app_config import AppConfig
-        from fedrag_app.data.loaders import iter_passages
+        from fedrag_app.data.loaders import corpus_path, iter_passages
         from fedrag_app.federation.partition import assign_articles
+        from fedrag_app.rag.embedding_cache import EmbeddingCache
         from fedrag_app.rag.ingest import build_shard
         from fedrag_app.rag.retriever import load_retriever
 
@@ -77,7 +78,9 @@ def prepare(args, work: Path, env: dict) -> None:
         assert [len(c) for c in chosen] == [c["passages"] for c in manifest["clients"]], "not the partition's passages"
         docs = list({p.id: p for c in chosen for p in c}.values())
         print(f"  union index: {len(docs)} passages", flush=True)
-        build_shard(docs, load_retriever(cfg.retriever), path=str(union), total=len(docs), progress=False)
+        retriever = load_retriever(cfg.retriever)  # vectors from the embedding cache, as the institutions' shards
+        cache = EmbeddingCache.open(corpus_path(cfg.data), retriever)
+        build_shard(docs, retriever, path=str(union), total=len(docs), progress=False, cache=cache)
 
 
 def federated(args, work: Path, env: dict, name: str, merge: str, batch_size: int) -> dict:

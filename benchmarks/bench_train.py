@@ -38,7 +38,7 @@ def matmul_peak_gflops(sizes: tuple[int, ...] = (1024, 2048, 4096), repeats: int
     for n in sizes:
         a, b = torch.randn(n, n), torch.randn(n, n)
         torch.mm(a, b)
-        seconds = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+        seconds = min(_timed(lambda a=a, b=b: torch.mm(a, b)) for _ in range(repeats))
         best = max(best, 2 * n**3 / seconds / 1e9)
     return best
 
@@ -60,13 +60,14 @@ def linear_params(model) -> int:
     )
 
 
-def ralt_step_flops(model, inputs) -> float:
+def ralt_step_flops(model, inputs, *, head_everywhere: bool = False) -> float:
     """Useful FLOPs of one RALT step: frozen linears (forward + input-gradient = 2 x 2N per token), causal
-    attention (forward + backward = 3 x), and the LM head at answer positions only (2 x)."""
+    attention (forward + backward = 3 x), and the LM head at answer positions only (2 x). ``head_everywhere``:
+    the head at every non-padding position, as fed-rag's step computes it (its loss covers the prompt too)."""
     cfg = model.config
     n = linear_params(model)
     lengths = inputs["attention_mask"].sum(dim=1).tolist()
-    answers = int((inputs["labels"] != -100).sum())
+    answers = sum(lengths) if head_everywhere else int((inputs["labels"] != -100).sum())
     tokens = sum(lengths)
     attention = sum(2 * L * L * cfg.hidden_size for L in lengths) * cfg.num_hidden_layers  # QK^T + AV, causal half
     head = 2 * cfg.hidden_size * cfg.vocab_size * answers
@@ -83,7 +84,8 @@ def forward_flops(model, inputs) -> float:
 
 
 class ScoringMeter:
-    """Times LSR's LM scoring and counts its FLOPs (wraps fedrag_app.training.lsr's own functions; the maths is untouched)."""
+    """Times LSR's LM scoring and counts its FLOPs (wraps fedrag_app.training.lsr's own functions; the maths is
+    untouched)."""
 
     def __init__(self, gen):
         import fedrag_app.training.lsr as lsr
@@ -226,33 +228,38 @@ def report(rows: list[dict]) -> None:
         med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
         print(f"\n== {workload.upper()} ({len(ours)} run(s) ours, {len(peer)} peer)")
         rss = med(ours, "peak_rss_mib")
+        whole = med(ours, "s_per_step_whole_phase")
         print(
-            f"  ours: {med(ours, 's_per_step_median'):.2f} s/step median (whole phase {med(ours, 's_per_step_whole_phase'):.2f}),"
+            f"  ours: {med(ours, 's_per_step_median'):.2f} s/step median (whole phase {whole:.2f}),"
             f" peak RSS {rss:.0f} MiB, loss {ours[0]['loss_first']:.4f} -> {ours[0]['loss_last']:.4f}"
             + (
-                f" (ralt.forward-tokens {ours[0]['forward_tokens']}; target <= 3072 MiB: {'met' if rss <= 3072 else 'NOT met'})"
+                f" (ralt.forward-tokens {ours[0]['forward_tokens']};"
+                f" target <= 3072 MiB: {'met' if rss <= 3072 else 'NOT met'})"
                 if workload == "ralt"
                 else ""
             )
         )
+        peak, gflops, mfu = med(ours, "matmul_peak_gflops"), med(ours, "achieved_gflops"), med(ours, "mfu")
         if workload == "ralt":
             print(
-                f"  ours: {med(ours, 'tokens_per_s'):.0f} non-padding tokens/s, {med(ours, 'achieved_gflops'):.0f} GFLOP/s"
-                f" of a measured fp32 matmul peak {med(ours, 'matmul_peak_gflops'):.0f} GFLOP/s -> MFU {med(ours, 'mfu'):.0%}"
-                f" (target >= 65%)"
+                f"  ours: {med(ours, 'tokens_per_s'):.0f} non-padding tokens/s, {gflops:.0f} GFLOP/s"
+                f" of a measured fp32 matmul peak {peak:.0f} GFLOP/s -> MFU {mfu:.0%} (target >= 65%)"
             )
         else:
             print(
                 f"  ours: retriever weights changed: {ours[0]['retriever_changed']}; LM scoring "
-                f"{med(ours, 'lm_scoring_seconds'):.1f} s of the phase at {med(ours, 'achieved_gflops'):.0f} GFLOP/s of a "
-                f"measured fp32 matmul peak {med(ours, 'matmul_peak_gflops'):.0f} GFLOP/s -> MFU {med(ours, 'mfu'):.0%} (target >= 65%)"
+                f"{med(ours, 'lm_scoring_seconds'):.1f} s of the phase at {gflops:.0f} GFLOP/s of a "
+                f"measured fp32 matmul peak {peak:.0f} GFLOP/s -> MFU {mfu:.0%} (target >= 65%)"
             )
         if peer:
             key = "tokens_per_s" if workload == "ralt" else None
             print(
-                f"  fed-rag: {med(peer, 's_per_step_median'):.2f} s/step median, peak RSS {med(peer, 'peak_rss_mib'):.0f} MiB"
+                f"  fed-rag: {med(peer, 's_per_step_median'):.2f} s/step median,"
+                f" peak RSS {med(peer, 'peak_rss_mib'):.0f} MiB"
                 + (
-                    f", {med(peer, 'tokens_per_s'):.0f} tokens/s"
+                    f", {med(peer, 'tokens_per_s'):.0f} tokens/s, {med(peer, 'achieved_gflops'):.0f} GFLOP/s of its"
+                    f" measured {med(peer, 'matmul_peak_gflops'):.0f} -> MFU {med(peer, 'mfu'):.0%}"
+                    f" (its own FLOPs: LM head at every position)"
                     if key
                     else f", retriever changed: {peer[0].get('retriever_changed')}"
                 )
@@ -262,7 +269,7 @@ def report(rows: list[dict]) -> None:
                 if key
                 else med(peer, "s_per_step_median") / med(ours, "s_per_step_whole_phase")
             )
-            print(f"  ratio (ours / fed-rag throughput, same run): {ratio:.1f}x")
+            print(f"  ratio (ours / fed-rag throughput, same run): {ratio:.2f}x")
     errors = [r for r in rows if "error" in r]
     for r in errors:
         print(f"\n(a run failed: {r['error'][-400:]})")

@@ -10,7 +10,9 @@ Runs only in the separate peer virtualenv (never the project's .venv):
 
 Measures: s/step = wall time between consecutive `on_step_end` callbacks (step 1 excluded, median);
 non-padding tokens/step = attention_mask.sum() of each batch fed-rag's collator returns (RALT only);
-tokens/s = sum tokens / sum step times over steps 2..N; peak RSS (VmHWM); first/last logged loss;
+tokens/s = sum tokens / sum step times over steps 2..N; RALT's model FLOPs utilisation (bench_train's count with
+the LM head at every non-padding position, as its loss needs, over this process's measured fp32 matmul peak);
+peak RSS (VmHWM); first/last logged loss;
 for LSR, whether the retriever's state_dict sha256 changed. The store workload (W1) times `encode_context` on
 all passages (never cached), `QdrantKnowledgeStore(in_memory=True).load_nodes`, and `store.retrieve` with the
 query embedding precomputed (p50/p95 at top-2 and top-10, one untimed warm-up). The passage embeddings and the fp32
@@ -218,12 +220,16 @@ def main() -> None:
 
     hf = trainer.hf_trainer_obj
     tokens: list[int] = []
+    flops: list[float] = []
     if a.workload == "ralt":  # LSR batches carry only scores, no attention_mask
+        from bench_train import ralt_step_flops  # same folder; stdlib-only at import
+
         collate = hf.data_collator
 
         def counting_collator(features, *args, **kwargs):
             out = collate(features, *args, **kwargs)
             tokens.append(int(out["attention_mask"].sum().item()))
+            flops.append(ralt_step_flops(generator.model, out, head_everywhere=True))
             return out
 
         hf.data_collator = counting_collator
@@ -240,7 +246,12 @@ def main() -> None:
         "s_per_step_median": round(statistics.median(step_s), 4) if step_s else None,
     }
     if a.workload == "ralt":  # the collator ran once per batch, in order (plus possibly one prefetched batch)
+        from bench_train import matmul_peak_gflops
+
         result["tokens_per_s"] = round(sum(tokens[1:n]) / sum(step_s), 2) if step_s else None
+        result["matmul_peak_gflops"] = matmul_peak_gflops()  # this process, same threads: the MFU denominator
+        result["achieved_gflops"] = sum(flops[1:n]) / sum(step_s) / 1e9 if step_s else None
+        result["mfu"] = result["achieved_gflops"] / result["matmul_peak_gflops"] if step_s else None
     result["tokens_per_step_median"] = statistics.median(tokens[:n]) if tokens else None
     result["peak_rss_mib"] = peak_rss_mib()
     result["loss_first"], result["loss_last"] = losses[0], losses[-1]

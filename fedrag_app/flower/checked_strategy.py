@@ -49,7 +49,7 @@ class CheckedStrategy(Strategy):
         super().__init__()
         self.inner = inner  # what every call goes to: the aggregator, or Flower's DP wrapper around it
         self.aggregator = aggregator  # the averaging strategy: FedAvg, a server optimizer, LoraProductFedAvg
-        self.reference, self.a_fingerprint = reference, a_fingerprint
+        self.reference, self.a_fingerprint = reference, a_fingerprint  # every reply's keys and shapes; FFA's A
         self.global_rank = global_rank  # set: replies may have a lower LoRA rank (heterogeneous ranks)
         self.lora_alpha, self.rank_method = lora_alpha, rank_method  # how nodes cut the global adapter to their rank
         self.wire_updates = wire_updates  # replies carry the retriever's update in the wire dtype, not its weights

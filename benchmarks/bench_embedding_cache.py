@@ -18,9 +18,9 @@ from pathlib import Path
 
 from fedrag_app.config.app_config import DataConfig, RetrieverConfig
 from fedrag_app.data.loaders import corpus_path, load_passages
-from fedrag_app.rag.embedding_cache import EmbeddingCache, encoder_fingerprint, file_sha256
+from fedrag_app.rag.embedding_cache import EmbeddingCache, file_sha256
 from fedrag_app.rag.ingest import build_shard
-from fedrag_app.rag.retriever import load_retriever
+from fedrag_app.rag.retriever import context_encoder_fingerprint, load_retriever
 
 
 def main() -> None:
@@ -39,7 +39,7 @@ def main() -> None:
     t0 = time.perf_counter()
     file_sha256(corpus)
     t1 = time.perf_counter()
-    encoder_fingerprint(retriever)
+    context_encoder_fingerprint(retriever)
     t2 = time.perf_counter()
     print(
         f"key: corpus sha256 {t1 - t0:.2f} s ({corpus.stat().st_size / 1e6:.1f} MB), encoder fingerprint {t2 - t1:.2f} s"

@@ -42,10 +42,10 @@ OPTIONS = {  # name -> run-config overrides
 
 def bytes_table() -> list[tuple[str, int]]:
     from fedrag_app.config.app_config import AppConfig
+    from fedrag_app.federation.exchange import exchanged_weights
     from fedrag_app.flower.records import pack_weights
     from fedrag_app.rag.generator import load_generator
     from fedrag_app.rag.retriever import load_retriever
-    from fedrag_app.training.local_round import exchanged_weights
 
     gen = None
     rows = []

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from fedrag_app.core.errors import StoreError
-from fedrag_app.rag.embedding_cache import EmbeddingCache, encoder_fingerprint
+from fedrag_app.rag.embedding_cache import EmbeddingCache
 from fedrag_app.rag.ingest import build_shard
 from fedrag_app.rag.knowledge_store import KnowledgeStore
 from fedrag_app.rag.prompts import format_passage
+from fedrag_app.rag.retriever import context_encoder_fingerprint
 
 
 class CountingEncoder:
@@ -74,17 +75,26 @@ def test_the_key_follows_the_corpus_bytes_and_the_encoder_weights(corpus, retrie
     assert EmbeddingCache.open(corpus, retriever).key == key
     corpus.write_text(corpus.read_text(encoding="utf-8").replace("Anarchism", "Anarchy", 1), encoding="utf-8")
     assert EmbeddingCache.open(corpus, retriever).key.split("-")[0] != key.split("-")[0]
-    before = encoder_fingerprint(retriever)
+    before = context_encoder_fingerprint(retriever)
     param = next(retriever.context_model.parameters())
     saved = param.detach().clone()
     with torch.no_grad():
         param[0, 0] += 1e-4  # one weight of the context encoder
     try:
-        assert encoder_fingerprint(retriever) != before
+        assert context_encoder_fingerprint(retriever) != before
     finally:
         with torch.no_grad():
             param.copy_(saved)
-    assert encoder_fingerprint(retriever) == before
+    assert context_encoder_fingerprint(retriever) == before
+
+
+def test_a_shard_and_the_cache_name_the_context_encoder_by_one_fingerprint(corpus, retriever):
+    """The fingerprint a shard records (and a node checks query vectors against) is the one the cache is keyed by."""
+    cache = EmbeddingCache.open(corpus, retriever)
+    assert (
+        retriever.context_fingerprint() == cache.meta["encoder-fingerprint"] == context_encoder_fingerprint(retriever)
+    )
+    assert cache.key.endswith("-" + retriever.context_fingerprint()[:16])
 
 
 def test_a_passage_that_is_not_the_corpus_one_is_refused(corpus, retriever, small_passages):

@@ -114,7 +114,7 @@ def test_the_server_reader_counts_refusals_errors_and_bad_replies():
     from fedrag_app.flower.records import metric_record
 
     good = RecordDict(
-        {"docs": ConfigRecord(pack_hits([A])), "metrics": metric_record({"node-seconds": 0.5, "partition-id": 2})}
+        {"docs": ConfigRecord({**pack_hits([A]), "partition-id": 2}), "metrics": metric_record({"node-seconds": 0.5})}
     )
     kind, lists, seconds, problem = read_reply(_reply(good), 1, 3)
     assert (kind, seconds, problem) == ("ok", 0.5, None) and [h.partition for h in lists[0]] == [2, 2, 2]

@@ -20,7 +20,8 @@ from fedrag_app.core.errors import WeightsError
 from fedrag_app.data.loaders import load_web_questions, write_qa_jsonl
 from fedrag_app.flower import client_app
 from fedrag_app.flower.records import metric_record, numpy_to_record, pack_weights, record_to_numpy, unpack_weights
-from fedrag_app.flower.server_app import build_strategy, evaluation_due
+from fedrag_app.flower.server_app import evaluation_due
+from fedrag_app.flower.strategies import build_strategy
 from fedrag_app.rag.generator import lora_state_dict
 
 TINY = {
@@ -322,7 +323,7 @@ def _peft_key(record_key: str) -> str:
 
 @pytest.mark.parametrize("mode, prefixes", [("ralt", {"lora."}), ("lsr", {"retriever."})])
 def test_only_what_the_mode_trains_travels(node, mode, prefixes):
-    from fedrag_app.training.local_round import exchanged_weights
+    from fedrag_app.federation.exchange import exchanged_weights
 
     run = {**TINY, "train.mode": mode}
     cfg = AppConfig.from_flat(run)

@@ -160,3 +160,21 @@ def test_ranks_go_by_partition_id_and_node_config_wins():
     assert cfg.node_rank(0, 8) == 8 and AppConfig().node_rank(5) == 8
     with pytest.raises(ConfigError, match="node-config key 'lora-rank' = 9"):
         cfg.node_rank(0, 9)
+
+
+def test_a_node_setup_resolves_configs_rank_and_shard_once_from_the_two_mappings(tmp_path):
+    """What every ClientApp handler starts from: the run at the global rank, the node at its own, where its shard is;
+    the global adapter it receives is cut to its rank (the truncation, under fed.lora-aggregation = fedavg)."""
+    from fedrag_app.federation.exchange import at_node_rank
+    from fedrag_app.federation.node_setup import node_setup
+
+    nc = {"partition-id": 1, "data-path": str(tmp_path / "q.jsonl"), "store-path": str(tmp_path / "shard")}
+    setup = node_setup({"fed.client-ranks": "2,4"}, nc)
+    assert (setup.rank, setup.run.generator.lora_r, setup.store) == (4, 8, {"path": str(tmp_path / "shard")})
+    assert node_setup({"fed.client-ranks": "2,4"}, {**nc, "lora-rank": 2}).rank == 2
+    glob = adapter(8)
+    cut = at_node_rank(glob, setup.run, setup.cfg)
+    assert cut[A].shape == (4, IN) and np.array_equal(cut[A], glob[A][:4])
+    assert at_node_rank(glob, setup.run, setup.run) is glob
+    with pytest.raises(ConfigError, match="train-context-encoder"):
+        node_setup({"retriever.train-context-encoder": True}, nc)

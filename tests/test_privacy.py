@@ -12,10 +12,10 @@ from flwr.app import ConfigRecord, RecordDict
 from fedrag_app.config.app_config import AppConfig
 from fedrag_app.config.runtime import apply_runtime
 from fedrag_app.core.errors import ConfigError
+from fedrag_app.federation.exchange import exchanged_weights
 from fedrag_app.flower import client_app
 from fedrag_app.flower.records import metric_record, numpy_to_record, pack_weights, record_to_numpy
 from fedrag_app.rag.generator import load_generator, lora_a_fingerprint
-from fedrag_app.training.local_round import exchanged_weights
 from tests.test_flower_app import TINY, checked, context, message, node, reply  # noqa: F401  (node is a fixture)
 from tests.test_flwr_run import rdp_epsilon
 
@@ -179,7 +179,7 @@ def test_central_noise_has_the_configured_std_and_epsilon_matches_the_accountant
 
 
 def test_a_resumed_run_charges_the_accountant_for_the_rounds_already_done():
-    from fedrag_app.flower.server_app import build_strategy
+    from fedrag_app.flower.strategies import build_strategy
 
     run = {"dp.mode": "server-clip", "dp.noise-multiplier": 1.5, "fed.min-nodes": 2}
     cfg = AppConfig.from_flat(run)
@@ -204,14 +204,16 @@ def test_ffa_lora_sends_only_b_keeps_a_frozen_and_matches_the_servers_a(node):
     cfg = AppConfig.from_flat(run)
     apply_runtime(cfg.runtime)  # the server's start: a fresh seeded load must give every node's A
     server_a = lora_a_fingerprint(load_generator(cfg.generator))
-    assert out.content["metrics"]["lora-a-fingerprint"] == server_a
+    assert out.content["checks"]["lora-a-fingerprint"] == server_a  # a value checked, not a metric averaged
+    assert "lora-a-fingerprint" not in out.content["metrics"]
     strategy = checked(record_to_numpy(sent), run, a_fingerprint=server_a)
     arrays, _ = strategy.aggregate_train(1, [reply(out.content, 1)])
     assert arrays is not None
     other = RecordDict(
         {
             "arrays": out.content["arrays"],
-            "metrics": metric_record({"num-examples": 4, "lora-a-fingerprint": server_a + 1.0}),
+            "metrics": metric_record({"num-examples": 4}),
+            "checks": ConfigRecord({"lora-a-fingerprint": server_a + 1.0}),
         }
     )
     assert checked(record_to_numpy(sent), run, a_fingerprint=server_a).aggregate_train(1, [reply(other, 2)]) == (

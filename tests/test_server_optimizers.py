@@ -13,10 +13,10 @@ from flwr.serverapp.strategy import FedAdam, FedAvgM
 
 from fedrag_app.config.app_config import AppConfig
 from fedrag_app.core.errors import ConfigError
+from fedrag_app.federation.exchange import exchanged_weights
 from fedrag_app.flower import client_app
 from fedrag_app.flower.records import metric_record, numpy_to_record, pack_weights, record_to_numpy
-from fedrag_app.flower.server_app import build_strategy
-from fedrag_app.training.local_round import exchanged_weights
+from fedrag_app.flower.strategies import build_strategy
 from fedrag_app.training.optimizer_state import keep_optimizer, restore_optimizer
 from tests.test_flower_app import TINY, _global_weights, context, message, node, reply  # noqa: F401  (node: a fixture)
 from tests.test_privacy import Nodes, in_a_server_app  # noqa: F401  (in_a_server_app is a fixture)
@@ -58,7 +58,7 @@ def test_fedavgm_matches_server_sgd_with_momentum_over_three_rounds(in_a_server_
         REFERENCE,
         None,
     )
-    assert isinstance(strategy.fedavg, FedAvgM)
+    assert isinstance(strategy.aggregator, FedAvgM)
     x, expected, momentum = dict(REFERENCE), {k: v.astype(np.float64) for k, v in REFERENCE.items()}, None
     for r in (1, 2, 3):
         _, mean = _replies(x, r)
@@ -82,7 +82,7 @@ def test_fedadam_matches_the_adam_step_on_the_average_update_over_three_rounds(i
         "fed.server-tau": tau,
     }
     strategy = build_strategy(AppConfig.from_flat(run), REFERENCE, None)
-    assert isinstance(strategy.fedavg, FedAdam)
+    assert isinstance(strategy.aggregator, FedAdam)
     x = dict(REFERENCE)
     expected = {k: v.astype(np.float64) for k, v in REFERENCE.items()}
     m = {k: 0.0 for k in x}
@@ -108,17 +108,17 @@ def test_a_resumed_server_optimizer_continues_exactly(in_a_server_app, name):
     whole = _run(build_strategy(run, REFERENCE, None), range(1, 4), dict(REFERENCE))
     first = build_strategy(run, REFERENCE, None)
     x = _run(first, range(1, 3), dict(REFERENCE))
-    state = first.fedavg.optimizer_state()
+    state = first.aggregator.optimizer_state()
     assert state and all(key.startswith(f"{name}/") for key in state)
     resumed = build_strategy(run, REFERENCE, None, rounds_done=2)
-    assert resumed.fedavg.restore_optimizer_state(state, REFERENCE)
+    assert resumed.aggregator.restore_optimizer_state(state, REFERENCE)
     x = _run(resumed, range(1, 2), x, done=2)
     for k in x:
         np.testing.assert_allclose(x[k], whole[k], rtol=1e-6, atol=1e-7)
     other = build_strategy(
         AppConfig.from_flat({"fed.strategy": "fedyogi" if name != "fedyogi" else "fedadam"}), REFERENCE, None
     )
-    assert not other.fedavg.restore_optimizer_state(state, REFERENCE), "another strategy's state must not load"
+    assert not other.aggregator.restore_optimizer_state(state, REFERENCE), "another strategy's state must not load"
 
 
 def test_server_optimizers_compose_with_ffa_and_local_dp_and_keep_a_float16_part(in_a_server_app):

@@ -2,7 +2,7 @@
 
 Each opted-in node returns its own top-k passages for a question (ranked by cosine score against its own shard).
 The server merges the lists that arrived: reciprocal-rank fusion (a passage at 1-based rank r of a node's list
-adds 1 / (k + r), summed over the lists that hold it; Cormack et al. 2009, Flower's fedrag example with k = 60) or
+adds 1 / (k + r), summed over the lists that hold it, k = query.rrf-k; Cormack et al. 2009) or
 plain score sorting (cosine scores from one encoder are comparable across shards: the score-sorted merge of every
 node's exact top-k is the top-k of one index over the union). Either way a passage id appears once. Then the
 generator answers from the merged top passages with the one prompt template (prompts.py) training also uses.
@@ -182,9 +182,9 @@ def read_reply(message, n_questions: int, top_k: int) -> tuple[str, list[list[No
             raise ValueError(
                 f"expected a ConfigRecord 'docs' and a MetricRecord 'metrics', got {sorted(content.keys())}"
             )
-        seconds, partition = content["metrics"].get("node-seconds"), content["metrics"].get("partition-id")
+        seconds, partition = content["metrics"].get("node-seconds"), content["docs"].get("partition-id")
         if not isinstance(seconds, (int, float)) or (partition is not None and not isinstance(partition, int)):
-            raise ValueError(f"metrics node-seconds = {seconds!r}, partition-id = {partition!r}")
+            raise ValueError(f"metrics node-seconds = {seconds!r}, docs partition-id = {partition!r}")
         return (
             "ok",
             unpack_hits(content["docs"], n_questions, top_k, node=node, partition=partition),

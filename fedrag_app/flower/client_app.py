@@ -1,13 +1,15 @@
 """Flower ClientApp: an institution's node. Thin: unpack, call the library, pack.
 
 train    -> run_local_round (RALT / LSR / RA-DIT) on its own questions against its own Qdrant shard;
-            replies with one ArrayRecord ("lora.*" and/or "retriever.*": what the mode trains) and one
-            MetricRecord of scalars. With train.keep-optimizer-state the node's AdamW state persists across
+            replies with one ArrayRecord ("lora.*" and/or "retriever.*": what travels, federation/exchange.py),
+            one MetricRecord of scalars and, under FFA-LoRA, a ConfigRecord "checks" holding the fingerprint of
+            its frozen A. With train.keep-optimizer-state the node's AdamW state persists across
             rounds in its Flower context.state (records.save_optimizer_state), never in a reply.
 evaluate -> Web Questions EM/F1 and retrieval recall@k/MRR on its held-out questions (scalars only).
 query.retrieve -> top-k passages per question from its shard, only if its node-config sets federated-retrieval=true
             (in simulation: its partition id is in run-config query.opted-in-partitions).
 
+Every handler resolves the node's setup (configs, LoRA rank, data and shard) once per message: node_setup.
 Models are loaded once per process (simulation reuses Ray actors across nodes and rounds; every message
 overwrites the weights with the global ones). Shards are opened per message and closed at its end, so no
 two nodes in one process ever hold the same lock.
@@ -25,28 +27,28 @@ from flwr.clientapp.mod import LocalDpMod, fixedclipping_mod
 from fedrag_app.config.app_config import AppConfig
 from fedrag_app.config.query import MAX_TOP_K_PER_NODE
 from fedrag_app.config.runtime import apply_runtime, release_memory
-from fedrag_app.config.values import check_federated
 from fedrag_app.core.errors import ConfigError
 from fedrag_app.evaluation.evaluate import evaluate_retrieval, evaluate_web_questions
-from fedrag_app.federation.lora_aggregation import to_client_rank
-from fedrag_app.federation.node_data import NodeData, node_data, node_questions
+from fedrag_app.federation.exchange import at_node_rank, load_received_state, outgoing_state
+from fedrag_app.federation.node_data import node_questions
+from fedrag_app.federation.node_setup import NodeSetup, node_setup
 from fedrag_app.federation.personal import RoundOf, personal_adapter
 from fedrag_app.federation.query import REFUSAL, opted_in, pack_hits
 from fedrag_app.flower.records import (
+    A_FINGERPRINT,
+    CHECKS,
     load_optimizer_state,
     metric_record,
     numpy_to_record,
-    pack_weights,
     record_to_numpy,
     save_optimizer_state,
     to_wire_update,
-    unpack_weights,
 )
 from fedrag_app.rag.generator import Generator, load_generator, lora_a_fingerprint
 from fedrag_app.rag.knowledge_store import KnowledgeStore
 from fedrag_app.rag.retrieval import retrieve
 from fedrag_app.rag.retriever import DualEncoder, load_retriever
-from fedrag_app.training.local_round import exchanged_weights, load_exchanged_weights, run_local_round
+from fedrag_app.training.local_round import run_local_round
 
 app = ClientApp()
 _MODELS: dict = {}  # (generator config, retriever config, runtime) -> (Generator, DualEncoder), one per process
@@ -105,35 +107,23 @@ def _dp_weight(cfg: AppConfig) -> dict[str, int]:
     return {"dp-weight": 1} if cfg.dp.central else {}
 
 
-def _open_store(node: NodeData, retriever: DualEncoder) -> KnowledgeStore:
+def _open_store(setup: NodeSetup, retriever: DualEncoder) -> KnowledgeStore:
     return KnowledgeStore.open(
-        **node.store,
+        **setup.store,
         embedding_model=retriever.name,
         dim=retriever.dim,
         context_fingerprint=retriever.context_fingerprint(),
     )
 
 
-def _prepare(msg: Message, context: Context) -> tuple[AppConfig, NodeData, Generator, DualEncoder]:
-    """Config once (at this node's LoRA rank), the node's data locations, and the models set to the global weights
-    in the message: a node of lower rank than the global adapter takes its truncation (fed.lora-aggregation =
-    fedavg) or its best rank-r approximation (product); the server recomputes the same to average its update."""
-    run_cfg = AppConfig.from_flat(context.run_config)
-    check_federated(run_cfg)
-    node = node_data(run_cfg, context.node_config)
-    cfg = run_cfg.for_rank(run_cfg.node_rank(node.partition_id, node.lora_rank))
-    gen, retriever = _models(cfg)
-    record = msg.content["arrays"]
-    if cfg.generator.lora_r != run_cfg.generator.lora_r:
-        method = "svd" if cfg.fed.lora_aggregation == "product" else "truncate"
-        record = numpy_to_record(
-            to_client_rank(
-                record_to_numpy(record), rank=cfg.generator.lora_r, alpha=cfg.generator.lora_alpha, method=method
-            )
-        )
-    lora, retr = unpack_weights(record, *exchanged_weights(cfg, gen, retriever))
-    load_exchanged_weights(cfg, gen, retriever, lora, retr)
-    return cfg, node, gen, retriever
+def _models_at_global_weights(msg: Message, setup: NodeSetup) -> tuple[Generator, DualEncoder]:
+    """The models (loaded once per process, at this node's LoRA rank) set to the global weights in the message: a
+    node of lower rank than the global adapter takes its truncation (fed.lora-aggregation = fedavg) or its best
+    rank-r approximation (product); the server recomputes the same to average its update."""
+    gen, retriever = _models(setup.cfg)
+    state = at_node_rank(record_to_numpy(msg.content["arrays"]), setup.run, setup.cfg)
+    load_received_state(setup.cfg, gen, retriever, state)
+    return gen, retriever
 
 
 def _round_of(msg: Message, context: Context) -> RoundOf:
@@ -146,12 +136,14 @@ def _round_of(msg: Message, context: Context) -> RoundOf:
 @app.train(mods=[wire_mod, privacy_mod])
 def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
-    cfg, node, gen, retriever = _prepare(msg, context)
+    setup = node_setup(context.run_config, context.node_config)
+    cfg, node = setup.cfg, setup.node
+    gen, retriever = _models_at_global_weights(msg, setup)
     examples, _ = node_questions(node, cfg.partition.heldout_fraction)
     at = _round_of(msg, context)
     kept = load_optimizer_state(context.state) if cfg.train.keep_optimizer_state else None
     with (
-        _open_store(node, retriever) as store,
+        _open_store(setup, retriever) as store,
         personal_adapter(cfg, gen, node.state_dir, node.partition_id, at, keep=True),
     ):
         result = run_local_round(
@@ -159,30 +151,32 @@ def train(msg: Message, context: Context) -> Message:
         )
     if kept is not None:  # the node's AdamW state stays in its own context.state, never in the reply
         save_optimizer_state(context.state, kept)
-    arrays = pack_weights(*exchanged_weights(cfg, gen, retriever))  # fp32: wire_mod casts the retriever update
+    arrays = numpy_to_record(outgoing_state(cfg, gen, retriever))  # fp32: wire_mod casts the retriever update
     release_memory()  # the round's activations and optimizer states: other actors on this GPU may need them
-    extra = _dp_weight(cfg)
-    if cfg.fed.lora_aggregation == "ffa":
-        extra["lora-a-fingerprint"] = lora_a_fingerprint(gen)  # the server checks every node froze the same A
     metrics = metric_record(
         {
             "num-examples": result.num_examples,
             **result.metrics,
-            **extra,
+            **_dp_weight(cfg),
             "lora-rank": cfg.generator.lora_r,
             "bytes-sent": arrays.count_bytes(),
             "handler-seconds": time.perf_counter() - started,
         }
     )  # incl. model load, unpack, pack
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    content = RecordDict({"arrays": arrays, "metrics": metrics})
+    if cfg.fed.lora_aggregation == "ffa":  # the server checks every node froze the same A; not a metric to average
+        content[CHECKS] = ConfigRecord({A_FINGERPRINT: lora_a_fingerprint(gen)})
+    return Message(content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg, node, gen, retriever = _prepare(msg, context)
+    setup = node_setup(context.run_config, context.node_config)
+    cfg, node = setup.cfg, setup.node
+    gen, retriever = _models_at_global_weights(msg, setup)
     _, heldout = node_questions(node, cfg.partition.heldout_fraction)
     depth = max(cfg.eval.top_k, cfg.eval.recall_k)
-    with _open_store(node, retriever) as store:
+    with _open_store(setup, retriever) as store:
         hits = retrieve(retriever, store, [e.question for e in heldout], depth)
     scores = evaluate_web_questions(
         gen,
@@ -217,8 +211,8 @@ def retrieve_passages(msg: Message, context: Context) -> Message:
     sends query vectors encoded with the retriever it answers with (e.g. a checkpoint's trained query encoder; the
     shard is checked against its embedding model); without them the node encodes the questions itself."""
     started = time.perf_counter()
-    cfg = AppConfig.from_flat(context.run_config)
-    node = node_data(cfg, context.node_config)
+    setup = node_setup(context.run_config, context.node_config)
+    cfg, node = setup.cfg, setup.node
     if not opted_in(context.node_config, node.federated_retrieval, node.partition_id, cfg.query.opted_in):
         raise ConfigError(
             f"{REFUSAL}: passage text stays here unless its node-config sets federated-retrieval=true "
@@ -244,10 +238,11 @@ def retrieve_passages(msg: Message, context: Context) -> Message:
             retriever.context_fingerprint(),
         )
     with KnowledgeStore.open(
-        **node.store, embedding_model=model, dim=vectors.shape[1], context_fingerprint=fingerprint
+        **setup.store, embedding_model=model, dim=vectors.shape[1], context_fingerprint=fingerprint
     ) as store:
         hits = store.search_batch(vectors, top_k)
-    metrics = {"node-seconds": time.perf_counter() - started}
-    if "partition-id" in context.node_config:
-        metrics["partition-id"] = node.partition_id
-    return Message(RecordDict({"docs": ConfigRecord(pack_hits(hits)), "metrics": metric_record(metrics)}), reply_to=msg)
+    docs = pack_hits(hits)
+    if "partition-id" in context.node_config:  # where the passages come from: part of the answer, not a metric
+        docs["partition-id"] = node.partition_id
+    metrics = metric_record({"node-seconds": time.perf_counter() - started})
+    return Message(RecordDict({"docs": ConfigRecord(docs), "metrics": metrics}), reply_to=msg)

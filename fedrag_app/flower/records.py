@@ -1,12 +1,8 @@
-"""The Flower edge: weights and metrics in and out of Flower records. With strategies.py (Flower's server optimizers)
-the only library modules importing flwr.
+"""The Flower edge of what travels: weights (federation/exchange.py, plain numpy) and metrics in and out of Flower
+records, and a node's optimizer state kept in its context.state.
 
-One ArrayRecord carries both models, keys prefixed "lora.<peft key>" and "retriever.<param>" (Flower's
-reply contract wants exactly one ArrayRecord and one MetricRecord). Arrays travel as fp32, never bf16 (numpy has no
-bf16); with retriever.wire-dtype = float16 a node's reply carries its retriever *update* in fp16 (to_wire_update) and
-the server adds it back to the fp32 global it sent (from_wire_update): fp16 keeps ~3 digits of an update, where
-rounding whole weights to fp16 loses most of a small one. Unpacking checks keys, shapes and finiteness against what
-the receiver expects, so a bad update is refused by name instead of being loaded.
+One ArrayRecord carries both models, keys prefixed "lora.<peft key>" and "retriever.<param>" (Flower's reply contract
+wants exactly one ArrayRecord and one MetricRecord); exchange.py decides what goes in it and checks what comes out.
 """
 
 from __future__ import annotations
@@ -15,46 +11,34 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedrag_app.core.errors import WeightsError
-from fedrag_app.federation.update_checks import check_update
+from fedrag_app.federation import exchange
 
-LORA, RETRIEVER = "lora.", "retriever."
+CHECKS = "checks"  # a train reply's ConfigRecord of values the server checks, apart from its metrics
+A_FINGERPRINT = "lora-a-fingerprint"  # in CHECKS under FFA-LoRA: rag.generator.lora_a_fingerprint of the node
 
 
 def pack_weights(
     lora: dict[str, torch.Tensor], retriever: dict[str, torch.Tensor], *, retriever_dtype: str = "float32"
 ) -> ArrayRecord:
-    """Both weight sets in one ArrayRecord, in a stable key order."""
-    arrays: dict[str, Array] = {}
-    for prefix, state, dtype in ((LORA, lora, np.float32), (RETRIEVER, retriever, np.dtype(retriever_dtype))):
-        for key in sorted(state):
-            arrays[prefix + key] = Array(np.ascontiguousarray(state[key].detach().float().cpu().numpy().astype(dtype)))
-    return ArrayRecord(arrays)
+    """Both weight sets in one ArrayRecord, in a stable key order (exchange.flat_state)."""
+    return numpy_to_record(exchange.flat_state(lora, retriever, retriever_dtype=retriever_dtype))
+
+
+def unpack_weights(
+    record: ArrayRecord, lora_reference: dict[str, torch.Tensor], retriever_reference: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Split a record into fp32 (lora, retriever) state dicts, checked against the receiver's own weights."""
+    return exchange.split_state(record_to_numpy(record), lora_reference, retriever_reference)
 
 
 def to_wire_update(reply: ArrayRecord, sent: ArrayRecord, dtype: str) -> ArrayRecord:
-    """The reply with each retriever array replaced by its update (reply − sent, in fp32) cast to ``dtype``; same keys,
-    same order. LoRA arrays pass unchanged."""
-    out: dict[str, Array] = {}
-    for key, array in reply.items():
-        if key.startswith(RETRIEVER):
-            update = array.numpy().astype(np.float32) - sent[key].numpy().astype(np.float32)
-            array = Array(np.ascontiguousarray(update.astype(np.dtype(dtype))))
-        out[key] = array
-    return ArrayRecord(out)
+    """exchange.to_wire_update on records: each retriever array becomes its update in ``dtype``."""
+    return numpy_to_record(exchange.to_wire_update(record_to_numpy(reply), record_to_numpy(sent), dtype))
 
 
 def from_wire_update(record: ArrayRecord, sent: dict[str, np.ndarray]) -> ArrayRecord:
-    """fp32 weights from a reply of ``to_wire_update``: the sent global plus each retriever update."""
-    out: dict[str, Array] = {}
-    for key, array in record.items():
-        if key.startswith(RETRIEVER):
-            update, base = array.numpy(), sent[key]
-            if update.shape != base.shape:
-                raise ValueError(f"'{key}' has shape {update.shape}, expected {base.shape}")
-            array = Array(np.ascontiguousarray(base.astype(np.float32) + update.astype(np.float32)))
-        out[key] = array
-    return ArrayRecord(out)
+    """exchange.from_wire_update on records: fp32 weights, the sent global plus each retriever update."""
+    return numpy_to_record(exchange.from_wire_update(record_to_numpy(record), sent))
 
 
 def record_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -63,23 +47,6 @@ def record_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 def numpy_to_record(state: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in state.items()})
-
-
-def unpack_weights(
-    record: ArrayRecord, lora_reference: dict[str, torch.Tensor], retriever_reference: dict[str, torch.Tensor]
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Split a record into fp32 (lora, retriever) state dicts, checked against the receiver's own weights."""
-    state = record_to_numpy(record)
-    reference = {LORA + k: v.numpy() for k, v in lora_reference.items()}
-    reference.update({RETRIEVER + k: v.numpy() for k, v in retriever_reference.items()})
-    problem = check_update(state, reference)
-    if problem:
-        raise WeightsError(f"received weights do not fit this model: {problem}")
-    lora = {k[len(LORA) :]: torch.from_numpy(v.astype(np.float32)) for k, v in state.items() if k.startswith(LORA)}
-    retr = {
-        k[len(RETRIEVER) :]: torch.from_numpy(v.astype(np.float32)) for k, v in state.items() if k.startswith(RETRIEVER)
-    }
-    return lora, retr
 
 
 def metric_record(metrics: dict[str, float | int]) -> MetricRecord:

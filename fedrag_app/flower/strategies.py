@@ -1,11 +1,13 @@
-"""Flower's server optimizers as fed.strategy: FedAvgM, FedAdam, FedYogi, FedAdagrad (flwr.serverapp.strategy).
+"""The server's strategies, built from the run config by build_strategy: Flower's FedAvg or one of its server
+optimizers (fed.strategy), or FedAvg with LoRA product averaging (fed.lora-aggregation = product); inside Flower's DP
+wrapper when dp.mode is central; always behind CheckedStrategy (checked_strategy.py), which keeps bad replies out.
 
-FedAvg of a few local AdamW steps moves the adapter about a third as far as centralized training on the same
-questions (each node walks a third of the steps; the average does not add them). A server optimizer treats the
-average update as a pseudo-gradient and takes its own step with a learning rate, momentum or Adam-style moments.
-Flower's classes do the maths; the mixin below only (1) counts rounds from the federation's start, so a resumed
-FedAdam's bias correction continues, (2) keeps the adaptive moments in float32 when a part travels as float16
-and returns each array in the dtype the server sent (Flower's FedAdam returns float64), and (3) reads and
+Server optimizers: FedAvg of a few local AdamW steps moves the adapter about a third as far as centralized training
+on the same questions (each node walks a third of the steps; the average does not add them). A server optimizer
+treats the average update as a pseudo-gradient and takes its own step with a learning rate, momentum or Adam-style
+moments. Flower's classes do the maths; the mixin below only (1) counts rounds from the federation's start, so a
+resumed FedAdam's bias correction continues, (2) keeps the adaptive moments in float32 when a part travels as
+float16 and returns each array in the dtype the server sent (Flower's FedAdam returns float64), and (3) reads and
 restores the momentum / moments, which the ServerApp saves in every checkpoint (checkpoint.SERVER_STATE).
 """
 
@@ -15,12 +17,26 @@ from collections.abc import Iterable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi
+from flwr.serverapp import GaussianPrivacyEvent, Grid, NeighboringRelation, RdpAccountant, SamplingMethod
+from flwr.serverapp import PrivacyConfig as DpAccounting
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedYogi,
+    Strategy,
+)
 
-from fedrag_app.config.app_config import FedConfig
+from fedrag_app.config.app_config import AppConfig, FedConfig
 from fedrag_app.config.checks import server_learning_rate
 from fedrag_app.core.errors import CheckpointError
+from fedrag_app.federation.exchange import exchanged_parts, rank_method
+from fedrag_app.federation.lora_aggregation import product_average
+from fedrag_app.flower.checked_strategy import CheckedStrategy
+from fedrag_app.flower.records import numpy_to_record, record_to_numpy
 
 
 class ServerOptimizer:
@@ -114,3 +130,82 @@ def server_strategy(cfg: FedConfig, *, round_offset: int = 0, **kwargs) -> FedAv
         strategy = cls(eta=lr, beta_1=cfg.server_beta_1, beta_2=cfg.server_beta_2, tau=cfg.server_tau, **kwargs)
     strategy.round_offset = round_offset
     return strategy
+
+
+class LoraProductFedAvg(FedAvg):
+    """FedAvg whose LoRA factors are aggregated as the weighted mean of B·A per layer, refactored to rank r by
+    truncated SVD (lora_aggregation.product_average); the retriever is averaged as in FedAvg."""
+
+    def __init__(self, *, rank: int, alpha: float, **kwargs):
+        super().__init__(**kwargs)
+        self.rank, self.alpha, self.last_aggregation_metrics = rank, alpha, {}
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid, _ = self._check_and_log_replies(list(replies), is_train=True)
+        if not valid:
+            return None, None
+        contents = [m.content for m in valid]
+        states = [record_to_numpy(c["arrays"]) for c in contents]
+        weights = [float(c["metrics"][self.weighted_by_key]) for c in contents]
+        state, lost = product_average(states, weights, rank=self.rank, alpha=self.alpha)
+        self.last_aggregation_metrics = {f"lora-{k}": v for k, v in lost.items()}
+        dtypes = {k: v.dtype for k, v in states[0].items()}
+        merged = numpy_to_record({k: state[k].astype(dtypes[k]) for k in states[0]})  # the replies' key order
+        return merged, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+
+
+def build_strategy(
+    cfg: AppConfig, reference: dict, a_fingerprint: float | None, *, rounds_done: int = 0
+) -> CheckedStrategy:
+    """The aggregator (FedAvg, a server optimizer or LoRA product averaging), wrapped in Flower's DP strategy when
+    dp.mode is central, then checked (CheckedStrategy).
+
+    Under central DP every node weighs the same ('dp-weight' = 1: the noise is calibrated to C / nodes) and each
+    round samples exactly fed.min-nodes nodes (the fixed sample size Flower's accountant requires). A resumed run
+    charges the accountant for every round already done (the same release each round; at worst an over-count)."""
+    m, central = cfg.fed.min_nodes, cfg.dp.central
+    kwargs = dict(
+        fraction_train=1e-9 if central else cfg.fed.fraction_train,  # max(int(n * 1e-9), m) = m nodes
+        fraction_evaluate=cfg.fed.fraction_evaluate,
+        min_train_nodes=m,
+        min_evaluate_nodes=m,
+        min_available_nodes=m,
+        weighted_by_key="dp-weight" if central else "num-examples",
+    )
+    if cfg.fed.lora_aggregation == "product":
+        aggregator: FedAvg = LoraProductFedAvg(rank=cfg.generator.lora_r, alpha=cfg.generator.lora_alpha, **kwargs)
+    else:  # FedAvg, or the server optimizer fed.strategy names (config_checks refuses it with product / central DP)
+        aggregator = server_strategy(cfg.fed, round_offset=rounds_done, **kwargs)
+    inner: Strategy = aggregator
+    if central:
+        accountant = None
+        if cfg.dp.noise_multiplier > 0:
+            accountant = RdpAccountant(
+                DpAccounting(
+                    target_delta=cfg.dp.delta,
+                    population_size=m,
+                    neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                    sampling_method=SamplingMethod.NO_AMPLIFICATION,
+                )
+            )
+            if rounds_done:
+                accountant.compose(GaussianPrivacyEvent(cfg.dp.noise_multiplier, m, m), count=rounds_done)
+        wrapper = (
+            DifferentialPrivacyClientSideFixedClipping
+            if cfg.dp.mode == "client-clip"
+            else DifferentialPrivacyServerSideFixedClipping
+        )
+        inner = wrapper(aggregator, cfg.dp.noise_multiplier, cfg.dp.clipping_norm, m, accountant=accountant)
+    pads = cfg.fed.lora_aggregation != "ffa" and cfg.dp.mode == "off" and exchanged_parts(cfg.train)[0]
+    return CheckedStrategy(
+        inner,
+        aggregator,
+        reference,
+        a_fingerprint=a_fingerprint if cfg.fed.lora_aggregation == "ffa" else None,
+        global_rank=cfg.generator.lora_r if pads else None,
+        lora_alpha=cfg.generator.lora_alpha,
+        rank_method=rank_method(cfg.fed),
+        wire_updates=cfg.retriever.wire_dtype != "float32" and exchanged_parts(cfg.train)[1],
+    )

@@ -4,7 +4,7 @@ Encoding the 45,739-passage corpus takes about 45 minutes on 2 cores; building a
 seconds. So every shard (`fedrag-app index`, each institution's shard from `fedrag-app partition`, the server's
 evaluation store) takes its vectors from here, and only passages not cached yet are encoded.
 
-Layout: ``<cache_dir>/embeddings/<corpus sha256[:16]>-<encoder fingerprint[:16]>/`` holding ``meta.json`` and
+Layout: ``<cache_dir>/embeddings/<corpus sha256[:16]>-<context_encoder_fingerprint[:16]>/`` holding ``meta.json`` and
 ``chunk-*.npz`` files (``ids``, ``digests`` of the encoded text, ``vectors``). Filled lazily, by passage: a chunk
 is written (temp file, then rename) as soon as its passages are encoded, so an interrupted encoding resumes from
 the chunks already written, and a small run pays only for the passages it uses. Several processes may fill one
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import tempfile
 import time
@@ -29,6 +28,7 @@ from fedrag_app.core.atomic import write_json
 from fedrag_app.core.errors import StoreError
 from fedrag_app.data.loaders import Passage
 from fedrag_app.rag.prompts import format_passage
+from fedrag_app.rag.retriever import context_encoder_fingerprint
 
 _HASH_BLOCK = 1 << 20
 
@@ -39,33 +39,6 @@ def file_sha256(path: str | os.PathLike) -> str:
     with open(path, "rb") as f:
         while block := f.read(_HASH_BLOCK):
             h.update(block)
-    return h.hexdigest()
-
-
-def encoder_fingerprint(encoder) -> str:
-    """sha256 over what decides a passage's vector: the context encoder's weights (every state_dict tensor's bytes),
-    its module pipeline (max length, pooling, normalisation: the model's repr), our always-on L2 normalisation and
-    the passage template. A trained context encoder therefore never reads another encoder's vectors."""
-    import torch
-
-    model = encoder.context_model
-    h = hashlib.sha256()
-    h.update(
-        json.dumps(
-            {
-                "name": encoder.name,
-                "dim": int(encoder.dim),
-                "max_seq_length": getattr(model, "max_seq_length", None),
-                "normalize": True,
-                "modules": repr(model),
-                "template": format_passage("T", "X"),
-            }
-        ).encode()
-    )
-    for key, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -94,7 +67,7 @@ class EmbeddingCache:
         from fedrag_app.rag.model_sources import cache_dir
 
         corpus = Path(corpus).resolve()
-        corpus_sha, fingerprint = file_sha256(corpus), encoder_fingerprint(encoder)
+        corpus_sha, fingerprint = file_sha256(corpus), context_encoder_fingerprint(encoder)
         folder = Path(root or cache_dir() / "embeddings") / f"{corpus_sha[:16]}-{fingerprint[:16]}"
         meta = {
             "corpus": str(corpus),

@@ -21,6 +21,7 @@ from fedrag_app.config.app_config import RetrieverConfig
 from fedrag_app.core.atomic import atomic_dir
 from fedrag_app.core.errors import ConfigError, WeightsError
 from fedrag_app.rag.model_sources import resolve_retriever
+from fedrag_app.rag.prompts import format_passage
 
 _LAYER = re.compile(r"\.layer\.(\d+)\.")
 
@@ -67,17 +68,14 @@ class DualEncoder:
         return np.ascontiguousarray(emb, dtype=np.float32)
 
     def context_fingerprint(self) -> str:
-        """sha256 (16 hex digits) of the context encoder's weights: a store records the one that made its vectors.
-        Cached while the context encoder is frozen; recomputed when it trains."""
+        """context_encoder_fingerprint(self): what a shard records and the embedding cache is keyed by. Cached while
+        the context encoder is frozen; recomputed when it trains."""
         if self._context_fingerprint is not None and not self.train_context:
             return self._context_fingerprint
-        digest = hashlib.sha256()
-        for key, value in sorted(self.context_model.state_dict().items()):
-            digest.update(key.encode())
-            digest.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        fingerprint = context_encoder_fingerprint(self)
         if not self.train_context:
-            self._context_fingerprint = digest.hexdigest()[:16]
-        return digest.hexdigest()[:16]
+            self._context_fingerprint = fingerprint
+        return fingerprint
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self._query_trainable.values()) + list(self._context_trainable.values())
@@ -109,6 +107,34 @@ class DualEncoder:
             self.query_model.save(str(tmp / "query"))
             self.context_model.save(str(tmp / "context"))
             (tmp / "dual_encoder.json").write_text(json.dumps({"name": self.name, "dim": self.dim}, indent=2))
+
+
+def context_encoder_fingerprint(encoder) -> str:
+    """sha256 (64 hex digits) over what decides a passage's vector: the context encoder's weights (every state_dict
+    tensor's bytes), its module pipeline (max length, pooling, normalisation: the model's repr), our always-on L2
+    normalisation and the passage template. The one fingerprint of a context encoder: a shard records it (its
+    vectors' encoder, checked when opened and by a node answering query vectors) and the embedding cache is keyed
+    by it, so a trained context encoder never reads another encoder's vectors. ``encoder``: a DualEncoder, or
+    anything with its ``name``, ``dim`` and ``context_model``."""
+    model = encoder.context_model
+    h = hashlib.sha256()
+    h.update(
+        json.dumps(
+            {
+                "name": encoder.name,
+                "dim": int(encoder.dim),
+                "max_seq_length": getattr(model, "max_seq_length", None),
+                "normalize": True,
+                "modules": repr(model),
+                "template": format_passage("T", "X"),
+            }
+        ).encode()
+    )
+    for key, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _dimension(model: SentenceTransformer) -> int:

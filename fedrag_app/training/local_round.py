@@ -2,8 +2,10 @@
 
 Centralized training is the one-client case: ``fedrag-app train`` calls this function round after round on
 all the data; a ClientApp calls it once per server round on its partition. Either way a round trains on the
-next train.num-examples questions of a walk through all of them (round_examples), never the same first N. Seeding from seed + round makes the
-same inputs give the same weights, which is what lets a test prove the two paths agree.
+next train.num-examples questions of a walk through all of them (round_examples), never the same first N. Seeding
+from seed + round makes the same inputs give the same weights, which is what lets a test prove the two paths agree.
+It trains the models in place and returns the round's metrics; what travels is the federation's business
+(federation/exchange.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from fedrag_app.config.app_config import AppConfig, TrainConfig
 from fedrag_app.config.runtime import seed_everything
 from fedrag_app.data.loaders import QAExample
-from fedrag_app.rag.generator import Generator, load_lora_state_dict, lora_state_dict, set_lora_a_trainable
+from fedrag_app.rag.generator import Generator, set_lora_a_trainable
 from fedrag_app.rag.knowledge_store import KnowledgeStore
 from fedrag_app.rag.retriever import DualEncoder
 from fedrag_app.training.lsr import train_lsr
@@ -39,32 +41,6 @@ def phases(cfg: TrainConfig, server_round: int) -> list[str]:
     if cfg.ra_dit_schedule == "joint":
         return ["lsr", "ralt"]  # retriever first, so RALT retrieves with the updated retriever
     return ["lsr"] if server_round % 2 == 1 else ["ralt"]
-
-
-def exchanged_parts(cfg: TrainConfig) -> tuple[bool, bool]:
-    """(LoRA, retriever): what this mode can change, and so all that travels each round.
-
-    RALT never changes the retriever and LSR never changes the adapter, so sending them would only cost bytes
-    (88 MB of query encoder per message with the defaults)."""
-    return cfg.mode in ("ralt", "ra-dit"), cfg.mode in ("lsr", "ra-dit")
-
-
-def exchanged_weights(cfg: AppConfig, gen: Generator, retriever: DualEncoder) -> tuple[dict, dict]:
-    """The (LoRA, retriever) state dicts that travel; a part that does not travel is {}. Under FFA-LoRA
-    (fed.lora-aggregation = ffa) the A factors never change, so only the B factors travel (40% of SmolLM2's
-    q/v adapter)."""
-    lora, retr = exchanged_parts(cfg.train)
-    lora_state = lora_state_dict(gen) if lora else {}
-    if cfg.fed.lora_aggregation == "ffa":
-        lora_state = {k: v for k, v in lora_state.items() if ".lora_A." not in k}
-    return lora_state, (retriever.trainable_state_dict() if retr else {})
-
-
-def load_exchanged_weights(cfg: AppConfig, gen: Generator, retriever: DualEncoder, lora: dict, retr: dict) -> None:
-    if lora:
-        load_lora_state_dict(gen, lora, keep_a=cfg.fed.lora_aggregation == "ffa")
-    if retr:
-        retriever.load_trainable_state_dict(retr)
 
 
 def round_examples(examples: list[QAExample], num_examples: int, seed: int, server_round: int) -> list[QAExample]:

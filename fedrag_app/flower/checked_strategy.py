@@ -1,0 +1,185 @@
+"""The strategy every server round goes through: Flower's own (FedAvg, a server optimizer or LoRA product averaging,
+inside Flower's DP wrapper when DP is on) behind the checks that keep a bad reply out of the average.
+
+A reply whose weights cannot be averaged (unreadable records, NaN/Inf, wrong keys or shapes, under FFA-LoRA a
+different frozen A) is logged and dropped; a lower-rank reply (heterogeneous ranks) is checked as its padding to the
+global rank, and a round with such replies averages the nodes' ΔW updates (lora_aggregation.rank_update_average);
+a retriever update in the wire dtype is rebuilt into fp32 weights first. The checks themselves are plain numpy
+(federation/exchange.py); this module only reads them out of Flower's messages.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from logging import WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, Strategy
+
+from fedrag_app.config.app_config import PrivacyConfig
+from fedrag_app.federation.exchange import check_frozen_a, check_update, check_update_at_rank
+from fedrag_app.federation.lora_aggregation import adapter_rank, rank_update_average
+from fedrag_app.flower.records import A_FINGERPRINT, CHECKS, from_wire_update, numpy_to_record, record_to_numpy
+
+
+class CheckedStrategy(Strategy):
+    """Wraps the aggregator (FedAvg, a server optimizer or LoRA product averaging; inside Flower's DP wrapper when DP
+    is on).
+
+    Drops, with a logged reason, the replies whose weights cannot be averaged (unreadable records, NaN/Inf, wrong
+    keys or shapes, under FFA-LoRA a different frozen A) before the inner strategy sees them; error replies pass
+    through so Flower's own checks log and count them. Keeps the round's costs and client metrics for reporting."""
+
+    def __init__(
+        self,
+        inner: Strategy,
+        aggregator: FedAvg,
+        reference: dict,
+        *,
+        a_fingerprint: float | None = None,
+        global_rank: int | None = None,
+        lora_alpha: float = 16.0,
+        rank_method: str = "truncate",
+        wire_updates: bool = False,
+    ):
+        super().__init__()
+        self.inner = inner  # what every call goes to: the aggregator, or Flower's DP wrapper around it
+        self.aggregator = aggregator  # the averaging strategy: FedAvg, a server optimizer, LoraProductFedAvg
+        self.reference, self.a_fingerprint = reference, a_fingerprint  # every reply's keys and shapes; FFA's A
+        self.global_rank = global_rank  # set: replies may have a lower LoRA rank (heterogeneous ranks)
+        self.lora_alpha, self.rank_method = lora_alpha, rank_method  # how nodes cut the global adapter to their rank
+        self.wire_updates = wire_updates  # replies carry the retriever's update in the wire dtype, not its weights
+        self.sent_global = reference  # the global arrays of the round in progress (configure_train updates it)
+        self.last_train_metrics, self.last_evaluate_metrics = {}, {}
+        self.round_costs: dict[str, float] = {}
+        self._sent_at, self._sent_bytes = 0.0, 0
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        if self.global_rank is not None or self.wire_updates:
+            self.sent_global = record_to_numpy(arrays)  # what the replies are updates of
+        self._sent_at, self._sent_bytes = time.perf_counter(), arrays.count_bytes() * len(messages)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        passed, bytes_up, replies = [], 0.0, list(replies)
+        for m in replies:
+            size = 0 if m.has_error() else m.content["arrays"].count_bytes() if "arrays" in m.content else 0
+            problem = None if m.has_error() else self._problem(m.content)
+            bytes_up += 0 if problem else size
+            if problem:
+                log(
+                    WARNING,
+                    "dropped the update of node %s in round %s: %s",
+                    m.metadata.src_node_id,
+                    server_round,
+                    problem,
+                )
+            else:
+                passed.append(m)
+        kept = [m for m in passed if not m.has_error()]
+        rank_losses = self._merge_rank_updates(kept) if self.global_rank is not None else {}
+        local = [float(m.content["metrics"].get("local-seconds", 0.0)) for m in kept]
+        handler = [float(m.content["metrics"].get("handler-seconds", 0.0)) for m in kept]
+        self.round_costs = {  # what Flower adds on top of the clients' own work, and what crossed the network
+            "round-train-seconds": time.perf_counter() - self._sent_at,
+            "round-local-seconds-sum": sum(local),
+            "round-local-seconds-max": max(local, default=0.0),
+            "round-handler-seconds-sum": sum(handler),
+            "round-handler-seconds-max": max(handler, default=0.0),
+            "round-bytes-down": float(self._sent_bytes),
+            "round-bytes-up": bytes_up,
+            "round-updates-averaged": float(len(kept)),
+            "round-failures": float(len(replies) - len(kept)),
+        }  # error replies and dropped updates
+        if self.inner is not self.aggregator:  # Flower's DP noise draws from numpy's global RNG, seeded by runtime.seed
+            np.random.seed()  # fresh OS entropy: noise that anyone knowing the seed could subtract protects nothing
+        arrays, metrics = self.inner.aggregate_train(server_round, passed)
+        self.last_train_metrics = dict(metrics) if metrics else {}
+        if arrays is not None and (extra := getattr(self.aggregator, "last_aggregation_metrics", None)):
+            self.round_costs.update(extra)
+        if arrays is not None:
+            self.round_costs.update(rank_losses)
+        return arrays, metrics
+
+    def _merge_rank_updates(self, kept: list[Message]) -> dict[str, float]:
+        """A round with a lower-rank reply: the LoRA aggregate is ΔW_global + Σ w_i (ΔW(reply_i) − ΔW(sent_i))
+        (lora_aggregation.rank_update_average); every reply's LoRA factors are replaced by it, so the inner strategy
+        averages identical factors and handles the other keys and the metrics as usual."""
+        states = [record_to_numpy(m.content["arrays"]) for m in kept]
+        if not any(adapter_rank(s) < self.global_rank for s in states if any(".lora_A." in k for k in s)):
+            return {}
+        weights = [float(m.content["metrics"][self.aggregator.weighted_by_key]) for m in kept]
+        merged, lost = rank_update_average(
+            self.sent_global, states, weights, alpha=self.lora_alpha, method=self.rank_method
+        )
+        for m, state in zip(kept, states):
+            m.content["arrays"] = numpy_to_record({k: merged.get(k, v) for k, v in state.items()})
+        return {f"lora-{k}": v for k, v in lost.items()}
+
+    def _problem(self, content) -> str | None:
+        problem = _reply_problem(content, self.aggregator.weighted_by_key)
+        if problem is None and self.wire_updates:
+            problem = _rebuild_wire_update(content, self.sent_global)
+        if problem is None and self.global_rank is not None:
+            problem = check_update_at_rank(record_to_numpy(content["arrays"]), self.global_rank, self.reference)
+        elif problem is None:
+            problem = check_update(record_to_numpy(content["arrays"]), self.reference)
+        if problem is None and self.a_fingerprint is not None:
+            checks = content.config_records.get(CHECKS)
+            problem = check_frozen_a(checks.get(A_FINGERPRINT) if checks else None, self.a_fingerprint)
+        return problem
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        metrics = self.inner.aggregate_evaluate(server_round, replies)
+        self.last_evaluate_metrics = dict(metrics) if metrics else {}
+        return metrics
+
+    def privacy_metrics(self, rounds_done: int, cfg: PrivacyConfig) -> dict[str, float]:
+        """epsilon spent so far: Flower's RDP accountant in the central modes; per-round epsilon x rounds (basic
+        composition) in local mode; nothing when DP is off."""
+        spent = self.inner.privacy_spent() if hasattr(self.inner, "privacy_spent") else None
+        if spent is not None:
+            return {
+                "dp-epsilon": float(spent.epsilon),
+                "dp-delta": float(spent.delta),
+                "dp-releases": spent.num_releases,
+            }
+        if cfg.mode == "local":
+            return {"dp-epsilon": cfg.local_epsilon * rounds_done, "dp-delta": cfg.delta * rounds_done}
+        return {}
+
+
+def _rebuild_wire_update(content, sent: dict) -> str | None:
+    """Replace a reply's wire-dtype retriever update by fp32 weights (what was sent + the update); why not, or None."""
+    try:
+        content["arrays"] = from_wire_update(content["arrays"], sent)
+    except (KeyError, ValueError) as e:
+        return f"its retriever update cannot be rebuilt: {e}"
+    return None
+
+
+def _reply_problem(content, weight_key: str) -> str | None:
+    """Why a reply's records cannot be read (not the numbers in them), or None."""
+    if set(content.array_records) != {"arrays"} or set(content.metric_records) != {"metrics"}:
+        return f"expected one ArrayRecord 'arrays' and one MetricRecord 'metrics', got {sorted(content.keys())}"
+    weight = content["metrics"].get(weight_key)
+    if not isinstance(weight, (int, float)) or weight <= 0:
+        return f"metric '{weight_key}' = {weight!r}: expected a positive number"
+    return None

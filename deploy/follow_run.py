@@ -90,8 +90,12 @@ def wait_for_run(
     flwr: str = "flwr",
     on_status=None,
     env: dict | None = None,
+    soon=None,
 ) -> str:
-    """Poll until the run finishes or `timeout_s` passes; returns the final status (raises on a timeout)."""
+    """Poll until the run finishes or `timeout_s` passes; returns the final status (raises on a timeout).
+
+    Each `flwr ls` costs ~1.8 s of CPU, so the status is read every `poll_s`; ``soon``, a cheap check (e.g. the last
+    metrics row is on disk), says the run is about to finish: from then on it is read every second."""
     deadline = time.monotonic() + timeout_s
     last = ""
     while time.monotonic() < deadline:
@@ -104,7 +108,12 @@ def wait_for_run(
         last = status
         if status.startswith("finished"):
             return status
-        time.sleep(poll_s)
+        waited = 0.0
+        while waited < poll_s and not (soon is not None and soon()):
+            time.sleep(0.25)
+            waited += 0.25
+        if waited < poll_s:
+            time.sleep(1.0)
     raise RunFailed(f"run {run_id} still '{last}' after {timeout_s:.0f} s")
 
 

@@ -244,7 +244,8 @@ class Quickstart:
             task = bar.add_task(f"run {run_id}: starting Flower", total=rounds)
             while True:
                 done = sum(1 for line in metrics.read_text().splitlines() if line.strip()) if metrics.exists() else 0
-                if time.monotonic() - checked > STATUS_EVERY_S:
+                # every 15 s; every poll once the last round's row is in (the run is about to finish)
+                if time.monotonic() - checked > (POLL_S if done >= rounds else STATUS_EVERY_S):
                     try:
                         status = fr.run_status("local", run_id, flwr=flwr, env=env)
                     except (fr.RunFailed, subprocess.TimeoutExpired):

@@ -68,7 +68,7 @@ POLL_S, STATUS_EVERY_S = 2.0, 15.0  # metrics.jsonl is read every 2 s; `flwr ls`
 
 def app_dir() -> Path:
     """The Flower app folder `flwr run` packages: this checkout (the package is installed editable), else cwd."""
-    for candidate in (Path(__file__).resolve().parents[1], Path.cwd()):
+    for candidate in (Path(__file__).resolve().parents[2], Path.cwd()):
         pyproject = candidate / "pyproject.toml"
         if pyproject.exists() and "[tool.flwr.app]" in pyproject.read_text():
             return candidate

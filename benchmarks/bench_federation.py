@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -58,25 +57,11 @@ def bytes_table() -> list[tuple[str, int]]:
     return rows
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def simulate(args) -> list[dict]:
     bin_dir = Path(sys.executable).parent
     work = Path(args.workdir).resolve()
     parts, out = work / "parts", work / f"outputs-{int(time.time())}"
-    env = dict(
-        os.environ,
-        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-        FLWR_HOME=str(work / "flwr_home"),
-        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
-        FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        FLWR_TELEMETRY_ENABLED="0",
-    )
+    env = follow_run.local_flwr_env(work / "flwr_home", bin_dir=bin_dir)
     if not (parts / "manifest.json").exists():
         subprocess.run(
             [

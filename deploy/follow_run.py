@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -89,8 +90,12 @@ def wait_for_run(
     flwr: str = "flwr",
     on_status=None,
     env: dict | None = None,
+    soon=None,
 ) -> str:
-    """Poll until the run finishes or `timeout_s` passes; returns the final status (raises on a timeout)."""
+    """Poll until the run finishes or `timeout_s` passes; returns the final status (raises on a timeout).
+
+    Each `flwr ls` costs ~1.8 s of CPU, so the status is read every `poll_s`; ``soon``, a cheap check (e.g. the last
+    metrics row is on disk), says the run is about to finish: from then on it is read every second."""
     deadline = time.monotonic() + timeout_s
     last = ""
     while time.monotonic() < deadline:
@@ -103,8 +108,39 @@ def wait_for_run(
         last = status
         if status.startswith("finished"):
             return status
-        time.sleep(poll_s)
+        waited = 0.0
+        while waited < poll_s and not (soon is not None and soon()):
+            time.sleep(0.25)
+            waited += 0.25
+        if waited < poll_s:
+            time.sleep(1.0)
     raise RunFailed(f"run {run_id} still '{last}' after {timeout_s:.0f} s")
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_flwr_env(flwr_home: str | os.PathLike, *, bin_dir: str | os.PathLike | None = None, base=None) -> dict:
+    """The environment for `flwr run . local` on a local simulation SuperLink of its own: its own FLWR_HOME (which
+    ``local_federation_pids`` and ``stop_local_superlink`` find it by), free ports unless ``base`` (default: this
+    process's environment) names them, no runtime dependency install, no telemetry, unbuffered output, and
+    ``bin_dir`` (default: this interpreter's) first on PATH so `flwr` and the simulation run from the same venv."""
+    env = dict(os.environ if base is None else base)
+    bin_dir = str(bin_dir or Path(sys.executable).parent)
+    env.update(
+        FLWR_HOME=str(flwr_home),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_TELEMETRY_ENABLED="0",
+        PYTHONUNBUFFERED="1",
+        PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
+    )
+    for key in ("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "FLWR_LOCAL_CONTROL_API_PORT"):
+        env.setdefault(key, str(free_port()))
+    return env
 
 
 def local_federation_pids(flwr_home: str, command: bytes = b"") -> list[int]:

@@ -11,7 +11,6 @@ an interrupted table resumes where it stopped; --fresh starts over. The result t
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -243,13 +242,7 @@ def main(
     root.mkdir(parents=True, exist_ok=True)
     if fresh and runs.exists():
         subprocess.run(["rm", "-rf", str(runs)], check=True)
-    env = dict(
-        os.environ,
-        FLWR_HOME=str(root / "flwr_home"),
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        FLWR_TELEMETRY_ENABLED="0",
-        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
-    )
+    env = follow_run.local_flwr_env(root / "flwr_home", bin_dir=BIN)
     # seed-major: every row gets its first seed before any row gets its second, so a table stopped early
     # still covers every row
     cells = [

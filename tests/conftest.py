@@ -77,3 +77,35 @@ def tiny_models_config() -> dict[str, str]:
 
     gen, retr = tiny_models()
     return {"generator.model": gen, "retriever.model": retr}
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory, small_shard_path, data_dir):
+    """An institution's files: 6 training questions, 2 held-out ones, and its shard; node-config as on a SuperNode.
+    One per test module: the ClientApp's cached models are dropped after each module."""
+    from fedrag_app.config.app_config import AppConfig
+    from fedrag_app.data.loaders import load_web_questions, write_qa_jsonl
+    from fedrag_app.flower import client_app
+
+    folder = tmp_path_factory.mktemp("node")
+    questions = load_web_questions("train", AppConfig().data)
+    write_qa_jsonl(folder / "train.jsonl", questions[:6])
+    write_qa_jsonl(folder / "heldout.jsonl", questions[6:8])
+    yield {
+        "partition-id": 0,
+        "num-partitions": 1,
+        "data-path": str(folder / "train.jsonl"),
+        "heldout-path": str(folder / "heldout.jsonl"),
+        "store-path": small_shard_path,
+    }
+    client_app._MODELS.clear()
+
+
+@pytest.fixture
+def in_a_server_app(monkeypatch):
+    """Messages are built inside a ServerApp process, which knows its run and node: pretend to be one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)

@@ -1,5 +1,6 @@
 """The embedding cache on the real encoder and the real corpus's first passages: same vectors as encoding directly,
-filled lazily, resumed after a crash, keyed by corpus bytes and encoder weights, and shards built from it encode nothing."""
+filled lazily, resumed after a crash, keyed by corpus bytes and encoder weights, and shards built from it encode
+nothing."""
 
 from __future__ import annotations
 

@@ -15,8 +15,6 @@ from pathlib import Path
 import pytest
 import typer
 
-from tests.deploy_helpers import free_port
-
 REPO = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("run_table", REPO / "experiments" / "run_table.py")
 run_table = importlib.util.module_from_spec(spec)
@@ -74,30 +72,35 @@ metrics = ["ralt-loss-mean"]
 "ralt.batch-size" = 2
 "ralt.top-k" = 1
 "ralt.max-seq-len" = 128
-"fed.num-server-rounds" = 20
+"fed.num-server-rounds" = 500
+"generator.model" = "{generator}"
+"retriever.model" = "{retriever}"
 "fed.server-eval" = false
 "runtime.num-threads" = 1
 [[columns]]
 name = "centralized"
 num-partitions = 1
 scheme = "iid"
-partition = { "partition.questions-per-client" = 6, "partition.passages-per-client" = 60 }
+[columns.partition]
+"partition.questions-per-client" = 6
+"partition.passages-per-client" = 60
+"retriever.model" = "{retriever}"
 [[rows]]
 name = "RALT"
 """
 
 
 @pytest.mark.slow
-def test_sigterm_stops_the_table_and_every_process_it_started(tmp_path, data_dir):
+def test_sigterm_stops_the_table_and_every_process_it_started(tmp_path, data_dir, tiny_models_config):
     """`kill` on the runner mid-cell must not orphan the local SuperLink, flwr-simulation or its Ray workers (they
-    would keep the cores busy and race the next run), and must leave no result for the cell it cut short."""
-    (tmp_path / "t.toml").write_text(TINY_TABLE)
-    env = dict(
-        os.environ,
-        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
-        FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
-        FLWR_TELEMETRY_ENABLED="0",
-    )
+    would keep the cores busy and race the next run), and must leave no result for the cell it cut short.
+
+    Processes, not maths: the cell trains tiny random-initialised models of the real architectures
+    (tests/tiny_models.py) for 500 rounds, so it is still running when the signal comes; the runner picks its own
+    free ports (follow_run.local_flwr_env)."""
+    gen, retr = tiny_models_config["generator.model"], tiny_models_config["retriever.model"]
+    (tmp_path / "t.toml").write_text(TINY_TABLE.format(generator=gen, retriever=retr))
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0")
     runner = subprocess.Popen(
         [
             sys.executable,

@@ -8,72 +8,18 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Error, Message, Metadata, RecordDict
+from flwr.app import ConfigRecord, Error, Message, RecordDict
 
 from fedrag_app.config.app_config import AppConfig
 from fedrag_app.core.errors import WeightsError
-from fedrag_app.data.loaders import load_web_questions, write_qa_jsonl
 from fedrag_app.flower import client_app
 from fedrag_app.flower.records import metric_record, numpy_to_record, pack_weights, record_to_numpy, unpack_weights
 from fedrag_app.flower.server_app import evaluation_due
-from fedrag_app.flower.strategies import build_strategy
-from fedrag_app.rag.generator import lora_state_dict
-
-TINY = {
-    "runtime.num-threads": 0,
-    "train.mode": "ra-dit",
-    "train.max-steps": 1,
-    "train.num-examples": 4,
-    "ralt.batch-size": 2,
-    "ralt.top-k": 1,
-    "ralt.max-seq-len": 128,
-    "lsr.batch-size": 2,
-    "lsr.top-k": 2,
-    "lsr.max-seq-len": 128,
-    "eval.top-k": 1,
-    "eval.recall-k": 5,
-}
-
-
-def message(content: RecordDict, message_type: str, *, src: int = 0, dst: int = 7) -> Message:
-    md = Metadata(
-        run_id=1,
-        message_id=f"m{src}",
-        src_node_id=src,
-        dst_node_id=dst,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=3600,
-        message_type=message_type,
-    )
-    return Message(content=content, metadata=md)
-
-
-def reply(content: RecordDict | Error, src: int) -> Message:
-    md = Metadata(
-        run_id=1,
-        message_id=f"r{src}",
-        src_node_id=src,
-        dst_node_id=0,
-        reply_to_message_id="m0",
-        group_id="1",
-        created_at=time.time(),
-        ttl=3600,
-        message_type="train",
-    )
-    if isinstance(content, Error):
-        return Message(error=content, metadata=md)
-    return Message(content=content, metadata=md)
-
-
-def context(node_config: dict, run_config: dict, run_id: int = 1) -> Context:
-    return Context(run_id=run_id, node_id=7, node_config=node_config, state=RecordDict(), run_config=run_config)
+from tests.flower_helpers import TINY, checked, context, global_weights, message, peft_key, reply
 
 
 # --- records -------------------------------------------------------------------------------------------------
@@ -153,11 +99,6 @@ def _update(value: float, n: int, *, shape=(2, 2)) -> RecordDict:
     return RecordDict({"arrays": arrays, "metrics": metric_record({"num-examples": n, "loss": value})})
 
 
-def checked(reference: dict, run: dict | None = None, a_fingerprint: float | None = None):
-    """The ServerApp's strategy as main() builds it, for a run config."""
-    return build_strategy(AppConfig.from_flat(run or {}), reference, a_fingerprint)
-
-
 def test_checked_fedavg_weights_by_examples_and_drops_bad_updates(caplog):
     reference = {"lora.w": np.zeros((2, 2), np.float32), "retriever.v": np.zeros(3, np.float32)}
     strategy = checked(reference)
@@ -185,32 +126,10 @@ def test_checked_fedavg_returns_nothing_when_every_update_is_bad():
     assert checked(reference).aggregate_train(1, [reply(_update(float("inf"), 2), 1)]) == (None, None)
 
 
-# --- the ClientApp handlers ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def node(tmp_path_factory, small_shard_path, data_dir):
-    """An institution's files: 6 training questions, 2 held-out ones, and its shard; node-config as on a SuperNode."""
-    folder = tmp_path_factory.mktemp("node")
-    questions = load_web_questions("train", AppConfig().data)
-    write_qa_jsonl(folder / "train.jsonl", questions[:6])
-    write_qa_jsonl(folder / "heldout.jsonl", questions[6:8])
-    yield {
-        "partition-id": 0,
-        "num-partitions": 1,
-        "data-path": str(folder / "train.jsonl"),
-        "heldout-path": str(folder / "heldout.jsonl"),
-        "store-path": small_shard_path,
-    }
-    client_app._MODELS.clear()
-
-
-def _global_weights(cfg: AppConfig):
-    gen, retriever = client_app._models(cfg)
-    return pack_weights(lora_state_dict(gen), retriever.trainable_state_dict())
-
-
+# --- the ClientApp handlers ----------------------------------------------------------------------------------------
 def test_train_reply_is_one_array_record_and_scalar_metrics_with_changed_weights(node):
     cfg = AppConfig.from_flat(TINY)
-    sent = _global_weights(cfg)
+    sent = global_weights(cfg)
     content = RecordDict({"arrays": sent, "config": ConfigRecord({"server-round": 1})})
     out = client_app.train(message(content, "train"), context(node, TINY))
     assert set(out.content.array_records) == {"arrays"} and set(out.content.metric_records) == {"metrics"}
@@ -228,7 +147,7 @@ def test_train_reply_is_one_array_record_and_scalar_metrics_with_changed_weights
 
 def test_evaluate_reply_is_scalars_only(node):
     cfg = AppConfig.from_flat(TINY)
-    content = RecordDict({"arrays": _global_weights(cfg), "config": ConfigRecord({"server-round": 1})})
+    content = RecordDict({"arrays": global_weights(cfg), "config": ConfigRecord({"server-round": 1})})
     out = client_app.evaluate(message(content, "evaluate"), context(node, TINY))
     assert not out.content.array_records and not out.content.config_records
     metrics = out.content["metrics"]
@@ -273,7 +192,7 @@ def test_bad_node_config_names_the_key(node, bad, named):
     from fedrag_app.core.errors import ConfigError
 
     content = RecordDict(
-        {"arrays": _global_weights(AppConfig.from_flat(TINY)), "config": ConfigRecord({"server-round": 1})}
+        {"arrays": global_weights(AppConfig.from_flat(TINY)), "config": ConfigRecord({"server-round": 1})}
     )
     with pytest.raises(ConfigError, match=named):
         client_app.train(message(content, "train"), context({**node, **bad}, TINY))
@@ -298,7 +217,7 @@ def test_one_client_federated_round_equals_centralized_training(node, small_shar
     }
     cfg = AppConfig.from_flat(run)
     client_app._MODELS.clear()  # the client starts from a fresh load, as train_centralized does
-    sent = _global_weights(cfg)
+    sent = global_weights(cfg)
     content = RecordDict({"arrays": sent, "config": ConfigRecord({"server-round": 1})})
     out = client_app.train(message(content, "train"), context(node, run))
     arrays, _ = checked(record_to_numpy(sent), run).aggregate_train(1, [reply(out.content, 1)])  # the server's path
@@ -310,15 +229,10 @@ def test_one_client_federated_round_equals_centralized_training(node, small_shar
     assert history[0]["ralt-loss-mean"] == out.content["metrics"]["ralt-loss-mean"]
     assert history[0]["lsr-loss-mean"] == out.content["metrics"]["lsr-loss-mean"]
     lora_keys = [k for k in federated if k.startswith("lora.")]
-    assert lora_keys and all(torch.equal(torch.from_numpy(federated[k]), adapter[_peft_key(k)]) for k in lora_keys)
+    assert lora_keys and all(torch.equal(torch.from_numpy(federated[k]), adapter[peft_key(k)]) for k in lora_keys)
     assert {k for k in federated if k.startswith("retriever.")} == {f"retriever.{k}" for k in central}
     for key, value in central.items():
         assert torch.equal(torch.from_numpy(federated[f"retriever.{key}"]), value), key
-
-
-def _peft_key(record_key: str) -> str:
-    """lora.<peft state key> -> the key save_pretrained writes (adapter name dropped)."""
-    return record_key[len("lora.") :].replace(".default.", ".")
 
 
 @pytest.mark.parametrize("mode, prefixes", [("ralt", {"lora."}), ("lsr", {"retriever."})])

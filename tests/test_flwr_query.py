@@ -2,19 +2,21 @@
 `flwr run` with fed.task='query' where partitions 0 and 1 opt in and 2 does not; then the same through
 `fedrag-app ask --federation local`. Partition 2's passages never reach the answers; its refusals are counted.
 
-Own FLWR_HOME and ports (tests/test_flwr_run.py); the local SuperLink and what it started are killed by PID.
+It proves orchestration (which nodes answer, what is refused and counted, what reaches the answers file and the
+`ask` output), not answer quality, so it runs on tiny random-initialised models of the real architectures
+(tests/tiny_models.py); the shards are built with the tiny retriever. Own FLWR_HOME and ports
+(follow_run.local_flwr_env); the local SuperLink and what it started are killed by PID.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.deploy_helpers import DEPLOY, REPO, VENV_BIN, free_port
+from tests.deploy_helpers import DEPLOY, REPO, VENV_BIN
 
 sys.path.insert(0, str(DEPLOY))
 import follow_run  # noqa: E402
@@ -22,30 +24,25 @@ import follow_run  # noqa: E402
 QUESTIONS = 4
 
 
-def _partition_ids(shard: str, questions: list[str]) -> set[str]:
+def _partition_ids(shard: str, questions: list[str], retriever_model: str) -> set[str]:
     """Every passage id in a (tiny) shard: a search deeper than the shard returns all of it."""
     from fedrag_app.config.app_config import RetrieverConfig
     from fedrag_app.rag.knowledge_store import KnowledgeStore
     from fedrag_app.rag.retriever import load_retriever
 
-    retriever = load_retriever(RetrieverConfig())
+    retriever = load_retriever(RetrieverConfig(model=retriever_model))
     with KnowledgeStore.open(path=shard, embedding_model=retriever.name, dim=retriever.dim) as store:
         n = store.count()
         return {h.id for h in store.search(retriever.encode_queries(questions[:1]).numpy()[0], n + 10)}
 
 
 @pytest.mark.slow
-def test_query_run_three_nodes_one_not_opted_in(tmp_path, data_dir):
-    env = dict(
-        os.environ,
-        PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
-        FLWR_HOME=str(tmp_path / "flwr_home"),
-        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
-        FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        FLWR_TELEMETRY_ENABLED="0",
-        PYTHONUNBUFFERED="1",
-    )
+def test_query_run_three_nodes_one_not_opted_in(tmp_path, data_dir, tiny_models_config):
+    """Proves, through real processes (CLI, local SuperLink, simulation with 3 SuperNodes, then `fedrag-app ask
+    --federation local` on the same SuperLink): the opted-in nodes answer, the third refuses and is counted, none of
+    its passages reach the answers, every answer and its passages are written, and no Flower process outlives it."""
+    env = follow_run.local_flwr_env(tmp_path / "flwr_home", bin_dir=VENV_BIN)
+    retriever_model = tiny_models_config["retriever.model"]
     parts, out = tmp_path / "parts", tmp_path / "outputs"
     done = subprocess.run(
         [
@@ -59,6 +56,8 @@ def test_query_run_three_nodes_one_not_opted_in(tmp_path, data_dir):
             "partition.questions-per-client=2",
             "--set",
             "partition.passages-per-client=40",
+            "--set",
+            f"retriever.model={retriever_model}",
         ],
         capture_output=True,
         text=True,
@@ -76,6 +75,7 @@ def test_query_run_three_nodes_one_not_opted_in(tmp_path, data_dir):
         "eval.recall-k=5",
         "generator.max-new-tokens=8",
         "runtime.num-threads=1",
+        *(f"{k}='{v}'" for k, v in tiny_models_config.items()),
     ]
     flwr = str(VENV_BIN / "flwr")
     try:
@@ -88,7 +88,9 @@ def test_query_run_three_nodes_one_not_opted_in(tmp_path, data_dir):
             env=env,
             federation_config="num-supernodes=3",
         )
-        status = follow_run.wait_for_run("local", run_id, timeout_s=600, flwr=flwr, env=env)
+        status = follow_run.wait_for_run(
+            "local", run_id, timeout_s=600, poll_s=15, flwr=flwr, env=env, soon=(out / "query-metrics.json").exists
+        )
         log = subprocess.run(
             [flwr, "log", str(run_id), "local", "--show"], capture_output=True, text=True, timeout=60, env=env
         ).stdout
@@ -103,9 +105,9 @@ def test_query_run_three_nodes_one_not_opted_in(tmp_path, data_dir):
         )
         passages = [p for r in rows for p in r["passages"]]
         assert len(passages) == QUESTIONS * 5 and {p["partition"] for p in passages} == {0, 1}
-        refused = _partition_ids(str(parts / "client-2" / "shard"), [r["question"] for r in rows])
+        refused = _partition_ids(str(parts / "client-2" / "shard"), [r["question"] for r in rows], retriever_model)
         assert len(refused) == 40 and not refused & {p["id"] for p in passages}, "partition 2 opted out"
-        answered = _partition_ids(str(parts / "client-0" / "shard"), [r["question"] for r in rows])
+        answered = _partition_ids(str(parts / "client-0" / "shard"), [r["question"] for r in rows], retriever_model)
         assert {p["id"] for p in passages if p["partition"] == 0} <= answered
         assert "fedrag-answer" in log and "refused" in log
 

@@ -16,8 +16,7 @@ from fedrag_app.core.errors import ConfigError
 from fedrag_app.federation.lora_aggregation import DEAD_ROW_NORM, refactor, to_client_rank, to_global_rank
 from fedrag_app.flower import client_app
 from fedrag_app.flower.records import metric_record, numpy_to_record, record_to_numpy
-from tests.test_flower_app import checked, node, reply  # noqa: F401  (node is a fixture)
-from tests.test_privacy import RALT, Nodes, _client_round, in_a_server_app  # noqa: F401  (a fixture)
+from tests.flower_helpers import RALT, Nodes, checked, client_round, reply
 
 A, B = "lora.m.lora_A.weight", "lora.m.lora_B.weight"
 OUT, IN, ALPHA = 6, 5, 16
@@ -125,7 +124,7 @@ def test_a_rank_4_node_trains_its_rank_and_the_server_pads_its_reply(node, aggre
     if set_by == "run-config":  # simulation: by partition id (the node fixture is partition 0)
         run, here = {**run, "fed.client-ranks": "4,2,8"}, node
     client_app._MODELS.clear()
-    sent, out = _client_round(run, here)
+    sent, out = client_round(run, here)
     got, glob = record_to_numpy(out.content["arrays"]), record_to_numpy(sent)
     assert sorted(got) == sorted(glob) and out.content["metrics"]["lora-rank"] == 4
     lora_a = [k for k in got if ".lora_A." in k]

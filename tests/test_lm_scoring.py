@@ -1,4 +1,5 @@
-"""answer_logprobs on the real SmolLM2: t−1 scores t, padding changes nothing, the LM head sees answer positions only."""
+"""answer_logprobs on the real SmolLM2: t−1 scores t, padding changes nothing, the LM head sees answer positions
+only."""
 
 import pytest
 import torch

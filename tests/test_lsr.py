@@ -137,16 +137,21 @@ def test_the_answer_passage_gains_retrieval_probability(generator):
 SHARD_TOPICS = {"abraham_lincoln", "alabama", "aristotle", "ayn_rand", "algeria", "andorra", "alaska"}  # in the 300
 
 
-def test_train_lsr_with_the_defaults_moves_the_lm_preferred_passage_up(generator, small_shard_path, data_dir):
+def test_train_lsr_with_the_defaults_moves_the_lm_preferred_passage_up(generator, small_shard_path, data_dir, tmp_path):
     """issue 16 item 7: the trainer itself, default settings, real questions against the real 300-passage shard.
-    It fails if the gradient does not reach the query encoder (checked by detaching the query embeddings)."""
+    It fails if the gradient does not reach the query encoder (checked by detaching the query embeddings).
+    The LM scores the test computes go through a score cache that train_lsr then reads (the frozen generator's
+    path, train.mode = lsr; the cache returns what lm_scores computes: test below), so SmolLM2 scores them once."""
+    from fedrag_app.training.score_cache import ScoreCache
+
     torch.manual_seed(0)
+    cache = ScoreCache(tmp_path / "scores.sqlite")
     retriever = load_retriever(RetrieverConfig())  # its own copy: it trains
     cfg = LsrConfig()
     examples = [e for e in load_web_questions("train", DataConfig(dir=str(data_dir))) if e.topic in SHARD_TOPICS][:8]
     with KnowledgeStore.open(path=small_shard_path) as store:
         hits = retrieve(retriever, store, [e.question for e in examples], cfg.top_k, with_vectors=True)
-    target = lm_scores(generator, examples, hits, cfg)  # (8, k): what train_lsr will compute again
+    target = lm_scores(generator, examples, hits, cfg, cache=cache)  # (8, k): what train_lsr will read again
     favourite = target.argmax(-1)  # (8,): the LM's preferred candidate
 
     def measure() -> tuple[float, float, int]:
@@ -163,7 +168,9 @@ def test_train_lsr_with_the_defaults_moves_the_lm_preferred_passage_up(generator
     kl_before, p_before, ranks_before = measure()
     assert ranks_before > 8 + 6, "the LM must prefer passages the retriever does not rank first"
     with KnowledgeStore.open(path=small_shard_path) as store:
-        metrics = train_lsr(generator, retriever, store, examples, cfg, epochs=6, seed=0)
+        metrics = train_lsr(generator, retriever, store, examples, cfg, epochs=6, seed=0, cache=cache)
+    cache.close()
+    assert metrics["lsr-scores-cached"] == 1.0, "the same candidates: every LM score from the cache"
     kl_after, p_after, ranks_after = measure()
     assert p_after > p_before + 0.15, (p_before, p_after)  # measured: 0.25 -> 0.60
     assert ranks_after <= ranks_before - 6, (ranks_before, ranks_after)  # 21 -> 8 (8 = first everywhere)

@@ -12,34 +12,10 @@ from flwr.app import ConfigRecord, RecordDict
 from fedrag_app.config.app_config import AppConfig
 from fedrag_app.config.runtime import apply_runtime
 from fedrag_app.core.errors import ConfigError
-from fedrag_app.federation.exchange import exchanged_weights
 from fedrag_app.flower import client_app
-from fedrag_app.flower.records import metric_record, numpy_to_record, pack_weights, record_to_numpy
+from fedrag_app.flower.records import metric_record, numpy_to_record, record_to_numpy
 from fedrag_app.rag.generator import load_generator, lora_a_fingerprint
-from tests.test_flower_app import TINY, checked, context, message, node, reply  # noqa: F401  (node is a fixture)
-from tests.test_flwr_run import rdp_epsilon
-
-RALT = {**TINY, "train.mode": "ralt"}
-
-
-@pytest.fixture
-def in_a_server_app(monkeypatch):
-    """Messages are built inside a ServerApp process, which knows its run and node: pretend to be one."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-
-
-class Nodes:
-    """What FedAvg's configure_train asks of a Grid: the connected node ids."""
-
-    def __init__(self, n: int):
-        self.ids = list(range(1, n + 1))
-
-    def get_node_ids(self):
-        return self.ids
+from tests.flower_helpers import RALT, TINY, Nodes, checked, client_round, context, message, rdp_epsilon, reply
 
 
 def _update_norm(reply_record, sent_record) -> float:
@@ -47,31 +23,13 @@ def _update_norm(reply_record, sent_record) -> float:
     return float(np.sqrt(sum(np.sum((got[k].astype(np.float64) - sent[k]) ** 2) for k in sent)))
 
 
-def _client_round(
-    run: dict, node_config: dict, clipping_norm: float | None = None, run_id: int = 1, server_round: int = 1
-):
-    """One train message through the ClientApp (its mods included), as the server's strategy would send it."""
-    cfg = AppConfig.from_flat(run)
-    gen, retriever = client_app._models(cfg)
-    sent = pack_weights(*exchanged_weights(cfg, gen, retriever))
-    config = {"server-round": server_round}
-    if clipping_norm is not None:
-        config["clipping_norm"] = clipping_norm
-    out = client_app.app(
-        message(RecordDict({"arrays": sent, "config": ConfigRecord(config)}), "train"),
-        context(node_config, run, run_id),
-    )
-    assert not out.has_error(), out.error
-    return sent, out
-
-
 # --- client-side DP ------------------------------------------------------------------------------------------------
 def test_client_clip_bounds_the_update_norm_on_the_reply_message(node):
     clip = 1e-3
-    sent, plain = _client_round(RALT, node)
+    sent, plain = client_round(RALT, node)
     assert _update_norm(plain.content["arrays"], sent) > 10 * clip, "the test needs an update larger than the clip"
     run = {**RALT, "dp.mode": "client-clip", "dp.clipping-norm": clip}
-    sent, clipped = _client_round(run, node, clipping_norm=clip)  # the key Flower's DP wrapper puts in the config
+    sent, clipped = client_round(run, node, clipping_norm=clip)  # the key Flower's DP wrapper puts in the config
     assert sorted(clipped.content["arrays"]) == sorted(sent), "the mod needs the reply keys the server sent"
     assert _update_norm(clipped.content["arrays"], sent) <= clip * 1.001  # fp32 rounding of weight + clipped update
     assert clipped.content["metrics"]["dp-weight"] == 1
@@ -99,7 +57,7 @@ def test_fp16_updates_on_the_wire_compose_with_client_clipping(node):
         "dp.mode": "client-clip",
         "dp.clipping-norm": clip,
     }
-    sent, out = _client_round(run, node, clipping_norm=clip)
+    sent, out = client_round(run, node, clipping_norm=clip)
     arrays = out.content["arrays"]
     assert list(arrays) == list(sent) and all(a.numpy().dtype == np.float16 for a in arrays.values())
     norm = _update_norm(from_wire_update(arrays, record_to_numpy(sent)), sent)
@@ -113,8 +71,8 @@ def test_local_dp_adds_noise_of_the_calibrated_std_and_never_the_same_noise_twic
     updates differ by up to 2C and the noise is calibrated to sensitivity 2C (C understated it by half)."""
     clip, eps, delta = 1e-4, 8.0, 1e-5
     run = {**RALT, "dp.mode": "local", "dp.clipping-norm": clip, "dp.local-epsilon": eps, "dp.delta": delta}
-    sent, first = _client_round(run, node)
-    _, second = _client_round(run, node)  # the same seeded training: only the noise may differ
+    sent, first = client_round(run, node)
+    _, second = client_round(run, node)  # the same seeded training: only the noise may differ
     expected = 2 * clip * np.sqrt(2 * np.log(1.25 / delta)) / eps
     assert _gaussian_delta(expected, 2 * clip, eps) <= delta, "the reported (epsilon, delta) holds for this noise"
     assert _gaussian_delta(expected / 2, 2 * clip, eps) > delta, "noise calibrated to C does not give it"
@@ -196,7 +154,7 @@ def test_product_aggregation_refuses_central_dp_by_name():
 def test_ffa_lora_sends_only_b_keeps_a_frozen_and_matches_the_servers_a(node):
     run = {**RALT, "fed.lora-aggregation": "ffa"}
     client_app._MODELS.clear()
-    sent, out = _client_round(run, node)
+    sent, out = client_round(run, node)
     keys = list(out.content["arrays"])
     assert keys and all(".lora_B." in k for k in keys), "FFA-LoRA sends the B factors only"
     gen, _ = client_app._models(AppConfig.from_flat(run))
@@ -289,14 +247,14 @@ def test_personal_adapter_trains_on_the_node_persists_and_never_appears_in_a_rep
     run = {**RALT, "fed.personal-adapter": True}
     here = {**node, "state-path": str(tmp_path / "state")}
     client_app._MODELS.clear()
-    sent, first = _client_round(run, here)
+    sent, first = client_round(run, here)
     saved = load_personal(tmp_path / "state")
     assert saved and any(".lora_B." in k and float(v.abs().sum()) > 0 for k, v in saved.items()), "B trained from 0"
     replied = record_to_numpy(first.content["arrays"])
     assert sorted(replied) == sorted(sent), "a reply carries the global adapter's keys only"
     for value in replied.values():
         assert not any(value.shape == p.shape and np.array_equal(value, p.numpy()) for p in saved.values())
-    _, second = _client_round(run, here, server_round=2)  # the same seed: only the saved start differs
+    _, second = client_round(run, here, server_round=2)  # the same seed: only the saved start differs
     again = load_personal(tmp_path / "state")
     assert any(not torch.equal(saved[k], again[k]) for k in saved), "round 2 did not start from the saved adapter"
     started_from = []
@@ -304,7 +262,7 @@ def test_personal_adapter_trains_on_the_node_persists_and_never_appears_in_a_rep
     monkeypatch.setattr(
         personal, "load_personal", lambda *a, **k: started_from.append(real_load(*a, **k)) or started_from[-1]
     )
-    _client_round(run, here, run_id=2)  # another federation on the same node
+    client_round(run, here, run_id=2)  # another federation on the same node
     assert started_from == [None], "a new run must not inherit the personal adapter of another run"
     content = RecordDict({"arrays": sent, "config": ConfigRecord({"server-round": 1})})
     scores = client_app.app(message(content, "evaluate"), context(here, run)).content["metrics"]

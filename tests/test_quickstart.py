@@ -30,13 +30,25 @@ def test_defaults_are_valid_and_evaluate_once_after_the_last_round(tmp_path):
     assert app_dir() == REPO
 
 
+def test_another_retriever_gets_its_own_shards_and_server_store(tmp_path):
+    """Shards record their embedding model: a run with another retriever.model must not reuse the default's."""
+    flat = run_config({}, tmp_path, None)
+    other = run_config({"retriever.model": str(tmp_path / "retriever")}, tmp_path, None)
+    assert other["partition.dir"] != flat["partition.dir"] and other["store.path"] != flat["store.path"]
+
+
 def test_a_bad_override_is_refused_before_anything_runs(tmp_path):
     with pytest.raises(ConfigError, match="'fed.num-server-round' is unknown"):
         run_config({"fed.num-server-round": 3}, tmp_path, None)
 
 
 @pytest.mark.slow
-def test_quickstart_end_to_end_tiny(tmp_path, data_dir):
+def test_quickstart_end_to_end_tiny(tmp_path, data_dir, tiny_models_config):
+    """Proves the orchestration end to end (index, partition, evaluation before, `flwr run` with FedAvg over 2 nodes
+    averaging both updates, ask with the last checkpoint, summary, no Flower process left) and that --set
+    generator.model / retriever.model reach every step (index and partition build shards with that retriever). It
+    checks no answer quality, so it runs on tiny random-initialised models of the real architectures
+    (tests/tiny_models.py)."""
     out = tmp_path / "qs"
     argv = [
         sys.executable,
@@ -63,6 +75,7 @@ def test_quickstart_end_to_end_tiny(tmp_path, data_dir):
                 "eval.web-questions-limit=2",
                 "ralt.max-seq-len=128",
                 "lsr.max-seq-len=128",
+                *(f"{k}={v}" for k, v in tiny_models_config.items()),
             )
             for a in ("--set", kv)
         ],

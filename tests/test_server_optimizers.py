@@ -18,8 +18,7 @@ from fedrag_app.flower import client_app
 from fedrag_app.flower.records import metric_record, numpy_to_record, pack_weights, record_to_numpy
 from fedrag_app.flower.strategies import build_strategy
 from fedrag_app.training.optimizer_state import keep_optimizer, restore_optimizer
-from tests.test_flower_app import TINY, _global_weights, context, message, node, reply  # noqa: F401  (node: a fixture)
-from tests.test_privacy import Nodes, in_a_server_app  # noqa: F401  (in_a_server_app is a fixture)
+from tests.flower_helpers import TINY, Nodes, context, global_weights, message, reply
 
 REFERENCE = {"lora.w": np.linspace(-1, 1, 12, dtype=np.float32).reshape(4, 3), "retriever.v": np.ones(5, np.float32)}
 WEIGHTS = (1, 2, 5)  # num-examples of the three nodes
@@ -223,7 +222,7 @@ def test_kept_adamw_state_equals_one_optimizer_over_all_rounds():
 
 def test_the_client_keeps_its_adamw_state_in_its_context_never_in_the_reply(node):
     run = {**TINY, "train.keep-optimizer-state": True}
-    sent = _global_weights(AppConfig.from_flat(run))
+    sent = global_weights(AppConfig.from_flat(run))
     ctx = context(node, run)
 
     def train(r: int, c):
@@ -263,7 +262,7 @@ def test_centralized_training_keeps_adamw_across_rounds_as_a_one_node_federation
     from peft.utils import load_peft_weights
 
     from fedrag_app.training.centralized import train_centralized
-    from tests.test_flower_app import _peft_key, checked
+    from tests.flower_helpers import checked, peft_key
 
     central_data = tmp_path / "data" / "web_questions"  # centralized trains on the train split: the node's questions
     central_data.mkdir(parents=True)
@@ -288,7 +287,7 @@ def test_centralized_training_keeps_adamw_across_rounds_as_a_one_node_federation
     train_centralized(cfg, progress=False)
     adapter = load_peft_weights(str(tmp_path / "central" / "adapter"), device="cpu")
     lora_keys = [k for k in federated if k.startswith("lora.")]
-    assert lora_keys and all(torch.equal(torch.from_numpy(federated[k]), adapter[_peft_key(k)]) for k in lora_keys)
+    assert lora_keys and all(torch.equal(torch.from_numpy(federated[k]), adapter[peft_key(k)]) for k in lora_keys)
     train_centralized(AppConfig.from_flat({**run, "train.keep-optimizer-state": False}), progress=False)
     fresh = load_peft_weights(str(tmp_path / "central" / "adapter"), device="cpu")
-    assert any(not torch.equal(fresh[_peft_key(k)], adapter[_peft_key(k)]) for k in lora_keys)
+    assert any(not torch.equal(fresh[peft_key(k)], adapter[peft_key(k)]) for k in lora_keys)

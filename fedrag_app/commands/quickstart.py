@@ -17,10 +17,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -63,12 +61,14 @@ DEFAULTS: dict[str, object] = {
 }
 QUESTION = "who was the 16th president of the united states"  # answered in the first 500 passages
 SHOWN = ("mmlu-loglik-accuracy", "mmlu-generate-accuracy", "wq-em", "wq-f1", "retrieval-recall@10", "retrieval-mrr@10")
+# what the institutions' questions and shards depend on (their folder is named by a hash of these)
+SHARD_KEYS = ("partition.", "data.", "runtime.seed", "retriever.model")
 POLL_S, STATUS_EVERY_S = 2.0, 15.0  # metrics.jsonl is read every 2 s; `flwr ls` (~1.8 s of CPU) every 15 s
 
 
 def app_dir() -> Path:
     """The Flower app folder `flwr run` packages: this checkout (the package is installed editable), else cwd."""
-    for candidate in (Path(__file__).resolve().parents[1], Path.cwd()):
+    for candidate in (Path(__file__).resolve().parents[2], Path.cwd()):
         pyproject = candidate / "pyproject.toml"
         if pyproject.exists() and "[tool.flwr.app]" in pyproject.read_text():
             return candidate
@@ -83,23 +83,20 @@ def run_config(overrides: dict[str, object], out: Path, data_dir: str | None) ->
     if data_dir:
         flat["data.dir"] = str(Path(data_dir).resolve())
     flat["fed.min-nodes"] = flat["partition.num-partitions"]
-    parts = {k: v for k, v in sorted(flat.items()) if k.startswith(("partition.", "data.", "runtime.seed"))}
+    parts = {k: v for k, v in sorted(flat.items()) if k.startswith(SHARD_KEYS)}
     tag = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    # shards record their embedding model: another --set retriever.model gets its own server store
+    model = flat.get("retriever.model")
+    by = f"-{hashlib.sha256(str(model).encode()).hexdigest()[:8]}" if model else ""
     flat.update(
         {
             "partition.dir": str(out / f"partitions-{tag}"),
             "fed.output-dir": str(out / "fed"),
-            "store.path": str(out / f"server-store-first{flat['store.passages-limit']}"),
+            "store.path": str(out / f"server-store-first{flat['store.passages-limit']}{by}"),
         }
     )
     AppConfig.from_flat(flat, source="quickstart")
     return flat
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _follow_run(root: Path):
@@ -154,7 +151,8 @@ class Quickstart:
         f = self.flat
         self.console.rule("1 · index")
         data = ["--data-dir", str(f["data.dir"])] if f.get("data.dir") else []
-        self._cli("index", "--limit", str(f["store.passages-limit"]), "--store", str(f["store.path"]), *data)
+        model = ["--set", f"retriever.model={f['retriever.model']}"] if f.get("retriever.model") else []
+        self._cli("index", "--limit", str(f["store.passages-limit"]), "--store", str(f["store.path"]), *model, *data)
         parts = Path(str(f["partition.dir"]))
         if (parts / "manifest.json").exists():
             self.console.print(f"[green]institutions already partitioned[/] in {parts}")
@@ -162,7 +160,7 @@ class Quickstart:
             keys = [
                 a
                 for k, v in f.items()
-                if k.startswith(("partition.", "runtime.seed")) and k != "partition.dir"
+                if k.startswith(SHARD_KEYS) and k not in ("partition.dir", "data.dir")
                 for a in ("--set", f"{k}={v}")
             ]
             self._cli("partition", "--out", str(parts), *keys, *data)
@@ -204,18 +202,7 @@ class Quickstart:
         fed = Path(str(self.flat["fed.output-dir"]))
         shutil.rmtree(fed, ignore_errors=True)  # this run's checkpoints and rows only
         home = self.out / "flwr_home"
-        env = child_env(
-            dict(
-                os.environ,
-                FLWR_HOME=str(home),
-                FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
-                FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
-                FLWR_TELEMETRY_ENABLED="0",
-                FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-                PYTHONUNBUFFERED="1",
-                PATH=f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}",
-            )
-        )
+        env = child_env(fr.local_flwr_env(home, bin_dir=self.bin))
         flwr = str(self.bin / "flwr")
         fr.stop_local_superlink(str(home))  # a SuperLink an earlier, killed quickstart left behind
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` cleans up like Ctrl-C
@@ -257,7 +244,8 @@ class Quickstart:
             task = bar.add_task(f"run {run_id}: starting Flower", total=rounds)
             while True:
                 done = sum(1 for line in metrics.read_text().splitlines() if line.strip()) if metrics.exists() else 0
-                if time.monotonic() - checked > STATUS_EVERY_S:
+                # every 15 s; every poll once the last round's row is in (the run is about to finish)
+                if time.monotonic() - checked > (POLL_S if done >= rounds else STATUS_EVERY_S):
                     try:
                         status = fr.run_status("local", run_id, flwr=flwr, env=env)
                     except (fr.RunFailed, subprocess.TimeoutExpired):

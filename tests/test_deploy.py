@@ -2,7 +2,12 @@
 127.0.0.1 with TLS and SuperNode authentication, started only through deploy/fedrag_deploy.py.
 
 Fast tests check the credentials and that the committed Docker Compose files are the ones the tested flag
-builders render. Slow tests run fedrag_app itself at the smallest sizes the run-config allows.
+builders render. Slow tests run fedrag_app itself at the smallest sizes the run-config allows, on tiny
+random-initialised models of the real architectures (tests/tiny_models.py: same classes, LoRA targets, trainable
+layers and code paths, only narrower) and shards built with the tiny retriever: what they prove is about processes,
+TLS, node authentication, Qdrant Edge shards, records, checkpoints and faults, not about the maths, and every
+component is the real one (SuperLink, SuperNodes, `flwr run`, Qdrant Edge). Three federations in all: the happy
+path, the SuperNode faults (a killed node, then misconfigured nodes, on one SuperLink), the SuperLink restart.
 """
 
 from __future__ import annotations
@@ -74,8 +79,15 @@ def node_config(
 
 
 @pytest.fixture(scope="module")
-def template_shard(tmp_path_factory) -> Path:
-    """One small shard built with the app's own CLI; each node gets a copy (one process per shard)."""
+def tiny_run(tiny_models_config) -> dict:
+    """TINY_RUN on the tiny models: every process (ServerApp, ClientApps) loads them in milliseconds."""
+    return {**TINY_RUN, **tiny_models_config}
+
+
+@pytest.fixture(scope="module")
+def template_shard(tmp_path_factory, tiny_models_config) -> Path:
+    """One small shard built with the app's own CLI and the tiny retriever (a shard records its embedding model,
+    and the nodes check it); each node gets a copy (one process per shard)."""
     shard = tmp_path_factory.mktemp("shard") / "passages"
     done = subprocess.run(
         [
@@ -88,6 +100,8 @@ def template_shard(tmp_path_factory) -> Path:
             str(SHARD_PASSAGES),
             "--store",
             str(shard),
+            "--set",
+            f"retriever.model={tiny_models_config['retriever.model']}",
         ],
         capture_output=True,
         text=True,
@@ -205,7 +219,7 @@ def test_compose_files_are_rendered_from_the_tested_flags():
 
 # --- slow: real federations -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def happy_federation(tmp_path_factory, template_shard):
+def happy_federation(tmp_path_factory, template_shard, tiny_run):
     """SuperLink + 3 registered SuperNodes + 1 unregistered one; a 2-round RA-DIT run."""
     work = tmp_path_factory.mktemp("happy")
     fed = start_federation(work, template_shard, ["a", "b", "c"])
@@ -216,7 +230,7 @@ def happy_federation(tmp_path_factory, template_shard):
         started = time.monotonic()
         run_id = fed.launch(
             {
-                **TINY_RUN,
+                **tiny_run,
                 "train.mode": "ra-dit",
                 "retriever.train-top-layers": 1,
                 "fed.min-nodes": 3,
@@ -232,6 +246,9 @@ def happy_federation(tmp_path_factory, template_shard):
 
 @pytest.mark.slow
 def test_three_tls_authenticated_supernodes_complete_two_rounds_and_checkpoint(happy_federation):
+    """Still proves, on the tiny models: three SuperNodes authenticated by their registered keys reach the SuperLink
+    over TLS, each answers both RA-DIT rounds (adapter and retriever travel both ways), and the ServerApp writes
+    the round-2 checkpoint atomically."""
     fed, run_id, status, out, seconds = happy_federation
     run_log = fed.run_log(run_id)
     assert status == "finished:completed", run_log[-4000:]
@@ -250,36 +267,107 @@ def test_unregistered_supernode_cannot_join(happy_federation):
     assert len(fed.online_node_ids()) == 3 and set(fed.node_ids) == {"a", "b", "c"}
 
 
-@pytest.mark.slow
-def test_supernode_killed_during_a_round_the_run_goes_on_with_the_others(tmp_path, template_shard):
-    fed = start_federation(tmp_path, template_shard, ["a", "b", "c"])
+@pytest.fixture(scope="module")
+def fault_federation(tmp_path_factory, template_shard):
+    """One SuperLink + SuperNodes a, b, c shared by the SuperNode fault tests, in file order: node c is killed in
+    the first; the second adds misconfigured nodes to whoever is still up. Each test checks its own starting set."""
+    work = tmp_path_factory.mktemp("faults")
+    fed = start_federation(work, template_shard, ["a", "b", "c"])
     try:
-        out = tmp_path / "outputs"
-        # min-nodes 2: the two survivors are enough to sample round 2. The dead node is noticed by its missed
-        # heartbeats (~60 s in flwr 1.42) or by the round timeout, whichever comes first.
-        run_id = fed.launch({**TINY_RUN, "fed.min-nodes": 2, "fed.round-timeout-s": 90, "fed.output-dir": str(out)})
-        wait_until(
-            lambda: "Start `flwr-clientapp` process" in fed.log("c"), timeout_s=180, what="node c to start round 1"
-        )
-        fed.kill("c")
-        status = fed.wait_run(run_id, timeout_s=400)
-        run_log = fed.run_log(run_id)
-        assert status == "finished:completed", run_log[-4000:]
-        counts = reply_counts(run_log)
-        assert counts[0] in ((2, 1), (2, 0)), run_log[-4000:]  # (2, 0): the timeout dropped c's reply uncounted
-        assert counts[1] == (2, 0)
-        assert checkpoint_rounds(out)[-1] == 2
+        yield fed, work
     finally:
         fed.close()
 
 
 @pytest.mark.slow
-def test_superlink_killed_mid_run_resume_continues_from_last_checkpoint(tmp_path, template_shard):
+def test_supernode_killed_during_a_round_the_run_goes_on_with_the_others(fault_federation, tiny_run):
+    """Still proves: a SuperNode SIGKILLed (with its ClientApp) after it took round 1 costs that round one reply,
+    not the run: round 1 is aggregated from the two survivors, round 2 samples only them, and the run completes
+    with its round-2 checkpoint."""
+    fed, work = fault_federation
+    assert fed.online_node_ids() == {fed.node_ids[n] for n in "abc"}, "this test starts from nodes a, b, c only"
+    out = work / "outputs-kill"
+    # min-nodes 2: the two survivors are enough to sample round 2. The dead node is noticed by its missed
+    # heartbeats (36-60 s in flwr 1.42, not configurable) or by the round timeout, whichever comes first.
+    run_id = fed.launch({**tiny_run, "fed.min-nodes": 2, "fed.round-timeout-s": 90, "fed.output-dir": str(out)})
+    wait_until(lambda: "Start `flwr-clientapp` process" in fed.log("c"), timeout_s=180, what="node c to start round 1")
+    fed.kill("c")
+    status = fed.wait_run(run_id, timeout_s=300)
+    run_log = fed.run_log(run_id)
+    assert status == "finished:completed", run_log[-4000:]
+    counts = reply_counts(run_log)
+    assert counts[0] in ((2, 1), (2, 0)), run_log[-4000:]  # (2, 0): the timeout dropped c's reply uncounted
+    assert counts[1] == (2, 0)
+    assert checkpoint_rounds(out)[-1] == 2
+
+
+@pytest.mark.slow
+def test_misconfigured_nodes_reply_with_clear_errors_and_the_server_carries_on(
+    fault_federation, tiny_run, tiny_models_config, template_shard
+):
+    """Still proves: three registered SuperNodes that are misconfigured (an int as data-path, an unreachable Qdrant
+    URL, a shard of the wrong dimension) each answer with an error reply naming the key, the URL or both
+    dimensions, and the ServerApp aggregates the good nodes' updates and checkpoints. It runs on the fault
+    federation after the kill test, so the good nodes are whichever of a, b, c are still up (a and b in a full run)."""
+    import numpy as np
+
+    from fedrag_app.rag.knowledge_store import KnowledgeStore
+
+    fed, work = fault_federation
+    good = [n for n in ("a", "b", "c") if fed.procs[n].poll() is None]
+    bad_dir, _ = make_node_data(work, "malformed", 4, template_shard)
+    fed.add_node(
+        "malformed", {**node_config(bad_dir, partition_id=1, num_partitions=4, shard=bad_dir / "shard"), "data-path": 7}
+    )  # an int where a file path belongs
+
+    url_dir, _ = make_node_data(work, "no-qdrant", 5, template_shard)
+    dead_url = f"http://127.0.0.1:{free_port()}"
+    fed.add_node("no-qdrant", node_config(url_dir, partition_id=2, num_partitions=4, store_url=dead_url))
+
+    dim_dir, _ = make_node_data(work, "wrong-dim", 6, template_shard)
+    wrong_shard = dim_dir / "shard-dim8"
+    retriever = tiny_models_config["retriever.model"]  # the shard names the nodes' retriever: only its dimension is off
+    with KnowledgeStore.create(path=str(wrong_shard), embedding_model=retriever, dim=8) as store:
+        store.add(["p0"], np.ones((1, 8), dtype=np.float32), ["t"], ["x"])
+        store.finalize()  # a complete shard, only of the wrong dimension
+    fed.add_node("wrong-dim", node_config(dim_dir, partition_id=3, num_partitions=4, shard=wrong_shard))
+
+    nodes = good + ["malformed", "no-qdrant", "wrong-dim"]
+    want = {fed.node_ids[n] for n in nodes}
+    # exactly these: a killed node must have been noticed offline, or it would be sampled and counted
+    wait_until(lambda: fed.online_node_ids() == want, timeout_s=90, what=f"exactly {nodes} online", poll_s=2)
+    out = work / "outputs-misconfigured"
+    run_id = fed.launch(
+        {
+            **tiny_run,
+            "fed.num-server-rounds": 1,
+            "fed.min-nodes": len(nodes),
+            "fed.round-timeout-s": 300,
+            "fed.output-dir": str(out),
+        }
+    )
+    status = fed.wait_run(run_id, timeout_s=300)
+    run_log = fed.run_log(run_id)
+    assert status == "finished:completed", run_log[-4000:]
+    assert reply_counts(run_log) == [(len(good), 3)], run_log[-4000:]
+    errors = re.findall(r"Received error in reply from node \d+: (.*)", run_log)
+    assert len(errors) == 3, run_log[-4000:]
+    assert any("data-path" in e for e in errors), errors  # the malformed key is named
+    assert any(dead_url in e for e in errors), errors  # the unreachable Qdrant URL is named
+    assert any("8-d" in e and "32-d" in e for e in errors), errors  # both dimensions of the mismatch
+    assert checkpoint_rounds(out)[-1] == 1
+
+
+@pytest.mark.slow
+def test_superlink_killed_mid_run_resume_continues_from_last_checkpoint(tmp_path, template_shard, tiny_run):
+    """Still proves, on its own federation: the SuperLink SIGKILLed (its ServerApp with it) after the round-1
+    checkpoint restarts on the same database with the registered nodes and the old run intact; the resumed run
+    loads round 1's checkpoint and runs only round 2, ending with the round-2 checkpoint."""
     fed = start_federation(tmp_path, template_shard, ["a", "b", "c"])
     try:
         out = tmp_path / "outputs"
         run = {
-            **TINY_RUN,
+            **tiny_run,
             "fed.num-server-rounds": 2,
             "fed.min-nodes": 3,
             "fed.round-timeout-s": 300,
@@ -298,66 +386,13 @@ def test_superlink_killed_mid_run_resume_continues_from_last_checkpoint(tmp_path
             fed.stop_run(first)
         assert fed.run_status(first).startswith("finished:")
         resumed = fed.launch({**run, "fed.resume": True})
-        status = fed.wait_run(resumed, timeout_s=420)
+        status = fed.wait_run(resumed, timeout_s=300)
         run_log = fed.run_log(resumed)
         assert status == "finished:completed", run_log[-4000:]
+        assert f"(round {done_before[-1]})" in run_log, run_log[-4000:]  # "resuming from <checkpoint> (round 1)"
         assert len(reply_counts(run_log)) == 2 - done_before[-1], "the resumed run repeated completed rounds"
         assert checkpoint_rounds(out)[-1] == 2
         assert not list(out.rglob("*.tmp"))
-    finally:
-        fed.close()
-
-
-@pytest.mark.slow
-def test_misconfigured_nodes_reply_with_clear_errors_and_the_server_carries_on(tmp_path, template_shard):
-    import numpy as np
-
-    from fedrag_app.rag.knowledge_store import KnowledgeStore
-
-    fed = Federation(tmp_path)
-    try:
-        fed.create_credentials()
-        fed.start_superlink()
-        good_dir, good_shard = make_node_data(tmp_path, "good", 0, template_shard)
-        fed.add_node("good", node_config(good_dir, partition_id=0, num_partitions=4, shard=good_shard))
-
-        bad_dir, _ = make_node_data(tmp_path, "malformed", 1, template_shard)
-        fed.add_node(
-            "malformed", {**node_config(bad_dir, partition_id=1, num_partitions=4, shard=good_shard), "data-path": 7}
-        )  # an int where a file path belongs
-
-        url_dir, _ = make_node_data(tmp_path, "no-qdrant", 2, template_shard)
-        dead_url = f"http://127.0.0.1:{free_port()}"
-        fed.add_node("no-qdrant", node_config(url_dir, partition_id=2, num_partitions=4, store_url=dead_url))
-
-        dim_dir, _ = make_node_data(tmp_path, "wrong-dim", 3, template_shard)
-        wrong_shard = dim_dir / "shard-dim8"
-        with KnowledgeStore.create(path=str(wrong_shard), embedding_model="all-minilm-l6-v2", dim=8) as store:
-            store.add(["p0"], np.ones((1, 8), dtype=np.float32), ["t"], ["x"])
-            store.finalize()  # a complete shard, only of the wrong dimension
-        fed.add_node("wrong-dim", node_config(dim_dir, partition_id=3, num_partitions=4, shard=wrong_shard))
-
-        fed.wait_online(["good", "malformed", "no-qdrant", "wrong-dim"])
-        out = tmp_path / "outputs"
-        run_id = fed.launch(
-            {
-                **TINY_RUN,
-                "fed.num-server-rounds": 1,
-                "fed.min-nodes": 4,
-                "fed.round-timeout-s": 300,
-                "fed.output-dir": str(out),
-            }
-        )
-        status = fed.wait_run(run_id, timeout_s=300)
-        run_log = fed.run_log(run_id)
-        assert status == "finished:completed", run_log[-4000:]
-        assert reply_counts(run_log) == [(1, 3)], run_log[-4000:]
-        errors = re.findall(r"Received error in reply from node \d+: (.*)", run_log)
-        assert len(errors) == 3, run_log[-4000:]
-        assert any("data-path" in e for e in errors), errors  # the malformed key is named
-        assert any(dead_url in e for e in errors), errors  # the unreachable Qdrant URL is named
-        assert any("384" in e and "8" in e for e in errors), errors  # both dimensions of the mismatch
-        assert checkpoint_rounds(out)[-1] == 1
     finally:
         fed.close()
 

@@ -8,6 +8,7 @@ Every wait has a timeout.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -212,12 +213,20 @@ class Federation:
         _reap_group(proc.pid)
 
     def close(self) -> None:
-        for name in list(self.procs):
-            try:
-                self.kill(name, signal.SIGTERM)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
-            _reap_group(self.procs[name].pid)
+        """SIGTERM every process group at once, give them 10 s together, then SIGKILL what is left: one slow
+        process no longer holds up the others' shutdown (7 in a row used to take over a minute)."""
+        live = [proc for proc in self.procs.values() if proc.poll() is None]
+        for proc in live:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc in live:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        for proc in self.procs.values():
+            _reap_group(proc.pid)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
 
     def _start(self, name: str, args: list[str], *, cwd: Path, env: dict) -> None:
         cwd.mkdir(parents=True, exist_ok=True)

@@ -11,10 +11,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from fedrag_app.core.atomic import atomic_dir
 from fedrag_app.core.errors import ConfigError
 
 GENERATOR_DEFAULT = "smollm2-135m-instruct"
@@ -90,9 +89,7 @@ def _converted_gguf(ref: str) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_dir(target, exists="keep") as tmp:  # another process that finished first keeps its copy
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
         model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
         # transformers refuses to save a GGUF-quantised model; the weights are already dequantised fp32.
@@ -101,11 +98,4 @@ def _converted_gguf(ref: str) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first; keep theirs
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target

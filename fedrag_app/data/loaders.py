@@ -16,7 +16,7 @@ from fedrag_app.config.app_config import DataConfig, default_data_dir
 from fedrag_app.core.atomic import write_text
 from fedrag_app.core.errors import DataError
 
-LETTERS = ("A", "B", "C", "D")
+CHOICE_LETTERS = ("A", "B", "C", "D")  # an MMLU question's choices, in order: the one list of them
 
 
 @dataclass(frozen=True)
@@ -166,11 +166,11 @@ def load_mmlu(
 
 def _mmlu(obj: dict, where: str, subject: str) -> MmluQuestion:
     choices, answer = obj["choices"], obj["answer"]
-    if not isinstance(choices, list) or len(choices) != 4:
-        raise DataError(f"{where}: field 'choices' must be a list of 4 strings")
-    if isinstance(answer, int) and 0 <= answer < 4:
-        answer = LETTERS[answer]  # the hub's cais/mmlu stores the index
-    if answer not in LETTERS:
+    if not isinstance(choices, list) or len(choices) != len(CHOICE_LETTERS):
+        raise DataError(f"{where}: field 'choices' must be a list of {len(CHOICE_LETTERS)} strings")
+    if isinstance(answer, int) and 0 <= answer < len(CHOICE_LETTERS):
+        answer = CHOICE_LETTERS[answer]  # the hub's cais/mmlu stores the index
+    if answer not in CHOICE_LETTERS:
         raise DataError(f"{where}: field 'answer' must be A-D or 0-3, got {answer!r}")
     return MmluQuestion(str(obj["question"]), tuple(str(c) for c in choices), answer, subject)
 
@@ -190,7 +190,7 @@ def corpus_path(cfg: DataConfig) -> Path:
 def iter_passages(cfg: DataConfig, limit: int = 0) -> Iterator[Passage]:
     """Stream passages (id, title, text) from the corpus JSONL, in file order."""
     path = corpus_path(cfg)
-    for n, (lineno, obj) in enumerate(read_jsonl(path, ("id", "text")), 1):
+    for n, (_lineno, obj) in enumerate(read_jsonl(path, ("id", "text")), 1):
         yield Passage(str(obj["id"]), str(obj.get("title", "")), str(obj["text"]))
         if limit and n >= limit:
             return

@@ -7,9 +7,11 @@ import string
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
+from fedrag_app.data.loaders import CHOICE_LETTERS
+
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
-_LETTER = re.compile(r"(?:^|[^A-Za-z])\(?([ABCD])(?:[).:]|\s|$)")
+_LETTER = re.compile(rf"(?:^|[^A-Za-z])\(?([{''.join(CHOICE_LETTERS)}])(?:[).:]|\s|$)")
 
 
 def normalize_answer(text: str) -> str:

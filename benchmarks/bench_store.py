@@ -25,6 +25,7 @@ from bench_train import HERE, in_subprocess, matmul_peak_gflops  # same folder: 
 from peer_fedrag import peak_rss_mib  # importing the module loads no fed-rag
 
 from fedrag_app.config.app_config import DataConfig, RetrieverConfig
+from fedrag_app.core import environment
 from fedrag_app.data.loaders import iter_passages, load_web_questions
 from fedrag_app.rag.knowledge_store import KnowledgeStore
 from fedrag_app.rag.prompts import format_passage
@@ -94,9 +95,7 @@ def main() -> None:
     ap.add_argument("--peer", default="", help="python of a fed-rag==0.0.27 virtualenv: run its W1 store workload too")
     args = ap.parse_args()
 
-    data = DataConfig(
-        dir=os.environ.get("FEDRAG_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
-    )
+    data = DataConfig(dir=environment.data_dir() or str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     passages = list(iter_passages(data, limit=args.limit))
     retriever = load_retriever(RetrieverConfig())
     cache = Path(args.cache).with_suffix(f".{len(passages)}.npy")

@@ -40,6 +40,7 @@ import torch  # noqa: E402
 
 from fedrag_app.config.app_config import DataConfig, GeneratorConfig, LsrConfig, RetrieverConfig  # noqa: E402
 from fedrag_app.config.runtime import seed_everything, set_threads  # noqa: E402
+from fedrag_app.core import environment  # noqa: E402
 from fedrag_app.data.loaders import iter_passages, load_web_questions  # noqa: E402
 from fedrag_app.evaluation.metrics import answer_rank  # noqa: E402
 from fedrag_app.rag.generator import load_generator  # noqa: E402
@@ -79,7 +80,7 @@ def norm_title(text: str) -> str:
 
 
 def build_case(questions: int, per_article: int):
-    data = DataConfig(dir=os.environ.get("FEDRAG_DATA_DIR", ""))
+    data = DataConfig(dir=environment.data_dir())
     passages = list(iter_passages(data))
     titles = {norm_title(p.title) for p in passages}
     examples = [e for e in load_web_questions("train", data) if e.topic in titles][:questions]

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedrag_app.config.app_config import AppConfig, parse_override
+from fedrag_app.core import environment
 from fedrag_app.core.errors import FedRagAppError
 
 app = typer.Typer(
@@ -46,7 +47,7 @@ def _root(
         False,
         "--verbose",
         "-v",
-        envvar="FEDRAG_VERBOSE",
+        envvar=environment.VERBOSE,
         help="show library warnings and progress bars (quiet by default)",
     ),
 ) -> None:

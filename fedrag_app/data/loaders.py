@@ -12,8 +12,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedrag_app.config.app_config import DataConfig, default_data_dir
+from fedrag_app.config.app_config import DataConfig
 from fedrag_app.core.atomic import write_text
+from fedrag_app.core.environment import data_dir
 from fedrag_app.core.errors import DataError
 
 CHOICE_LETTERS = ("A", "B", "C", "D")  # an MMLU question's choices, in order: the one list of them
@@ -53,7 +54,7 @@ class Passage:
 
 def local_dir(cfg: DataConfig) -> Path | None:
     """The configured local data folder, or None (meaning: the hub)."""
-    folder = cfg.dir or default_data_dir()
+    folder = data_dir(cfg.dir)
     if not folder:
         return None
     path = Path(folder).expanduser().resolve()

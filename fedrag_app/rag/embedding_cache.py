@@ -90,7 +90,7 @@ class EmbeddingCache:
     @classmethod
     def open(cls, corpus: str | os.PathLike, encoder, root: str | os.PathLike | None = None) -> EmbeddingCache:
         """The cache of ``corpus`` (the JSONL file the passages come from) under ``encoder``'s context encoder."""
-        from fedrag_app.rag.model_sources import cache_dir
+        from fedrag_app.core.environment import cache_dir
 
         corpus = Path(corpus).resolve()
         corpus_sha, fingerprint = file_sha256(corpus), encoder_fingerprint(encoder)

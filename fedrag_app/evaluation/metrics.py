@@ -42,7 +42,7 @@ def token_f1(prediction: str, golds: Sequence[str]) -> float:
 
 
 class RunningMean:
-    """Mean of a stream. Starts at zero items, not at the first value (FedRAG's restarts whenever the mean is 0)."""
+    """Mean of a stream, counted from zero items: a running mean of 0 is a mean, not a fresh start."""
 
     def __init__(self) -> None:
         self.total, self.count = 0.0, 0

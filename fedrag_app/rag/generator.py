@@ -1,7 +1,7 @@
 """The generator: a causal LM with a LoRA adapter (PEFT), optionally on a 4-/8-bit base (QLoRA).
 
 Only the adapter trains and travels; the base stays frozen. The adapter is created fresh from the config or
-loaded *trainable* from a PEFT folder (FedRAG's loader silently loads it frozen).
+loaded *trainable* from a PEFT folder (``is_trainable=True``: PEFT's default loads it frozen).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Prompts go through the tokenizer's chat template, so an instruction-tuned generator sees the format it
 was tuned on. Training and inference call the same functions: a prompt built for a (question, passage)
-pair is byte-identical in both (FedRAG's training and inference templates differ; ours cannot).
+pair is byte-identical in both.
 """
 
 from __future__ import annotations

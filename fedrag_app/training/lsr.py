@@ -6,9 +6,8 @@ p_LSR(c|x) = softmax_c(log p_LM(y | prompt(c, x)) / β)            under no_grad
              "Paris is the capital…" after a supporting passage must not be punished for it)
 loss       = KL(p_LSR ‖ p_R) (REPLUG/Atlas), or KL(p_R ‖ p_LSR) (RA-DIT's writing) — named in lsr.kl-direction.
 
-FedRAG builds its retrieval scores as a fresh leaf tensor from floats, so its retriever never moves; here the
-scores come out of the query encoder's forward pass. The LM scores are log-likelihoods (FedRAG softmaxes raw
-probabilities that underflow to 0, giving a uniform target).
+The retrieval scores come out of the query encoder's forward pass, so the gradient reaches it. The LM scores are
+log-likelihoods: probabilities of a whole answer underflow to 0, and their softmax would be a uniform target.
 """
 
 from __future__ import annotations

@@ -57,7 +57,6 @@ from fedrag_app.training.lsr import (
     retriever_scores,
     scoring_sequences,
 )  # noqa: E402
-from fedrag_app.training.sequences import IGNORE  # noqa: E402
 
 SEED, K = 1234, 4
 BETAS = (0.1, 0.25, 0.5, 1.0, 2.0)
@@ -99,7 +98,7 @@ def build_case(questions: int, per_article: int):
 def score_candidates(gen, examples, hits, cfg: LsrConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, k) summed answer log-likelihood and (N, k) answer token counts."""
     total = lm_scores(gen, examples, hits, dataclasses.replace(cfg, lm_score="sum"))
-    counts = torch.tensor([sum(t != IGNORE for t in s.labels) for s in scoring_sequences(gen, examples, hits, cfg)])
+    counts = torch.tensor([s.answer_tokens for s in scoring_sequences(gen, examples, hits, cfg)])
     return total, counts.view(total.shape).float()
 
 

@@ -31,7 +31,7 @@ from fedrag_app.training.lm_scoring import answer_logprobs
 from fedrag_app.training.optimizer_state import OptimizerState, keep_optimizer, restore_optimizer
 from fedrag_app.training.ralt import StepCallback
 from fedrag_app.training.score_cache import ScoreCache, generator_fingerprint, sequence_key
-from fedrag_app.training.sequences import IGNORE, build_sequence, collate
+from fedrag_app.training.sequences import build_sequence, collate
 
 
 def log_distributions(
@@ -86,7 +86,7 @@ def lm_scores(
     seqs = scoring_sequences(gen, examples, hits, cfg)
     k = len(seqs) // max(1, len(examples))
     totals = torch.zeros(len(seqs))
-    counts = torch.tensor([sum(1 for t in s.labels if t != IGNORE) for s in seqs], dtype=torch.float32)
+    counts = torch.tensor([s.answer_tokens for s in seqs], dtype=torch.float32)
     keys: list[str] = []
     if cache is not None:
         fingerprint = generator_fingerprint(gen)

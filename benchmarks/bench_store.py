@@ -140,7 +140,8 @@ def main() -> None:
         print(f"encode             : cached in {cache} (delete it to re-measure encoding)")
     print(f"query encode       : {query_encode_ms:8.2f} ms/query (MiniLM, batch of all queries)")
     print(
-        f"{'backend':22s} {'upsert+index s':>14s} {'p50 ms@10':>10s} {'p95 ms@10':>10s} {'recall@10':>10s} {'p50 ms@2':>9s} {'p95 ms@2':>9s}"
+        f"{'backend':22s} {'upsert+index s':>14s} {'p50 ms@10':>10s} {'p95 ms@10':>10s} {'recall@10':>10s} "
+        f"{'p50 ms@2':>9s} {'p95 ms@2':>9s}"
     )
     for name, up, p50, p95, rec, p50_2, p95_2 in rows:
         print(f"{name:22s} {up:14.2f} {p50:10.3f} {p95:10.3f} {rec:10.4f} {p50_2:9.3f} {p95_2:9.3f}")

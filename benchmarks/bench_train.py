@@ -38,7 +38,7 @@ def matmul_peak_gflops(sizes: tuple[int, ...] = (1024, 2048, 4096), repeats: int
     for n in sizes:
         a, b = torch.randn(n, n), torch.randn(n, n)
         torch.mm(a, b)
-        seconds = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+        seconds = min(_timed(lambda a=a, b=b: torch.mm(a, b)) for _ in range(repeats))
         best = max(best, 2 * n**3 / seconds / 1e9)
     return best
 
@@ -83,7 +83,8 @@ def forward_flops(model, inputs) -> float:
 
 
 class ScoringMeter:
-    """Times LSR's LM scoring and counts its FLOPs (wraps fedrag_app.training.lsr's own functions; the maths is untouched)."""
+    """Times LSR's LM scoring and counts its FLOPs (wraps fedrag_app.training.lsr's own functions; the maths is
+    untouched)."""
 
     def __init__(self, gen):
         import fedrag_app.training.lsr as lsr
@@ -227,30 +228,37 @@ def report(rows: list[dict]) -> None:
         print(f"\n== {workload.upper()} ({len(ours)} run(s) ours, {len(peer)} peer)")
         rss = med(ours, "peak_rss_mib")
         print(
-            f"  ours: {med(ours, 's_per_step_median'):.2f} s/step median (whole phase {med(ours, 's_per_step_whole_phase'):.2f}),"
+            f"  ours: {med(ours, 's_per_step_median'):.2f} s/step median "
+            f"(whole phase {med(ours, 's_per_step_whole_phase'):.2f}),"
             f" peak RSS {rss:.0f} MiB, loss {ours[0]['loss_first']:.4f} -> {ours[0]['loss_last']:.4f}"
             + (
-                f" (ralt.forward-tokens {ours[0]['forward_tokens']}; target <= 3072 MiB: {'met' if rss <= 3072 else 'NOT met'})"
+                f" (ralt.forward-tokens {ours[0]['forward_tokens']}; "
+                f"target <= 3072 MiB: {'met' if rss <= 3072 else 'NOT met'})"
                 if workload == "ralt"
                 else ""
             )
         )
         if workload == "ralt":
             print(
-                f"  ours: {med(ours, 'tokens_per_s'):.0f} non-padding tokens/s, {med(ours, 'achieved_gflops'):.0f} GFLOP/s"
-                f" of a measured fp32 matmul peak {med(ours, 'matmul_peak_gflops'):.0f} GFLOP/s -> MFU {med(ours, 'mfu'):.0%}"
+                f"  ours: {med(ours, 'tokens_per_s'):.0f} non-padding tokens/s, "
+                f"{med(ours, 'achieved_gflops'):.0f} GFLOP/s"
+                f" of a measured fp32 matmul peak {med(ours, 'matmul_peak_gflops'):.0f} GFLOP/s "
+                f"-> MFU {med(ours, 'mfu'):.0%}"
                 f" (target >= 65%)"
             )
         else:
             print(
                 f"  ours: retriever weights changed: {ours[0]['retriever_changed']}; LM scoring "
-                f"{med(ours, 'lm_scoring_seconds'):.1f} s of the phase at {med(ours, 'achieved_gflops'):.0f} GFLOP/s of a "
-                f"measured fp32 matmul peak {med(ours, 'matmul_peak_gflops'):.0f} GFLOP/s -> MFU {med(ours, 'mfu'):.0%} (target >= 65%)"
+                f"{med(ours, 'lm_scoring_seconds'):.1f} s of the phase at "
+                f"{med(ours, 'achieved_gflops'):.0f} GFLOP/s of a "
+                f"measured fp32 matmul peak {med(ours, 'matmul_peak_gflops'):.0f} GFLOP/s "
+                f"-> MFU {med(ours, 'mfu'):.0%} (target >= 65%)"
             )
         if peer:
             key = "tokens_per_s" if workload == "ralt" else None
             print(
-                f"  fed-rag: {med(peer, 's_per_step_median'):.2f} s/step median, peak RSS {med(peer, 'peak_rss_mib'):.0f} MiB"
+                f"  fed-rag: {med(peer, 's_per_step_median'):.2f} s/step median, "
+                f"peak RSS {med(peer, 'peak_rss_mib'):.0f} MiB"
                 + (
                     f", {med(peer, 'tokens_per_s'):.0f} tokens/s"
                     if key

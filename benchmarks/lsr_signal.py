@@ -180,7 +180,8 @@ def main() -> None:
     )
     rows = signal_table(sums, counts, hits, examples)
     print(
-        "\n| lm-score | beta | H(p_LSR) nats | H / log k | mean max p | LM favourite holds an answer |\n|---|---|---|---|---|---|"
+        "\n| lm-score | beta | H(p_LSR) nats | H / log k | mean max p | LM favourite holds an answer |"
+        "\n|---|---|---|---|---|---|"
     )
     for r in rows[:-1]:
         print(
@@ -202,7 +203,8 @@ def main() -> None:
     runs = []
     print(
         f"\n| lm-score | beta | tau | lr | top layers | steps | KL train before -> after | p_R(fav) train | "
-        f"rank(fav) train | KL held-out | p_R(fav) held-out | rank(fav) held-out | first holds answer: train | held-out "
+        f"rank(fav) train | KL held-out | p_R(fav) held-out | rank(fav) held-out | first holds answer: train | "
+        f"held-out "
         f"| s |\n|{'---|' * 15}"
     )
     for reduction, beta, tau, lr, layers in RUNS:
@@ -238,9 +240,12 @@ def main() -> None:
         b, a = before, after
         print(
             f"| {reduction} | {beta} | {tau} | {lr:g} | {layers or 'all'} | {m['lsr-steps']:.0f} | "
-            f"{b['train']['kl']:.3f} -> {a['train']['kl']:.3f} | {b['train']['p_fav']:.3f} -> {a['train']['p_fav']:.3f} | "
-            f"{b['train']['rank_fav']:.2f} -> {a['train']['rank_fav']:.2f} | {b['held']['kl']:.3f} -> {a['held']['kl']:.3f} | "
-            f"{b['held']['p_fav']:.3f} -> {a['held']['p_fav']:.3f} | {b['held']['rank_fav']:.2f} -> {a['held']['rank_fav']:.2f} | "
+            f"{b['train']['kl']:.3f} -> {a['train']['kl']:.3f} | "
+            f"{b['train']['p_fav']:.3f} -> {a['train']['p_fav']:.3f} | "
+            f"{b['train']['rank_fav']:.2f} -> {a['train']['rank_fav']:.2f} | "
+            f"{b['held']['kl']:.3f} -> {a['held']['kl']:.3f} | "
+            f"{b['held']['p_fav']:.3f} -> {a['held']['p_fav']:.3f} | "
+            f"{b['held']['rank_fav']:.2f} -> {a['held']['rank_fav']:.2f} | "
             f"{b['train']['first_holds_answer']:.2f} -> {a['train']['first_holds_answer']:.2f} | "
             f"{b['held']['first_holds_answer']:.2f} -> {a['held']['first_holds_answer']:.2f} | {seconds:.0f} |"
         )

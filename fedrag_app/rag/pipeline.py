@@ -30,7 +30,8 @@ class RagAnswer:
 
 
 def store_location(cfg: AppConfig) -> dict[str, str]:
-    """``{"url": ...}`` for a Qdrant server, else ``{"path": ...}``: the configured folder or a default per corpus+retriever."""
+    """``{"url": ...}`` for a Qdrant server, else ``{"path": ...}``: the configured folder or a default per
+    corpus+retriever."""
     if cfg.store.url:
         return {"url": cfg.store.url, "collection": cfg.store.collection}
     if cfg.store.path:

@@ -32,7 +32,7 @@ from rich.table import Table
 
 from fedrag_app.config.app_config import AppConfig
 from fedrag_app.config.values import toml_value
-from fedrag_app.core.atomic import write_json
+from fedrag_app.core.atomic import write_json, write_text
 from fedrag_app.core.errors import ConfigError, FedRagAppError
 from fedrag_app.core.verbosity import child_env
 
@@ -231,8 +231,7 @@ class Quickstart:
             log = subprocess.run(
                 [flwr, "log", str(run_id), "local", "--show"], capture_output=True, text=True, timeout=120, env=env
             ).stdout
-            fed.mkdir(parents=True, exist_ok=True)
-            (fed / "flower.log").write_text(log)
+            write_text(fed / "flower.log", log)
             if status != fr.COMPLETED:
                 self.console.print(log[-3000:])
                 raise FedRagAppError(f"the Flower run {run_id} ended {status}: its log is in {fed / 'flower.log'}")

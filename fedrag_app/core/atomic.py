@@ -32,7 +32,8 @@ def _fsync(path: Path) -> None:
 def _fsync_tree(folder: Path) -> None:
     for root, _dirs, files in os.walk(folder):
         for name in files:
-            _fsync(Path(root) / name)
+            if not os.path.islink(os.path.join(root, name)):  # a link's target is not ours to flush
+                _fsync(Path(root) / name)
         _fsync(Path(root))
 
 

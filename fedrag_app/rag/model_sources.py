@@ -93,4 +93,6 @@ def _converted_gguf(ref: str) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+    if not (target / "config.json").exists():  # kept: a folder someone else left there, not a converted model
+        raise ConfigError(f"{target} exists but holds no converted model (no config.json): delete it")
     return target

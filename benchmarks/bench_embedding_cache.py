@@ -42,7 +42,8 @@ def main() -> None:
     context_encoder_fingerprint(retriever)
     t2 = time.perf_counter()
     print(
-        f"key: corpus sha256 {t1 - t0:.2f} s ({corpus.stat().st_size / 1e6:.1f} MB), encoder fingerprint {t2 - t1:.2f} s"
+        f"key: corpus sha256 {t1 - t0:.2f} s ({corpus.stat().st_size / 1e6:.1f} MB), "
+        f"encoder fingerprint {t2 - t1:.2f} s"
     )
 
     cache = EmbeddingCache.open(corpus, retriever)

@@ -44,6 +44,8 @@ sys.path[:0] = [str(REPO), str(HERE)]
 import torch  # noqa: E402
 from bench_train import ralt_step_flops  # noqa: E402  (the FLOP count every benchmark here uses)
 
+from fedrag_app.core import environment  # noqa: E402
+
 COMMON = dict(
     vocab_size=49152,
     tie_word_embeddings=True,
@@ -260,7 +262,7 @@ def make_assets(out: Path, questions: int, passages: int) -> None:
     skip = shutil.ignore_patterns(*weights)
     shutil.copytree(resolve_generator("smollm2-135m-instruct"), out / "generator", ignore=skip)
     shutil.copytree(resolve_retriever("all-minilm-l6-v2"), out / "retriever", ignore=skip)
-    src = Path(os.environ["FEDRAG_DATA_DIR"])
+    src = Path(environment.data_dir() or sys.exit("make_assets needs $FEDRAG_DATA_DIR (the data to slice)"))
     for rel, n in (("web_questions/train.jsonl", questions), ("wikipedia/passages.jsonl", passages)):
         (out / "data" / rel).parent.mkdir(parents=True, exist_ok=True)
         with (src / rel).open() as f, (out / "data" / rel).open("w") as g:
@@ -289,10 +291,10 @@ def federated_round(args, device: str) -> None:
 
     work = Path(tempfile.mkdtemp(prefix="fedrag_bench_gpu_"))
     gen_model, retr_model = "smollm2-135m-instruct", "all-minilm-l6-v2"
-    data_dir = Path(os.environ.get("FEDRAG_DATA_DIR", ""))
+    data_dir = Path(environment.data_dir())
     if args.assets:
         gen_model, retr_model, data_dir = materialize(Path(args.assets).resolve(), work)
-    os.environ["FEDRAG_DATA_DIR"] = str(data_dir)
+    os.environ[environment.DATA_DIR] = str(data_dir)
     models = [f"generator.model={gen_model}", f"retriever.model={retr_model}"]
     shard = work / "template-shard"
     done = subprocess.run(
@@ -317,7 +319,7 @@ def federated_round(args, device: str) -> None:
     lines = (data_dir / "web_questions" / "train.jsonl").read_text().splitlines()
     (work / "federation").mkdir()
     fed = Federation(work / "federation")
-    fed.env.update(FEDRAG_DATA_DIR=str(data_dir), PYTHONPATH=str(REPO))
+    fed.env.update({environment.DATA_DIR: str(data_dir), "PYTHONPATH": str(REPO)})
     names = [f"institution-{i}" for i in range(args.fed_clients)]
     out = work / "outputs"
     try:

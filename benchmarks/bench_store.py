@@ -25,6 +25,7 @@ from bench_train import HERE, in_subprocess, matmul_peak_gflops  # same folder: 
 from peer_fedrag import peak_rss_mib  # importing the module loads no fed-rag
 
 from fedrag_app.config.app_config import DataConfig, RetrieverConfig
+from fedrag_app.core import environment
 from fedrag_app.data.loaders import iter_passages, load_web_questions
 from fedrag_app.rag.knowledge_store import KnowledgeStore
 from fedrag_app.rag.prompts import format_passage
@@ -94,9 +95,7 @@ def main() -> None:
     ap.add_argument("--peer", default="", help="python of a fed-rag==0.0.27 virtualenv: run its W1 store workload too")
     args = ap.parse_args()
 
-    data = DataConfig(
-        dir=os.environ.get("FEDRAG_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
-    )
+    data = DataConfig(dir=environment.data_dir() or str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     passages = list(iter_passages(data, limit=args.limit))
     retriever = load_retriever(RetrieverConfig())
     cache = Path(args.cache).with_suffix(f".{len(passages)}.npy")
@@ -141,7 +140,8 @@ def main() -> None:
         print(f"encode             : cached in {cache} (delete it to re-measure encoding)")
     print(f"query encode       : {query_encode_ms:8.2f} ms/query (MiniLM, batch of all queries)")
     print(
-        f"{'backend':22s} {'upsert+index s':>14s} {'p50 ms@10':>10s} {'p95 ms@10':>10s} {'recall@10':>10s} {'p50 ms@2':>9s} {'p95 ms@2':>9s}"
+        f"{'backend':22s} {'upsert+index s':>14s} {'p50 ms@10':>10s} {'p95 ms@10':>10s} {'recall@10':>10s} "
+        f"{'p50 ms@2':>9s} {'p95 ms@2':>9s}"
     )
     for name, up, p50, p95, rec, p50_2, p95_2 in rows:
         print(f"{name:22s} {up:14.2f} {p50:10.3f} {p95:10.3f} {rec:10.4f} {p50_2:9.3f} {p95_2:9.3f}")

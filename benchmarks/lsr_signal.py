@@ -40,6 +40,7 @@ import torch  # noqa: E402
 
 from fedrag_app.config.app_config import DataConfig, GeneratorConfig, LsrConfig, RetrieverConfig  # noqa: E402
 from fedrag_app.config.runtime import seed_everything, set_threads  # noqa: E402
+from fedrag_app.core import environment  # noqa: E402
 from fedrag_app.data.loaders import iter_passages, load_web_questions  # noqa: E402
 from fedrag_app.evaluation.metrics import answer_rank  # noqa: E402
 from fedrag_app.rag.generator import load_generator  # noqa: E402
@@ -56,7 +57,6 @@ from fedrag_app.training.lsr import (
     retriever_scores,
     scoring_sequences,
 )  # noqa: E402
-from fedrag_app.training.sequences import IGNORE  # noqa: E402
 
 SEED, K = 1234, 4
 BETAS = (0.1, 0.25, 0.5, 1.0, 2.0)
@@ -79,7 +79,7 @@ def norm_title(text: str) -> str:
 
 
 def build_case(questions: int, per_article: int):
-    data = DataConfig(dir=os.environ.get("FEDRAG_DATA_DIR", ""))
+    data = DataConfig(dir=environment.data_dir())
     passages = list(iter_passages(data))
     titles = {norm_title(p.title) for p in passages}
     examples = [e for e in load_web_questions("train", data) if e.topic in titles][:questions]
@@ -98,7 +98,7 @@ def build_case(questions: int, per_article: int):
 def score_candidates(gen, examples, hits, cfg: LsrConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, k) summed answer log-likelihood and (N, k) answer token counts."""
     total = lm_scores(gen, examples, hits, dataclasses.replace(cfg, lm_score="sum"))
-    counts = torch.tensor([sum(t != IGNORE for t in s.labels) for s in scoring_sequences(gen, examples, hits, cfg)])
+    counts = torch.tensor([s.answer_tokens for s in scoring_sequences(gen, examples, hits, cfg)])
     return total, counts.view(total.shape).float()
 
 
@@ -180,7 +180,8 @@ def main() -> None:
     )
     rows = signal_table(sums, counts, hits, examples)
     print(
-        "\n| lm-score | beta | H(p_LSR) nats | H / log k | mean max p | LM favourite holds an answer |\n|---|---|---|---|---|---|"
+        "\n| lm-score | beta | H(p_LSR) nats | H / log k | mean max p | LM favourite holds an answer |"
+        "\n|---|---|---|---|---|---|"
     )
     for r in rows[:-1]:
         print(
@@ -202,7 +203,8 @@ def main() -> None:
     runs = []
     print(
         f"\n| lm-score | beta | tau | lr | top layers | steps | KL train before -> after | p_R(fav) train | "
-        f"rank(fav) train | KL held-out | p_R(fav) held-out | rank(fav) held-out | first holds answer: train | held-out "
+        f"rank(fav) train | KL held-out | p_R(fav) held-out | rank(fav) held-out | first holds answer: train | "
+        f"held-out "
         f"| s |\n|{'---|' * 15}"
     )
     for reduction, beta, tau, lr, layers in RUNS:
@@ -238,9 +240,12 @@ def main() -> None:
         b, a = before, after
         print(
             f"| {reduction} | {beta} | {tau} | {lr:g} | {layers or 'all'} | {m['lsr-steps']:.0f} | "
-            f"{b['train']['kl']:.3f} -> {a['train']['kl']:.3f} | {b['train']['p_fav']:.3f} -> {a['train']['p_fav']:.3f} | "
-            f"{b['train']['rank_fav']:.2f} -> {a['train']['rank_fav']:.2f} | {b['held']['kl']:.3f} -> {a['held']['kl']:.3f} | "
-            f"{b['held']['p_fav']:.3f} -> {a['held']['p_fav']:.3f} | {b['held']['rank_fav']:.2f} -> {a['held']['rank_fav']:.2f} | "
+            f"{b['train']['kl']:.3f} -> {a['train']['kl']:.3f} | "
+            f"{b['train']['p_fav']:.3f} -> {a['train']['p_fav']:.3f} | "
+            f"{b['train']['rank_fav']:.2f} -> {a['train']['rank_fav']:.2f} | "
+            f"{b['held']['kl']:.3f} -> {a['held']['kl']:.3f} | "
+            f"{b['held']['p_fav']:.3f} -> {a['held']['p_fav']:.3f} | "
+            f"{b['held']['rank_fav']:.2f} -> {a['held']['rank_fav']:.2f} | "
             f"{b['train']['first_holds_answer']:.2f} -> {a['train']['first_holds_answer']:.2f} | "
             f"{b['held']['first_holds_answer']:.2f} -> {a['held']['first_holds_answer']:.2f} | {seconds:.0f} |"
         )

@@ -73,7 +73,8 @@ def breakdown(prof, wall: float) -> dict[str, float]:
 
 def show(title: str, parts: dict[str, float], wall: float, flops: float, peak: float) -> None:
     print(
-        f"\n== {title}: {wall:.2f} s wall, {flops / wall / 1e9:.1f} GFLOP/s useful = MFU {flops / wall / 1e9 / peak:.0%} "
+        f"\n== {title}: {wall:.2f} s wall, {flops / wall / 1e9:.1f} GFLOP/s useful "
+        f"= MFU {flops / wall / 1e9 / peak:.0%} "
         f"of the measured {peak:.0f} GFLOP/s (profiler overhead included)"
     )
     for name, sec in sorted(parts.items(), key=lambda kv: -kv[1]):

@@ -6,20 +6,21 @@
 * ``make_node_key(out_dir, name)`` writes ``<name>`` (private, OpenSSH, EC SECP384R1: the curve Flower accepts) and
   ``<name>.pub``. The institution keeps the private key; it sends the operator the ``.pub`` to register.
 
-Every file is written to a temporary name, then renamed; private keys are created mode 0600.
+Every file is written atomically (fedrag_app.core.atomic); private keys are mode 0600.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedrag_app.core.atomic import write_bytes
 
 VALID_DAYS = 365
 
@@ -56,10 +57,10 @@ def make_tls(out_dir: str | Path, hosts: list[str]) -> dict[str, Path]:
         .sign(ca_key, hashes.SHA256())
     )
 
-    _write(paths["ca.key"], _pem_key(ca_key), private=True)
-    _write(paths["ca.crt"], ca_cert.public_bytes(serialization.Encoding.PEM))
-    _write(paths["server.key"], _pem_key(server_key), private=True)
-    _write(paths["server.pem"], server_cert.public_bytes(serialization.Encoding.PEM))
+    write_bytes(paths["ca.key"], _pem_key(ca_key), private=True)
+    write_bytes(paths["ca.crt"], ca_cert.public_bytes(serialization.Encoding.PEM))
+    write_bytes(paths["server.key"], _pem_key(server_key), private=True)
+    write_bytes(paths["server.pem"], server_cert.public_bytes(serialization.Encoding.PEM))
     return paths
 
 
@@ -75,8 +76,8 @@ def make_node_key(out_dir: str | Path, name: str) -> tuple[Path, Path]:
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
     )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    _write(private_path, private, private=True)
-    _write(public_path, public + f" {name}\n".encode())
+    write_bytes(private_path, private, private=True)
+    write_bytes(public_path, public + f" {name}\n".encode())
     return private_path, public_path
 
 
@@ -118,11 +119,3 @@ def _pem_key(key) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
     )
-
-
-def _write(path: Path, data: bytes, *, private: bool = False) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)

@@ -8,9 +8,10 @@ one HTTP port for the Fleet, Control and Runtime APIs (``--host/--port``; the gR
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from fedrag_app.config.values import toml_lines
 
 DEFAULT_SUPERLINK_PORT = 8000
 DEFAULT_SUPERNODE_PORT = 9094  # the SuperNode's own Runtime API (ClientApp processes); one per node on a host
@@ -87,19 +88,9 @@ def supernode_argv(s: SuperNodeSettings) -> list[str]:
 
 def node_config_toml(node_config: dict) -> str:
     """{'data-path': '/d', 'partition-id': 0} -> the text of a node.toml Flower reads with --node-config."""
-    return "".join(f"{key} = {_toml_value(key, value)}\n" for key, value in node_config.items())
+    return toml_lines(node_config)
 
 
 def connection_toml(name: str, address: str, ca_cert: str) -> str:
     """A `[superlink.<name>]` table for $FLWR_HOME/config.toml: the CLI dials the SuperLink over TLS."""
-    return f'[superlink.{name}]\naddress = "{address}"\nroot-certificates = {json.dumps(str(ca_cert))}\n'
-
-
-def _toml_value(key: str, value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    raise ValueError(f"node-config '{key}' = {value!r}: values must be str, int, float or bool")
+    return f"[superlink.{name}]\n" + toml_lines({"address": address, "root-certificates": str(ca_cert)})

@@ -22,15 +22,6 @@ class RunFailed(RuntimeError):
     pass
 
 
-def run_config_value(value) -> str:
-    """A run-config value as TOML for `flwr run --run-config` (a `key=value` item of ``launch_run``)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return f'"{value}"'
-    return repr(value)
-
-
 def launch_run(
     app_dir: str,
     connection: str,

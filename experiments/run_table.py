@@ -28,7 +28,11 @@ from rich.progress import Progress
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO / "deploy"))
+sys.path.insert(0, str(REPO))  # this checkout's fedrag_app
 import follow_run  # noqa: E402
+
+from fedrag_app.config.values import toml_value  # noqa: E402
+from fedrag_app.core.atomic import atomic_dir, atomic_path, write_json, write_text  # noqa: E402
 
 console = Console()
 
@@ -61,7 +65,7 @@ def partition(column: dict, folder: Path, env: dict) -> None:
         column["scheme"],
         "--out",
         str(folder),
-    ] + [arg for k, v in column.get("partition", {}).items() for arg in ("--set", f"{k}={v}")]
+    ] + [arg for k, v in column.get("partition", {}).items() for arg in ("--set", f"{k}={toml_value(v, k)}")]
     subprocess.run(argv, check=True, env=env)
 
 
@@ -71,7 +75,12 @@ def index_server_store(table: dict, env: dict) -> None:
         r.get("kind") != "evaluate" for r in table["rows"]
     ):
         return
-    flags = [arg for k, v in table.get("run", {}).items() if k.startswith("store.") for arg in ("--set", f"{k}={v}")]
+    flags = [
+        arg
+        for k, v in table.get("run", {}).items()
+        if k.startswith("store.")
+        for arg in ("--set", f"{k}={toml_value(v, k)}")
+    ]
     subprocess.run([str(BIN / "fedrag-app"), "index", *flags], check=True, env=env, stdout=subprocess.DEVNULL)
 
 
@@ -85,7 +94,7 @@ def run_cell(table: dict, column: dict, row: dict, seed: int, parts: Path, out: 
             arg
             for k, v in run.items()
             if not k.startswith(("fed.", "partition.", "dp."))
-            for arg in ("--set", f"{k}={v}")
+            for arg in ("--set", f"{k}={toml_value(v, k)}")
         ]
         subprocess.run(
             [str(BIN / "fedrag-app"), "evaluate", "--output", str(out / "evaluate.json"), *flags],
@@ -96,7 +105,7 @@ def run_cell(table: dict, column: dict, row: dict, seed: int, parts: Path, out: 
         metrics = json.loads((out / "evaluate.json").read_text())["results"]
     else:
         run.update({"partition.dir": str(parts), "fed.output-dir": str(out), "fed.min-nodes": column["num-partitions"]})
-        items = [f"{k}={follow_run.run_config_value(v)}" for k, v in run.items()]
+        items = [f"{k}={toml_value(v, k)}" for k, v in run.items()]
         run_id = follow_run.launch_run(
             str(REPO),
             "local",
@@ -143,14 +152,9 @@ def keep_adapter(cell_out: Path, dest: Path) -> Path | None:
     mode = state.get("config", {}).get("train.mode")
     if mode not in ("ralt", "ra-dit"):
         return None
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(rounds[-1] / "adapter", tmp)
-    (tmp / "round.json").write_text(
-        json.dumps({"round": state["round"], "run-config": state.get("config", {})}, indent=1, sort_keys=True)
-    )
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
+    with atomic_dir(dest) as tmp:
+        shutil.copytree(rounds[-1] / "adapter", tmp, dirs_exist_ok=True)
+        write_json(tmp / "round.json", {"round": state["round"], "run-config": state.get("config", {})}, indent=1)
     return dest
 
 
@@ -218,16 +222,9 @@ def plot(table: dict, results: list[dict], path: Path) -> None:
     ax.set_ylabel(metric)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    tmp.replace(path)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def main(
@@ -273,8 +270,8 @@ def main(
 
     def report() -> list[dict]:
         results = finished()
-        write_atomic(root / "table.md", summarise(table, results))
-        write_atomic(root / "results.json", json.dumps(results, indent=1))
+        write_text(root / "table.md", summarise(table, results))
+        write_json(root / "results.json", results, indent=1, sort_keys=False)
         plot(table, results, root / "table.png")
         return results
 
@@ -302,7 +299,7 @@ def main(
                         if table.get("keep-adapters") and row.get("kind") != "evaluate":
                             keep_adapter(out, root / "adapters" / cell_dir(column, row, seed).relative_to(runs))
                         result_file(column, row, seed).parent.mkdir(parents=True, exist_ok=True)
-                        write_atomic(result_file(column, row, seed), json.dumps(result, indent=1))
+                        write_json(result_file(column, row, seed), result, indent=1, sort_keys=False)
                         report()
                     progress.advance(task)
         except KeyboardInterrupt:
@@ -312,7 +309,7 @@ def main(
                 f"[yellow]interrupted[/]: finished cells are kept in {root / 'cells'}; run the same command "
                 "to go on from the cell that was running"
             )
-            raise typer.Exit(130)
+            raise typer.Exit(130) from None
         finally:
             follow_run.stop_local_superlink(env["FLWR_HOME"])
         results = report()

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedrag_app.config.app_config import AppConfig, parse_override
+from fedrag_app.core import environment
 from fedrag_app.core.errors import FedRagAppError
 
 app = typer.Typer(
@@ -46,7 +47,7 @@ def _root(
         False,
         "--verbose",
         "-v",
-        envvar="FEDRAG_VERBOSE",
+        envvar=environment.VERBOSE,
         help="show library warnings and progress bars (quiet by default)",
     ),
 ) -> None:
@@ -74,9 +75,7 @@ def index(
         None, help="passages JSONL (id/title/text) or a folder holding passages.jsonl"
     ),
     limit: int | None = typer.Option(None, help="index only the first N passages"),
-    store: str | None = typer.Option(
-        None, help="shard folder to write (default: in the cache, per corpus+retriever)"
-    ),
+    store: str | None = typer.Option(None, help="shard folder to write (default: in the cache, per corpus+retriever)"),
     rebuild: bool = typer.Option(False, help="re-index even if the shard exists (swapped in atomically)"),
     config: Path | None = ConfigOpt,
     sets: list[str] | None = SetOpt,
@@ -258,9 +257,7 @@ def train(
 
 @app.command()
 def evaluate(
-    adapter: str | None = typer.Option(
-        None, help="PEFT adapter folder (default: the untrained LoRA = the base model)"
-    ),
+    adapter: str | None = typer.Option(None, help="PEFT adapter folder (default: the untrained LoRA = the base model)"),
     retriever_path: str | None = typer.Option(
         None, "--retriever", help="retriever folder from `train` or a checkpoint"
     ),
@@ -360,7 +357,8 @@ def export(
     ),
     force: bool = typer.Option(False, "--force", help="replace --out if it is not empty"),
 ) -> None:
-    """The global adapter merged into the base LM (transformers folder), the retriever (sentence-transformers) and a manifest."""
+    """The global adapter merged into the base LM (transformers folder), the retriever (sentence-transformers), a
+    manifest."""
     from fedrag_app.commands.export import export_checkpoint
 
     with console.status("merging the adapter into the base model"):
@@ -383,7 +381,8 @@ def quickstart(
     sets: list[str] | None = SetOpt,
     data_dir: str | None = DataDirOpt,
 ) -> None:
-    """The main job on embedded defaults (`make run`): index, evaluate, federated RA-DIT with `flwr run`, evaluate, ask."""
+    """The main job on embedded defaults (`make run`): index, evaluate, federated RA-DIT (`flwr run`), evaluate,
+    ask."""
     from fedrag_app.commands.quickstart import QUESTION, Quickstart
 
     overrides = dict(parse_override(s) for s in sets or [])
@@ -396,7 +395,7 @@ def quickstart(
             "[yellow]interrupted[/]: the local SuperLink and its simulation were stopped; finished "
             "indexes are kept for the next run"
         )
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
 
 
 def main() -> None:

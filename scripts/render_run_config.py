@@ -7,6 +7,7 @@ the two agree. Run this after adding a config field and paste its output into py
 from dataclasses import fields
 
 from fedrag_app.config.app_config import SECTIONS
+from fedrag_app.config.values import toml_value
 
 
 def render() -> str:
@@ -17,14 +18,9 @@ def render() -> str:
             value = f.default
             if isinstance(value, tuple):
                 value = ",".join(value)
-            if isinstance(value, bool):
-                literal = "true" if value else "false"
-            elif isinstance(value, str):
-                literal = f'"{value}"'
-            else:
-                literal = repr(value)
+            key = f"{section}.{f.name.replace('_', '-')}"
             lines.append(f"# {f.metadata['help']}")
-            lines.append(f"{section}.{f.name.replace('_', '-')} = {literal}")
+            lines.append(f"{key} = {toml_value(value, key)}")
     return "\n".join(lines)
 
 

@@ -27,6 +27,8 @@ sys.path.insert(0, str(DEPLOY))
 import follow_run  # noqa: E402
 from flower_commands import node_config_toml  # noqa: E402
 
+from fedrag_app.config.values import toml_value  # noqa: E402
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -121,7 +123,7 @@ class Federation:
         )
 
     def launch(self, run_config: dict) -> int:
-        items = [f"{k}={follow_run.run_config_value(v)}" for k, v in run_config.items()]
+        items = [f"{k}={toml_value(v, k)}" for k, v in run_config.items()]
         return follow_run.launch_run(
             str(self.app_dir), CONNECTION, items, flwr=str(VENV_BIN / "flwr"), timeout_s=180, env=self.env
         )

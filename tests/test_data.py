@@ -5,6 +5,7 @@ import pytest
 from fedrag_app.config.app_config import DataConfig
 from fedrag_app.core.errors import DataError
 from fedrag_app.data.loaders import (
+    CHOICE_LETTERS,
     QAExample,
     iter_passages,
     load_mmlu,
@@ -38,7 +39,7 @@ def test_the_training_target_is_one_gold_answer_each_in_its_turn(data_dir):
 def test_mmlu_global_facts_by_default_and_any_subject(data_dir):
     cfg = DataConfig(dir=str(data_dir))
     gf = load_mmlu(cfg)
-    assert len(gf) == 100 and all(q.answer in "ABCD" and len(q.choices) == 4 for q in gf)
+    assert len(gf) == 100 and all(q.answer in CHOICE_LETTERS and len(q.choices) == 4 for q in gf)
     physics = load_mmlu(cfg, "high_school_physics", "test", limit=5)
     assert len(physics) == 5 and {q.subject for q in physics} == {"high_school_physics"}
     with pytest.raises(DataError, match="subject 'astrologie'"):

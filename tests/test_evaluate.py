@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedrag_app.config.app_config import AppConfig, DataConfig
-from fedrag_app.data.loaders import QAExample, load_mmlu
+from fedrag_app.data.loaders import CHOICE_LETTERS, QAExample, load_mmlu
 from fedrag_app.evaluation.evaluate import (
     evaluate_mmlu,
     evaluate_retrieval,
@@ -17,7 +17,7 @@ from fedrag_app.evaluation.evaluate import (
 from fedrag_app.evaluation.metrics import parse_choice_letter
 from fedrag_app.rag.generator import generate, generate_scored
 from fedrag_app.rag.knowledge_store import Hit, KnowledgeStore
-from fedrag_app.rag.prompts import CHOICE_LETTERS, build_mmlu_prompt
+from fedrag_app.rag.prompts import build_mmlu_prompt
 
 
 @pytest.fixture(scope="module")

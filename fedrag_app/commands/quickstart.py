@@ -29,7 +29,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedrag_app.config.app_config import AppConfig
-from fedrag_app.core.atomic import write_json
+from fedrag_app.config.values import toml_value
+from fedrag_app.core.atomic import write_json, write_text
 from fedrag_app.core.errors import ConfigError, FedRagAppError
 from fedrag_app.core.verbosity import child_env
 
@@ -40,7 +41,7 @@ DEFAULTS: dict[str, object] = {
     "partition.questions-per-client": 16,
     "partition.passages-per-client": 150,
     "partition.heldout-fraction": 0.1,
-    "store.passages-limit": 500,  # the server's evaluation store: the first 500 passages (the institutions' 450 among them)
+    "store.passages-limit": 500,  # the server's evaluation store: the first 500 passages (the institutions' 450 too)
     "train.mode": "ra-dit",
     "train.num-examples": 8,
     "ralt.batch-size": 4,
@@ -76,7 +77,8 @@ def app_dir() -> Path:
 
 
 def run_config(overrides: dict[str, object], out: Path, data_dir: str | None) -> dict[str, object]:
-    """DEFAULTS + overrides + the paths under ``out``; validated as an AppConfig (a bad key fails here, not in Flower)."""
+    """DEFAULTS + overrides + the paths under ``out``; validated as an AppConfig (a bad key fails here, not in
+    Flower)."""
     flat = {**DEFAULTS, **overrides}
     if "fed.server-eval-every" not in overrides:  # evaluate once, after the last round (the slow part on a CPU)
         flat["fed.server-eval-every"] = flat["fed.num-server-rounds"]
@@ -161,7 +163,7 @@ class Quickstart:
                 a
                 for k, v in f.items()
                 if k.startswith(SHARD_KEYS) and k not in ("partition.dir", "data.dir")
-                for a in ("--set", f"{k}={v}")
+                for a in ("--set", f"{k}={toml_value(v, k)}")
             ]
             self._cli("partition", "--out", str(parts), *keys, *data)
         self.times["index"] = time.perf_counter() - t0
@@ -194,7 +196,8 @@ class Quickstart:
         return results
 
     def train(self) -> list[dict]:
-        """`flwr run .` with this run's config; follows rounds in metrics.jsonl; stops the local SuperLink at the end."""
+        """`flwr run .` with this run's config; follows rounds in metrics.jsonl; stops the local SuperLink at the
+        end."""
         t0 = time.perf_counter()
         fr = _follow_run(self.root)
         rounds, n = self.cfg.fed.num_server_rounds, self.cfg.partition.num_partitions
@@ -207,7 +210,7 @@ class Quickstart:
         fr.stop_local_superlink(str(home))  # a SuperLink an earlier, killed quickstart left behind
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` cleans up like Ctrl-C
         try:
-            items = [f"{k}={fr.run_config_value(v)}" for k, v in self.flat.items()]
+            items = [f"{k}={toml_value(v, k)}" for k, v in self.flat.items()]
             run_id = fr.launch_run(
                 str(self.root), "local", items, flwr=flwr, env=env, federation_config=f"num-supernodes={n}"
             )
@@ -215,8 +218,7 @@ class Quickstart:
             log = subprocess.run(
                 [flwr, "log", str(run_id), "local", "--show"], capture_output=True, text=True, timeout=120, env=env
             ).stdout
-            fed.mkdir(parents=True, exist_ok=True)
-            (fed / "flower.log").write_text(log)
+            write_text(fed / "flower.log", log)
             if status != fr.COMPLETED:
                 self.console.print(log[-3000:])
                 raise FedRagAppError(f"the Flower run {run_id} ended {status}: its log is in {fed / 'flower.log'}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -468,11 +467,6 @@ class AppConfig:
 def all_keys() -> list[str]:
     """Every dotted kebab-case key the app reads."""
     return [f"{s}.{_kebab(f.name)}" for s, cls in SECTIONS.items() for f in fields(cls)]
-
-
-def default_data_dir() -> str:
-    """$FEDRAG_DATA_DIR if set, else '' (meaning: load from the hub)."""
-    return os.environ.get("FEDRAG_DATA_DIR", "")
 
 
 def _field(cls: type, name: str) -> dataclasses.Field:

@@ -1,8 +1,10 @@
-"""How run-config keys and values are read and checked: field help, range checks, TOML flattening, ``key=value``
-overrides and type coercion. config.py holds the sections; this holds the rules they share."""
+"""How run-config keys and values are read, checked and written: field help, range checks, TOML flattening,
+``key=value`` overrides, type coercion, TOML literals. config.py holds the sections; this holds the rules they share."""
 
 from __future__ import annotations
 
+import json
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import field
@@ -99,3 +101,23 @@ def check_federated(cfg: Any) -> None:
             "federated run every node's shard and the server's store would keep the old encoder's "
             "vectors. Set it to false, or train centralized"
         )
+
+
+def toml_value(value: Any, key: str = "") -> str:
+    """A config value as a TOML literal (strings JSON-escaped: a valid TOML basic string). Flat values only:
+    Flower's run- and node-configs hold bools, ints, floats and strings."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    where = f"config key '{key}'" if key else "config value"
+    raise ConfigError(f"{where} = {value!r}: expected a bool, int, finite float or string")
+
+
+def toml_lines(items: Mapping[str, Any]) -> str:
+    """``key = literal`` lines, one per item, in order: a flat TOML file (run-config, node-config)."""
+    return "".join(f"{key} = {toml_value(value, key)}\n" for key, value in items.items())

@@ -12,7 +12,9 @@ import logging
 import os
 import warnings
 
-VERBOSE_ENV = "FEDRAG_VERBOSE"
+from fedrag_app.core import environment
+
+VERBOSE_ENV = environment.VERBOSE
 # tqdm reads TQDM_* when it is imported (the GGUF conversion's bar is a plain tqdm); the rest are the libraries' own.
 _QUIET_ENV = {
     "TQDM_DISABLE": "1",
@@ -32,10 +34,6 @@ _LIBRARY_LOGGERS = (
     "urllib3",
     "bitsandbytes",
 )
-
-
-def is_verbose() -> bool:
-    return os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false")
 
 
 def configure(verbose: bool) -> None:
@@ -67,7 +65,7 @@ def configure(verbose: bool) -> None:
 def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """``env`` (default: this process's) with the current verbosity for a child process."""
     out = dict(os.environ if env is None else env)
-    if is_verbose():
+    if environment.verbose():
         out[VERBOSE_ENV] = "1"
         for key in _QUIET_ENV:
             out.pop(key, None)

@@ -12,11 +12,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedrag_app.config.app_config import DataConfig, default_data_dir
+from fedrag_app.config.app_config import DataConfig
 from fedrag_app.core.atomic import write_text
+from fedrag_app.core.environment import data_dir
 from fedrag_app.core.errors import DataError
 
-LETTERS = ("A", "B", "C", "D")
+CHOICE_LETTERS = ("A", "B", "C", "D")  # an MMLU question's choices, in order: the one list of them
 
 
 @dataclass(frozen=True)
@@ -30,8 +31,8 @@ class QAExample:
     @property
     def target(self) -> str:
         """The training answer: ONE gold answer, answers[turn mod len], so every answer gets its turn across
-        passes. The FedRAG workload joins them all (", "); a model taught to emit that list can never exact-match
-        a gold answer (32% of Web Questions train questions have several). EM/F1 still score against all answers.
+        passes. A model taught to emit all of them joined (", ") could never exact-match a gold answer (32% of Web
+        Questions train questions have several). EM/F1 still score against all answers.
         """
         return self.answers[self.turn % len(self.answers)]
 
@@ -53,7 +54,7 @@ class Passage:
 
 def local_dir(cfg: DataConfig) -> Path | None:
     """The configured local data folder, or None (meaning: the hub)."""
-    folder = cfg.dir or default_data_dir()
+    folder = data_dir(cfg.dir)
     if not folder:
         return None
     path = Path(folder).expanduser().resolve()
@@ -166,11 +167,11 @@ def load_mmlu(
 
 def _mmlu(obj: dict, where: str, subject: str) -> MmluQuestion:
     choices, answer = obj["choices"], obj["answer"]
-    if not isinstance(choices, list) or len(choices) != 4:
-        raise DataError(f"{where}: field 'choices' must be a list of 4 strings")
-    if isinstance(answer, int) and 0 <= answer < 4:
-        answer = LETTERS[answer]  # the hub's cais/mmlu stores the index
-    if answer not in LETTERS:
+    if not isinstance(choices, list) or len(choices) != len(CHOICE_LETTERS):
+        raise DataError(f"{where}: field 'choices' must be a list of {len(CHOICE_LETTERS)} strings")
+    if isinstance(answer, int) and 0 <= answer < len(CHOICE_LETTERS):
+        answer = CHOICE_LETTERS[answer]  # the hub's cais/mmlu stores the index
+    if answer not in CHOICE_LETTERS:
         raise DataError(f"{where}: field 'answer' must be A-D or 0-3, got {answer!r}")
     return MmluQuestion(str(obj["question"]), tuple(str(c) for c in choices), answer, subject)
 
@@ -190,7 +191,7 @@ def corpus_path(cfg: DataConfig) -> Path:
 def iter_passages(cfg: DataConfig, limit: int = 0) -> Iterator[Passage]:
     """Stream passages (id, title, text) from the corpus JSONL, in file order."""
     path = corpus_path(cfg)
-    for n, (lineno, obj) in enumerate(read_jsonl(path, ("id", "text")), 1):
+    for n, (_lineno, obj) in enumerate(read_jsonl(path, ("id", "text")), 1):
         yield Passage(str(obj["id"]), str(obj.get("title", "")), str(obj["text"]))
         if limit and n >= limit:
             return

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from fedrag_app.config.app_config import AppConfig
-from fedrag_app.data.loaders import MmluQuestion, QAExample, load_mmlu, load_web_questions
+from fedrag_app.data.loaders import CHOICE_LETTERS, MmluQuestion, QAExample, load_mmlu, load_web_questions
 from fedrag_app.evaluation.metrics import (
     RunningMean,
     answer_rank,
@@ -24,7 +24,7 @@ from fedrag_app.evaluation.metrics import (
 )
 from fedrag_app.rag.generator import Generator, generate, generate_scored
 from fedrag_app.rag.knowledge_store import Hit, KnowledgeStore
-from fedrag_app.rag.prompts import CHOICE_LETTERS, build_mmlu_prompt, build_prompt, format_passage
+from fedrag_app.rag.prompts import build_mmlu_prompt, build_prompt, format_passage
 from fedrag_app.rag.retrieval import retrieve
 from fedrag_app.rag.retriever import DualEncoder
 

@@ -7,9 +7,11 @@ import string
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
+from fedrag_app.data.loaders import CHOICE_LETTERS
+
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
-_LETTER = re.compile(r"(?:^|[^A-Za-z])\(?([ABCD])(?:[).:]|\s|$)")
+_LETTER = re.compile(rf"(?:^|[^A-Za-z])\(?([{''.join(CHOICE_LETTERS)}])(?:[).:]|\s|$)")
 
 
 def normalize_answer(text: str) -> str:
@@ -40,7 +42,7 @@ def token_f1(prediction: str, golds: Sequence[str]) -> float:
 
 
 class RunningMean:
-    """Mean of a stream. Starts at zero items, not at the first value (FedRAG's restarts whenever the mean is 0)."""
+    """Mean of a stream, counted from zero items: a running mean of 0 is a mean, not a fresh start."""
 
     def __init__(self) -> None:
         self.total, self.count = 0.0, 0

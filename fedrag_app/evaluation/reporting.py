@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fedrag_app.core.atomic import write_text
+from fedrag_app.core.atomic import atomic_path, write_text
 
 PLOTTED = (
     "ralt-loss-mean",
@@ -54,7 +54,6 @@ def plot_metrics(rows: list[dict], png_path: str | Path) -> None:
         if axis.lines:
             axis.legend(fontsize=8)
     fig.tight_layout()
-    tmp = Path(png_path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    tmp.replace(png_path)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fedrag_app.config.values import toml_lines
 from fedrag_app.core.errors import ConfigError, FedRagAppError
 from fedrag_app.federation.query import ANSWER_LOG, METRICS_LOG
 
@@ -31,23 +31,10 @@ class FederatedRunFailed(FedRagAppError, RuntimeError):
     """The query run was not submitted, did not complete, or logged no answer."""
 
 
-def toml_value(value: Any) -> str:
-    """A run-config value as a TOML literal (strings JSON-escaped: a valid TOML basic string)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float) and math.isfinite(value):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    raise ConfigError(f"run-config value {value!r}: expected a bool, int, finite float or string")
-
-
 def query_run_config(question: str, overrides: Mapping[str, Any]) -> str:
     """The TOML text of a one-question query run: the caller's keys, then fed.task and query.question."""
     items = {**overrides, "fed.task": "query", "query.question": question}
-    return "".join(f"{key} = {toml_value(value)}\n" for key, value in items.items())
+    return toml_lines(items)
 
 
 def answers_from_log(log: str) -> tuple[list[dict], dict]:

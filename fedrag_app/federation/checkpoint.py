@@ -2,8 +2,8 @@
 
 <output>/round-<n>/{adapter/, retriever/, state.json}, plus server-optimizer.safetensors under a server optimizer
 (fed.strategy: its momentum or moments, so a resumed run continues them). Each round folder is written into a temp
-sibling and renamed into place whole, so a crash mid-save leaves the previous checkpoints intact and no half-written one;
-resume picks the highest round whose state.json says it is complete.
+sibling and renamed into place whole (core.atomic), so a crash mid-save leaves the previous checkpoints intact and
+no half-written one; resume picks the highest round whose state.json says it is complete.
 """
 
 from __future__ import annotations

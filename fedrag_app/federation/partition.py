@@ -12,11 +12,11 @@ A manifest records seeds, sizes, hashes and absolute paths. The whole output fol
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 from pathlib import Path
 
 from fedrag_app.config.app_config import AppConfig, PartitionConfig
+from fedrag_app.core import environment
 from fedrag_app.core.atomic import atomic_dir, write_json
 from fedrag_app.core.errors import ConfigError, DataError
 from fedrag_app.data.loaders import Passage, QAExample, corpus_path, load_passages, load_web_questions, write_qa_jsonl
@@ -29,7 +29,7 @@ MANIFEST = "manifest.json"
 
 def partitions_dir(cfg: PartitionConfig) -> Path:
     """Absolute output folder: partition.dir, else $FEDRAG_PARTITIONS_DIR, else ./data_partitions."""
-    return Path(cfg.dir or os.environ.get("FEDRAG_PARTITIONS_DIR") or Path.cwd() / "data_partitions").resolve()
+    return environment.partitions_dir(cfg.dir)
 
 
 def topic_label(example: QAExample) -> int:

@@ -1,5 +1,5 @@
 """A node's personal adapter on its own disk: read at the start of each message, written after a successful
-local round (atomically: write a temp file, then rename). It never enters a reply; see client_app.py.
+local round (atomically and fsynced: core.atomic). It never enters a reply; see client_app.py.
 
 One file per round, the last two kept: a node may finish round n+1 before the server crashes without checkpointing
 it; the resumed server sends round n+1 again, and the node must start from its round-n adapter, not round n+1's.
@@ -12,7 +12,6 @@ same node therefore starts a fresh personal adapter instead of inheriting anothe
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fedrag_app.config.app_config import AppConfig
+from fedrag_app.core.atomic import atomic_path
 from fedrag_app.rag.generator import (
     PERSONAL,
     Generator,
@@ -92,14 +92,12 @@ def save_personal(state_dir: Path, state: dict[str, torch.Tensor], at: RoundOf) 
     """Round ``at``'s adapter; keeps it and the previous round's, drops the others (older ones, and later ones:
     left by a lost round or another run)."""
     path = Path(state_dir) / f"personal-adapter-round-{at.server_round}.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(
-        {k: v.contiguous() for k, v in state.items()},
-        str(tmp),
-        metadata={"run-id": str(at.run_id), "server-round": str(at.server_round)},
-    )
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # fsynced: a crash never costs the node its adapter
+        save_file(
+            {k: v.contiguous() for k, v in state.items()},
+            str(tmp),
+            metadata={"run-id": str(at.run_id), "server-round": str(at.server_round)},
+        )
     for written, old in _saved(state_dir).items():
         if written not in (at.server_round, at.server_round - 1):
             old.unlink(missing_ok=True)

@@ -13,7 +13,6 @@ accountant goes into every metrics row.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import Counter
 from logging import INFO, WARNING
@@ -26,6 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedrag_app.config.app_config import AppConfig, FedConfig
 from fedrag_app.config.runtime import apply_runtime
 from fedrag_app.config.values import check_federated
+from fedrag_app.core import environment
 from fedrag_app.core.errors import CheckpointError, ConfigError, StoreError
 from fedrag_app.evaluation.evaluate import run_evaluation
 from fedrag_app.evaluation.reporting import append_metrics, plot_metrics
@@ -64,7 +64,7 @@ def evaluation_due(cfg: FedConfig, n: int) -> bool:
 
 def output_dir(cfg: FedConfig) -> Path:
     """fed.output-dir, else $FEDRAG_OUTPUT_DIR, else <cwd>/outputs/fed: absolute (the server's cwd is not the app's)."""
-    path = Path(cfg.output_dir or os.environ.get("FEDRAG_OUTPUT_DIR") or Path.cwd() / "outputs" / "fed")
+    path = environment.output_dir(cfg.output_dir)
     if cfg.output_dir and not path.is_absolute():
         raise ConfigError(f"run-config key 'fed.output-dir' = {cfg.output_dir!r}: must be an absolute path")
     path.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedrag_app.core.atomic import write_json
+from fedrag_app.core.atomic import atomic_path, write_json
 from fedrag_app.core.errors import StoreError
 from fedrag_app.data.loaders import Passage
 from fedrag_app.rag.prompts import format_passage
@@ -64,7 +63,7 @@ class EmbeddingCache:
     @classmethod
     def open(cls, corpus: str | os.PathLike, encoder, root: str | os.PathLike | None = None) -> EmbeddingCache:
         """The cache of ``corpus`` (the JSONL file the passages come from) under ``encoder``'s context encoder."""
-        from fedrag_app.rag.model_sources import cache_dir
+        from fedrag_app.core.environment import cache_dir
 
         corpus = Path(corpus).resolve()
         corpus_sha, fingerprint = file_sha256(corpus), context_encoder_fingerprint(encoder)
@@ -77,7 +76,7 @@ class EmbeddingCache:
             "dim": int(encoder.dim),
         }
         folder.mkdir(parents=True, exist_ok=True)
-        for tmp in folder.glob(".chunk-*.tmp"):  # a chunk whose writer was killed; a live writer renames within seconds
+        for tmp in folder.glob(".chunk-*.tmp*"):  # a killed writer's chunk; a live writer renames within seconds
             with contextlib.suppress(FileNotFoundError):
                 if time.time() - tmp.stat().st_mtime > 3600:
                     tmp.unlink()
@@ -160,19 +159,10 @@ class EmbeddingCache:
         return out
 
     def _write_chunk(self, ids: list[str], digests: np.ndarray, vectors: np.ndarray) -> None:
-        """One chunk file, atomically: a temp file in the same folder, fsync, rename."""
+        """One chunk file, written atomically."""
         name = f"chunk-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.npz"
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, ids=np.array(ids), digests=digests, vectors=vectors)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.folder / name)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        with atomic_path(self.folder / name) as tmp:
+            np.savez(tmp, ids=np.array(ids), digests=digests, vectors=vectors)
         n = len(self._vectors)
         self._vectors.append(vectors)
         self._digests.append(digests)

@@ -1,7 +1,7 @@
 """The generator: a causal LM with a LoRA adapter (PEFT), optionally on a 4-/8-bit base (QLoRA).
 
 Only the adapter trains and travels; the base stays frozen. The adapter is created fresh from the config or
-loaded *trainable* from a PEFT folder (FedRAG's loader silently loads it frozen).
+loaded *trainable* from a PEFT folder (``is_trainable=True``: PEFT's default loads it frozen).
 """
 
 from __future__ import annotations
@@ -84,32 +84,25 @@ def load_generator(
 
 
 def with_lora(base: PreTrainedModel, cfg: GeneratorConfig, *, adapter_path: str | None = None) -> PeftModel:
-    """Freeze ``base`` and wrap it with LoRA (trainable, fp32 even on a bf16 or 4-bit base). A 4-/8-bit base
+    """Freeze ``base`` and wrap it with LoRA (trainable, fp32 even on a bf16 or 4-bit base: PEFT's
+    ``autocast_adapter_dtype``, asked for explicitly as the exchanged weights rely on it). A 4-/8-bit base
     first goes through PEFT's QLoRA preparation (norms and embeddings to fp32), without gradient checkpointing:
     4-bit weights already give the memory saving; recomputing activations would cost a third more time."""
     if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     base.requires_grad_(False)
     if adapter_path:
-        model = PeftModel.from_pretrained(base, adapter_path, is_trainable=True)
+        model = PeftModel.from_pretrained(base, adapter_path, is_trainable=True, autocast_adapter_dtype=True)
     else:
         try:
-            model = get_peft_model(base, _lora_config(cfg))
+            model = get_peft_model(base, _lora_config(cfg), autocast_adapter_dtype=True)
         except ValueError as e:
             raise ConfigError(f"generator.lora-target-modules = {','.join(cfg.lora_target_modules)!r}: {e}") from e
-    _trainable_in_fp32(model)
     model.eval()
     return model
 
 
 PERSONAL = "personal"  # the PEFT adapter name of a node's own, never-shared adapter
-
-
-def _trainable_in_fp32(model: torch.nn.Module) -> None:
-    """LoRA weights train and travel in fp32 even on a bf16 base."""
-    for param in model.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
 
 
 def _lora_config(cfg: GeneratorConfig) -> LoraConfig:
@@ -221,7 +214,7 @@ def attach_personal_adapter(
         detach_personal_adapter(gen)
         model.delete_adapter(PERSONAL)
     torch.manual_seed(seed)  # a node's fresh personal A is its own, and reproducible
-    model.add_adapter(PERSONAL, _lora_config(cfg))
+    model.add_adapter(PERSONAL, _lora_config(cfg), autocast_adapter_dtype=True)
     if state is not None:
         try:
             load_lora_state_dict(gen, state, adapter_name=PERSONAL)
@@ -230,7 +223,6 @@ def attach_personal_adapter(
                 f"the saved personal adapter does not fit generator.lora-* (delete it to start afresh): {e}"
             ) from e
     model.base_model.set_adapter(["default", PERSONAL])
-    _trainable_in_fp32(model)
 
 
 def detach_personal_adapter(gen: Generator) -> None:

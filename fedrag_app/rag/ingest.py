@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from fedrag_app.core.atomic import staging_dir, swap_in, write_json
 from fedrag_app.core.errors import DataError, StoreError
 from fedrag_app.data.loaders import Passage
 from fedrag_app.rag.knowledge_store import KnowledgeStore
@@ -222,25 +222,17 @@ def build_shard(
         raise StoreError(f"{target} already exists: remove it, choose another store.path, or re-index with replace")
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_builds(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
+    tmp = staging_dir(target, "building")
     try:
-        (tmp / BUILDER).write_text(
-            json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
-        )
+        write_json(tmp / BUILDER, {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
         with KnowledgeStore.create(
             path=tmp / "store", embedding_model=encoder.name, dim=encoder.dim, context_fingerprint=_fingerprint(encoder)
         ) as store:
             stats = _fill(store, passages, encoder, batch_size, chunk_size, total, progress, cache)
-        old = None
-        if target.exists():
-            if not replace:
-                raise StoreError(f"{target} was built by another process meanwhile: use that one")
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-        (tmp / "store").rename(target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            swap_in(tmp / "store", target, exists="replace" if replace else "error")
+        except FileExistsError:
+            raise StoreError(f"{target} was built by another process meanwhile: use that one") from None
         return stats
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

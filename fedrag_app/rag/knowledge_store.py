@@ -122,7 +122,8 @@ class _ServerBackend:
             )
         elif not exists:
             raise StoreError(
-                f"collection '{collection}' does not exist at {url}: build it with `fedrag-app index --set store.url={url}`"
+                f"collection '{collection}' does not exist at {url}: "
+                f"build it with `fedrag-app index --set store.url={url}`"
             )
 
     def metadata(self) -> dict:

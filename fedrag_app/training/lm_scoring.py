@@ -1,6 +1,6 @@
 """log p_LM(answer | prompt), computed the way RALT's loss and LSR's target both need it.
 
-The logit at position t−1 scores token t (FedRAG's scorer reads position t: an off-by-one). The LM head runs
+The logit at position t−1 scores token t (a causal LM predicts the next token). The LM head runs
 only at the positions that predict an answer token: RALT answers are a few tokens after a prompt of hundreds,
 so this removes most of the head's compute and all of its (B, T, V) logits memory.
 """

@@ -6,9 +6,8 @@ p_LSR(c|x) = softmax_c(log p_LM(y | prompt(c, x)) / β)            under no_grad
              "Paris is the capital…" after a supporting passage must not be punished for it)
 loss       = KL(p_LSR ‖ p_R) (REPLUG/Atlas), or KL(p_R ‖ p_LSR) (RA-DIT's writing) — named in lsr.kl-direction.
 
-FedRAG builds its retrieval scores as a fresh leaf tensor from floats, so its retriever never moves; here the
-scores come out of the query encoder's forward pass. The LM scores are log-likelihoods (FedRAG softmaxes raw
-probabilities that underflow to 0, giving a uniform target).
+The retrieval scores come out of the query encoder's forward pass, so the gradient reaches it. The LM scores are
+log-likelihoods: probabilities of a whole answer underflow to 0, and their softmax would be a uniform target.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from fedrag_app.training.lm_scoring import answer_logprobs
 from fedrag_app.training.optimizer_state import OptimizerState, keep_optimizer, restore_optimizer
 from fedrag_app.training.ralt import StepCallback
 from fedrag_app.training.score_cache import ScoreCache, generator_fingerprint, sequence_key
-from fedrag_app.training.sequences import IGNORE, build_sequence, collate
+from fedrag_app.training.sequences import build_sequence, collate
 
 
 def log_distributions(
@@ -87,7 +86,7 @@ def lm_scores(
     seqs = scoring_sequences(gen, examples, hits, cfg)
     k = len(seqs) // max(1, len(examples))
     totals = torch.zeros(len(seqs))
-    counts = torch.tensor([sum(1 for t in s.labels if t != IGNORE) for s in seqs], dtype=torch.float32)
+    counts = torch.tensor([s.answer_tokens for s in seqs], dtype=torch.float32)
     keys: list[str] = []
     if cache is not None:
         fingerprint = generator_fingerprint(gen)

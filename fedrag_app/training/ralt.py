@@ -2,7 +2,7 @@
 
 For each (question, answer): the top-k passages are retrieved once per round (batched; the retriever is frozen
 during RALT) and give k separate sequences, prompt = the shared template with one passage, target = answer + EOS.
-Only answer tokens carry labels (FedRAG trains on the prompt too); the passage is truncated to fit the maximum
+Only answer tokens carry labels (the prompt is given, not learned); the passage is truncated to fit the maximum
 length, never the answer. Sequences of similar length are batched together so padding wastes little compute.
 """
 

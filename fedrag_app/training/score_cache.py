@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
+from fedrag_app.core.environment import cache_dir
 from fedrag_app.rag.generator import Generator
-from fedrag_app.rag.model_sources import cache_dir
 
 
 def default_path() -> Path:

@@ -23,5 +23,8 @@ setup: $(VENV)/.installed
 run: setup
 	$(VENV)/bin/fedrag-app quickstart $(ARGS)
 
+# Lint and format check (ruff, configured in pyproject.toml), then the tests; pytest prints the slowest.
 test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q tests

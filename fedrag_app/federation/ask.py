@@ -23,7 +23,7 @@ from fedrag_app.config.values import toml_lines
 from fedrag_app.core.errors import ConfigError, FedRagAppError
 from fedrag_app.federation.query import ANSWER_LOG, METRICS_LOG
 
-APP_DIR = Path(__file__).resolve().parents[1]  # the checkout holding pyproject.toml: what `flwr run` packages
+APP_DIR = Path(__file__).resolve().parents[2]  # the checkout holding pyproject.toml: what `flwr run` packages
 FLWR = str(Path(sys.executable).with_name("flwr")) if Path(sys.executable).with_name("flwr").exists() else "flwr"
 
 

@@ -49,7 +49,7 @@ def _bytes_per_reply(tiny: dict[str, str], run_config: list[str]) -> tuple[int, 
     from fedrag_app.flower.records import pack_weights
     from fedrag_app.rag.generator import load_generator
     from fedrag_app.rag.retriever import load_retriever
-    from fedrag_app.training.local_round import exchanged_weights
+    from fedrag_app.federation.exchange import exchanged_weights
 
     flat = {
         **dict(parse_override(item) for item in run_config if not item.startswith(("partition.", "fed.output"))),

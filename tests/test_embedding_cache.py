@@ -4,6 +4,8 @@ nothing."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -140,6 +142,14 @@ def test_the_default_store_is_built_on_demand_from_the_cache_and_a_configured_on
     cfg = AppConfig.from_flat({"data.corpus": str(corpus), "store.passages-limit": 30})
     with open_store(cfg, counting) as store:  # what the server's evaluation opens
         assert store.count() == 30 and counting.texts == 30
-    assert (tmp_path / "cache" / "shards" / "passages-first30-all-minilm-l6-v2" / "manifest.json").exists()
+    manifest = tmp_path / "cache" / "shards" / "passages-first30-all-minilm-l6-v2" / "manifest.json"
+    assert manifest.exists()
+    # built by other context-encoder weights (or before the fingerprint was the cache's key): the default shard is
+    # rebuilt from the cached vectors, encoding nothing, instead of refused
+    meta = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**meta, "context_fingerprint": "0" * 16}))
+    with open_store(cfg, counting) as store:
+        assert store.count() == 30 and counting.texts == 30
+    assert json.loads(manifest.read_text())["context_fingerprint"] == retriever.context_fingerprint()
     with pytest.raises(StoreError, match="not a knowledge store"):
         open_store(AppConfig.from_flat({"data.corpus": str(corpus), "store.path": str(tmp_path / "mine")}), counting)

@@ -88,10 +88,23 @@ def build_store(
     )
 
 
+def _stale(folder: Path, retriever: DualEncoder) -> bool:
+    """A complete shard whose recorded context-encoder fingerprint is not this retriever's."""
+    try:
+        built = json.loads((folder / MANIFEST).read_text()).get("context_fingerprint")
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    return built is not None and built != retriever.context_fingerprint()
+
+
 def open_store(cfg: AppConfig, retriever: DualEncoder, *, progress: bool = False) -> KnowledgeStore:
     """Open the configured shard, checked against the retriever that will query it. The default shard in the cache
     (no store.path / store.url) is built from the embedding cache when missing; a configured one must exist."""
     where = store_location(cfg)
+    if is_default_location(cfg) and _stale(Path(where["path"]), retriever):
+        # the default shard is only a cache of (corpus, retriever): rebuilt from the cached vectors, never refused
+        log.warning("rebuilding the knowledge store %s: built by other context-encoder weights", where["path"])
+        build_store(cfg, retriever, progress=progress, replace=True)
     if is_default_location(cfg) and not (Path(where["path"]) / MANIFEST).exists():
         log.warning(
             "building the knowledge store %s from the embedding cache (encoding only passages not cached yet)",

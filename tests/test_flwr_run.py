@@ -46,10 +46,10 @@ def _bytes_per_reply(tiny: dict[str, str], run_config: list[str]) -> tuple[int, 
     under FedAvg (A and B + retriever): computed in this process on the same tiny models."""
     from fedrag_app.config.app_config import AppConfig
     from fedrag_app.config.values import parse_override
+    from fedrag_app.federation.exchange import exchanged_weights
     from fedrag_app.flower.records import pack_weights
     from fedrag_app.rag.generator import load_generator
     from fedrag_app.rag.retriever import load_retriever
-    from fedrag_app.federation.exchange import exchanged_weights
 
     flat = {
         **dict(parse_override(item) for item in run_config if not item.startswith(("partition.", "fed.output"))),

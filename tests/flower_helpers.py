@@ -48,7 +48,7 @@ def message(content: RecordDict, message_type: str, *, src: int = 0, dst: int = 
     return Message(content=content, metadata=md)
 
 
-def reply(content: RecordDict | Error, src: int) -> Message:
+def reply(content: RecordDict | Error, src: int, *, message_type: str = "train") -> Message:
     md = Metadata(
         run_id=1,
         message_id=f"r{src}",
@@ -58,7 +58,7 @@ def reply(content: RecordDict | Error, src: int) -> Message:
         group_id="1",
         created_at=time.time(),
         ttl=3600,
-        message_type="train",
+        message_type=message_type,
     )
     if isinstance(content, Error):
         return Message(error=content, metadata=md)

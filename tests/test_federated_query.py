@@ -3,10 +3,8 @@ and a node's batched reply read back by the server's reader (real retriever, rea
 
 from __future__ import annotations
 
-import time
-
 import pytest
-from flwr.app import ConfigRecord, Context, Error, Message, Metadata, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 
 from fedrag_app.config.app_config import AppConfig
 from fedrag_app.core.errors import ConfigError
@@ -21,6 +19,7 @@ from fedrag_app.federation.query import (
     read_reply,
     unpack_hits,
 )
+from tests.flower_helpers import message, reply
 
 
 def hits(node: int, *passages: tuple[str, float]) -> list[NodeHit]:
@@ -95,19 +94,8 @@ def test_query_keys_are_checked(key, value, named):
         AppConfig.from_flat({key: value})
 
 
-def _reply(content: RecordDict | Error, src: int = 9) -> Message:
-    md = Metadata(
-        run_id=1,
-        message_id="r",
-        src_node_id=src,
-        dst_node_id=0,
-        reply_to_message_id="m",
-        group_id="q0",
-        created_at=time.time(),
-        ttl=60,
-        message_type="query.retrieve",
-    )
-    return Message(error=content, metadata=md) if isinstance(content, Error) else Message(content=content, metadata=md)
+def _reply(content: RecordDict | Error) -> Message:
+    return reply(content, 9, message_type="query.retrieve")
 
 
 def test_the_server_reader_counts_refusals_errors_and_bad_replies():
@@ -159,19 +147,8 @@ def test_a_node_answers_a_batch_with_the_servers_vectors(small_shard_path, retri
             )
         }
     )
-    md = Metadata(
-        run_id=1,
-        message_id="m",
-        src_node_id=0,
-        dst_node_id=7,
-        reply_to_message_id="",
-        group_id="q0",
-        created_at=time.time(),
-        ttl=60,
-        message_type="query.retrieve",
-    )
     ctx = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={})
-    out = client_app.retrieve_passages(Message(content=content, metadata=md), ctx)
+    out = client_app.retrieve_passages(message(content, "query.retrieve"), ctx)
     kind, lists, seconds, problem = read_reply(_reply(out.content), 3, 3)
     assert kind == "ok" and problem is None and seconds > 0
     with KnowledgeStore.open(path=small_shard_path, embedding_model=retriever.name, dim=retriever.dim) as store:
@@ -191,7 +168,7 @@ def test_a_node_answers_a_batch_with_the_servers_vectors(small_shard_path, retri
         }
     )
     with pytest.raises(ConfigError, match="do not split"):
-        client_app.retrieve_passages(Message(content=wrong, metadata=md), ctx)
+        client_app.retrieve_passages(message(wrong, "query.retrieve"), ctx)
     other = RecordDict(
         {
             "query": ConfigRecord(
@@ -205,7 +182,7 @@ def test_a_node_answers_a_batch_with_the_servers_vectors(small_shard_path, retri
         }
     )
     with pytest.raises(Exception, match="another-encoder"):
-        client_app.retrieve_passages(Message(content=other, metadata=md), ctx)
+        client_app.retrieve_passages(message(other, "query.retrieve"), ctx)
     trained = RecordDict(
         {
             "query": ConfigRecord(
@@ -220,7 +197,7 @@ def test_a_node_answers_a_batch_with_the_servers_vectors(small_shard_path, retri
         }
     )
     with pytest.raises(Exception, match="0000000000000000"):  # vectors meant for another context encoder's shard
-        client_app.retrieve_passages(Message(content=trained, metadata=md), ctx)
+        client_app.retrieve_passages(message(trained, "query.retrieve"), ctx)
     fine = RecordDict(
         {
             "query": ConfigRecord(
@@ -234,7 +211,7 @@ def test_a_node_answers_a_batch_with_the_servers_vectors(small_shard_path, retri
             )
         }
     )
-    assert client_app.retrieve_passages(Message(content=fine, metadata=md), ctx).content["docs"]["ids"]
+    assert client_app.retrieve_passages(message(fine, "query.retrieve"), ctx).content["docs"]["ids"]
 
 
 def test_ask_federation_run_config_carries_any_question_and_the_answer_is_read_from_the_log(tmp_path):

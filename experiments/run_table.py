@@ -142,9 +142,13 @@ def run_cell(table: dict, column: dict, row: dict, seed: int, parts: Path, out: 
     }
 
 
+TOKENIZER_FILES = ("tokenizer*", "chat_template.jinja", "special_tokens_map.json", "vocab.json", "merges.txt")
+
+
 def keep_adapter(cell_out: Path, dest: Path) -> Path | None:
     """Copy a training cell's final global adapter (PEFT folder, ~1.9 MB for SmolLM2's rank-8 q/v LoRA) to ``dest``,
-    so anyone can evaluate it on other data without re-training; None when the cell trained no adapter (LSR)."""
+    so anyone can evaluate it on other data without re-training; None when the cell trained no adapter (LSR). The
+    base model's tokenizer files are left out (3.5 MB a copy, and the base model has them)."""
     rounds = sorted(cell_out.glob("round-[0-9]*"), key=lambda p: int(p.name.split("-")[1]))
     if not rounds or rounds[-1].name.startswith("."):
         return None
@@ -153,7 +157,8 @@ def keep_adapter(cell_out: Path, dest: Path) -> Path | None:
     if mode not in ("ralt", "ra-dit"):
         return None
     with atomic_dir(dest) as tmp:
-        shutil.copytree(rounds[-1] / "adapter", tmp, dirs_exist_ok=True)
+        skip = shutil.ignore_patterns(*TOKENIZER_FILES)
+        shutil.copytree(rounds[-1] / "adapter", tmp, dirs_exist_ok=True, ignore=skip)
         write_json(tmp / "round.json", {"round": state["round"], "run-config": state.get("config", {})}, indent=1)
     return dest
 

@@ -142,12 +142,14 @@ def test_keep_adapter_copies_the_last_rounds_adapter_of_a_ralt_cell_only(tmp_pat
     for n, mode in ((1, "ralt"), (2, "ralt")):
         (tmp_path / "cell" / f"round-{n:04d}" / "adapter").mkdir(parents=True)
         (tmp_path / "cell" / f"round-{n:04d}" / "adapter" / "adapter_model.safetensors").write_text(f"round {n}")
+        (tmp_path / "cell" / f"round-{n:04d}" / "adapter" / "tokenizer.json").write_text("{}")
         (tmp_path / "cell" / f"round-{n:04d}" / "state.json").write_text(
             _json.dumps({"round": n, "config": {"train.mode": mode}})
         )
     kept = run_table.keep_adapter(tmp_path / "cell", tmp_path / "adapters" / "col" / "ralt" / "seed-1")
     assert (kept / "adapter_model.safetensors").read_text() == "round 2"
     assert _json.loads((kept / "round.json").read_text())["round"] == 2
+    assert not (kept / "tokenizer.json").exists(), "the base model's tokenizer is not copied into every cell"
     (tmp_path / "lsr" / "round-0001" / "adapter").mkdir(parents=True)
     (tmp_path / "lsr" / "round-0001" / "state.json").write_text(
         _json.dumps({"round": 1, "config": {"train.mode": "lsr"}})

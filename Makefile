@@ -23,10 +23,8 @@ setup: $(VENV)/.installed
 run: setup
 	$(VENV)/bin/fedrag-app quickstart $(ARGS)
 
-# Lint and format check (ruff, configured in pyproject.toml), then the tests on TEST_WORKERS pytest-xdist workers
-# (tests/conftest.py says how they are grouped); pytest prints the slowest. TEST_WORKERS=0 runs them in one process.
-TEST_WORKERS ?= 2
+# Lint and format check (ruff, configured in pyproject.toml), then the tests; pytest prints the slowest.
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
+	$(PY) -m pytest -q tests

@@ -21,17 +21,6 @@ DATA_DIR = Path(os.environ.get("FEDRAG_DATA_DIR") or REPO.parent / "shared" / "d
 os.environ["FEDRAG_DATA_DIR"] = str(DATA_DIR)
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """`make test` runs two workers (`-n 2 --dist loadgroup`): the deploy tests, which share their federations and
-    mostly wait on Flower's heartbeats, run in order on one worker; the other slow tests (each a Flower simulation
-    or a set of real processes) run one at a time on the other, never two Ray clusters at once; fast tests fill in."""
-    for item in items:
-        if item.get_closest_marker("slow"):
-            group = "deploy" if item.path.name == "test_deploy.py" else "processes"
-            item.add_marker(pytest.mark.xdist_group(group))
-
-
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     assert (DATA_DIR / "web_questions" / "train.jsonl").exists(), f"test data not found under {DATA_DIR}"

@@ -95,7 +95,7 @@ class Federation:
         )
         wait_until(
             lambda: "Uvicorn running on https://" in self.log("superlink")[offset:] or self._died("superlink"),
-            timeout_s=120,
+            timeout_s=60,
             what="the SuperLink to listen",
         )
         assert not self._died("superlink"), f"SuperLink exited:\n{self.log('superlink')}"
@@ -116,7 +116,7 @@ class Federation:
         nodes = follow_run._last_json(done.stdout).get("nodes") or []
         return {int(n["node-id"]) for n in nodes if n.get("status") == "online"}
 
-    def wait_online(self, names: list[str], timeout_s: float = 180) -> None:
+    def wait_online(self, names: list[str], timeout_s: float = 90) -> None:
         want = {self.node_ids[n] for n in names}
         wait_until(
             lambda: want <= self.online_node_ids(), timeout_s=timeout_s, what=f"SuperNodes {names} online", poll_s=2

@@ -261,7 +261,7 @@ def test_three_tls_authenticated_supernodes_complete_two_rounds_and_checkpoint(h
 @pytest.mark.slow
 def test_unregistered_supernode_cannot_join(happy_federation):
     fed, run_id, status, _, _ = happy_federation
-    assert fed.exited("intruder", timeout_s=120) != 0
+    assert fed.exited("intruder", timeout_s=60) != 0
     assert "Failed to activate SuperNode" in fed.log("intruder")
     assert status == "finished:completed"
     assert len(fed.online_node_ids()) == 3 and set(fed.node_ids) == {"a", "b", "c"}
@@ -335,7 +335,7 @@ def test_misconfigured_nodes_reply_with_clear_errors_and_the_server_carries_on(
     nodes = good + ["malformed", "no-qdrant", "wrong-dim"]
     want = {fed.node_ids[n] for n in nodes}
     # exactly these: a killed node must have been noticed offline, or it would be sampled and counted
-    wait_until(lambda: fed.online_node_ids() == want, timeout_s=180, what=f"exactly {nodes} online", poll_s=2)
+    wait_until(lambda: fed.online_node_ids() == want, timeout_s=90, what=f"exactly {nodes} online", poll_s=2)
     out = work / "outputs-misconfigured"
     run_id = fed.launch(
         {

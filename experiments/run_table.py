@@ -232,11 +232,33 @@ def plot(table: dict, results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def ordered_cells(table: dict, only_rows: list[str] | None = None) -> list[tuple[dict, dict, int]]:
+    """Every (column, row, seed) cell, seed-major: every row gets its first seed before any row gets its second, so a
+    table stopped early still covers every row. `only_rows` keeps the named rows' cells (a name no row has is an
+    error, not an empty run)."""
+    names = [r["name"] for r in table["rows"]]
+    if unknown := [n for n in only_rows or [] if n not in names]:
+        raise typer.BadParameter(f"no row named {unknown[0]!r} in table {table['name']!r}; its rows: {names}")
+    return [
+        (c, r, s)
+        for i, s in enumerate(table["seeds"])
+        for c in table["columns"]
+        for r in table["rows"]
+        if (i == 0 or r.get("kind") != "evaluate")
+        and s in r.get("seeds", table["seeds"])
+        and c["name"] in r.get("columns", [c["name"] for c in table["columns"]])
+        and (not only_rows or r["name"] in only_rows)
+    ]
+
+
 def main(
     table_file: Path = typer.Argument(..., help="a table TOML in experiments/tables/"),
     results_dir: Path = typer.Option(REPO / "results", help="where results/<table>/ goes"),
     fresh: bool = typer.Option(False, help="discard finished cells and run everything again"),
     summarise_only: bool = typer.Option(False, help="only rewrite the table from the cells finished so far"),
+    rows: list[str] = typer.Option(
+        [], "--row", help="run only this row's cells (repeatable); the table still shows every finished cell"
+    ),
 ) -> None:
     table = load_table(table_file)
     root = results_dir / table["name"]
@@ -245,17 +267,8 @@ def main(
     if fresh and runs.exists():
         subprocess.run(["rm", "-rf", str(runs)], check=True)
     env = follow_run.local_flwr_env(root / "flwr_home", bin_dir=BIN)
-    # seed-major: every row gets its first seed before any row gets its second, so a table stopped early
-    # still covers every row
-    cells = [
-        (c, r, s)
-        for i, s in enumerate(table["seeds"])
-        for c in table["columns"]
-        for r in table["rows"]
-        if (i == 0 or r.get("kind") != "evaluate")
-        and s in r.get("seeds", table["seeds"])
-        and c["name"] in r.get("columns", [c["name"] for c in table["columns"]])
-    ]
+    cells = ordered_cells(table)
+    todo = ordered_cells(table, only_rows=rows)
 
     def cell_dir(column: dict, row: dict, seed: int) -> Path:
         trains = row.get("kind") != "evaluate"  # an evaluation trains nothing: one run serves every column
@@ -290,8 +303,8 @@ def main(
         try:
             index_server_store(table, env)
             with Progress(console=console) as progress:
-                task = progress.add_task(table["name"], total=len(cells))
-                for column, row, seed in cells:
+                task = progress.add_task(table["name"], total=len(todo))
+                for column, row, seed in todo:
                     out = cell_dir(column, row, seed)
                     if not result_file(column, row, seed).exists():
                         if row.get("kind") != "evaluate":

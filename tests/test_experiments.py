@@ -61,6 +61,24 @@ def test_summary_is_mean_and_sample_std_over_finished_seeds():
     assert "| b | 1 | 0.500 | – |" in text and "| never ran | 0 | – | – |" in text
 
 
+def test_cells_run_seed_major_and_a_row_filter_keeps_only_the_named_rows():
+    table = run_table.load_table(REPO / "experiments" / "tables" / "quality_full.toml")
+    every = [(c["name"], r["name"], s) for c, r, s in run_table.ordered_cells(table)]
+    assert every[:3] == [
+        ("centralized", "LM, no retrieval", 1),
+        ("centralized", "RAG, no fine-tuning", 1),
+        ("centralized", "RALT", 1),
+    ]
+    assert ("centralized", "RALT", 2) not in every[: every.index(("centralized", "RA-DIT", 1))]
+    assert not [cell for cell in every if cell[1] == "RA-DIT" and cell[2] != 1]  # the row's own seeds
+    runs = {(c if r not in ("LM, no retrieval", "RAG, no fine-tuning") else "evaluate", r, s) for c, r, s in every}
+    assert len(runs) == 29  # the evaluation rows are listed in every column but run once
+    ralt = [(c["name"], r["name"], s) for c, r, s in run_table.ordered_cells(table, only_rows=["RALT"])]
+    assert ralt == [cell for cell in every if cell[1] == "RALT"] and len(ralt) == 9
+    with pytest.raises(typer.BadParameter, match="'RALTT'"):
+        run_table.ordered_cells(table, only_rows=["RALTT"])
+
+
 TINY_TABLE = """
 name = "interrupted"
 seeds = [1]

@@ -232,13 +232,16 @@ def plot(table: dict, results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def ordered_cells(table: dict, only_rows: list[str] | None = None) -> list[tuple[dict, dict, int]]:
+def ordered_cells(
+    table: dict, only_rows: list[str] | None = None, only_columns: list[str] | None = None
+) -> list[tuple[dict, dict, int]]:
     """Every (column, row, seed) cell, seed-major: every row gets its first seed before any row gets its second, so a
-    table stopped early still covers every row. `only_rows` keeps the named rows' cells (a name no row has is an
-    error, not an empty run)."""
-    names = [r["name"] for r in table["rows"]]
-    if unknown := [n for n in only_rows or [] if n not in names]:
-        raise typer.BadParameter(f"no row named {unknown[0]!r} in table {table['name']!r}; its rows: {names}")
+    table stopped early still covers every row. `only_rows` / `only_columns` keep the named rows' / columns' cells (a
+    name the table lacks is an error, not an empty run)."""
+    for kind, wanted in (("row", only_rows), ("column", only_columns)):
+        names = [x["name"] for x in table[f"{kind}s"]]
+        if unknown := [n for n in wanted or [] if n not in names]:
+            raise typer.BadParameter(f"no {kind} named {unknown[0]!r} in table {table['name']!r}; its {kind}s: {names}")
     return [
         (c, r, s)
         for i, s in enumerate(table["seeds"])
@@ -248,6 +251,7 @@ def ordered_cells(table: dict, only_rows: list[str] | None = None) -> list[tuple
         and s in r.get("seeds", table["seeds"])
         and c["name"] in r.get("columns", [c["name"] for c in table["columns"]])
         and (not only_rows or r["name"] in only_rows)
+        and (not only_columns or c["name"] in only_columns)
     ]
 
 
@@ -259,6 +263,7 @@ def main(
     rows: list[str] = typer.Option(
         [], "--row", help="run only this row's cells (repeatable); the table still shows every finished cell"
     ),
+    columns: list[str] = typer.Option([], "--column", help="run only this column's cells (repeatable)"),
 ) -> None:
     table = load_table(table_file)
     root = results_dir / table["name"]
@@ -268,7 +273,7 @@ def main(
         subprocess.run(["rm", "-rf", str(runs)], check=True)
     env = follow_run.local_flwr_env(root / "flwr_home", bin_dir=BIN)
     cells = ordered_cells(table)
-    todo = ordered_cells(table, only_rows=rows)
+    todo = ordered_cells(table, only_rows=rows, only_columns=columns)
 
     def cell_dir(column: dict, row: dict, seed: int) -> Path:
         trains = row.get("kind") != "evaluate"  # an evaluation trains nothing: one run serves every column

@@ -61,7 +61,7 @@ def test_summary_is_mean_and_sample_std_over_finished_seeds():
     assert "| b | 1 | 0.500 | – |" in text and "| never ran | 0 | – | – |" in text
 
 
-def test_cells_run_seed_major_and_a_row_filter_keeps_only_the_named_rows():
+def test_cells_run_seed_major_and_row_and_column_filters_keep_only_the_named_ones():
     table = run_table.load_table(REPO / "experiments" / "tables" / "quality_full.toml")
     every = [(c["name"], r["name"], s) for c, r, s in run_table.ordered_cells(table)]
     assert every[:3] == [
@@ -77,6 +77,10 @@ def test_cells_run_seed_major_and_a_row_filter_keeps_only_the_named_rows():
     assert ralt == [cell for cell in every if cell[1] == "RALT"] and len(ralt) == 9
     with pytest.raises(typer.BadParameter, match="'RALTT'"):
         run_table.ordered_cells(table, only_rows=["RALTT"])
+    central = run_table.ordered_cells(table, only_rows=["RALT"], only_columns=["centralized"])
+    assert [(c["name"], s) for c, r, s in central] == [("centralized", 1), ("centralized", 2), ("centralized", 3)]
+    with pytest.raises(typer.BadParameter, match="no column named 'central'"):
+        run_table.ordered_cells(table, only_columns=["central"])
 
 
 TINY_TABLE = """

@@ -199,7 +199,14 @@ def test_the_score_cache_answers_a_frozen_generator_and_misses_a_changed_one(gen
             atol=1e-4,
         )
         saved = lora_state_dict(generator)
+        assert not any(v.any() for k, v in saved.items() if ".lora_B." in k), "a fresh adapter: every B is 0"
         try:
+            # another seed's fresh adapter (other A, B = 0) is the same function: its scores are shared
+            load_lora_state_dict(
+                generator, {k: torch.randn_like(v) if ".lora_A." in k else v for k, v in saved.items()}
+            )
+            lm_scores(generator, [QUESTION], hits, total, cache=cache)
+            assert cache.misses == 0, "a fresh adapter of another seed computes the same scores"
             load_lora_state_dict(generator, {k: v + 0.01 if ".lora_B." in k else v for k, v in saved.items()})
             lm_scores(generator, [QUESTION], hits, total, cache=cache)
             assert cache.misses == 4, "a changed adapter must never read the old generator's scores"

@@ -28,9 +28,16 @@ def default_path() -> Path:
 
 def generator_fingerprint(gen: Generator) -> str:
     """sha256 of the model name, every adapter weight (all of each 'lora_' tensor) and a slice of every base tensor
-    (enough to tell two checkpoints apart without hashing 0.5 GB each phase)."""
+    (enough to tell two checkpoints apart without hashing 0.5 GB each phase).
+
+    While every LoRA B is zero (a fresh adapter: PEFT's init) the adapter adds exactly nothing, whatever its random
+    A, so the A tensors are left out: LSR runs with different seeds (different A, same function) share the cache."""
+    params = list(gen.model.named_parameters())
+    identity = all(not p.detach().any() for n, p in params if _is_lora_b(n))
     h = hashlib.sha256(gen.name.encode())
-    for name, param in gen.model.named_parameters():
+    for name, param in params:
+        if identity and _is_lora_a(name):
+            continue
         data = param.detach()
         if "lora_" not in name:
             data = data.flatten()[:1024]
@@ -39,6 +46,14 @@ def generator_fingerprint(gen: Generator) -> str:
         h.update(data.to("cpu", torch.float32).contiguous().numpy().tobytes())
     h.update(repr(sorted(getattr(gen.model, "active_adapters", []) or [])).encode())
     return h.hexdigest()
+
+
+def _is_lora_b(name: str) -> bool:
+    return ".lora_B." in name or ".lora_embedding_B." in name
+
+
+def _is_lora_a(name: str) -> bool:
+    return ".lora_A." in name or ".lora_embedding_A." in name
 
 
 def sequence_key(fingerprint: str, input_ids: list[int], labels: list[int]) -> str:

@@ -6,8 +6,9 @@ builders render. Slow tests run fedrag_app itself at the smallest sizes the run-
 random-initialised models of the real architectures (tests/tiny_models.py: same classes, LoRA targets, trainable
 layers and code paths, only narrower) and shards built with the tiny retriever: what they prove is about processes,
 TLS, node authentication, Qdrant Edge shards, records, checkpoints and faults, not about the maths, and every
-component is the real one (SuperLink, SuperNodes, `flwr run`, Qdrant Edge). Three federations in all: the happy
-path, the SuperNode faults (a killed node, then misconfigured nodes, on one SuperLink), the SuperLink restart.
+component is the real one (SuperLink, SuperNodes, `flwr run`, Qdrant Edge). Two federations in all: the happy path
+with a SuperLink restart mid-run (and an unregistered node), and the SuperNode faults (a killed node, then
+misconfigured nodes, on one SuperLink).
 """
 
 from __future__ import annotations
@@ -150,6 +151,13 @@ def checkpoint_rounds(out_dir: Path) -> list[int]:
     return sorted(set(rounds))
 
 
+def metric_rounds(out_dir: Path) -> dict[int, dict]:
+    """The ServerApp's metrics.jsonl rows by round (written atomically after each round's checkpoint)."""
+    path = out_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return {r["round"]: r for r in rows}
+
+
 def reply_counts(run_log: str) -> list[tuple[int, int]]:
     """(results, failures) per round from the ServerApp log (`aggregate_train: Received N results and M failures`)."""
     return [(int(a), int(b)) for a, b in re.findall(r"Received (\d+) results and (\d+) failures", run_log)]
@@ -220,26 +228,48 @@ def test_compose_files_are_rendered_from_the_tested_flags():
 # --- slow: real federations -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def happy_federation(tmp_path_factory, template_shard, tiny_run):
-    """SuperLink + 3 registered SuperNodes + 1 unregistered one; a 2-round RA-DIT run."""
+    """SuperLink + 3 registered SuperNodes + 1 unregistered one; a 2-round RA-DIT run whose SuperLink is SIGKILLed
+    (its ServerApp with it) after the round-1 checkpoint, restarted on the same database, and resumed for round 2.
+    One federation for the happy path and the SuperLink restart: the restart is part of a real run's life."""
     work = tmp_path_factory.mktemp("happy")
     fed = start_federation(work, template_shard, ["a", "b", "c"])
     try:
         node_dir, shard = make_node_data(work, "intruder", 3, template_shard)
         fed.add_node("intruder", node_config(node_dir, partition_id=0, num_partitions=3, shard=shard), register=False)
         out = work / "outputs"
+        run = {
+            **tiny_run,
+            "train.mode": "ra-dit",
+            "retriever.train-top-layers": 1,
+            "fed.num-server-rounds": 2,
+            "fed.min-nodes": 3,
+            "fed.round-timeout-s": 300,
+            "fed.output-dir": str(out),
+        }
         started = time.monotonic()
-        run_id = fed.launch(
-            {
-                **tiny_run,
-                "train.mode": "ra-dit",
-                "retriever.train-top-layers": 1,
-                "fed.min-nodes": 3,
-                "fed.round-timeout-s": 300,
-                "fed.output-dir": str(out),
-            }
-        )
-        status = fed.wait_run(run_id, timeout_s=420)
-        yield fed, run_id, status, out, time.monotonic() - started
+        first = fed.launch(run)
+        # the round-1 row follows the round-1 checkpoint (server_app.after_round)
+        wait_until(lambda: 1 in metric_rounds(out), timeout_s=300, what="the round-1 checkpoint and metrics row")
+        fed.kill("superlink")  # takes its ServerApp subprocess with it
+        done_before = checkpoint_rounds(out)
+        fed.start_superlink()  # same database: registered keys and runs survive
+        fed.wait_online(["a", "b", "c"])
+        # Its ServerApp died with the SuperLink: flwr 1.42 marks the run failed on restart; if it still shows
+        # running, the operator stops it (deploy/README.md section 7).
+        if fed.run_status(first) == "running":
+            fed.stop_run(first)
+        first_status = fed.run_status(first)
+        resumed = fed.launch({**run, "fed.resume": True})
+        status = fed.wait_run(resumed, timeout_s=420)
+        yield {
+            "fed": fed,
+            "out": out,
+            "first_status": first_status,
+            "done_before": done_before,
+            "status": status,
+            "log": fed.run_log(resumed),
+            "seconds": time.monotonic() - started,
+        }
     finally:
         fed.close()
 
@@ -247,24 +277,42 @@ def happy_federation(tmp_path_factory, template_shard, tiny_run):
 @pytest.mark.slow
 def test_three_tls_authenticated_supernodes_complete_two_rounds_and_checkpoint(happy_federation):
     """Still proves, on the tiny models: three SuperNodes authenticated by their registered keys reach the SuperLink
-    over TLS, each answers both RA-DIT rounds (adapter and retriever travel both ways), and the ServerApp writes
-    the round-2 checkpoint atomically."""
-    fed, run_id, status, out, seconds = happy_federation
-    run_log = fed.run_log(run_id)
-    assert status == "finished:completed", run_log[-4000:]
-    assert reply_counts(run_log) == [(3, 0), (3, 0)], run_log[-4000:]
-    assert checkpoint_rounds(out)[-1] == 2
-    assert not list(out.rglob("*.tmp")), "a checkpoint was left half-written"
-    print(f"happy path: 2 rounds x 3 nodes in {seconds:.0f} s")
+    over TLS, each answers both RA-DIT rounds (adapter and retriever travel both ways; round 1 in the first run,
+    round 2 in the resumed one), and the ServerApp writes the round-2 checkpoint atomically."""
+    h = happy_federation
+    assert h["status"] == "finished:completed", h["log"][-4000:]
+    assert reply_counts(h["log"]) == [(3, 0)], h["log"][-4000:]
+    rows = metric_rounds(h["out"])
+    assert sorted(rows) == [1, 2] and all(
+        r["round-updates-averaged"] == 3 and r["round-failures"] == 0 for r in rows.values()
+    ), rows
+    assert checkpoint_rounds(h["out"])[-1] == 2
+    assert not list(h["out"].rglob("*.tmp")), "a checkpoint was left half-written"
+    print(f"happy path with a SuperLink restart: 2 rounds x 3 nodes in {h['seconds']:.0f} s")
 
 
 @pytest.mark.slow
 def test_unregistered_supernode_cannot_join(happy_federation):
-    fed, run_id, status, _, _ = happy_federation
+    fed = happy_federation["fed"]
     assert fed.exited("intruder", timeout_s=60) != 0
     assert "Failed to activate SuperNode" in fed.log("intruder")
-    assert status == "finished:completed"
+    assert happy_federation["status"] == "finished:completed"
     assert len(fed.online_node_ids()) == 3 and set(fed.node_ids) == {"a", "b", "c"}
+
+
+@pytest.mark.slow
+def test_superlink_killed_mid_run_resume_continues_from_last_checkpoint(happy_federation):
+    """Still proves: the SuperLink SIGKILLed (its ServerApp with it) after the round-1 checkpoint restarts on the
+    same database with the registered nodes and the old run intact (it ends finished, not lost); the resumed run
+    loads round 1's checkpoint and runs only round 2, ending with the round-2 checkpoint."""
+    h = happy_federation
+    assert h["done_before"] and h["done_before"][-1] < 2, "the SuperLink was killed after the run ended"
+    assert h["first_status"].startswith("finished:")
+    assert h["status"] == "finished:completed", h["log"][-4000:]
+    assert f"(round {h['done_before'][-1]})" in h["log"], h["log"][-4000:]  # "resuming from <checkpoint> (round 1)"
+    assert len(reply_counts(h["log"])) == 2 - h["done_before"][-1], "the resumed run repeated completed rounds"
+    assert checkpoint_rounds(h["out"])[-1] == 2
+    assert not list(h["out"].rglob("*.tmp"))
 
 
 @pytest.fixture(scope="module")
@@ -356,45 +404,6 @@ def test_misconfigured_nodes_reply_with_clear_errors_and_the_server_carries_on(
     assert any(dead_url in e for e in errors), errors  # the unreachable Qdrant URL is named
     assert any("8-d" in e and "32-d" in e for e in errors), errors  # both dimensions of the mismatch
     assert checkpoint_rounds(out)[-1] == 1
-
-
-@pytest.mark.slow
-def test_superlink_killed_mid_run_resume_continues_from_last_checkpoint(tmp_path, template_shard, tiny_run):
-    """Still proves, on its own federation: the SuperLink SIGKILLed (its ServerApp with it) after the round-1
-    checkpoint restarts on the same database with the registered nodes and the old run intact; the resumed run
-    loads round 1's checkpoint and runs only round 2, ending with the round-2 checkpoint."""
-    fed = start_federation(tmp_path, template_shard, ["a", "b", "c"])
-    try:
-        out = tmp_path / "outputs"
-        run = {
-            **tiny_run,
-            "fed.num-server-rounds": 2,
-            "fed.min-nodes": 3,
-            "fed.round-timeout-s": 300,
-            "fed.output-dir": str(out),
-        }
-        first = fed.launch(run)
-        wait_until(lambda: 1 in checkpoint_rounds(out), timeout_s=300, what="the round-1 checkpoint")
-        fed.kill("superlink")  # takes its ServerApp subprocess with it
-        done_before = checkpoint_rounds(out)
-        assert done_before and done_before[-1] < 2
-        fed.start_superlink()  # same database: registered keys and runs survive
-        fed.wait_online(["a", "b", "c"])
-        # Its ServerApp died with the SuperLink: flwr 1.42 marks the run failed on restart; if it still shows
-        # running, the operator stops it (deploy/README.md section 7).
-        if fed.run_status(first) == "running":
-            fed.stop_run(first)
-        assert fed.run_status(first).startswith("finished:")
-        resumed = fed.launch({**run, "fed.resume": True})
-        status = fed.wait_run(resumed, timeout_s=300)
-        run_log = fed.run_log(resumed)
-        assert status == "finished:completed", run_log[-4000:]
-        assert f"(round {done_before[-1]})" in run_log, run_log[-4000:]  # "resuming from <checkpoint> (round 1)"
-        assert len(reply_counts(run_log)) == 2 - done_before[-1], "the resumed run repeated completed rounds"
-        assert checkpoint_rounds(out)[-1] == 2
-        assert not list(out.rglob("*.tmp"))
-    finally:
-        fed.close()
 
 
 def test_start_commands_exec_the_same_builders_the_compose_files_use(tmp_path):

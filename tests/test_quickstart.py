@@ -1,6 +1,6 @@
 """`fedrag-app quickstart` (`make run`): its embedded defaults are valid run-config, its paths absolute and under
---out, and, end to end on a tiny configuration, it partitions, evaluates, runs `flwr run .`, asks, summarises and
-leaves no Flower process behind."""
+--out, and, end to end on a tiny configuration, it partitions, evaluates, runs `flwr run .` (two rounds under
+client-side DP and FFA-LoRA), asks, summarises and leaves no Flower process behind."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from fedrag_app.commands.quickstart import DEFAULTS, app_dir, run_config
+from fedrag_app.config.values import toml_value
 from fedrag_app.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,14 +43,66 @@ def test_a_bad_override_is_refused_before_anything_runs(tmp_path):
         run_config({"fed.num-server-round": 3}, tmp_path, None)
 
 
+# Flower's client-side DP (mod + server wrapper + RDP accountant) under FFA-LoRA: the run below adds these, so the
+# one `flwr run` simulation of the suite crosses every process boundary with the private aggregation path too.
+# FedAvg without DP through `flwr run` is proven by tests/test_deploy.py's federations (real SuperLink, SuperNodes).
+PRIVATE = {
+    "fed.lora-aggregation": "ffa",
+    "dp.mode": "client-clip",
+    "dp.clipping-norm": 0.05,
+    "dp.noise-multiplier": 0.8,
+    "dp.delta": 1e-5,
+}
+TINY_RUN = {
+    "partition.num-partitions": 2,
+    "partition.questions-per-client": 4,
+    "partition.passages-per-client": 40,
+    "store.passages-limit": 80,
+    "train.num-examples": 4,
+    "train.max-steps": 1,
+    "ralt.batch-size": 2,
+    "lsr.batch-size": 2,
+    "ralt.max-seq-len": 128,
+    "lsr.max-seq-len": 128,
+    "retriever.train-top-layers": 1,
+    "eval.mmlu-limit": 2,
+    "eval.web-questions-limit": 2,
+    "eval.batch-size": 2,
+    "runtime.num-threads": 1,
+}
+
+
+def _bytes_per_reply(flat: dict) -> tuple[int, int]:
+    """What one node's reply carries under this run's config (FFA: B factors + retriever), and what it would carry
+    under FedAvg (A and B + retriever): computed in this process on the same tiny models."""
+    from fedrag_app.config.app_config import AppConfig
+    from fedrag_app.federation.exchange import exchanged_weights
+    from fedrag_app.flower.records import pack_weights
+    from fedrag_app.rag.generator import load_generator
+    from fedrag_app.rag.retriever import load_retriever
+
+    cfg = AppConfig.from_flat(flat)
+    gen, retriever = load_generator(cfg.generator), load_retriever(cfg.retriever)
+    fedavg = AppConfig.from_flat({**flat, "fed.lora-aggregation": "fedavg"})
+    return tuple(pack_weights(*exchanged_weights(c, gen, retriever)).count_bytes() for c in (cfg, fedavg))
+
+
 @pytest.mark.slow
-def test_quickstart_end_to_end_tiny(tmp_path, data_dir, tiny_models_config):
-    """Proves the orchestration end to end (index, partition, evaluation before, `flwr run` with FedAvg over 2 nodes
-    averaging both updates, ask with the last checkpoint, summary, no Flower process left) and that --set
-    generator.model / retriever.model reach every step (index and partition build shards with that retriever). It
-    checks no answer quality, so it runs on tiny random-initialised models of the real architectures
-    (tests/tiny_models.py)."""
+def test_quickstart_end_to_end_tiny_two_private_rounds(tmp_path, data_dir, tiny_models_config):
+    """The suite's one `flwr run` training simulation (it absorbed the former tests/test_flwr_run.py). Proves the
+    orchestration end to end through real processes (CLI, `fedrag-app partition`, local SuperLink, simulation with
+    2 SuperNodes): evaluation before; both rounds receive 2 results, drop nothing and average both updates; adapter,
+    retriever and state are checkpointed each round, the plot and the Flower log written; client and server
+    evaluation metrics arrive; Flower's client-side DP mod + server wrapper add noise and the accountant's epsilon
+    per round equals dp-accounting's; FFA-LoRA replies carry exactly the B factors and the retriever (fewer bytes
+    than FedAvg's A and B); ask answers with the last checkpoint; the summary is written; --set generator.model /
+    retriever.model reach every step (index and partition build shards with that retriever); and no Flower process
+    outlives the run. It checks no answer quality, so it runs on tiny random-initialised models of the real
+    architectures (tests/tiny_models.py)."""
+    from tests.flower_helpers import rdp_epsilon
+
     out = tmp_path / "qs"
+    overrides = {**TINY_RUN, **PRIVATE, **tiny_models_config}
     argv = [
         sys.executable,
         "-m",
@@ -58,39 +111,40 @@ def test_quickstart_end_to_end_tiny(tmp_path, data_dir, tiny_models_config):
         "--out",
         str(out),
         "--rounds",
-        "1",
+        "2",
         "--question",
         "who was the first president of the united states",
-        *[
-            a
-            for kv in (
-                "partition.num-partitions=2",
-                "partition.questions-per-client=4",
-                "partition.passages-per-client=40",
-                "store.passages-limit=80",
-                "train.num-examples=2",
-                "ralt.batch-size=2",
-                "lsr.batch-size=2",
-                "eval.mmlu-limit=2",
-                "eval.web-questions-limit=2",
-                "ralt.max-seq-len=128",
-                "lsr.max-seq-len=128",
-                *(f"{k}={v}" for k, v in tiny_models_config.items()),
-            )
-            for a in ("--set", kv)
-        ],
+        *[a for k, v in overrides.items() for a in ("--set", f"{k}={toml_value(v, k)}")],
     ]
     done = subprocess.run(
         argv, capture_output=True, text=True, timeout=900, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["before"]["mmlu-loglik-n"] == 2 and summary["after"]["round"] == 1
-    assert summary["after"]["round-updates-averaged"] == 2 and "wq-f1" in summary["after"]
-    assert summary["answer"]["answer"] and summary["answer"]["checkpoint"].endswith("round-0001")
-    assert (out / "fed" / "metrics.png").exists() and (out / "fed" / "flower.log").stat().st_size > 0
+    assert summary["before"]["mmlu-loglik-n"] == 2 and summary["after"]["round"] == 2
+    assert summary["answer"]["answer"] and summary["answer"]["checkpoint"].endswith("round-0002")
     for text in ("1 · index", "3 · federated fine-tuning", "5 · summary", "fedrag-app export --checkpoint"):
         assert text in done.stdout
+    fed = out / "fed"
+    log = (fed / "flower.log").read_text()
+    assert log.count("Received 2 results and 0 failures") >= 2, log[-4000:]
+    assert "dropped the update" not in log, log[-4000:]
+    assert "central DP noise with" in log and "Privacy spent" in log, log[-4000:]
+    rows = [json.loads(line) for line in (fed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["round-bytes-up"] > 0 and r["round-train-seconds"] >= r["round-local-seconds-max"] for r in rows)
+    assert all(r["round-failures"] == 0 and r["round-updates-averaged"] == 2 for r in rows)
+    assert "mmlu-loglik-accuracy" in rows[-1] and "client-wq-f1" in rows[-1] and "wq-f1" in summary["after"]
+    for n in (1, 2):
+        ckpt = fed / f"round-{n:04d}"
+        assert (ckpt / "adapter" / "adapter_model.safetensors").exists()
+        assert (ckpt / "retriever" / "query" / "model.safetensors").exists()
+        assert json.loads((ckpt / "state.json").read_text())["round"] == n
+    assert (fed / "metrics.png").stat().st_size > 0
+    assert [r["dp-epsilon"] for r in rows] == pytest.approx([rdp_epsilon(0.8, rounds, 1e-5) for rounds in (1, 2)])
+    ffa, fedavg = _bytes_per_reply(run_config({**overrides, "fed.num-server-rounds": 2}, out, None))
+    assert [r["round-bytes-up"] for r in rows] == [2 * ffa, 2 * ffa], "FFA-LoRA: B factors + retriever only"
+    assert ffa < fedavg
     sys.path.insert(0, str(REPO / "deploy"))
     import follow_run
 

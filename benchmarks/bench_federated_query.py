@@ -133,6 +133,7 @@ def union(args, work: Path) -> dict:
         return json.loads(result_file.read_text())
     from fedrag_app.config.app_config import AppConfig
     from fedrag_app.config.runtime import apply_runtime
+    from fedrag_app.config.values import parse_override
     from fedrag_app.federation.query import MergedHit, NodeHit, answer_and_score, load_questions
     from fedrag_app.rag.generator import load_generator
     from fedrag_app.rag.knowledge_store import KnowledgeStore
@@ -144,6 +145,7 @@ def union(args, work: Path) -> dict:
             "eval.recall-k": args.recall_k,
             "eval.top-k": args.prompt_top_k,
             "runtime.num-threads": 2,
+            **dict(parse_override(item) for item in args.set),  # the federated runs' overrides (e.g. the adapter)
         }
     )
     device = apply_runtime(cfg.runtime)
@@ -199,7 +201,13 @@ def main() -> None:
     ap.add_argument("--steps", default="prepare,federated,union", help="comma-separated subset to run now")
     ap.add_argument("--workdir", default="/tmp/fedrag_bench_federated_query")
     ap.add_argument("--timeout", type=float, default=7200)
-    ap.add_argument("--set", action="append", default=[], help="extra run-config override, key=value (TOML value)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        help="extra run-config override for every row, key=value (TOML value), e.g. "
+        "generator.adapter-path='<a RALT adapter folder>' to answer with a fine-tuned generator",
+    )
     args = ap.parse_args()
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -237,12 +245,13 @@ def main() -> None:
         rows["one union index (centralized)"] = union(args, work)
     manifest = json.loads((work / "parts" / "manifest.json").read_text())
     sizes = ", ".join(str(c["passages"]) for c in manifest["clients"])
-    print(
-        f"\n{args.questions} Web Questions test questions; shards of {sizes} passages; top-{args.top_k_per_node} per "
-        f"node; {args.prompt_top_k} merged passages in the prompt; base SmolLM2-135M-Instruct + all-MiniLM-L6-v2\n"
+    header = (
+        f"{args.questions} Web Questions test questions; shards of {sizes} passages; top-{args.top_k_per_node} per "
+        f"node; {args.prompt_top_k} merged passages in the prompt; SmolLM2-135M-Instruct + all-MiniLM-L6-v2; "
+        f"overrides: {args.set or 'none (base models)'}"
     )
-    print(table(rows, args.recall_k))
-    (work / "table.md").write_text(table(rows, args.recall_k) + "\n")
+    print(f"\n{header}\n\n{table(rows, args.recall_k)}")
+    (work / "table.md").write_text(f"{header}\n\n{table(rows, args.recall_k)}\n")
 
 
 if __name__ == "__main__":

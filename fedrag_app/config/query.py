@@ -22,7 +22,11 @@ class QueryConfig:
         "absolute JSONL of questions ({question, answers?}) on the server; '' = Web Questions test split", ""
     )
     questions_limit: int = _help("first N questions of the source; 0 = all", 30)
-    merge: str = _help("rrf (reciprocal-rank fusion) | score (sort every reply's passages by cosine score)", "rrf")
+    merge: str = _help(
+        "score (sort every reply's passages by cosine score: one encoder makes them comparable, so this equals one "
+        "index over the union) | rrf (reciprocal-rank fusion, for nodes whose scores are not comparable)",
+        "score",
+    )
     rrf_k: int = _help("k of RRF: a passage at rank r in a node's list adds 1 / (k + r)", 60)
     top_k_per_node: int = _help("passages each node returns per question (at most 100)", 10)
     batch_size: int = _help("questions per query.retrieve message (one message per node per batch)", 16)

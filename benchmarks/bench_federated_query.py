@@ -250,8 +250,9 @@ def main() -> None:
         f"node; {args.prompt_top_k} merged passages in the prompt; SmolLM2-135M-Instruct + all-MiniLM-L6-v2; "
         f"overrides: {args.set or 'none (base models)'}"
     )
-    print(f"\n{header}\n\n{table(rows, args.recall_k)}")
-    (work / "table.md").write_text(f"{header}\n\n{table(rows, args.recall_k)}\n")
+    report = f"{header}\n\n{table(rows, args.recall_k)}\n"
+    print(f"\n{report}")
+    (work / "table.md").write_text(report)
 
 
 if __name__ == "__main__":

@@ -153,9 +153,9 @@ def checkpoint_rounds(out_dir: Path) -> list[int]:
 
 def metric_rounds(out_dir: Path) -> dict[int, dict]:
     """The ServerApp's metrics.jsonl rows by round (written atomically after each round's checkpoint)."""
-    path = out_dir / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    return {r["round"]: r for r in rows}
+    from fedrag_app.evaluation.reporting import read_metrics
+
+    return {r["round"]: r for r in read_metrics(out_dir / "metrics.jsonl")}
 
 
 def reply_counts(run_log: str) -> list[tuple[int, int]]:

@@ -74,13 +74,16 @@ def ralt_step_flops(model, inputs, *, head_everywhere: bool = False) -> float:
     return 4 * n * tokens + 3 * attention + 2 * head
 
 
-def forward_flops(model, inputs) -> float:
-    """Useful FLOPs of one no-grad scoring forward: linears, causal attention, LM head at answer positions."""
+def forward_flops(model, inputs, shared: int = 0) -> float:
+    """Useful FLOPs of one no-grad scoring forward: linears, causal attention, LM head at answer positions.
+    ``shared``: leading tokens common to all rows, run once (lm_scoring's shared prefix), not once per row."""
     cfg = model.config
     lengths = inputs["attention_mask"].sum(dim=1).tolist()
     answers = int((inputs["labels"] != -100).sum())
-    attention = sum(2 * L * L * cfg.hidden_size for L in lengths) * cfg.num_hidden_layers
-    return 2 * linear_params(model) * sum(lengths) + attention + 2 * cfg.hidden_size * cfg.vocab_size * answers
+    tokens = sum(L - shared for L in lengths) + shared
+    causal = sum(L * L - shared * shared for L in lengths) + shared * shared  # the suffix still attends to the prefix
+    attention = 2 * causal * cfg.hidden_size * cfg.num_hidden_layers
+    return 2 * linear_params(model) * tokens + attention + 2 * cfg.hidden_size * cfg.vocab_size * answers
 
 
 class ScoringMeter:
@@ -89,13 +92,16 @@ class ScoringMeter:
 
     def __init__(self, gen):
         import fedrag_app.training.lsr as lsr
+        from fedrag_app.training.lm_scoring import shared_prefix_length
 
-        self.gen, self.seconds, self.flops = gen, 0.0, 0.0
+        self.gen, self.seconds, self.flops, self.tokens = gen, 0.0, 0.0, 0
         collate, scores = lsr.collate, lsr.lm_scores
 
         def counted_collate(*args, **kwargs):
             inputs = collate(*args, **kwargs)
-            self.flops += forward_flops(gen.model, inputs)
+            shared = shared_prefix_length(inputs["input_ids"], inputs["labels"])  # lm_scores runs it once
+            self.flops += forward_flops(gen.model, inputs, shared)
+            self.tokens += int(inputs["attention_mask"].sum())
             return inputs
 
         def timed_scores(*args, **kwargs):
@@ -200,6 +206,7 @@ def run_ours(workload: str, steps: int, overrides: list[str] = ()) -> dict:
     else:
         out["retriever_changed"] = before != after
         out["lm_scoring_seconds"] = meter.seconds
+        out["lm_scoring_tokens_per_s"] = meter.tokens / meter.seconds  # non-padding tokens scored
         out["achieved_gflops"] = meter.flops / meter.seconds / 1e9
         out["mfu"] = out["achieved_gflops"] / peak  # of the LM scoring, 97% of the phase
     return out
@@ -248,7 +255,8 @@ def report(rows: list[dict]) -> None:
         else:
             print(
                 f"  ours: retriever weights changed: {ours[0]['retriever_changed']}; LM scoring "
-                f"{med(ours, 'lm_scoring_seconds'):.1f} s of the phase at {gflops:.0f} GFLOP/s of a "
+                f"{med(ours, 'lm_scoring_seconds'):.1f} s of the phase ({med(ours, 'lm_scoring_tokens_per_s'):.0f}"
+                f" tokens/s) at {gflops:.0f} GFLOP/s of a "
                 f"measured fp32 matmul peak {peak:.0f} GFLOP/s -> MFU {mfu:.0%} (target >= 65%)"
             )
         if peer:

@@ -7,7 +7,7 @@ import torch
 
 from fedrag_app.rag.generator import load_lora_state_dict, lora_state_dict
 from fedrag_app.rag.prompts import format_passage
-from fedrag_app.training.lm_scoring import answer_logprobs
+from fedrag_app.training.lm_scoring import answer_logprobs, shared_prefix_length
 from fedrag_app.training.ralt import accumulate_gradients, trainable_lora_parameters
 from fedrag_app.training.sequences import IGNORE, LabelledSequence, build_sequence, collate, micro_batches
 
@@ -134,3 +134,24 @@ def test_micro_batches_keep_every_sequence_within_the_budget():
     assert all(len(r) * max(len(s.input_ids) for s in r) <= 600 for r in runs if len(r) > 1)
     assert [len(s.input_ids) for s in runs[-1]] == [700]  # longer than the budget: alone
     assert micro_batches(seqs, 0) == [sorted(seqs, key=lambda s: len(s.input_ids))]
+
+
+def test_scoring_with_the_shared_prefix_cached_equals_the_full_forward(generator, tiny_batch):
+    """LSR scoring runs the rows' common leading tokens (the chat template's system prompt) once, as a key/value
+    cache: the same scores as the masked full forward above, on a padded batch of different lengths."""
+    inputs = collate(tiny_batch, generator.tokenizer.pad_token_id, "cpu")
+    n = shared_prefix_length(inputs["input_ids"], inputs["labels"])
+    assert n >= 16 and bool((inputs["labels"][:, : n + 1] == IGNORE).all())  # the path really runs; no answer in it
+    with torch.no_grad():
+        full = answer_logprobs(generator.model, **inputs)
+        shared = answer_logprobs(generator.model, **inputs, share_prefix=True)
+        mean = answer_logprobs(generator.model, **inputs, share_prefix=True, reduction="mean")
+        logits = generator.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    labels = inputs["labels"][:, 1:]
+    keep = labels != IGNORE
+    masked = (logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep).sum(dim=1)
+    torch.testing.assert_close(shared, masked, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(shared, full, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(mean, masked / keep.sum(dim=1), rtol=1e-5, atol=1e-4)
+    assert shared_prefix_length(inputs["input_ids"][:1], inputs["labels"][:1]) == 0  # one row: nothing to share

@@ -21,13 +21,45 @@ def _right_padded(attention_mask: torch.Tensor) -> bool:
     return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
 
 
+def shared_prefix_length(input_ids: torch.Tensor, labels: torch.Tensor, minimum: int = 16) -> int:
+    """Leading tokens every row has in common (the chat template's system prompt: 34 of LSR's ~200-token
+    sequences), ending before the position that predicts the first answer token; 0 below ``minimum``."""
+    if input_ids.shape[0] < 2:
+        return 0
+    same = (input_ids == input_ids[:1]).all(dim=0).long()  # (T,)
+    n = int(same.cumprod(0).sum())
+    first_answer = int((labels != -100).any(dim=0).long().argmax())  # column of the earliest answer token
+    n = min(n, first_answer - 1)  # position first_answer - 1 predicts it: it must stay in the suffix
+    return n if n >= minimum else 0
+
+
+def _prefix_cache(decoder, prefix: torch.Tensor, rows: int):
+    """The decoder's keys/values of ``prefix`` (P,), computed once and repeated for ``rows`` rows."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=decoder.config)
+    decoder(input_ids=prefix[None], cache=cache, use_cache=True)
+    cache.batch_repeat_interleave(rows)
+    return cache
+
+
 def answer_token_logprobs(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, *, share_prefix: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p of every answer token (labels != −100) and the row it belongs to: ((N,), (N,))."""
+    """log p of every answer token (labels != −100) and the row it belongs to: ((N,), (N,)).
+
+    ``share_prefix`` (no-grad scoring only): the rows' common leading tokens go through the decoder once, as a
+    key/value cache the rest of each row attends to; same values, ~15% fewer tokens in LSR scoring."""
     decoder, head = _decoder_and_head(model)
-    mask_in = None if _right_padded(attention_mask) else attention_mask  # positions are 0..T-1 either way
-    hidden = decoder(input_ids=input_ids, attention_mask=mask_in).last_hidden_state  # (B, T, H)
+    right_padded = _right_padded(attention_mask)
+    mask_in = None if right_padded else attention_mask  # positions are 0..T-1 either way
+    n = shared_prefix_length(input_ids, labels) if share_prefix and right_padded else 0
+    if n and not torch.is_grad_enabled():  # suffix positions continue at n (the cache's length)
+        cache = _prefix_cache(decoder, input_ids[0, :n], input_ids.shape[0])
+        hidden = decoder(input_ids=input_ids[:, n:], cache=cache, use_cache=True).last_hidden_state  # (B, T-n, H)
+        labels = labels[:, n:]
+    else:
+        hidden = decoder(input_ids=input_ids, attention_mask=mask_in).last_hidden_state  # (B, T, H)
     targets = labels[:, 1:]  # (B, T-1): token t+1 is predicted at position t
     mask = targets != -100  # (B, T-1)
     logits = head(hidden[:, :-1][mask]).float()  # (N, V): only where an answer token is predicted
@@ -36,11 +68,17 @@ def answer_token_logprobs(
 
 
 def answer_logprobs(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, *, reduction: str = "sum"
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    reduction: str = "sum",
+    share_prefix: bool = False,
 ) -> torch.Tensor:
     """(B,) Σ (or mean) over answer tokens of log p(y_t | prompt, y_<t)."""
     assert reduction in ("sum", "mean"), f"reduction must be sum or mean, got {reduction}"
-    logp, rows = answer_token_logprobs(model, input_ids, attention_mask, labels)
+    logp, rows = answer_token_logprobs(model, input_ids, attention_mask, labels, share_prefix=share_prefix)
     total = torch.zeros(input_ids.shape[0], dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)  # (B,)
     if reduction == "mean":
         counts = (labels[:, 1:] != -100).sum(dim=1).clamp(min=1)  # (B,)

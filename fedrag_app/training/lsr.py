@@ -82,7 +82,8 @@ def lm_scores(
     """(B, k) log p_LM(answer | passage, question): LSR's targets, fixed during a phase.
 
     The B·k sequences are sorted by length and scored cfg.batch_size·k per no-grad forward, so that little of it
-    is padding. With a ``cache`` (a frozen generator) only sequences it has never scored go through the model."""
+    is padding; the system prompt they all start with runs once per forward (lm_scoring's shared prefix). With a
+    ``cache`` (a frozen generator) only sequences it has never scored go through the model."""
     seqs = scoring_sequences(gen, examples, hits, cfg)
     k = len(seqs) // max(1, len(examples))
     totals = torch.zeros(len(seqs))
@@ -105,7 +106,7 @@ def lm_scores(
         for start in range(0, len(todo), cfg.batch_size * max(1, k)):
             idx = todo[start : start + cfg.batch_size * max(1, k)]
             inputs = collate([seqs[i] for i in idx], gen.tokenizer.pad_token_id, gen.device)
-            totals[idx] = answer_logprobs(gen.model, **inputs, reduction="sum").float().cpu()
+            totals[idx] = answer_logprobs(gen.model, **inputs, reduction="sum", share_prefix=True).float().cpu()
     finally:
         gen.model.train(was_training)
     if cache is not None and todo:

@@ -9,7 +9,15 @@ import pytest
 
 from fedrag_app.config.app_config import AppConfig, PartitionConfig
 from fedrag_app.data.loaders import load_qa_jsonl, load_web_questions
-from fedrag_app.federation.partition import assign_articles, make_partitions, split_questions, topic_label
+from fedrag_app.federation.partition import (
+    assign_articles,
+    client_documents,
+    kept_questions,
+    make_partitions,
+    split_questions,
+    title_key,
+    topic_label,
+)
 from fedrag_app.rag.knowledge_store import KnowledgeStore
 
 
@@ -61,6 +69,23 @@ def test_each_article_has_one_owner_unless_overlap_is_asked():
     assert 0.25 < len(doubles) / len(titles) < 0.35 and all(o[0] != o[1] for o in doubles)
 
 
+def test_articles_about_a_clients_topics_live_with_that_client_and_the_rest_as_random_puts_them():
+    """Catches the old partitioner, which gave every article to a random institution: a node then retrieved its
+    training contexts from a random third of the corpus (top-1 passage holds an answer for 14% of its questions,
+    against 24% over the whole corpus), while centralized training saw every article."""
+    titles = [f"Article {i}" for i in range(300)] + ["Chris Paul", "The Bahamas", "Los Angeles"]
+    topics = [{"chris_paul"}, {"the_bahamas", "chris_paul"}, set()]
+    cfg = PartitionConfig(num_partitions=3)
+    owners = assign_articles(titles, cfg, seed=1, topics=topics)
+    assert owners["Chris Paul"] == [0, 1] and owners["The Bahamas"] == [1]
+    randomly = assign_articles(titles, PartitionConfig(num_partitions=3, documents="random"), seed=1, topics=topics)
+    assert all(len(o) == 1 for o in randomly.values())
+    assert {t: o for t, o in owners.items() if t not in ("Chris Paul", "The Bahamas")} == {
+        t: o for t, o in randomly.items() if t not in ("Chris Paul", "The Bahamas")
+    }, "an article about nobody's topic lands where the random mode puts it"
+    assert title_key("Guinea-Bissau (country)") == "guinea_bissau_country"
+
+
 def test_make_partitions_writes_per_client_files_shards_and_manifest(tmp_path, monkeypatch, retriever):
     from tests.test_embedding_cache import CountingEncoder
 
@@ -75,7 +100,7 @@ def test_make_partitions_writes_per_client_files_shards_and_manifest(tmp_path, m
     )
     counting = CountingEncoder(retriever)
     manifest = make_partitions(cfg, counting, progress=False)
-    assert counting.texts == 48, "each client's passages encoded once, into the embedding cache"
+    assert counting.texts == len({p.id for p in _client_passages(cfg)}), "each passage encoded once, into the cache"
     other = AppConfig.from_flat({**cfg.to_flat(), "runtime.seed": 7, "partition.dir": str(tmp_path / "other")})
     rebuilt = CountingEncoder(retriever)
     make_partitions(other, rebuilt, progress=False)
@@ -92,7 +117,14 @@ def test_make_partitions_writes_per_client_files_shards_and_manifest(tmp_path, m
             assert store.count() == client["passages"] == 24
             hits = store.search(retriever.encode_queries(["history"]).numpy()[0], 24)
             titles.append({h.title for h in hits})
-    assert not titles[0] & titles[1], "an article is in both shards with doc-overlap 0"
+    topics = [{title_key(e.topic) for e in t + h} for t, h in zip(train, heldout)]
+    assert all(title_key(t) in topics[0] and title_key(t) in topics[1] for t in titles[0] & titles[1]), (
+        "with doc-overlap 0 only an article both clients ask about is in both shards"
+    )
+    for client, mine, keys in zip(manifest["clients"], titles, topics):
+        linked = {t for t in _corpus_titles(cfg) if title_key(t) in keys}
+        assert client["own-topic-articles"] == len(mine & linked)
+        assert not linked or mine & linked, "a client's own topics' articles come first in its shard"
     assert not list(tmp_path.rglob("*.tmp"))
 
 
@@ -100,7 +132,14 @@ def _client_passages(cfg: AppConfig) -> list:
     """The passages make_partitions gives the clients (the first passages-per-client of each one's articles)."""
     from fedrag_app.data.loaders import iter_passages
 
-    passages = list(iter_passages(cfg.data))
-    owners = assign_articles(sorted({p.title for p in passages}), cfg.partition, cfg.runtime.seed)
-    per_client = [[p for p in passages if i in owners[p.title]] for i in range(cfg.partition.num_partitions)]
-    return [p for mine in per_client for p in mine[: cfg.partition.passages_per_client]]
+    pc, seed = cfg.partition, cfg.runtime.seed
+    questions = split_questions(load_web_questions("train", cfg.data), pc, seed)
+    kept = [kept_questions(questions[i], pc, seed + i) for i in range(pc.num_partitions)]
+    topics = [{title_key(e.topic) for e in train + heldout} for train, heldout in kept]
+    return [p for mine in client_documents(list(iter_passages(cfg.data)), pc, seed, topics) for p in mine]
+
+
+def _corpus_titles(cfg: AppConfig) -> set[str]:
+    from fedrag_app.data.loaders import iter_passages
+
+    return {p.title for p in iter_passages(cfg.data)}

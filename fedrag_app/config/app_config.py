@@ -243,7 +243,12 @@ class PartitionConfig:
     scheme: str = _help("iid | dirichlet (non-IID over the question's Freebase topic cluster)", "iid")
     dirichlet_alpha: float = _help("Dirichlet concentration; smaller = more skewed", 0.5)
     heldout_fraction: float = _help("share of each partition kept as its local held-out split", 0.1)
-    doc_overlap: float = _help("share of articles also given to a second institution", 0.0)
+    documents: str = _help(
+        "topics (an article about a Freebase topic of an institution's questions lives there) | random (one owner "
+        "drawn per article)",
+        "topics",
+    )
+    doc_overlap: float = _help("share of the randomly owned articles also given to a second institution", 0.0)
     questions_per_client: int = _help(
         "keep the first N training questions of each client; 0 = all (~1,260 each for 3)", 48
     )
@@ -259,6 +264,7 @@ class PartitionConfig:
         _positive("partition", "questions_per_client", self.questions_per_client, zero_ok=True)
         _positive("partition", "passages_per_client", self.passages_per_client, zero_ok=True)
         _one_of("partition", "scheme", self.scheme, ("iid", "dirichlet"))
+        _one_of("partition", "documents", self.documents, ("topics", "random"))
         _positive("partition", "dirichlet_alpha", self.dirichlet_alpha)
         _fraction("partition", "heldout_fraction", self.heldout_fraction)
         _fraction("partition", "doc_overlap", self.doc_overlap)

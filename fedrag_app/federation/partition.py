@@ -3,9 +3,12 @@
 Questions (Web Questions train): IID, or non-IID with a Dirichlet over a topic label derived from the data —
 the question's Freebase topic key hashed into ``NUM_TOPIC_GROUPS`` groups, so all questions about one entity
 share a label and a skewed Dirichlet gives each institution its own subjects. Each client keeps a held-out
-split. Documents: every article (title) lives with one institution (optionally a second, ``doc_overlap``),
-and each institution gets its own Qdrant Edge shard, built from the embedding cache: every passage the clients
-hold is encoded at most once per (corpus, context encoder), whatever the seed, scheme or number of clients.
+split. Documents (``partition.documents``): with ``topics`` (the default) an article about the Freebase topic of
+an institution's questions lives with that institution (with every one that asks about it), so a node retrieves
+from the articles about its own subjects; every other article, and every article with ``random``, lives with one
+institution drawn at random (optionally a second, ``doc_overlap``). Each institution gets its own Qdrant Edge
+shard, built from the embedding cache: every passage the clients hold is encoded at most once per (corpus, context
+encoder), whatever the seed, scheme or number of clients.
 A manifest records seeds, sizes, hashes and absolute paths. The whole output folder is written atomically.
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from pathlib import Path
 
 from fedrag_app.config.app_config import AppConfig, PartitionConfig
@@ -59,16 +63,56 @@ def split_questions(examples: list[QAExample], cfg: PartitionConfig, seed: int) 
     return [[examples[i] for i in partitioner.load_partition(p)["idx"]] for p in range(cfg.num_partitions)]
 
 
-def assign_articles(titles: list[str], cfg: PartitionConfig, seed: int) -> dict[str, list[int]]:
-    """title -> the client(s) that hold it: one owner each, a second with probability doc_overlap."""
+def title_key(text: str) -> str:
+    """The corpus's article key (../shared/data/README.md): lowercase, spaces and hyphens to '_', only [a-z0-9_]."""
+    return re.sub(r"[^a-z0-9_]", "", re.sub(r"[ -]", "_", text.lower()))
+
+
+def assign_articles(
+    titles: list[str], cfg: PartitionConfig, seed: int, topics: list[set[str]] | None = None
+) -> dict[str, list[int]]:
+    """title -> the client(s) that hold it. With documents = topics and `topics` (each client's question topics as
+    title keys), an article about a client's topic goes to every client asking about it; the rest get one owner
+    drawn at random, a second with probability doc_overlap. The draws are the same in both modes, so the
+    unlinked articles land where `random` puts them."""
     rng = random.Random(seed)
     owners: dict[str, list[int]] = {}
     for title in titles:
-        first = rng.randrange(cfg.num_partitions)
-        owners[title] = [first]
+        drawn = [rng.randrange(cfg.num_partitions)]
         if cfg.num_partitions > 1 and rng.random() < cfg.doc_overlap:
-            owners[title].append((first + rng.randrange(1, cfg.num_partitions)) % cfg.num_partitions)
+            drawn.append((drawn[0] + rng.randrange(1, cfg.num_partitions)) % cfg.num_partitions)
+        key = title_key(title)
+        linked = [i for i, mine in enumerate(topics or []) if key in mine] if cfg.documents == "topics" else []
+        owners[title] = linked or drawn
     return owners
+
+
+def kept_questions(questions: list[QAExample], cfg: PartitionConfig, seed: int) -> tuple[list, list]:
+    """A client's (train, held-out) questions: its split shuffled by seed, held-out first, both truncated."""
+    mine = questions[:]
+    random.Random(seed).shuffle(mine)
+    n_heldout = max(1, round(cfg.heldout_fraction * len(mine))) if cfg.heldout_fraction else 0
+    heldout, train = mine[:n_heldout], mine[n_heldout:]
+    if cfg.questions_per_client:
+        train = train[: cfg.questions_per_client]
+        heldout = heldout[: max(1, round(cfg.heldout_fraction * cfg.questions_per_client))] if heldout else []
+    return train, heldout
+
+
+def client_documents(
+    passages: list[Passage], cfg: PartitionConfig, seed: int, topics: list[set[str]]
+) -> list[list[Passage]]:
+    """Each client's passages: those of the articles it holds, its own topics' articles first, then the first
+    passages_per_client of them (0 = all)."""
+    owners = assign_articles(sorted({p.title for p in passages}), cfg, seed, topics)
+    per_client: list[list[Passage]] = [[] for _ in range(cfg.num_partitions)]
+    for p in passages:
+        for client in owners[p.title]:
+            per_client[client].append(p)
+    if cfg.documents == "topics":
+        for mine, keys in zip(per_client, topics):
+            mine.sort(key=lambda p: title_key(p.title) not in keys)  # stable: corpus order within each group
+    return [mine[: cfg.passages_per_client] if cfg.passages_per_client else mine for mine in per_client]
 
 
 def _sha256(path: Path) -> str:
@@ -83,17 +127,14 @@ def make_partitions(cfg: AppConfig, encoder, *, progress: bool = True) -> dict:
     if foreign and not (target / MANIFEST).exists():
         raise ConfigError(f"partition.dir {target} holds other files: choose an empty or earlier partition folder")
     questions = split_questions(load_web_questions("train", cfg.data), pc, seed)
-    passages: list[Passage] = load_passages(cfg.data)
-    owners = assign_articles(sorted({p.title for p in passages}), pc, seed)
-    per_client: list[list[Passage]] = [[] for _ in range(pc.num_partitions)]
-    for p in passages:
-        for client in owners[p.title]:
-            per_client[client].append(p)
-    docs_of = [mine[: pc.passages_per_client] if pc.passages_per_client else mine for mine in per_client]
+    kept = [kept_questions(questions[i], pc, seed + i) for i in range(pc.num_partitions)]
+    topics = [{title_key(e.topic) for e in train + heldout} for train, heldout in kept]
+    passages = load_passages(cfg.data)
+    docs_of = client_documents(passages, pc, seed, topics)
     if empty := [i for i, docs in enumerate(docs_of) if not docs]:
         raise DataError(
-            f"{corpus_path(cfg.data)}: its {len(owners)} articles leave client(s) {empty} without a "
-            "passage: use fewer partition.num-partitions or a larger corpus"
+            f"{corpus_path(cfg.data)}: its {len({p.title for p in passages})} articles leave client(s) {empty} "
+            "without a passage: use fewer partition.num-partitions or a larger corpus"
         )
     cache = EmbeddingCache.open(corpus_path(cfg.data), encoder)
     batch = cfg.store.index_batch_size  # one bar (with time left) over every client's passages, each encoded once
@@ -103,14 +144,7 @@ def make_partitions(cfg: AppConfig, encoder, *, progress: bool = True) -> dict:
     with atomic_dir(target) as tmp:
         for i in range(pc.num_partitions):
             folder, final = tmp / f"client-{i}", target / f"client-{i}"
-            rng = random.Random(seed + i)
-            mine = questions[i][:]
-            rng.shuffle(mine)
-            n_heldout = max(1, round(pc.heldout_fraction * len(mine))) if pc.heldout_fraction else 0
-            heldout, train = mine[:n_heldout], mine[n_heldout:]
-            if pc.questions_per_client:
-                train = train[: pc.questions_per_client]
-                heldout = heldout[: max(1, round(pc.heldout_fraction * pc.questions_per_client))] if heldout else []
+            train, heldout = kept[i]
             docs = docs_of[i]
             write_qa_jsonl(folder / "train.jsonl", train)
             write_qa_jsonl(folder / "heldout.jsonl", heldout)
@@ -125,6 +159,7 @@ def make_partitions(cfg: AppConfig, encoder, *, progress: bool = True) -> dict:
                     "heldout-questions": len(heldout),
                     "passages": len(docs),
                     "articles": len({p.title for p in docs}),
+                    "own-topic-articles": len({p.title for p in docs if title_key(p.title) in topics[i]}),
                     "topics": len({e.topic for e in train}),
                     "sha256": {"train": _sha256(folder / "train.jsonl"), "heldout": _sha256(folder / "heldout.jsonl")},
                 }
@@ -135,6 +170,7 @@ def make_partitions(cfg: AppConfig, encoder, *, progress: bool = True) -> dict:
             "dirichlet-alpha": pc.dirichlet_alpha,
             "num-partitions": pc.num_partitions,
             "topic-groups": NUM_TOPIC_GROUPS,
+            "documents": pc.documents,
             "doc-overlap": pc.doc_overlap,
             "embedding-model": encoder.name,
             "embedding-cache": cache.key,

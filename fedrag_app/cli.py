@@ -330,7 +330,14 @@ def partition(
     _, retriever = _models(cfg, generator=False)
     manifest = make_partitions(cfg, retriever, progress=True)
     table = Table(
-        "client", "questions", "held-out", "topics", "articles", "passages", title=f"{manifest['scheme']} partitions"
+        "client",
+        "questions",
+        "held-out",
+        "topics",
+        "articles",
+        "on its topics",
+        "passages",
+        title=f"{manifest['scheme']} partitions, {manifest['documents']} documents",
     )
     for c in manifest["clients"]:
         table.add_row(
@@ -339,6 +346,7 @@ def partition(
             str(c["heldout-questions"]),
             str(c["topics"]),
             str(c["articles"]),
+            str(c["own-topic-articles"]),
             str(c["passages"]),
         )
     console.print(table)

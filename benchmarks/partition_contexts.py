@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 from fedrag_app.config.app_config import AppConfig
-from fedrag_app.data.loaders import corpus_path, load_passages, load_web_questions
-from fedrag_app.federation.partition import client_documents, kept_questions, split_questions, title_key
+from fedrag_app.data.loaders import corpus_path, load_passages
+from fedrag_app.federation.partition import client_documents, client_questions
 from fedrag_app.rag.embedding_cache import EmbeddingCache
 from fedrag_app.rag.retriever import load_retriever
 
@@ -44,12 +44,9 @@ def main() -> None:
     for scheme in ("iid", "dirichlet"):
         for documents in ("random", "topics"):
             cfg = AppConfig.from_flat({**TABLE, "partition.scheme": scheme, "partition.documents": documents})
-            pc, seed = cfg.partition, cfg.runtime.seed
-            split = split_questions(load_web_questions("train", cfg.data), pc, seed)
-            kept = [kept_questions(split[i], pc, seed + i) for i in range(pc.num_partitions)]
-            topics = [{title_key(e.topic) for e in train + heldout} for train, heldout in kept]
+            kept, topics = client_questions(cfg)
             own_hits = whole_hits = n = 0
-            for (train, _), docs in zip(kept, client_documents(passages, pc, seed, topics)):
+            for (train, _), docs in zip(kept, client_documents(passages, cfg.partition, cfg.runtime.seed, topics)):
                 mine = np.zeros(len(passages), dtype=bool)
                 mine[[row_of[p.id] for p in docs]] = True
                 queries = retriever.encode_queries([q.question for q in train]).numpy()

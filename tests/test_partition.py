@@ -12,7 +12,7 @@ from fedrag_app.data.loaders import load_qa_jsonl, load_web_questions
 from fedrag_app.federation.partition import (
     assign_articles,
     client_documents,
-    kept_questions,
+    client_questions,
     make_partitions,
     split_questions,
     title_key,
@@ -132,11 +132,9 @@ def _client_passages(cfg: AppConfig) -> list:
     """The passages make_partitions gives the clients (the first passages-per-client of each one's articles)."""
     from fedrag_app.data.loaders import iter_passages
 
-    pc, seed = cfg.partition, cfg.runtime.seed
-    questions = split_questions(load_web_questions("train", cfg.data), pc, seed)
-    kept = [kept_questions(questions[i], pc, seed + i) for i in range(pc.num_partitions)]
-    topics = [{title_key(e.topic) for e in train + heldout} for train, heldout in kept]
-    return [p for mine in client_documents(list(iter_passages(cfg.data)), pc, seed, topics) for p in mine]
+    _, topics = client_questions(cfg)
+    passages = list(iter_passages(cfg.data))
+    return [p for mine in client_documents(passages, cfg.partition, cfg.runtime.seed, topics) for p in mine]
 
 
 def _corpus_titles(cfg: AppConfig) -> set[str]:

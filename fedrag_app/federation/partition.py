@@ -99,6 +99,14 @@ def kept_questions(questions: list[QAExample], cfg: PartitionConfig, seed: int) 
     return train, heldout
 
 
+def client_questions(cfg: AppConfig) -> tuple[list[tuple[list[QAExample], list[QAExample]]], list[set[str]]]:
+    """Each client's kept (train, held-out) questions, and the topics they ask about as article title keys."""
+    pc, seed = cfg.partition, cfg.runtime.seed
+    split = split_questions(load_web_questions("train", cfg.data), pc, seed)
+    kept = [kept_questions(split[i], pc, seed + i) for i in range(pc.num_partitions)]
+    return kept, [{title_key(e.topic) for e in train + heldout} for train, heldout in kept]
+
+
 def client_documents(
     passages: list[Passage], cfg: PartitionConfig, seed: int, topics: list[set[str]]
 ) -> list[list[Passage]]:
@@ -126,9 +134,7 @@ def make_partitions(cfg: AppConfig, encoder, *, progress: bool = True) -> dict:
     foreign = {p.name for p in target.iterdir()} - {"README.md"} if target.exists() else set()
     if foreign and not (target / MANIFEST).exists():
         raise ConfigError(f"partition.dir {target} holds other files: choose an empty or earlier partition folder")
-    questions = split_questions(load_web_questions("train", cfg.data), pc, seed)
-    kept = [kept_questions(questions[i], pc, seed + i) for i in range(pc.num_partitions)]
-    topics = [{title_key(e.topic) for e in train + heldout} for train, heldout in kept]
+    kept, topics = client_questions(cfg)
     passages = load_passages(cfg.data)
     docs_of = client_documents(passages, pc, seed, topics)
     if empty := [i for i, docs in enumerate(docs_of) if not docs]:

@@ -24,7 +24,10 @@ run: setup
 	$(VENV)/bin/fedrag-app quickstart $(ARGS)
 
 # Lint and format check (ruff, configured in pyproject.toml), then the tests; pytest prints the slowest.
+# TEST_WORKERS pytest-xdist workers (one thread each, tests/conftest.py), one test file per worker at a time: the
+# deployment tests share a federation within their file. TEST_WORKERS=0 runs them serially in this process.
+TEST_WORKERS ?= 2
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests

@@ -27,7 +27,7 @@ class RuntimeConfig:
     """Where and how computation runs."""
 
     device: str = _help("auto | cpu | cuda; auto picks CUDA when present", "auto")
-    num_threads: int = _help("torch intra-op threads; 0 = one per core", 0)
+    num_threads: int = _help("torch intra-op threads; 0 = OMP_NUM_THREADS if set, else one per core", 0)
     seed: int = _help("seed for python, numpy and torch", 1234)
 
     def __post_init__(self) -> None:

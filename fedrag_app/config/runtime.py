@@ -57,7 +57,10 @@ def seed_everything(seed: int) -> None:
 
 
 def set_threads(num_threads: int) -> None:
-    """0 = one thread per available core (oversubscribing 2 cores costs more than it gives)."""
+    """0 = OMP_NUM_THREADS where the environment sets it (torch starts with that many), else one thread per
+    available core (oversubscribing 2 cores costs more than it gives)."""
+    if not num_threads and os.environ.get("OMP_NUM_THREADS"):
+        return
     n = num_threads or len(os.sched_getaffinity(0))
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)

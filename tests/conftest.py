@@ -16,7 +16,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 
-# Under pytest-xdist (`make test` runs two workers on two cores) each worker and every process it starts keeps to one
+# Under pytest-xdist (`make test` runs three workers on two cores) each worker and every process it starts keeps to one
 # thread: two-thread torch in each of two workers oversubscribes the cores and ran the suite slower than serial.
 # Set before torch is imported, so its OpenMP pool starts at that size; Flower and CLI subprocesses inherit it.
 if os.environ.get("PYTEST_XDIST_WORKER"):

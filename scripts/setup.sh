@@ -22,7 +22,7 @@ pip() {
 # index, extra indexes, find-links and constraints pip is configured with are passed on. --compile-bytecode does what
 # pip does by default: where PYTHONDONTWRITEBYTECODE is set (it is on our CI machines) nothing else ever writes .pyc
 # files, and every process then imports torch and transformers from source (27 s instead of 8 s; the test suite's
-# many subprocesses took 18 min instead of 11). SETUP_INSTALLER=pip skips uv; any uv failure falls back to pip.
+# many subprocesses took 18:30 instead of 13). SETUP_INSTALLER=pip skips uv; any uv failure falls back to pip.
 INSTALLER=${SETUP_INSTALLER:-uv}
 UV_FLAGS=()
 if [ "$INSTALLER" = uv ] && pip install uv && [ -x "$VENV/bin/uv" ]; then

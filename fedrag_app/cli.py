@@ -86,10 +86,6 @@ def index(
     Vectors go through the embedding cache: an interrupted index resumes from what was already encoded, and a
     rebuild (or another shard of the same corpus) encodes nothing again.
     """
-    from fedrag_app.data.loaders import load_passages
-    from fedrag_app.rag.knowledge_store import KnowledgeStore
-    from fedrag_app.rag.pipeline import build_store, store_location
-
     if corpus is not None and corpus.is_dir():
         corpus = corpus / "passages.jsonl"
     cfg = load_config(
@@ -102,6 +98,10 @@ def index(
             "data.dir": data_dir,
         },
     )
+    from fedrag_app.data.loaders import load_passages  # after the config is validated, as in `ask`
+    from fedrag_app.rag.knowledge_store import KnowledgeStore
+    from fedrag_app.rag.pipeline import build_store, store_location
+
     where = store_location(cfg)
     if "path" in where and Path(where["path"]).exists() and not rebuild:
         _, retriever = _models(cfg, generator=False)
@@ -146,12 +146,13 @@ def ask(
             raise typer.BadParameter("--federation answers one question given as an argument", param_hint="QUESTION")
         cfg = load_config(config, sets, **{"eval.top-k": top_k, "generator.adapter-path": adapter})
         return ask_federation(question, federation, federation_config, cfg, local=retriever_path or store)
+    cfg = load_config(config, sets, **{"eval.top-k": top_k, "store.path": store, "generator.adapter-path": adapter})
+    # imported after the config is validated: a bad key fails in a fraction of a second, not after torch/peft load
     from fedrag_app.config.runtime import apply_runtime
     from fedrag_app.rag.generator import load_generator
     from fedrag_app.rag.pipeline import RagPipeline, check_store, open_store
     from fedrag_app.rag.retriever import load_retriever
 
-    cfg = load_config(config, sets, **{"eval.top-k": top_k, "store.path": store, "generator.adapter-path": adapter})
     if cfg.eval.top_k:
         check_store(cfg)  # a missing store fails here, not after ~20 s of model loading
     device = apply_runtime(cfg.runtime)

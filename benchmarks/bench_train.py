@@ -124,7 +124,7 @@ def shard_path(retriever) -> str:
     from fedrag_app.config.app_config import AppConfig
     from fedrag_app.data.loaders import iter_passages
     from fedrag_app.rag.ingest import build_shard
-    from fedrag_app.rag.pipeline import store_location
+    from fedrag_app.rag.store_location import store_location
 
     cfg = AppConfig.from_flat({"store.passages-limit": PASSAGES})
     path = store_location(cfg)["path"]

@@ -100,7 +100,7 @@ def index(
     )
     from fedrag_app.data.loaders import load_passages  # after the config is validated, as in `ask`
     from fedrag_app.rag.knowledge_store import KnowledgeStore
-    from fedrag_app.rag.pipeline import build_store, store_location
+    from fedrag_app.rag.store_location import store_location
 
     where = store_location(cfg)
     if "path" in where and Path(where["path"]).exists() and not rebuild:
@@ -112,6 +112,8 @@ def index(
         passages = load_passages(
             cfg.data, limit=cfg.store.passages_limit
         )  # counted (and checked) before any model loads
+    from fedrag_app.rag.pipeline import build_store  # torch: only once the corpus has been read and checked
+
     _, retriever = _models(cfg, generator=False)
     stats = build_store(cfg, retriever, passages=passages, progress=True, replace=rebuild)
     console.print(f"[green]indexed[/] {stats} -> {where.get('path') or where.get('url')}")
@@ -147,14 +149,17 @@ def ask(
         cfg = load_config(config, sets, **{"eval.top-k": top_k, "generator.adapter-path": adapter})
         return ask_federation(question, federation, federation_config, cfg, local=retriever_path or store)
     cfg = load_config(config, sets, **{"eval.top-k": top_k, "store.path": store, "generator.adapter-path": adapter})
-    # imported after the config is validated: a bad key fails in a fraction of a second, not after torch/peft load
-    from fedrag_app.config.runtime import apply_runtime
-    from fedrag_app.rag.generator import load_generator
-    from fedrag_app.rag.pipeline import RagPipeline, check_store, open_store
-    from fedrag_app.rag.retriever import load_retriever
+    from fedrag_app.rag.store_location import check_store
 
     if cfg.eval.top_k:
         check_store(cfg)  # a missing store fails here, not after ~20 s of model loading
+    # imported after the config and the store are checked: bad input fails in a fraction of a second, not after
+    # torch/peft load
+    from fedrag_app.config.runtime import apply_runtime
+    from fedrag_app.rag.generator import load_generator
+    from fedrag_app.rag.pipeline import RagPipeline, open_store
+    from fedrag_app.rag.retriever import load_retriever
+
     device = apply_runtime(cfg.runtime)
     with console.status("loading models and store"):
         retriever = load_retriever(cfg.retriever, device=device, path=retriever_path)

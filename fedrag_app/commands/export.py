@@ -94,7 +94,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, overwrite: boo
 
 def _manifest(src: Source, cfg: AppConfig, retriever_meta: dict, *, fingerprint: str) -> dict:
     from fedrag_app.rag.model_sources import resolve_generator
-    from fedrag_app.rag.pipeline import store_location
+    from fedrag_app.rag.store_location import store_location
 
     adapter_cfg = _read_json(src.path / "adapter" / "adapter_config.json")
     return {

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedrag_app.config.app_config import AppConfig
-from fedrag_app.core.environment import cache_dir
 from fedrag_app.core.errors import DataError, StoreError
 from fedrag_app.data.loaders import Passage, corpus_path, load_passages
 from fedrag_app.rag.embedding_cache import EmbeddingCache
@@ -18,6 +17,7 @@ from fedrag_app.rag.knowledge_store import MANIFEST, Hit, KnowledgeStore
 from fedrag_app.rag.prompts import build_prompt, format_passage
 from fedrag_app.rag.retrieval import retrieve
 from fedrag_app.rag.retriever import DualEncoder
+from fedrag_app.rag.store_location import is_default_location, store_location
 
 log = logging.getLogger(__name__)
 
@@ -27,41 +27,6 @@ class RagAnswer:
     question: str
     answer: str
     hits: list[Hit]
-
-
-def store_location(cfg: AppConfig) -> dict[str, str]:
-    """``{"url": ...}`` for a Qdrant server, else ``{"path": ...}``: the configured folder or a default per
-    corpus+retriever."""
-    if cfg.store.url:
-        return {"url": cfg.store.url, "collection": cfg.store.collection}
-    if cfg.store.path:
-        return {"path": str(Path(cfg.store.path).expanduser().resolve())}
-    corpus = Path(cfg.data.corpus).stem if cfg.data.corpus else "wikipedia"
-    limit = f"-first{cfg.store.passages_limit}" if cfg.store.passages_limit else ""
-    name = f"{corpus}{limit}-{Path(cfg.retriever.context_model or cfg.retriever.model).name}"
-    return {"path": str(cache_dir() / "shards" / name)}
-
-
-def is_default_location(cfg: AppConfig) -> bool:
-    """The store is the cache's own shard (neither store.path nor store.url set): built on demand."""
-    return not (cfg.store.url or cfg.store.path)
-
-
-def check_store(cfg: AppConfig) -> None:
-    """Fail fast, before any model loads, when the configured shard folder is missing or half-built."""
-    where = store_location(cfg)
-    if "path" not in where:
-        return  # a server is checked when opened
-    folder = Path(where["path"])
-    if not (folder / MANIFEST).exists():
-        raise StoreError(
-            f"{folder} is not a knowledge store (no {MANIFEST}): build it with `fedrag-app index`"
-            + ("" if is_default_location(cfg) else f" --store {folder}")
-        )
-    if not json.loads((folder / MANIFEST).read_text()).get("complete"):
-        raise StoreError(
-            f"store {folder} is incomplete (its build was interrupted): rebuild it with `fedrag-app index`"
-        )
 
 
 def build_store(

@@ -17,8 +17,9 @@ from fedrag_app.core.atomic import write_json, write_text
 from fedrag_app.data.loaders import load_web_questions
 from fedrag_app.rag.generator import load_generator, save_adapter
 from fedrag_app.rag.ingest import reindex
-from fedrag_app.rag.pipeline import open_store, store_location
+from fedrag_app.rag.pipeline import open_store
 from fedrag_app.rag.retriever import load_retriever
+from fedrag_app.rag.store_location import store_location
 from fedrag_app.training.local_round import run_local_round
 
 

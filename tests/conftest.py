@@ -23,6 +23,37 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[_var] = "1"
 
+# The longest test files first (their summed durations under `make test`), so that none starts late and ends the run
+# alone on one worker while the others idle. The two deployment files are minutes of waiting on Flower processes
+# each: started first, on two workers, they overlap the computing files on the others. The Makefile keeps this
+# order (--no-loadscope-reorder); the remaining files follow in pytest's order.
+LONGEST_FILES_FIRST = (
+    "test_deploy.py",
+    "test_deploy_faults.py",
+    "test_ask_export.py",
+    "test_evaluate.py",
+    "test_flwr_query.py",
+    "test_quickstart.py",
+    "test_server_optimizers.py",
+    "test_lsr.py",
+    "test_flower_app.py",
+    "test_privacy.py",
+    "test_train_equivalence.py",
+    "test_experiments.py",
+    "test_cli.py",
+    "test_embedding_cache.py",
+    "test_ingest.py",
+    "test_gpu.py",
+    "test_heterogeneous_ranks.py",
+    "test_local_round.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: pytest's order within a file
+
+
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("FEDRAG_DATA_DIR") or REPO.parent / "shared" / "data").resolve()
 os.environ["FEDRAG_DATA_DIR"] = str(DATA_DIR)
@@ -84,6 +115,24 @@ def tiny_models_config() -> dict[str, str]:
 
     gen, retr = tiny_models()
     return {"generator.model": gen, "retriever.model": retr}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_models_config) -> dict:
+    """The deployment tests' smallest run (tests/deploy_runs.py) on the tiny models: every process (ServerApp,
+    ClientApps) loads them in milliseconds."""
+    from tests.deploy_runs import TINY_RUN
+
+    return {**TINY_RUN, **tiny_models_config}
+
+
+@pytest.fixture(scope="module")
+def template_shard(tmp_path_factory, tiny_models_config) -> Path:
+    """One small shard built with the app's own CLI and the tiny retriever (a shard records its embedding model,
+    and the nodes check it); each node of a test federation gets a copy (one process per shard)."""
+    from tests.deploy_runs import build_template_shard
+
+    return build_template_shard(tmp_path_factory.mktemp("shard") / "passages", tiny_models_config["retriever.model"])
 
 
 @pytest.fixture(scope="module")

@@ -92,3 +92,34 @@ def test_personal_adapter_is_fsynced(tmp_path, synced):
     save_personal(tmp_path, {"w": torch.ones(2)}, RoundOf(run_id=1, server_round=3))
     assert list(_saved(tmp_path)) == [3] and _leftovers(tmp_path) == []
     assert any(".personal-adapter-round-3" in p.name for p in synced)
+
+
+def _build_once(target: str, log: str) -> None:
+    """What a loader does on first use: under the build lock, build only if nobody has yet (slowly, to overlap)."""
+    import time
+
+    from fedrag_app.core.atomic import build_lock
+
+    with build_lock(target):
+        if Path(target).exists():
+            return
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(0.3)
+        with atomic_dir(target) as tmp:
+            (tmp / "config.json").write_text("{}")
+
+
+def test_processes_starting_at_once_build_once_under_the_build_lock(tmp_path):
+    import multiprocessing
+
+    target, log = tmp_path / "models" / "m-fp32", tmp_path / "builds.log"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_build_once, args=(str(target), str(log))) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert len(log.read_text().splitlines()) == 1, "every process built it: the lock did not serialise them"
+    assert (target / "config.json").exists() and _leftovers(target.parent) == [".m-fp32.lock"]  # no temp folder

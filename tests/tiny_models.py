@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 VERSION = 2  # bump when the recipe changes: the folders are cached by it
@@ -80,20 +79,17 @@ def _retriever(out: Path) -> None:
 
 def tiny_models(root: str | os.PathLike | None = None) -> tuple[str, str]:
     """(generator folder, retriever folder), built once per VERSION under ``root`` (default: the app's cache)."""
+    from fedrag_app.core.atomic import atomic_dir, build_lock
     from fedrag_app.rag.model_sources import cache_dir
 
     base = Path(root) if root else cache_dir() / "tiny-test-models"
     folder = base / f"v{VERSION}"
-    if not (folder / "done").exists():
-        base.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=base))
-        _generator(staging / "generator")
-        _retriever(staging / "retriever")
-        (staging / "done").write_text("ok\n")
-        try:
-            os.replace(staging, folder)
-        except OSError:  # another process built it first
-            shutil.rmtree(staging, ignore_errors=True)
+    with build_lock(folder):  # test workers starting at once build it once
+        if not (folder / "done").exists():
+            with atomic_dir(folder) as staging:
+                _generator(staging / "generator")
+                _retriever(staging / "retriever")
+                (staging / "done").write_text("ok\n")
     return str(folder / "generator"), str(folder / "retriever")
 
 

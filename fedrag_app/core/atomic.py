@@ -117,3 +117,19 @@ def atomic_dir(target: str | Path, *, exists: Exists = "replace") -> Iterator[Pa
         swap_in(tmp, target, exists=exists)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def build_lock(target: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on `<target's folder>/.<name>.lock` while building `target`: processes that start at
+    once (a simulation's nodes, test workers) wait for the first build instead of each repeating it."""
+    import fcntl
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

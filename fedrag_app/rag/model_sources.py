@@ -12,7 +12,7 @@ import importlib
 import importlib.util
 from pathlib import Path
 
-from fedrag_app.core.atomic import atomic_dir
+from fedrag_app.core.atomic import atomic_dir, build_lock
 from fedrag_app.core.environment import cache_dir
 from fedrag_app.core.errors import ConfigError
 
@@ -84,15 +84,18 @@ def _converted_gguf(ref: str) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with atomic_dir(target, exists="keep") as tmp:  # another process that finished first keeps its copy
-        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
-        # transformers refuses to save a GGUF-quantised model; the weights are already dequantised fp32.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    with build_lock(target):  # processes loading at once (a simulation's nodes) convert once, the others wait
+        if (target / "config.json").exists():
+            return target
+        with atomic_dir(target, exists="keep") as tmp:  # a folder left there by someone else is kept, and refused
+            tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+            model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+            # transformers refuses to save a GGUF-quantised model; the weights are already dequantised fp32.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     if not (target / "config.json").exists():  # kept: a folder someone else left there, not a converted model
         raise ConfigError(f"{target} exists but holds no converted model (no config.json): delete it")
     return target

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from tests.deploy_helpers import REPO, Federation
+from tests.flower_helpers import TINY
 
 DATA_DIR = Path(os.environ["FEDRAG_DATA_DIR"])  # set by conftest.py
 QA_PER_NODE = 8
@@ -27,18 +28,11 @@ SHARD_PASSAGES = 64
 # kept the SuperLink's SQLite busy past its 5 s busy_timeout ("database is locked", HTTP 500 to the ServerApp,
 # which now retries its pulls). Real deployments put the SuperLink on its own machine.
 TINY_RUN = {
+    **TINY,  # the ClientApp unit tests' smallest training step (tests/flower_helpers.py)
     "retriever.train-top-layers": 2,
     "runtime.device": "cpu",
     "runtime.num-threads": 1,
     "train.mode": "ralt",
-    "train.num-examples": 4,
-    "train.max-steps": 1,
-    "ralt.batch-size": 2,
-    "ralt.top-k": 1,
-    "ralt.max-seq-len": 128,
-    "lsr.batch-size": 2,
-    "lsr.top-k": 2,
-    "lsr.max-seq-len": 128,
     "store.passages-limit": SHARD_PASSAGES,
     "eval.web-questions-limit": 4,
     "eval.mmlu-limit": 4,

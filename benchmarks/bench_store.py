@@ -38,9 +38,7 @@ def encode(retriever, passages, cache: Path, batch_size: int) -> tuple[np.ndarra
         if len(emb) == len(passages):
             return emb, None
     t0 = time.perf_counter()
-    emb = retriever.encode_passages(
-        [format_passage(p.title, p.text) for p in passages], batch_size=batch_size, progress=True
-    )
+    emb = retriever.encode_passages([format_passage(p.title, p.text) for p in passages], batch_size=batch_size)
     seconds = time.perf_counter() - t0
     np.save(cache, emb)
     return emb, seconds

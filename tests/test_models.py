@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from sentence_transformers import SentenceTransformer
@@ -10,7 +11,7 @@ from fedrag_app.config.app_config import GeneratorConfig, RetrieverConfig
 from fedrag_app.core.errors import ConfigError, WeightsError
 from fedrag_app.rag.generator import generate, load_generator, load_lora_state_dict, lora_state_dict, save_adapter
 from fedrag_app.rag.model_sources import resolve_generator, resolve_retriever
-from fedrag_app.rag.prompts import build_prompt
+from fedrag_app.rag.prompts import build_prompt, format_passage
 from fedrag_app.rag.retriever import load_retriever
 
 
@@ -102,6 +103,21 @@ def test_passage_encoding_equals_the_sentence_transformers_embedding(retriever):
     ref = SentenceTransformer(resolve_retriever("all-minilm-l6-v2")).encode([text], normalize_embeddings=True)
     assert abs(float((retriever.encode_passages([text]) * ref).sum()) - 1.0) < 1e-5
     assert torch.allclose(retriever.encode_queries([text]), torch.from_numpy(ref), atol=1e-5)
+
+
+def test_length_sorted_passage_batches_give_each_passage_its_own_embedding_in_input_order(retriever, small_passages):
+    """encode_passages batches by token length (no mask when a batch has one length, padding and mask otherwise):
+    every vector equals the passage encoded alone, in the caller's order, whatever the batch size."""
+    texts = [format_passage(p.title, p.text) for p in small_passages[:48]]
+    texts[5] = texts[6]  # two passages of one length in one batch, and a duplicate
+    lengths = {len(ids) for ids in retriever.context_model.tokenizer(texts)["input_ids"]}
+    assert len(lengths) > 10, "a spread of lengths, so batches mix lengths"
+    alone = np.stack([retriever.context_model.encode([t], normalize_embeddings=True)[0] for t in texts])
+    for batch_size in (1, 8, 64):
+        got = retriever.encode_passages(texts, batch_size=batch_size)
+        assert got.dtype == np.float32 and got.shape == (48, 384)
+        np.testing.assert_allclose(got, alone, atol=2e-6, rtol=0)
+    assert retriever.encode_passages([], batch_size=8).shape == (0, 384)
 
 
 def test_top_layer_training_sends_only_those_layers():

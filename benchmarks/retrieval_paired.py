@@ -15,7 +15,6 @@ interval of the recall@k and MRR@k differences. Retrieval only (no generation): 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -30,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedrag_app.cli import load_config  # noqa: E402
 from fedrag_app.config.runtime import apply_runtime  # noqa: E402
+from fedrag_app.core.atomic import write_json  # noqa: E402
 from fedrag_app.data.loaders import load_web_questions  # noqa: E402
-from fedrag_app.evaluation.metrics import answer_rank  # noqa: E402
+from fedrag_app.evaluation.metrics import answer_rank, recall_at_k, reciprocal_rank  # noqa: E402
 from fedrag_app.rag.pipeline import open_store  # noqa: E402
 from fedrag_app.rag.retrieval import retrieve  # noqa: E402
 from fedrag_app.rag.retriever import load_retriever  # noqa: E402
@@ -75,19 +75,20 @@ def main() -> None:
     test = load_web_questions("test", cfg.data, args.questions)
     questions = [e.question for e in test]
 
-    def ranks(retriever, store) -> np.ndarray:
-        """Rank of the first passage holding a gold answer (0: none in the top k), per question."""
+    def per_question(retriever, store) -> tuple[np.ndarray, np.ndarray]:
+        """Answer recall@k and reciprocal rank@k of each question, as evaluate_retrieval counts them."""
         hits = retrieve(retriever, store, questions, args.k)
         found = [answer_rank([f"{h.title} {h.text}" for h in hs[: args.k]], e.answers) for hs, e in zip(hits, test)]
-        return np.array([r or 0 for r in found])
+        return np.array([recall_at_k(r, args.k) for r in found]), np.array([reciprocal_rank(r, args.k) for r in found])
 
     with open_store(cfg, untuned) as store:
-        base = ranks(untuned, store)
+        base = per_question(untuned, store)
         rows = []
         for folder in args.retrievers:
-            tuned = ranks(load_retriever(cfg.retriever, device=device, path=str(folder)), store)
+            tuned = per_question(load_retriever(cfg.retriever, device=device, path=str(folder)), store)
             rows.append(compare(str(folder), base, tuned, args))
-    print(f"untuned: recall@{args.k} {np.mean(base > 0):.3f}, MRR@{args.k} {_mrr(base).mean():.3f}, n {len(base)}")
+    untuned_row = {"recall": float(base[0].mean()), "mrr": float(base[1].mean()), "n": len(base[0])}
+    print(f"untuned: recall@{args.k} {untuned_row['recall']:.3f}, MRR@{args.k} {untuned_row['mrr']:.3f}, n {len(test)}")
     print(
         f"| retriever | recall@{args.k} | MRR@{args.k} | gained | lost | sign-test p "
         "| recall diff 95% | MRR diff 95% |\n|---|---|---|---|---|---|---|---|"
@@ -99,22 +100,19 @@ def main() -> None:
             f"{r['mrr-diff-high']:+.3f} |"
         )
     if args.json:
-        untuned_row = {"recall": float(np.mean(base > 0)), "mrr": float(_mrr(base).mean()), "n": len(base)}
-        args.json.write_text(json.dumps({"untuned": untuned_row, "tuned": rows}, indent=1) + "\n")
+        write_json(args.json, {"untuned": untuned_row, "tuned": rows}, indent=1, sort_keys=False)
 
 
-def _mrr(ranks: np.ndarray) -> np.ndarray:
-    return np.where(ranks > 0, 1.0 / np.maximum(ranks, 1), 0.0)
-
-
-def compare(name: str, base: np.ndarray, tuned: np.ndarray, args: argparse.Namespace) -> dict:
-    gained, lost = int(np.sum((tuned > 0) & (base == 0))), int(np.sum((tuned == 0) & (base > 0)))
-    recall_low, recall_high = bootstrap_interval((tuned > 0).astype(float) - (base > 0), args.resamples, args.seed)
-    mrr_low, mrr_high = bootstrap_interval(_mrr(tuned) - _mrr(base), args.resamples, args.seed)
+def compare(name: str, base: tuple[np.ndarray, np.ndarray], tuned: tuple[np.ndarray, np.ndarray], args) -> dict:
+    """One tuned retriever against the untuned one on the same questions: (recall, reciprocal rank) arrays each."""
+    (base_hit, base_rr), (hit, rr) = base, tuned
+    gained, lost = int(np.sum((hit > 0) & (base_hit == 0))), int(np.sum((hit == 0) & (base_hit > 0)))
+    recall_low, recall_high = bootstrap_interval(hit - base_hit, args.resamples, args.seed)
+    mrr_low, mrr_high = bootstrap_interval(rr - base_rr, args.resamples, args.seed)
     return {
         "retriever": name,
-        "recall": float(np.mean(tuned > 0)),
-        "mrr": float(_mrr(tuned).mean()),
+        "recall": float(hit.mean()),
+        "mrr": float(rr.mean()),
         "gained": gained,
         "lost": lost,
         "p": sign_test_p(gained, lost),

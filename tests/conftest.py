@@ -6,6 +6,7 @@ Nothing here is mocked. Tests that change weights must restore them (or use thei
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -97,13 +98,33 @@ def small_passages(data_dir):
     return list(iter_passages(DataConfig(dir=str(data_dir)), limit=SMALL_CORPUS))
 
 
+def built_once_per_run(tmp_path_factory, name: str, build) -> Path:
+    """`build(path)` once for the whole pytest run, not once per worker: under pytest-xdist the first worker to need
+    it builds into the run's shared temp folder (pytest-<N>/, above each worker's own) while the others wait on the
+    lock, instead of each repeating the build on the same two cores. `build` must be atomic (a shard build is)."""
+    from fedrag_app.core.atomic import build_lock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    target = root / "built-once" / name
+    with build_lock(target):
+        if not target.exists():
+            build(target)
+    return target
+
+
 @pytest.fixture(scope="session")
-def small_shard_path(tmp_path_factory, small_passages, retriever) -> str:
-    """A real Qdrant Edge shard of the first 300 Wikipedia passages, built once per session: open, use, close it."""
+def small_shard_path(tmp_path_factory, small_passages, request) -> str:
+    """A real Qdrant Edge shard of the first 300 Wikipedia passages, encoded once per run; each worker gets its own
+    copy (a shard is open in one process at a time): open, use, close it."""
     from fedrag_app.rag.ingest import build_shard
 
+    def build(path: Path) -> None:
+        build_shard(small_passages, request.getfixturevalue("retriever"), path=str(path), progress=False)
+
     path = tmp_path_factory.mktemp("shards") / "wiki300"
-    build_shard(small_passages, retriever, path=str(path), progress=False)
+    shutil.copytree(built_once_per_run(tmp_path_factory, "wiki300", build), path)
     return str(path)
 
 
@@ -126,13 +147,15 @@ def tiny_run(tiny_models_config) -> dict:
     return {**TINY_RUN, **tiny_models_config}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def template_shard(tmp_path_factory, tiny_models_config) -> Path:
-    """One small shard built with the app's own CLI and the tiny retriever (a shard records its embedding model,
-    and the nodes check it); each node of a test federation gets a copy (one process per shard)."""
+    """One small shard built with the app's own CLI and the tiny retriever, once per run (a shard records its
+    embedding model, and the nodes check it); never opened itself: each node of a test federation gets a copy (one
+    process per shard)."""
     from tests.deploy_runs import build_template_shard
 
-    return build_template_shard(tmp_path_factory.mktemp("shard") / "passages", tiny_models_config["retriever.model"])
+    model = tiny_models_config["retriever.model"]
+    return built_once_per_run(tmp_path_factory, "template-shard", lambda path: build_template_shard(path, model))
 
 
 @pytest.fixture(scope="module")

@@ -82,14 +82,19 @@ def wait_for_run(
     on_status=None,
     env: dict | None = None,
     soon=None,
+    follow_log: bool = False,
 ) -> str:
     """Poll until the run finishes or `timeout_s` passes; returns the final status (raises on a timeout).
 
     Each `flwr ls` costs ~1.8 s of CPU, so the status is read every `poll_s`; ``soon``, a cheap check (e.g. the last
-    metrics row is on disk), says the run is about to finish: from then on it is read every second."""
+    metrics row is on disk), says the run is about to finish: from then on it is read every second. With
+    ``follow_log`` it first waits on the run's log stream instead (``wait_for_log_end``): no polling at all while the
+    run goes on, and the status is then read once."""
     deadline = time.monotonic() + timeout_s
+    if follow_log:
+        wait_for_log_end(connection, run_id, timeout_s=timeout_s, flwr=flwr, env=env)
     last = ""
-    while time.monotonic() < deadline:
+    while True:  # the status is read at least once, also after a log stream that used up the time
         try:
             status = run_status(connection, run_id, flwr=flwr, env=env)
         except (RunFailed, subprocess.TimeoutExpired) as e:  # the SuperLink may be restarting; keep polling
@@ -99,6 +104,8 @@ def wait_for_run(
         last = status
         if status.startswith("finished"):
             return status
+        if time.monotonic() >= deadline:
+            break
         waited = 0.0
         while waited < poll_s and not (soon is not None and soon()):
             time.sleep(0.25)
@@ -106,6 +113,24 @@ def wait_for_run(
         if waited < poll_s:
             time.sleep(1.0)
     raise RunFailed(f"run {run_id} still '{last}' after {timeout_s:.0f} s")
+
+
+def wait_for_log_end(
+    connection: str, run_id: int, *, timeout_s: float, flwr: str = "flwr", env: dict | None = None
+) -> bool:
+    """Block on `flwr log RUN_ID CONNECTION --stream` until the SuperLink ends the stream, which flwr 1.42 does when
+    the run has finished: one idle process for the whole run, where polling `flwr ls` starts a ~1.8 s-of-CPU process
+    every few seconds. False if the stream broke first (a SuperLink restarting) or `timeout_s` passed; the caller
+    reads the status either way. The log itself is not kept: read it with `flwr log --show` (lines the ServerApp
+    wrote just before it finished may miss the stream)."""
+    argv = [flwr, "log", str(run_id), connection, "--stream"]
+    try:
+        done = subprocess.run(
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout_s, env=_cli_env(env)
+        )
+    except subprocess.TimeoutExpired:
+        return False
+    return done.returncode == 0
 
 
 def free_port() -> int:

@@ -119,7 +119,7 @@ class Federation:
     def wait_online(self, names: list[str], timeout_s: float = 90) -> None:
         want = {self.node_ids[n] for n in names}
         wait_until(
-            lambda: want <= self.online_node_ids(), timeout_s=timeout_s, what=f"SuperNodes {names} online", poll_s=2
+            lambda: want <= self.online_node_ids(), timeout_s=timeout_s, what=f"SuperNodes {names} online", poll_s=4
         )
 
     def launch(self, run_config: dict) -> int:
@@ -129,8 +129,10 @@ class Federation:
         )
 
     def wait_run(self, run_id: int, timeout_s: float) -> str:
+        """On the run's log stream, not by polling `flwr ls`: each poll is a ~1.8 s-of-CPU process on the two cores
+        the federation shares with the other test workers."""
         return follow_run.wait_for_run(
-            CONNECTION, run_id, timeout_s=timeout_s, flwr=str(VENV_BIN / "flwr"), env=self.env
+            CONNECTION, run_id, timeout_s=timeout_s, flwr=str(VENV_BIN / "flwr"), env=self.env, follow_log=True
         )
 
     def run_status(self, run_id: int) -> str:

@@ -82,7 +82,7 @@ def test_misconfigured_nodes_reply_with_clear_errors_and_the_server_carries_on(
     nodes = good + ["malformed", "no-qdrant", "wrong-dim"]
     want = {fed.node_ids[n] for n in nodes}
     # exactly these: a killed node must have been noticed offline, or it would be sampled and counted
-    wait_until(lambda: fed.online_node_ids() == want, timeout_s=90, what=f"exactly {nodes} online", poll_s=2)
+    wait_until(lambda: fed.online_node_ids() == want, timeout_s=90, what=f"exactly {nodes} online", poll_s=4)
     out = work / "outputs-misconfigured"
     run_id = fed.launch(
         {

@@ -88,13 +88,14 @@ def test_query_run_three_nodes_one_not_opted_in(tmp_path, data_dir, tiny_models_
             env=env,
             federation_config="num-supernodes=3",
         )
-        status = follow_run.wait_for_run(
-            "local", run_id, timeout_s=600, poll_s=15, flwr=flwr, env=env, soon=(out / "query-metrics.json").exists
-        )
+        status = follow_run.wait_for_run("local", run_id, timeout_s=600, flwr=flwr, env=env, follow_log=True)
         log = subprocess.run(
             [flwr, "log", str(run_id), "local", "--show"], capture_output=True, text=True, timeout=60, env=env
         ).stdout
         assert status == "finished:completed", log[-4000:]
+        # the SuperLink ends a finished run's log stream (flwr 1.42): `ask --federation` and the deployment tests wait
+        # on it, and would fall back to polling `flwr ls` unnoticed if it broke
+        assert follow_run.wait_for_log_end("local", run_id, timeout_s=60, flwr=flwr, env=env)
         rows = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
         metrics = json.loads((out / "query-metrics.json").read_text())
         assert len(rows) == QUESTIONS and all(r["answer"] and r["gold"] for r in rows)

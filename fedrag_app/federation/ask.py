@@ -2,7 +2,8 @@
 
 Submits this app with ``flwr run <app> <connection>`` and ``fed.task = "query"`` (the connection, in
 $FLWR_HOME/config.toml, carries the SuperLink address and the app's credentials: TLS CA, account login; ``local``
-is Flower's local simulation), follows the run with ``flwr ls`` until it finishes (deploy/follow_run.py), and reads
+is Flower's local simulation), waits on the run's log stream until the SuperLink ends it, then reads the status
+once with ``flwr ls`` (deploy/follow_run.py: no polling while the question is answered), and reads
 the answer back from the ServerApp's log (``flwr log``): the ServerApp logs each answer as one JSON line, so this
 works whether the SuperLink is on this machine or elsewhere. The run-config goes in a TOML file: a question may hold
 any character (``--run-config "k='v'"`` cannot carry both quote kinds).
@@ -81,7 +82,7 @@ def ask_federation(
             )
         except fr.RunFailed as e:
             raise FederatedRunFailed(str(e)) from e
-    status = fr.wait_for_run(connection, run_id, timeout_s=timeout_s, flwr=flwr, env=env)
+    status = fr.wait_for_run(connection, run_id, timeout_s=timeout_s, flwr=flwr, env=env, follow_log=True)
     done = subprocess.run(
         [flwr, "log", str(run_id), connection, "--show"],
         capture_output=True,

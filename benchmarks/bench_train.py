@@ -139,6 +139,7 @@ def run_ours(workload: str, steps: int, overrides: list[str] = ()) -> dict:
 
     from fedrag_app.config.app_config import AppConfig
     from fedrag_app.config.runtime import apply_runtime
+    from fedrag_app.config.values import parse_override
     from fedrag_app.data.loaders import load_web_questions
     from fedrag_app.rag.generator import load_generator
     from fedrag_app.rag.knowledge_store import KnowledgeStore
@@ -156,7 +157,7 @@ def run_ours(workload: str, steps: int, overrides: list[str] = ()) -> dict:
             "lsr.batch-size": 4,
             "lsr.top-k": 2,
             "lsr.learning-rate": 1e-4,
-            **dict(kv.split("=", 1) for kv in overrides),
+            **dict(parse_override(kv) for kv in overrides),  # values read as TOML, as `fedrag-app --set` does
         }
     )
     apply_runtime(cfg.runtime)

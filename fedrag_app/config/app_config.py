@@ -160,7 +160,7 @@ class RaltConfig:
     forward_tokens: int = _help(
         "most padded tokens per forward/backward: a step's batch runs as micro-batches of whole "
         "sequences, gradients summed (same loss; bounds activation memory); 0 = all at once",
-        512,
+        768,
     )
 
     def __post_init__(self) -> None:

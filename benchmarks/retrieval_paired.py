@@ -31,7 +31,8 @@ from fedrag_app.cli import load_config  # noqa: E402
 from fedrag_app.config.runtime import apply_runtime  # noqa: E402
 from fedrag_app.core.atomic import write_json  # noqa: E402
 from fedrag_app.data.loaders import load_web_questions  # noqa: E402
-from fedrag_app.evaluation.metrics import answer_rank, recall_at_k, reciprocal_rank  # noqa: E402
+from fedrag_app.evaluation.evaluate import answer_ranks  # noqa: E402
+from fedrag_app.evaluation.metrics import recall_at_k, reciprocal_rank  # noqa: E402
 from fedrag_app.rag.pipeline import open_store  # noqa: E402
 from fedrag_app.rag.retrieval import retrieve  # noqa: E402
 from fedrag_app.rag.retriever import load_retriever  # noqa: E402
@@ -77,8 +78,7 @@ def main() -> None:
 
     def per_question(retriever, store) -> tuple[np.ndarray, np.ndarray]:
         """Answer recall@k and reciprocal rank@k of each question, as evaluate_retrieval counts them."""
-        hits = retrieve(retriever, store, questions, args.k)
-        found = [answer_rank([f"{h.title} {h.text}" for h in hs[: args.k]], e.answers) for hs, e in zip(hits, test)]
+        found = answer_ranks(retrieve(retriever, store, questions, args.k), test, args.k)
         return np.array([recall_at_k(r, args.k) for r in found]), np.array([reciprocal_rank(r, args.k) for r in found])
 
     with open_store(cfg, untuned) as store:

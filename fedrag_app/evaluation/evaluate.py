@@ -135,11 +135,15 @@ def evaluate_web_questions(
     }
 
 
+def answer_ranks(hits: Sequence[Sequence[Hit]], examples: list[QAExample], k: int) -> list[int | None]:
+    """Per question, the rank of the first top-k passage (title and text) holding a gold answer; None if none does."""
+    return [answer_rank([f"{h.title} {h.text}" for h in hs[:k]], e.answers) for hs, e in zip(hits, examples)]
+
+
 def evaluate_retrieval(hits: Sequence[Sequence[Hit]], examples: list[QAExample], k: int) -> dict[str, float]:
     """Answer recall@k (a gold answer occurs in a top-k passage) and MRR@k."""
     recall, mrr = RunningMean(), RunningMean()
-    for hs, e in zip(hits, examples):
-        rank = answer_rank([f"{h.title} {h.text}" for h in hs[:k]], e.answers)
+    for rank in answer_ranks(hits, examples, k):
         recall.add(recall_at_k(rank, k))
         mrr.add(reciprocal_rank(rank, k))
     return {f"retrieval-recall@{k}": recall.value, f"retrieval-mrr@{k}": mrr.value, "retrieval-n": float(recall.count)}

@@ -130,7 +130,7 @@ def ralt_batches(n: int, batch: int, seq_len: int, rng: random.Random) -> list:
 
 def ralt(gen, device: str, batches: list, warmup: int) -> dict:
     """RALT steps exactly as ralt.train_ralt runs them; median step time after ``warmup`` steps."""
-    from fedrag_app.training.lm_scoring import answer_nll
+    from fedrag_app.rag.lm_scoring import answer_nll
     from fedrag_app.training.ralt import trainable_lora_parameters
     from fedrag_app.training.sequences import collate
 
@@ -167,7 +167,7 @@ def lsr(gen, device: str, questions: int, top_k: int, seq_len: int, steps: int, 
     from transformers import BertConfig, BertModel
 
     from fedrag_app.config.app_config import LsrConfig
-    from fedrag_app.training.lm_scoring import answer_logprobs
+    from fedrag_app.rag.lm_scoring import answer_logprobs
     from fedrag_app.training.lsr import lsr_loss
     from fedrag_app.training.sequences import collate
 

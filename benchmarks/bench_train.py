@@ -92,7 +92,7 @@ class ScoringMeter:
 
     def __init__(self, gen):
         import fedrag_app.training.lsr as lsr
-        from fedrag_app.training.lm_scoring import shared_prefix_length
+        from fedrag_app.rag.lm_scoring import shared_prefix_length
 
         self.gen, self.seconds, self.flops, self.tokens = gen, 0.0, 0.0, 0
         collate, scores = lsr.collate, lsr.lm_scores

@@ -99,9 +99,9 @@ def main() -> None:
     from fedrag_app.data.loaders import load_web_questions
     from fedrag_app.rag.generator import load_generator
     from fedrag_app.rag.knowledge_store import KnowledgeStore
+    from fedrag_app.rag.lm_scoring import answer_logprobs
     from fedrag_app.rag.retrieval import retrieve
     from fedrag_app.rag.retriever import load_retriever
-    from fedrag_app.training.lm_scoring import answer_logprobs
     from fedrag_app.training.lsr import scoring_sequences
     from fedrag_app.training.ralt import accumulate_gradients, build_ralt_sequences, trainable_lora_parameters
     from fedrag_app.training.sequences import collate, make_batches

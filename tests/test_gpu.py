@@ -26,9 +26,9 @@ from fedrag_app.data.loaders import QAExample, iter_passages
 from fedrag_app.federation.exchange import exchanged_weights, load_exchanged_weights
 from fedrag_app.rag.generator import load_generator, load_tokenizer
 from fedrag_app.rag.knowledge_store import KnowledgeStore
+from fedrag_app.rag.lm_scoring import answer_nll
 from fedrag_app.rag.prompts import format_passage
 from fedrag_app.rag.retriever import load_retriever
-from fedrag_app.training.lm_scoring import answer_nll
 from fedrag_app.training.lsr import train_lsr
 from fedrag_app.training.ralt import train_ralt, trainable_lora_parameters
 from fedrag_app.training.sequences import build_sequence, collate

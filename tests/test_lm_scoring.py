@@ -4,7 +4,7 @@ only."""
 import pytest
 import torch
 
-from fedrag_app.training.lm_scoring import answer_logprobs, answer_nll
+from fedrag_app.rag.lm_scoring import answer_logprobs, answer_nll
 from fedrag_app.training.sequences import IGNORE, build_sequence, collate
 
 PAIRS = [("what is the capital of france?", "Paris"), ("who wrote hamlet?", "William Shakespeare, Shakespeare")]

@@ -9,8 +9,8 @@ from fedrag_app.config.app_config import RaltConfig
 from fedrag_app.data.loaders import QAExample
 from fedrag_app.rag.generator import load_lora_state_dict, lora_state_dict
 from fedrag_app.rag.knowledge_store import Hit
+from fedrag_app.rag.lm_scoring import answer_nll
 from fedrag_app.rag.prompts import answer_target, build_prompt, format_passage
-from fedrag_app.training.lm_scoring import answer_nll
 from fedrag_app.training.ralt import build_ralt_sequences, trainable_lora_parameters
 from fedrag_app.training.sequences import IGNORE, build_sequence, collate, make_batches
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fedrag_app.rag.generator import load_lora_state_dict, lora_state_dict
+from fedrag_app.rag.lm_scoring import answer_logprobs, shared_prefix_length
 from fedrag_app.rag.prompts import format_passage
-from fedrag_app.training.lm_scoring import answer_logprobs, shared_prefix_length
 from fedrag_app.training.ralt import accumulate_gradients, trainable_lora_parameters
 from fedrag_app.training.sequences import IGNORE, LabelledSequence, build_sequence, collate, micro_batches
 

@@ -24,10 +24,10 @@ from fedrag_app.config.app_config import LsrConfig
 from fedrag_app.data.loaders import QAExample
 from fedrag_app.rag.generator import Generator
 from fedrag_app.rag.knowledge_store import Hit, KnowledgeStore
+from fedrag_app.rag.lm_scoring import answer_logprobs
 from fedrag_app.rag.prompts import format_passage
 from fedrag_app.rag.retrieval import retrieve
 from fedrag_app.rag.retriever import DualEncoder
-from fedrag_app.training.lm_scoring import answer_logprobs
 from fedrag_app.training.optimizer_state import OptimizerState, keep_optimizer, restore_optimizer
 from fedrag_app.training.ralt import StepCallback
 from fedrag_app.training.score_cache import ScoreCache, generator_fingerprint, sequence_key

@@ -1,4 +1,4 @@
-"""log p_LM(answer | prompt), computed the way RALT's loss and LSR's target both need it.
+"""log p_LM(answer | prompt), computed the way RALT's loss, LSR's target and cloze evaluation all need it.
 
 The logit at position t−1 scores token t (a causal LM predicts the next token). The LM head runs
 only at the positions that predict an answer token: RALT answers are a few tokens after a prompt of hundreds,

@@ -72,3 +72,25 @@ def test_ralt_loss_is_the_mean_over_sequences_of_per_token_mean_nll_and_reaches_
         assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
     finally:
         generator.model.zero_grad(set_to_none=True)
+
+
+def test_the_shared_prefix_cache_reaches_the_decoder(tiny_models_config):
+    """The shared-prefix path passes the prefix's keys/values as ``cache=`` (transformers 5; on 4.x the keyword
+    would be swallowed by **kwargs and the suffix scored alone, silently): its scores must equal the full forward
+    without a cache and differ from scoring the suffix alone (tiny model: the decoder path, not the maths)."""
+    from fedrag_app.config.app_config import AppConfig
+    from fedrag_app.rag.generator import load_generator
+    from fedrag_app.rag.lm_scoring import shared_prefix_length
+
+    gen = load_generator(AppConfig.from_flat(tiny_models_config).generator)
+    seqs = [build_sequence(gen.tokenizer, q, None, a, 256) for q, a in PAIRS]
+    inputs = collate(seqs, gen.tokenizer.pad_token_id, "cpu")
+    n = shared_prefix_length(inputs["input_ids"], inputs["labels"])
+    assert n >= 16, "the chat template's system prompt is the rows' shared prefix"
+    suffix = {k: v[:, n:] for k, v in inputs.items()}
+    with torch.no_grad():
+        shared = answer_logprobs(gen.model, **inputs, share_prefix=True)  # (B,) prefix once, as a cache
+        full = answer_logprobs(gen.model, **inputs)  # (B,) every token through the decoder, no cache
+        alone = answer_logprobs(gen.model, **suffix)  # (B,) what an ignored cache would give
+    torch.testing.assert_close(shared, full, rtol=1e-5, atol=1e-5)
+    assert (shared - alone).abs().min() > 1e-3, "the prefix changed no score: the cache was ignored"

@@ -94,6 +94,17 @@ def test_query_keys_are_checked(key, value, named):
         AppConfig.from_flat({key: value})
 
 
+@pytest.mark.parametrize("eval_key, value", [("eval.top-k", 6), ("eval.recall-k", 12)])
+def test_a_query_run_refuses_fewer_passages_per_node_than_it_evaluates(eval_key, value):
+    """The merge keeps max(eval.top-k, eval.recall-k) passages: below that, the score merge is not one index's top-k
+    and recall@k counts fewer than k passages."""
+    query = {"fed.task": "query", "query.top-k-per-node": 5, "eval.top-k": 2, "eval.recall-k": 5}
+    assert AppConfig.from_flat(query).query.top_k_per_node == 5, "exactly the evaluation depth is enough"
+    with pytest.raises(ConfigError, match=r"'query.top-k-per-node' = 5 .*'eval.top-k'.*'eval.recall-k'"):
+        AppConfig.from_flat({**query, eval_key: value})
+    assert AppConfig.from_flat({**query, eval_key: value, "fed.task": "train"}), "a training run never merges lists"
+
+
 def _reply(content: RecordDict | Error) -> Message:
     return reply(content, 9, message_type="query.retrieve")
 

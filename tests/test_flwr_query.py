@@ -70,7 +70,7 @@ def test_query_run_three_nodes_one_not_opted_in(tmp_path, data_dir, tiny_models_
         "fed.task='query'",
         "fed.min-nodes=3",
         "query.opted-in-partitions='0,1'",
-        "query.top-k-per-node=3",
+        "query.top-k-per-node=5",  # at least eval.recall-k
         "eval.top-k=2",
         "eval.recall-k=5",
         "generator.max-new-tokens=8",

@@ -1,6 +1,6 @@
-"""Which federation options combine (DP, LoRA aggregation, heterogeneous ranks, server optimizers), checked once in
-AppConfig.__post_init__ and, for a node's own LoRA rank, in AppConfig.node_rank (docs/FEDERATION.md, section 6;
-docs/PRIVACY.md). No Flower here: the strategies themselves are built in strategies.py.
+"""Which federation options combine (DP, LoRA aggregation, heterogeneous ranks, server optimizers, a query run's
+depth), checked once in AppConfig.__post_init__ and, for a node's own LoRA rank, in AppConfig.node_rank
+(docs/FEDERATION.md, section 6; docs/PRIVACY.md). No Flower here: the strategies themselves are built in strategies.py.
 """
 
 from __future__ import annotations
@@ -34,6 +34,19 @@ def check_federation_options(cfg: AppConfig) -> None:
     for rank in sorted(set(cfg.fed.ranks)):
         check_rank_options(cfg, "run-config key 'fed.client-ranks'", rank)
     check_strategy_options(cfg)
+    check_query_depth(cfg)
+
+
+def check_query_depth(cfg: AppConfig) -> None:
+    """A query run merges the nodes' lists to depth max(eval.top-k, eval.recall-k): with fewer passages per node the
+    score merge is no longer the top-k of one index over the union, and recall@k counts fewer than k passages."""
+    depth = max(cfg.eval.top_k, cfg.eval.recall_k)
+    if cfg.fed.task == "query" and cfg.query.top_k_per_node < depth:
+        raise ConfigError(
+            f"run-config key 'query.top-k-per-node' = {cfg.query.top_k_per_node} is below "
+            f"'eval.top-k' = {cfg.eval.top_k} / 'eval.recall-k' = {cfg.eval.recall_k}: each node must send at "
+            f"least {depth} passages per question (raise query.top-k-per-node or lower the eval keys)"
+        )
 
 
 def check_rank_options(cfg: AppConfig, where: str, rank: int) -> None:

@@ -252,3 +252,47 @@ def test_ask_federation_run_config_carries_any_question_and_the_answer_is_read_f
         'INFO :      other line {"x": 1}\nINFO :      fedrag-query-metrics {"replies-ok": 2}\n'
     )
     assert answers_from_log(log) == ([{"question": "q", "answer": "Paris", "passages": []}], {"replies-ok": 2})
+
+
+def test_a_node_bounds_what_a_query_run_may_take(small_shard_path, retriever, tmp_path, caplog):
+    """node-config query-max-k (passages per question) and query-max-questions (questions per run, counted over the
+    run's messages): a message over either gets an error reply naming the key, logged on the node, and the server
+    counts it as limited; a new run starts counting afresh."""
+    import logging
+
+    from fedrag_app.federation.node_data import node_data
+    from fedrag_app.flower import client_app
+
+    questions = ["who founded the red cross", "what is the capital of france", "when did world war 2 end"]
+    node = {
+        "data-path": str(tmp_path / "t.jsonl"),
+        "store-path": small_shard_path,
+        "federated-retrieval": True,
+        "query-max-questions": 5,
+        "query-max-k": 3,
+    }
+
+    vectors = retriever.encode_queries(questions).cpu().numpy()
+
+    def ask(ctx: Context, n: int, top_k: int) -> Message:
+        query = {"questions": questions[:n], "vectors": vectors[:n].ravel().tolist(), "embedding-model": retriever.name}
+        content = RecordDict({"query": ConfigRecord({**query, "top-k": top_k})})
+        return client_app.retrieve_passages(message(content, "query.retrieve"), ctx)
+
+    ctx = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={})
+    assert not ask(ctx, 3, 3).has_error(), "3 questions at k = 3: within both bounds"
+    caplog.set_level(logging.WARNING)
+    for n, top_k, named in [(1, 4, "query-max-k = 3"), (3, 2, "query-max-questions = 5")]:
+        out = ask(ctx, n, top_k)
+        assert out.has_error() and named in out.error.reason
+        assert read_reply(_reply(out.error), n, top_k)[0] == "limited"
+        assert any(named in r.getMessage() for r in caplog.records), "the node logs what it refused"
+    assert not ask(ctx, 2, 3).has_error(), "5 questions in all: exactly the bound"
+    assert ask(ctx, 1, 1).has_error(), "the run's 6th question"
+    fresh = Context(run_id=2, node_id=7, node_config=node, state=RecordDict(), run_config={})
+    assert not ask(fresh, 3, 3).has_error(), "another run counts from 0"
+    defaults = node_data(AppConfig(), {k: v for k, v in node.items() if not k.startswith("query-")})
+    assert (defaults.query_max_questions, defaults.query_max_k) == (1000, 20)
+    for key, value in [("query-max-k", 0), ("query-max-k", 101), ("query-max-questions", 0)]:
+        with pytest.raises(ConfigError, match=f"'{key}' = {value}"):
+            node_data(AppConfig(), {**node, key: value})

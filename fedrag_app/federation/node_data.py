@@ -12,6 +12,11 @@ Node-config keys (docs/FEDERATION.md), all optional in simulation where only par
                      default: node-state-<partition-id> beside its training questions
   lora-rank          the LoRA rank this node trains (less compute than the global generator.lora-r); the server
                      pads its reply back to the global rank; default: fed.client-ranks, else generator.lora-r
+  query-max-questions  most questions this node answers in one query run (query.retrieve messages of one run
+                     together); a message over it gets an error reply; default 1000
+  query-max-k        most passages it returns per question (1..100); default 20
+  dp-share-metrics   true to send, under a DP mode, the values computed on its private data that no DP mechanism
+                     covers (losses, example counts, held-out scores, timings): logged on the node; default false
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from fedrag_app.config.app_config import AppConfig
+from fedrag_app.config.query import MAX_TOP_K_PER_NODE
 from fedrag_app.core.errors import ConfigError
 from fedrag_app.data.loaders import QAExample, load_qa_jsonl
 from fedrag_app.federation.partition import MANIFEST, partitions_dir
@@ -38,7 +44,11 @@ NODE_KEYS = {
     "federated-retrieval": bool,
     "state-path": str,
     "lora-rank": int,
+    "query-max-questions": int,
+    "query-max-k": int,
+    "dp-share-metrics": bool,
 }
+QUERY_MAX_QUESTIONS, QUERY_MAX_K = 1000, 20  # a node's default bounds on one query run (docs/FEDERATION.md)
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,9 @@ class NodeData:
     federated_retrieval: bool = False
     state_path: Path | None = None  # node-config state-path, if given
     lora_rank: int | None = None  # node-config lora-rank, if given
+    query_max_questions: int = QUERY_MAX_QUESTIONS  # most questions it answers in one query run
+    query_max_k: int = QUERY_MAX_K  # most passages it returns per question
+    share_metrics: bool = False  # dp-share-metrics: send un-noised values computed on its data under DP
 
     @property
     def state_dir(self) -> Path:
@@ -69,6 +82,10 @@ def _checked(node_config: Mapping[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"node-config key '{key}' = {value!r}: expected {kind.__name__}")
         if key.endswith("-path") and not Path(value).is_absolute():
             raise ConfigError(f"node-config key '{key}' = {value!r}: must be an absolute path")
+        if key == "query-max-questions" and value < 1:
+            raise ConfigError(f"node-config key '{key}' = {value!r}: must be at least 1")
+        if key == "query-max-k" and not 1 <= value <= MAX_TOP_K_PER_NODE:
+            raise ConfigError(f"node-config key '{key}' = {value!r}: must be in 1..{MAX_TOP_K_PER_NODE}")
         out[key] = value
     return out
 
@@ -87,15 +104,7 @@ def node_data(cfg: AppConfig, node_config: Mapping[str, Any]) -> NodeData:
         else:
             raise ConfigError("node-config needs 'store-path' (Qdrant Edge shard) or 'store-url' (Qdrant server)")
         heldout = Path(nc["heldout-path"]) if "heldout-path" in nc else None
-        return NodeData(
-            pid,
-            Path(nc["data-path"]),
-            heldout,
-            store,
-            bool(nc.get("federated-retrieval", False)),
-            Path(nc["state-path"]) if "state-path" in nc else None,
-            nc.get("lora-rank"),
-        )
+        return NodeData(pid, Path(nc["data-path"]), heldout, store, **_own_settings(nc))
     manifest_path = partitions_dir(cfg.partition) / MANIFEST
     if not manifest_path.exists():
         raise ConfigError(
@@ -106,15 +115,19 @@ def node_data(cfg: AppConfig, node_config: Mapping[str, Any]) -> NodeData:
     if not 0 <= pid < len(clients):
         raise ConfigError(f"partition-id {pid} is outside the {len(clients)} partitions in {manifest_path}")
     entry = clients[pid]
-    return NodeData(
-        pid,
-        Path(entry["train"]),
-        Path(entry["heldout"]),
-        {"path": entry["shard"]},
-        bool(nc.get("federated-retrieval", False)),
-        Path(nc["state-path"]) if "state-path" in nc else None,
-        nc.get("lora-rank"),
-    )
+    return NodeData(pid, Path(entry["train"]), Path(entry["heldout"]), {"path": entry["shard"]}, **_own_settings(nc))
+
+
+def _own_settings(nc: Mapping[str, Any]) -> dict[str, Any]:
+    """What a node decides for itself, wherever its data comes from (checked node-config, defaults otherwise)."""
+    return {
+        "federated_retrieval": bool(nc.get("federated-retrieval", False)),
+        "state_path": Path(nc["state-path"]) if "state-path" in nc else None,
+        "lora_rank": nc.get("lora-rank"),
+        "query_max_questions": nc.get("query-max-questions", QUERY_MAX_QUESTIONS),
+        "query_max_k": nc.get("query-max-k", QUERY_MAX_K),
+        "share_metrics": bool(nc.get("dp-share-metrics", False)),
+    }
 
 
 def node_questions(node: NodeData, heldout_fraction: float) -> tuple[list[QAExample], list[QAExample]]:

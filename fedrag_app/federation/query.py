@@ -25,8 +25,9 @@ from fedrag_app.rag.prompts import build_prompt, format_passage
 SIMULATION_KEYS = frozenset({"partition-id", "num-partitions"})  # all a simulated node's node-config holds
 MAX_PASSAGE_CHARS = 20_000  # a reply passage longer than this is refused (the corpus's are ~100 words)
 REFUSAL = "federated retrieval is off on this node"  # in a refusing node's error reply: counted as refused
+LIMITED = "over this node's query limits"  # in the error reply to a message asking more than the node allows
 ANSWERS_FILE, METRICS_FILE = "answers.jsonl", "query-metrics.json"
-REPLY_KINDS = ("ok", "refused", "error", "invalid", "timeout")  # how each node's reply to a batch is counted
+REPLY_KINDS = ("ok", "refused", "limited", "error", "invalid", "timeout")  # how each node's reply to a batch counts
 ANSWER_LOG, METRICS_LOG = "fedrag-answer", "fedrag-query-metrics"  # ServerApp log prefixes `ask --federation` reads
 
 
@@ -124,6 +125,20 @@ def opted_in(
     return partition_id in opted_in_partitions
 
 
+def over_limits(questions: int, top_k: int, answered: int, max_questions: int, max_k: int) -> str | None:
+    """Why a query.retrieve message asks more than the node allows, or None: top_k passages per question against its
+    node-config query-max-k, and ``questions`` more after the ``answered`` ones of this run against
+    query-max-questions. The node refuses the whole message (an error reply the server counts as limited)."""
+    if not 0 < top_k <= max_k:
+        return f"{LIMITED}: top-k = {top_k} passages per question, node-config query-max-k = {max_k}"
+    if answered + questions > max_questions:
+        return (
+            f"{LIMITED}: {questions} more questions after {answered} in this run, node-config "
+            f"query-max-questions = {max_questions}"
+        )
+    return None
+
+
 def pack_hits(per_question: Sequence[Sequence[Any]]) -> dict[str, list]:
     """A node's reply as flat lists (ConfigRecord values cannot nest): ``counts[i]`` passages for question i."""
     flat = [h for hits in per_question for h in hits]
@@ -170,12 +185,14 @@ def unpack_hits(
 
 
 def read_reply(message, n_questions: int, top_k: int) -> tuple[str, list[list[NodeHit]], float, str | None]:
-    """(ok | refused | error | invalid, one passage list per question, the node's seconds, why not ok) of one Flower
-    reply to query.retrieve; a reply that is not ok contributes empty lists. Only the reply's records are read."""
+    """(ok | refused | limited | error | invalid, one passage list per question, the node's seconds, why not ok) of
+    one Flower reply to query.retrieve; a reply that is not ok contributes empty lists. Only the reply's records are
+    read."""
     empty, node = [[] for _ in range(n_questions)], message.metadata.src_node_id
     if message.has_error():
         reason = str(message.error.reason)
-        return ("refused" if REFUSAL in reason else "error"), empty, 0.0, reason[-300:]
+        kind = "refused" if REFUSAL in reason else "limited" if LIMITED in reason else "error"
+        return kind, empty, 0.0, reason[-300:]
     content = message.content
     try:
         if set(content.keys()) != {"docs", "metrics"} or "docs" not in content.config_records:

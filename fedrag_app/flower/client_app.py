@@ -18,14 +18,16 @@ two nodes in one process ever hold the same lock.
 from __future__ import annotations
 
 import time
+from logging import WARNING
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import LocalDpMod, fixedclipping_mod
+from flwr.common import log
+from flwr.common.constant import ErrorCode
 
 from fedrag_app.config.app_config import AppConfig
-from fedrag_app.config.query import MAX_TOP_K_PER_NODE
 from fedrag_app.config.runtime import apply_runtime, release_memory
 from fedrag_app.core.errors import ConfigError
 from fedrag_app.evaluation.evaluate import evaluate_retrieval, evaluate_web_questions
@@ -33,7 +35,7 @@ from fedrag_app.federation.exchange import at_node_rank, load_received_state, ou
 from fedrag_app.federation.node_data import node_questions
 from fedrag_app.federation.node_setup import NodeSetup, node_setup
 from fedrag_app.federation.personal import RoundOf, personal_adapter
-from fedrag_app.federation.query import REFUSAL, opted_in, pack_hits
+from fedrag_app.federation.query import REFUSAL, opted_in, over_limits, pack_hits
 from fedrag_app.flower.records import (
     A_FINGERPRINT,
     CHECKS,
@@ -51,6 +53,7 @@ from fedrag_app.rag.retriever import DualEncoder, load_retriever
 from fedrag_app.training.local_round import run_local_round
 
 app = ClientApp()
+QUERY_ANSWERED = "query-answered"  # context.state ConfigRecord: questions this node answered in this run
 _MODELS: dict = {}  # (generator config, retriever config, runtime) -> (Generator, DualEncoder), one per process
 
 
@@ -207,9 +210,11 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 @app.query("retrieve")
 def retrieve_passages(msg: Message, context: Context) -> Message:
-    """Top-k passages per question from this node's shard, only if it opted in (federated_query.opted_in). The server
-    sends query vectors encoded with the retriever it answers with (e.g. a checkpoint's trained query encoder; the
-    shard is checked against its embedding model); without them the node encodes the questions itself."""
+    """Top-k passages per question from this node's shard, only if it opted in (federated_query.opted_in) and within
+    its node-config bounds (query-max-k per question, query-max-questions per run, counted in context.state): a
+    message over them gets an error reply, logged here. The server sends query vectors encoded with the retriever it
+    answers with (e.g. a checkpoint's trained query encoder; the shard is checked against its embedding model);
+    without them the node encodes the questions itself."""
     started = time.perf_counter()
     setup = node_setup(context.run_config, context.node_config)
     cfg, node = setup.cfg, setup.node
@@ -221,8 +226,10 @@ def retrieve_passages(msg: Message, context: Context) -> Message:
     query = msg.content["query"]
     questions = [str(q) for q in query["questions"]] if "questions" in query else [str(query["question"])]
     top_k = int(query.get("top-k", cfg.eval.top_k))
-    if not 0 < top_k <= MAX_TOP_K_PER_NODE:
-        raise ConfigError(f"query top-k = {top_k}: a node sends 1..{MAX_TOP_K_PER_NODE} passages per question")
+    answered = int(context.state[QUERY_ANSWERED]["questions"]) if QUERY_ANSWERED in context.state else 0
+    if problem := over_limits(len(questions), top_k, answered, node.query_max_questions, node.query_max_k):
+        log(WARNING, "query.retrieve refused: %s", problem)
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=problem), reply_to=msg)
     fingerprint = None  # the shard must hold the context encoder the query vectors were made for, when the server says
     if "vectors" in query:
         vectors, model = np.asarray(query["vectors"], dtype=np.float32), str(query["embedding-model"])
@@ -242,6 +249,7 @@ def retrieve_passages(msg: Message, context: Context) -> Message:
     ) as store:
         hits = store.search_batch(vectors, top_k)
     docs = pack_hits(hits)
+    context.state[QUERY_ANSWERED] = ConfigRecord({"questions": answered + len(questions)})
     if "partition-id" in context.node_config:  # where the passages come from: part of the answer, not a metric
         docs["partition-id"] = node.partition_id
     metrics = metric_record({"node-seconds": time.perf_counter() - started})

@@ -66,16 +66,19 @@ def test_fp16_updates_on_the_wire_compose_with_client_clipping(node):
     assert 0.5 * clip < norm <= clip * 1.02, "clipped (LSR moves the query encoder by more than 1e-3) and intact"
 
 
-def test_local_dp_adds_noise_of_the_calibrated_std_and_never_the_same_noise_twice(node):
+def test_local_dp_adds_noise_of_the_analytic_std_and_never_the_same_noise_twice(node):
     """Local DP hides a node's whole dataset: swapping it moves the clipped update anywhere in the C-ball, so two
-    updates differ by up to 2C and the noise is calibrated to sensitivity 2C (C understated it by half)."""
-    clip, eps, delta = 1e-4, 8.0, 1e-5
+    updates differ by up to 2C and the noise is calibrated to sensitivity 2C. At epsilon = 16 the classic formula
+    (Flower's LocalDpMod) is too small for the reported delta; the node adds the analytic Gaussian sigma."""
+    from fedrag_app.federation.gaussian_dp import gaussian_sigma
+
+    clip, eps, delta = 1e-4, 16.0, 1e-5
     run = {**RALT, "dp.mode": "local", "dp.clipping-norm": clip, "dp.local-epsilon": eps, "dp.delta": delta}
     sent, first = client_round(run, node)
     _, second = client_round(run, node)  # the same seeded training: only the noise may differ
-    expected = 2 * clip * np.sqrt(2 * np.log(1.25 / delta)) / eps
-    assert _gaussian_delta(expected, 2 * clip, eps) <= delta, "the reported (epsilon, delta) holds for this noise"
-    assert _gaussian_delta(expected / 2, 2 * clip, eps) > delta, "noise calibrated to C does not give it"
+    expected = gaussian_sigma(eps, delta, 2 * clip)
+    classic = 2 * clip * np.sqrt(2 * np.log(1.25 / delta)) / eps
+    assert _gaussian_delta(expected, 2 * clip, eps) <= delta < _gaussian_delta(classic, 2 * clip, eps)
     noise = [
         np.concatenate(
             [(record_to_numpy(out.content["arrays"])[k] - record_to_numpy(sent)[k]).ravel() for k in sorted(sent)]
@@ -84,7 +87,53 @@ def test_local_dp_adds_noise_of_the_calibrated_std_and_never_the_same_noise_twic
     ]
     assert noise[0].size > 100_000
     assert np.std(noise[0]) == pytest.approx(expected, rel=0.01)  # the clipped update (norm <= 1e-4) is negligible
+    assert abs(expected / classic - 1) > 0.1, "the two calibrations differ by more than the test's tolerance"
     assert np.corrcoef(noise[0], noise[1])[0, 1] < 0.01, "two rounds drew the same noise: it is predictable"
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.5, 1.0, 2.0, 4.0, 8.0, 8.5, 12.0, 16.0, 32.0, 64.0])
+def test_the_analytic_sigma_gives_exactly_the_configured_delta_at_every_epsilon(eps):
+    """At the computed sigma the exact delta (Balle & Wang, Theorem 8, written out in this file) is at most the
+    configured one, and 0.1% less noise would exceed it: no more noise than needed."""
+    from fedrag_app.federation.gaussian_dp import gaussian_sigma
+
+    delta, sensitivity = 1e-5, 2 * 0.05
+    sigma = gaussian_sigma(eps, delta, sensitivity)
+    assert _gaussian_delta(sigma, sensitivity, eps) <= delta < _gaussian_delta(0.999 * sigma, sensitivity, eps)
+    if eps == 16.0:  # the classic formula is not (16, 1e-5)-DP: its delta is 34 times the configured one
+        classic = sensitivity * np.sqrt(2 * np.log(1.25 / delta)) / eps
+        assert _gaussian_delta(classic, sensitivity, eps) > 30 * delta
+
+
+def _pld_delta(eps: float, mu: float) -> float:
+    """delta(eps) = E[(1 - e^(eps - L))+] for the privacy loss L ~ N(mu^2/2, mu^2) of a Gaussian mechanism with
+    Delta/sigma = mu, integrated numerically: the definition, independent of the closed form."""
+    eta = mu * mu / 2
+    loss = np.linspace(eps, eta + 40 * mu, 400_001)
+    pdf = np.exp(-((loss - eta) ** 2) / (2 * mu * mu)) / (mu * np.sqrt(2 * np.pi))
+    return float(np.trapezoid((1 - np.exp(eps - loss)) * pdf, loss))
+
+
+def test_local_epsilon_over_rounds_is_composed_by_an_accountant_not_summed():
+    """Each round a node releases a Gaussian mechanism of noise multiplier z = sigma / 2C; R of them are exactly one of
+    z / sqrt(R). One round gives back the configured epsilon; R rounds cost less than R x epsilon and no more than
+    Flower's RDP accountant says, and the delta of the privacy-loss distribution at the reported epsilon is delta."""
+    from fedrag_app.federation.gaussian_dp import composed_epsilon, gaussian_sigma
+
+    clip, eps, delta = 0.05, 8.0, 1e-5
+    run = {"dp.mode": "local", "dp.clipping-norm": clip, "dp.local-epsilon": eps, "dp.delta": delta}
+    strategy, cfg = checked({"lora.w": np.zeros(4, np.float32)}, run), AppConfig.from_flat(run).dp
+    z = gaussian_sigma(eps, delta, 2 * clip) / (2 * clip)
+    one = strategy.privacy_metrics(1, cfg)
+    assert one["dp-epsilon"] == pytest.approx(eps, rel=1e-9) and one["dp-noise-multiplier"] == pytest.approx(z)
+    for rounds in (2, 5, 20):
+        spent = strategy.privacy_metrics(rounds, cfg)
+        assert spent["dp-delta"] == delta and spent["dp-releases"] == rounds
+        assert spent["dp-epsilon"] < rounds * eps, "basic composition (the sum) is what it replaces"
+        assert spent["dp-epsilon"] <= rdp_epsilon(z, rounds, delta), "exact composition is at most RDP's bound"
+        assert _pld_delta(spent["dp-epsilon"], np.sqrt(rounds) / z) == pytest.approx(delta, rel=1e-4)
+    assert composed_epsilon(1.0, 1, 0.3829249225480262 * 1.0000001) < 1e-6, "delta(0) of 1-GDP is 2 Phi(1/2) - 1"
+    assert strategy.privacy_metrics(5, cfg)["dp-epsilon"] == pytest.approx(22.16, abs=0.01)  # README's figure
 
 
 # --- server-side DP ------------------------------------------------------------------------------------------------

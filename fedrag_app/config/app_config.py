@@ -350,8 +350,16 @@ class PrivacyConfig:
     )
     clipping_norm: float = _help("L2 bound on one client's update (all sent weights together)", 1.0)
     noise_multiplier: float = _help("central modes: noise std = multiplier x clipping-norm / nodes per round", 1.0)
-    delta: float = _help("the delta at which epsilon is reported (central) or spent per round (local)", 1e-5)
-    local_epsilon: float = _help("local mode: epsilon each node spends per round", 8.0)
+    delta: float = _help(
+        "the delta at which epsilon is reported in the metrics (both modes) and, in local mode, each round's noise "
+        "is calibrated",
+        1e-5,
+    )
+    local_epsilon: float = _help(
+        "local mode: epsilon of one round (noise by the analytic Gaussian mechanism; rounds composed exactly, not "
+        "summed)",
+        8.0,
+    )
 
     def __post_init__(self) -> None:
         _one_of("dp", "mode", self.mode, ("off", "client-clip", "server-clip", "local"))

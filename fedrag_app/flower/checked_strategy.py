@@ -22,6 +22,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedrag_app.config.app_config import PrivacyConfig
 from fedrag_app.federation.exchange import check_frozen_a, check_update, check_update_at_rank
+from fedrag_app.federation.gaussian_dp import composed_epsilon, local_dp_sigma
 from fedrag_app.federation.lora_aggregation import adapter_rank, rank_update_average
 from fedrag_app.flower.records import A_FINGERPRINT, CHECKS, from_wire_update, numpy_to_record, record_to_numpy
 
@@ -152,8 +153,9 @@ class CheckedStrategy(Strategy):
         return metrics
 
     def privacy_metrics(self, rounds_done: int, cfg: PrivacyConfig) -> dict[str, float]:
-        """epsilon spent so far: Flower's RDP accountant in the central modes; per-round epsilon x rounds (basic
-        composition) in local mode; nothing when DP is off."""
+        """epsilon spent so far: Flower's RDP accountant in the central modes; in local mode each node's rounds
+        composed exactly (gaussian_dp.composed_epsilon: its noise multiplier sigma / 2C, one release per round done),
+        at dp.delta; nothing when DP is off."""
         spent = self.inner.privacy_spent() if hasattr(self.inner, "privacy_spent") else None
         if spent is not None:
             return {
@@ -162,7 +164,13 @@ class CheckedStrategy(Strategy):
                 "dp-releases": spent.num_releases,
             }
         if cfg.mode == "local":
-            return {"dp-epsilon": cfg.local_epsilon * rounds_done, "dp-delta": cfg.delta * rounds_done}
+            z = local_dp_sigma(cfg.clipping_norm, cfg.local_epsilon, cfg.delta) / (2 * cfg.clipping_norm)
+            return {
+                "dp-epsilon": composed_epsilon(z, rounds_done, cfg.delta),
+                "dp-delta": cfg.delta,
+                "dp-releases": rounds_done,
+                "dp-noise-multiplier": z,
+            }
         return {}
 
 

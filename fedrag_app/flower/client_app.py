@@ -23,7 +23,7 @@ from logging import WARNING
 import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.clientapp.mod import LocalDpMod, fixedclipping_mod
+from flwr.clientapp.mod import fixedclipping_mod
 from flwr.common import log
 from flwr.common.constant import ErrorCode
 
@@ -36,6 +36,7 @@ from fedrag_app.federation.node_data import node_questions
 from fedrag_app.federation.node_setup import NodeSetup, node_setup
 from fedrag_app.federation.personal import RoundOf, personal_adapter
 from fedrag_app.federation.query import REFUSAL, opted_in, over_limits, pack_hits
+from fedrag_app.flower.local_dp import AnalyticLocalDpMod
 from fedrag_app.flower.records import (
     A_FINGERPRINT,
     CHECKS,
@@ -68,24 +69,18 @@ def _models(cfg: AppConfig) -> tuple[Generator, DualEncoder]:
 
 
 def privacy_mod(msg: Message, context: Context, call_next) -> Message:
-    """dp.mode picks Flower's own client-side DP mod for this run: fixedclipping_mod (client-clip: the node clips its
-    update to the clipping norm the server's DP wrapper sends) or LocalDpMod (local: it clips and adds its own
-    noise). Local DP protects a node's whole contribution: swapping its dataset moves its clipped update by up to
-    2C (two updates of norm <= C), so the noise is calibrated to sensitivity 2C, not C. Both require the train
-    message's one ArrayRecord and one ConfigRecord, and reply keys in the order received, which is the layout this
-    app uses."""
+    """dp.mode picks the client-side DP mod for this run: Flower's fixedclipping_mod (client-clip: the node clips its
+    update to the clipping norm the server's DP wrapper sends) or AnalyticLocalDpMod (local: it clips and adds its
+    own noise, calibrated by the analytic Gaussian mechanism). Local DP covers the node's weights against its whole
+    dataset swapped: that moves its clipped update by up to 2C (two updates of norm <= C), so the noise is calibrated
+    to sensitivity 2C, not C. Both require the train message's one ArrayRecord and one ConfigRecord, and reply keys
+    in the order received, which is the layout this app uses."""
     dp = AppConfig.from_flat(context.run_config).dp
     if dp.mode == "client-clip":
         return fixedclipping_mod(msg, context, call_next)
     if dp.mode == "local":
-
-        def train_then_unseed(m: Message, c: Context) -> Message:
-            reply = call_next(m, c)
-            np.random.seed()  # training seeded numpy from runtime.seed; the mod's noise must not be predictable
-            return reply
-
-        return LocalDpMod(dp.clipping_norm, 2 * dp.clipping_norm, dp.local_epsilon, dp.delta)(
-            msg, context, train_then_unseed
+        return AnalyticLocalDpMod(dp.clipping_norm, 2 * dp.clipping_norm, dp.local_epsilon, dp.delta)(
+            msg, context, call_next
         )
     return call_next(msg, context)
 

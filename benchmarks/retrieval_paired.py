@@ -15,7 +15,6 @@ interval of the recall@k and MRR@k differences. Retrieval only (no generation): 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
@@ -33,28 +32,12 @@ from fedrag_app.core.atomic import write_json  # noqa: E402
 from fedrag_app.data.loaders import load_web_questions  # noqa: E402
 from fedrag_app.evaluation.evaluate import answer_ranks  # noqa: E402
 from fedrag_app.evaluation.metrics import recall_at_k, reciprocal_rank  # noqa: E402
+from fedrag_app.evaluation.paired import bootstrap_interval, sign_test_p  # noqa: E402
 from fedrag_app.rag.pipeline import open_store  # noqa: E402
 from fedrag_app.rag.retrieval import retrieve  # noqa: E402
 from fedrag_app.rag.retriever import load_retriever  # noqa: E402
 
 FULL_CORPUS = ["store.passages-limit=0"]  # the quality table's evaluation store
-
-
-def sign_test_p(gained: int, lost: int) -> float:
-    """Exact two-sided binomial test of gained vs lost discordant questions (McNemar's exact test)."""
-    n = gained + lost
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(gained, lost) + 1)) / 2**n
-    return min(1.0, 2 * tail)
-
-
-def bootstrap_interval(diff: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
-    """95% interval of the mean of per-question differences, resampling questions with replacement."""
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(low), float(high)
 
 
 def main() -> None:

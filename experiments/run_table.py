@@ -3,9 +3,13 @@ rows that train nothing), then mean ± std over seeds as markdown, JSON and a PN
 
     python experiments/run_table.py experiments/tables/privacy_aggregation.toml
 
-A table file names its partitions (one `fedrag-app partition` per column), the run-config shared by every cell,
-its rows (run-config overrides) and seeds. Finished cells are kept (`results/<table>/cells/.../seed-N.json`), so
-an interrupted table resumes where it stopped; --fresh starts over. The result table is rewritten after every cell.
+A table file names its partitions (one `fedrag-app partition` per column, or per column and seed with
+`partition-per-seed = true`), the run-config shared by every cell, its rows (run-config overrides) and seeds. Each
+cell's per-question predictions are kept beside its result; with `baseline = "<row name>"` every other row is
+compared with that row question by question (fedrag_app/evaluation/paired.py: mean difference, 95% paired-bootstrap
+interval, questions gained/lost and the sign test), per row over its seeds. Finished cells are kept
+(`results/<table>/cells/.../seed-N.json`), so an interrupted table resumes where it stopped; --fresh starts over. The
+result table is rewritten after every cell.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import follow_run  # noqa: E402
 
 from fedrag_app.config.values import toml_value  # noqa: E402
 from fedrag_app.core.atomic import atomic_dir, atomic_path, write_json, write_text  # noqa: E402
+from fedrag_app.evaluation.paired import compare  # noqa: E402
 
 console = Console()
 
@@ -52,8 +57,9 @@ def load_table(path: Path) -> dict:
     return table
 
 
-def partition(column: dict, folder: Path, env: dict) -> None:
-    """The column's institutions: questions and one Qdrant shard each (kept if already built)."""
+def partition(column: dict, folder: Path, env: dict, seed: int | None = None) -> None:
+    """The column's institutions: questions and one Qdrant shard each (kept if already built); with ``seed``, the
+    split that seed draws (each seed its own institutions' data), else runtime.seed's default."""
     if (folder / "manifest.json").exists():
         return
     argv = [
@@ -66,6 +72,8 @@ def partition(column: dict, folder: Path, env: dict) -> None:
         "--out",
         str(folder),
     ] + [arg for k, v in column.get("partition", {}).items() for arg in ("--set", f"{k}={toml_value(v, k)}")]
+    if seed is not None:
+        argv += ["--set", f"runtime.seed={seed}"]
     subprocess.run(argv, check=True, env=env)
 
 
@@ -96,8 +104,9 @@ def run_cell(table: dict, column: dict, row: dict, seed: int, parts: Path, out: 
             if not k.startswith(("fed.", "partition.", "dp."))
             for arg in ("--set", f"{k}={toml_value(v, k)}")
         ]
+        predictions = ["--predictions", str(out / "predictions.jsonl")]
         subprocess.run(
-            [str(BIN / "fedrag-app"), "evaluate", "--output", str(out / "evaluate.json"), *flags],
+            [str(BIN / "fedrag-app"), "evaluate", "--output", str(out / "evaluate.json"), *predictions, *flags],
             check=True,
             env=env,
             stdout=subprocess.DEVNULL,
@@ -161,6 +170,84 @@ def keep_adapter(cell_out: Path, dest: Path) -> Path | None:
         shutil.copytree(rounds[-1] / "adapter", tmp, dirs_exist_ok=True, ignore=skip)
         write_json(tmp / "round.json", {"round": state["round"], "run-config": state.get("config", {})}, indent=1)
     return dest
+
+
+def cell_predictions(out: Path) -> Path | None:
+    """A finished cell's per-question predictions: an evaluation's file, or the server's last evaluated round's."""
+    if (out / "predictions.jsonl").exists():
+        return out / "predictions.jsonl"
+    rounds = sorted((out / "predictions").glob("round-*.jsonl"), key=lambda p: int(p.stem.split("-")[1]))
+    return rounds[-1] if rounds else None
+
+
+def read_predictions(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def paired_rows(table: dict, results: list[dict], predictions_of) -> list[dict]:
+    """Every row but the baseline against the baseline row, per column, question by question over the row's seeds
+    (fedrag_app/evaluation/paired.py); [] when the table names no baseline or its predictions are missing."""
+    name = table.get("baseline")
+    base_cells = [r for r in results if r["row"] == name]
+    base_file = predictions_of(base_cells[0]) if base_cells else None
+    if base_file is None:
+        return []
+    base = read_predictions(base_file)
+    recall_k = int(table.get("run", {}).get("eval.recall-k", 10))
+    out = []
+    for column in table["columns"]:
+        for row in table["rows"]:
+            files = [
+                f
+                for r in results
+                if r["row"] == row["name"] and r["column"] == column["name"] and row["name"] != name
+                if (f := predictions_of(r)) is not None
+            ]
+            if files:
+                runs = [read_predictions(f) for f in files]
+                out.append(
+                    {
+                        "row": row["name"],
+                        "column": column["name"],
+                        "baseline": name,
+                        "seeds": len(files),
+                        "metrics": compare(base, runs, recall_k=recall_k),
+                    }
+                )
+    return out
+
+
+def summarise_paired(table: dict, paired: list[dict]) -> str:
+    """Markdown: per column, each row's mean difference against the baseline with its 95% paired interval (and, for
+    0/1 metrics, questions gained/lost and the sign test's p)."""
+    if not paired:
+        return ""
+    metrics = table.get("paired-metrics", table["metrics"])
+    lines = [
+        f"## Paired against '{table['baseline']}' (same questions; difference, 95% bootstrap interval over "
+        "questions, each question averaged over the row's seeds; gained/lost, sign-test p)",
+        "",
+    ]
+    for column in table["columns"]:
+        rows = [p for p in paired if p["column"] == column["name"]]
+        if not rows:
+            continue
+        lines += [f"### {column['name']}", "", "| row | seeds | " + " | ".join(metrics) + " |"]
+        lines.append("|---|---|" + "---|" * len(metrics))
+        for p in rows:
+            cells = []
+            for metric in metrics:
+                m = p["metrics"].get(metric)
+                if m is None:
+                    cells.append("–")
+                    continue
+                text = f"{m['diff']:+.3f} [{m['low']:+.3f}, {m['high']:+.3f}]"
+                if "sign-p" in m:
+                    text += f" {m['gained']:.0f}/{m['lost']:.0f} p={m['sign-p']:.2g}"
+                cells.append(text)
+            lines.append(f"| {p['row']} | {p['seeds']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def _number(x: float) -> str:
@@ -279,6 +366,11 @@ def main(
         trains = row.get("kind") != "evaluate"  # an evaluation trains nothing: one run serves every column
         return runs / (slug(column["name"]) if trains else "evaluate") / slug(row["name"]) / f"seed-{seed}"
 
+    def partitions_of(column: dict, seed: int) -> Path:
+        """The column's institutions: one split per seed with `partition-per-seed`, else one for every seed."""
+        folder = root / "partitions" / slug(column["name"])
+        return folder / f"seed-{seed}" if table.get("partition-per-seed") else folder
+
     def result_file(column: dict, row: dict, seed: int) -> Path:
         """A cell's final metrics, kept in git (its checkpoints and logs in runs/ are not)."""
         return root / "cells" / cell_dir(column, row, seed).relative_to(runs).with_suffix(".json")
@@ -291,10 +383,23 @@ def main(
             if (done := result_file(c, r, s)).exists()
         ]
 
+    def predictions_file(column: dict, row: dict, seed: int) -> Path:
+        """A cell's per-question predictions, kept in git beside its result."""
+        return root / "predictions" / cell_dir(column, row, seed).relative_to(runs).with_suffix(".jsonl")
+
+    def predictions_of(result: dict) -> Path | None:
+        column = next(c for c in table["columns"] if c["name"] == result["column"])
+        row = next(r for r in table["rows"] if r["name"] == result["row"])
+        path = predictions_file(column, row, result["seed"])
+        return path if path.exists() else None
+
     def report() -> list[dict]:
         results = finished()
-        write_text(root / "table.md", summarise(table, results))
+        paired = paired_rows(table, results, predictions_of)
+        write_text(root / "table.md", summarise(table, results) + "\n" + summarise_paired(table, paired))
         write_json(root / "results.json", results, indent=1, sort_keys=False)
+        if paired:
+            write_json(root / "paired.json", paired, indent=1, sort_keys=False)
         plot(table, results, root / "table.png")
         return results
 
@@ -312,13 +417,15 @@ def main(
                 for column, row, seed in todo:
                     out = cell_dir(column, row, seed)
                     if not result_file(column, row, seed).exists():
+                        parts = partitions_of(column, seed)
                         if row.get("kind") != "evaluate":
-                            partition(column, root / "partitions" / slug(column["name"]), env)
+                            partition(column, parts, env, seed if table.get("partition-per-seed") else None)
                         out.mkdir(parents=True, exist_ok=True)
                         progress.console.print(f"[bold]{column['name']} · {row['name']} · seed {seed}[/]")
-                        result = run_cell(
-                            table, column, row, seed, root / "partitions" / slug(column["name"]), out, env
-                        )
+                        result = run_cell(table, column, row, seed, parts, out, env)
+                        if (found := cell_predictions(out)) is not None:
+                            predictions_file(column, row, seed).parent.mkdir(parents=True, exist_ok=True)
+                            shutil.copyfile(found, predictions_file(column, row, seed))
                         if table.get("keep-adapters") and row.get("kind") != "evaluate":
                             keep_adapter(out, root / "adapters" / cell_dir(column, row, seed).relative_to(runs))
                         result_file(column, row, seed).parent.mkdir(parents=True, exist_ok=True)
@@ -326,7 +433,7 @@ def main(
                         report()
                     progress.advance(task)
         except KeyboardInterrupt:
-            for partial in (root / "partitions").glob(".*.tmp-*"):  # a partition killed mid-write (atomic_dir's temp)
+            for partial in (root / "partitions").rglob(".*.tmp-*"):  # a partition killed mid-write (atomic_dir's temp)
                 shutil.rmtree(partial, ignore_errors=True)
             console.print(
                 f"[yellow]interrupted[/]: finished cells are kept in {root / 'cells'}; run the same command "

@@ -269,14 +269,18 @@ def evaluate(
     ),
     no_retrieval: bool = typer.Option(False, "--no-retrieval", help="closed-book baseline"),
     output: Path | None = typer.Option(None, help="write the results as JSON here"),
+    predictions: Path | None = typer.Option(
+        None, help="write one JSON line per question here (id, question, gold, answer, scores, retrieved ids)"
+    ),
     config: Path | None = ConfigOpt,
     sets: list[str] | None = SetOpt,
     data_dir: str | None = DataDirOpt,
 ) -> None:
-    """MMLU (letter log-likelihood and generation), Web Questions EM/F1, retrieval recall@k and MRR."""
+    """MMLU (eval.mmlu-protocols: letter, generated letter, circular, cloze), Web Questions EM/F1, retrieval
+    recall@k and MRR."""
     from fedrag_app.config.runtime import apply_runtime
     from fedrag_app.core.atomic import write_json
-    from fedrag_app.evaluation.evaluate import format_table, run_evaluation
+    from fedrag_app.evaluation.evaluate import format_table, run_evaluation, write_predictions
     from fedrag_app.rag.generator import load_generator
     from fedrag_app.rag.pipeline import open_store
     from fedrag_app.rag.retriever import load_retriever
@@ -299,11 +303,15 @@ def evaluate(
         kb = open_store(cfg, retriever) if retriever is not None else None
     try:
         with console.status("evaluating"):
-            results = run_evaluation(cfg, gen, retriever, kb)
+            records: list[dict] = []
+            results = run_evaluation(cfg, gen, retriever, kb, records=records)
     finally:
         if kb is not None:
             kb.close()
     console.print(format_table(results))
+    if predictions is not None:
+        write_predictions(predictions, records)
+        console.print(f"[green]wrote[/] {predictions} ({len(records)} questions)")
     if output is not None:
         write_json(output, {"results": results, "config": cfg.to_flat()})
         console.print(f"[green]wrote[/] {output}")

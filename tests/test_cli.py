@@ -111,6 +111,8 @@ def test_evaluate_writes_results_json(tmp_path, small_shard_path):
             "evaluate",
             "--output",
             str(out),
+            "--predictions",
+            str(tmp_path / "predictions.jsonl"),
             "--set",
             f"store.path={small_shard_path}",
             "--set",
@@ -124,6 +126,10 @@ def test_evaluate_writes_results_json(tmp_path, small_shard_path):
     assert result.exit_code == 0, result.output
     saved = json.loads(out.read_text())
     assert saved["results"]["mmlu-loglik-n"] == 2 and "retrieval-recall@10" in saved["results"]
+    rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert [r["dataset"] for r in rows] == ["mmlu", "mmlu", "web_questions", "web_questions"]
+    assert all({"loglik", "generate", "circular", "cloze"} <= set(r) for r in rows[:2])
+    assert all({"answer", "em", "f1", "retrieved", "answer_rank"} <= set(r) for r in rows[2:])
     closed = CliRunner().invoke(
         app,
         [

@@ -6,7 +6,7 @@ from fedrag_app.config.app_config import AppConfig, TrainConfig
 from fedrag_app.data.loaders import QAExample, load_web_questions
 from fedrag_app.rag.generator import load_lora_state_dict, lora_state_dict
 from fedrag_app.rag.knowledge_store import KnowledgeStore
-from fedrag_app.training.local_round import phases, round_examples, run_local_round
+from fedrag_app.training.local_round import phases, round_examples, round_mmlu, run_local_round
 
 TINY = {
     "train.mode": "ra-dit",
@@ -55,8 +55,22 @@ def test_rounds_cover_the_whole_partition_once_per_pass_then_wrap():
         "the second pass trains the second answers"
     )
     everything = round_examples(PARTITION, 0, seed=7, server_round=2)  # 0 = all: round 2 is the second pass
-    assert ids(everything) == ids(walk[30:60]) and round_examples(PARTITION, 100, seed=7, server_round=2) == everything
+    aligned = [e for r in (4, 5, 6) for e in round_examples(PARTITION, 10, seed=7, server_round=r)]  # pass 2 exactly
+    assert ids(everything) == ids(aligned) and round_examples(PARTITION, 100, seed=7, server_round=2) == everything
+    assert sorted(ids(everything)) == sorted(ids(walk[30:60]))
     assert ids(round_examples(PARTITION, 8, seed=8, server_round=1)) != ids(walk[:8]), "the seed picks the order"
+
+
+def test_a_round_that_straddles_two_passes_never_takes_a_question_twice():
+    """7 a round over 30 questions: rounds 5, 9, 13, ... each take the last items of one pass and the first of the
+    next. Each round holds 7 distinct questions, and every pass still covers all 30."""
+    for seed in range(40):
+        rounds = [ids(round_examples(PARTITION, 7, seed=seed, server_round=r)) for r in range(1, 14)]
+        assert all(len(set(r)) == 7 for r in rounds), f"seed {seed}: a question twice in one round"
+        flat = [q for r in rounds for q in r]
+        assert sorted(flat[:30]) == sorted(flat[30:60]) == sorted(ids(PARTITION))
+    picked = round_mmlu(list(range(10)), 4, seed=1, server_round=3)  # the mixture's walk: its own, same rules
+    assert len(set(picked)) == 4 and round_mmlu([], 4, seed=1, server_round=3) == []
 
 
 def test_a_resumed_round_equals_the_uninterrupted_one():

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from fedrag_app.config.app_config import AppConfig, PartitionConfig
-from fedrag_app.data.loaders import load_qa_jsonl, load_web_questions
+from fedrag_app.data.loaders import load_mmlu_jsonl, load_qa_jsonl, load_web_questions
 from fedrag_app.federation.partition import (
     assign_articles,
     client_documents,
@@ -43,6 +43,16 @@ def test_iid_split_is_disjoint_and_complete(questions):
     seen = [e.question for part in parts for e in part]
     assert len(seen) == len(set(seen)) == len(questions)
     assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_iid_split_follows_the_seed():
+    """IidPartitioner cuts contiguous blocks: without a seeded shuffle every seed would train on one split."""
+    qs = load_web_questions("train", AppConfig().data)[:300]
+    cfg = PartitionConfig(num_partitions=3)
+    first = [[e.id for e in part] for part in split_questions(qs, cfg, seed=1)]
+    assert first == [[e.id for e in part] for part in split_questions(qs, cfg, seed=1)]
+    assert first != [[e.id for e in part] for part in split_questions(qs, cfg, seed=2)]
+    assert first[0] != [e.id for e in qs[:100]], "not the file's first block"
 
 
 def test_dirichlet_split_is_skewed_by_topic_and_keeps_an_entity_together(questions):
@@ -125,6 +135,10 @@ def test_make_partitions_writes_per_client_files_shards_and_manifest(tmp_path, m
         linked = {t for t in _corpus_titles(cfg) if title_key(t) in keys}
         assert client["own-topic-articles"] == len(mine & linked)
         assert not linked or mine & linked, "a client's own topics' articles come first in its shard"
+    mmlu = [load_mmlu_jsonl(c["mmlu"]) for c in manifest["clients"]]
+    assert abs(len(mmlu[0]) - len(mmlu[1])) <= 1 and len(mmlu[0]) > 800
+    assert not {q.id for q in mmlu[0]} & {q.id for q in mmlu[1]}, "each client its own share"
+    assert "global_facts" not in {q.subject for part in mmlu for q in part}, "an evaluated subject is never trained"
     assert not list(tmp_path.rglob("*.tmp"))
 
 

@@ -133,3 +133,38 @@ def test_loss_falls_over_a_few_steps_on_a_fixed_tiny_set(generator, restore_lora
         losses.append(loss.item())
     generator.model.eval()
     assert losses[-1] < losses[0] * 0.7, losses
+
+
+def test_the_multiple_choice_mixture_is_prompted_as_evaluation_and_teaches_no_letter(generator, data_dir):
+    """Every pool question with gold 'A': the mixture still answers with each letter about a quarter of the time, the
+    prompt is MMLU evaluation's prompt for the shuffled choices, and only ' X' + EOS carries labels."""
+    import dataclasses
+    import itertools
+
+    from fedrag_app.config.app_config import DataConfig
+    from fedrag_app.data.loaders import CHOICE_LETTERS, load_mmlu_pool
+    from fedrag_app.evaluation.mmlu import letter_token_ids
+    from fedrag_app.rag.prompts import build_mmlu_prompt
+    from fedrag_app.training.ralt import mixture_sequences
+
+    tok = generator.tokenizer
+    pool = [dataclasses.replace(q, answer="A") for q in load_mmlu_pool(DataConfig(dir=str(data_dir)), ())[:200]]
+    hits = [[Hit("p", 1.0, "Title", "Some passage text.")] for _ in pool]
+    sequences = mixture_sequences(tok, pool, hits, RaltConfig(top_k=1, max_seq_len=2048), random.Random(0))
+    letters = letter_token_ids(tok)
+    taught = []
+    for q, s in zip(pool, sequences):
+        labelled = [t for t in s.labels if t != IGNORE]
+        assert labelled[1:] == [tok.eos_token_id] and labelled[0] in letters
+        letter = CHOICE_LETTERS[letters.index(labelled[0])]
+        prompt = s.input_ids[: len(s.input_ids) - 2]
+        passage = [format_passage("Title", "Some passage text.")]
+        shown = [
+            list(order)
+            for order in itertools.permutations(q.choices)
+            if tok(build_mmlu_prompt(tok, q.question, order, passage), add_special_tokens=False)["input_ids"] == prompt
+        ]
+        assert shown and shown[0][CHOICE_LETTERS.index(letter)] == q.choices[0], "the letter names the gold choice"
+        taught.append(letter)
+    shares = [taught.count(letter) / len(taught) for letter in CHOICE_LETTERS]
+    assert min(shares) > 0.15, f"letters taught {shares}"

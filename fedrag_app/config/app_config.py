@@ -155,7 +155,20 @@ class RaltConfig:
     batch_size: int = _help("questions per step; each contributes top-k sequences", 4)
     top_k: int = _help("retrieved passages per question, one training sequence each", 2)
     max_seq_len: int = _help("tokens per sequence; the context is truncated, never the answer", 512)
-    no_context_ratio: float = _help("share of extra examples with no retrieved passage", 0.0)
+    no_context_ratio: float = _help(
+        "closed-book share of the mixture: per question of the round, this many extra examples with no "
+        "retrieved passage (drawn from the round's questions)",
+        0.0,
+    )
+    mmlu_ratio: float = _help(
+        "multiple-choice share of the mixture: per question of the round, this many extra MMLU dev/val "
+        "questions (the node's own share: partition's mmlu.jsonl, or node-config mmlu-path) answered with "
+        "the letter after the same prompt evaluation uses, choices in a seeded random order; 0 = none",
+        0.0,
+    )
+    mmlu_exclude_subjects: tuple[str, ...] = _help(
+        "MMLU subjects never trained on (besides every eval.mmlu-subject other than 'all')", ("global_facts",)
+    )
     length_grouping: bool = _help("group sequences of similar length into a batch to cut padding", True)
     forward_tokens: int = _help(
         "most padded tokens per forward/backward: a step's batch runs as micro-batches of whole "
@@ -170,6 +183,7 @@ class RaltConfig:
         _positive("ralt", "top_k", self.top_k)
         _positive("ralt", "max_seq_len", self.max_seq_len)
         _fraction("ralt", "no_context_ratio", self.no_context_ratio)
+        _positive("ralt", "mmlu_ratio", self.mmlu_ratio, zero_ok=True)
 
 
 @dataclass(frozen=True)
@@ -217,9 +231,24 @@ class LsrConfig:
 class EvalConfig:
     """Evaluation protocol (ALGORITHMS.md, Evaluation)."""
 
-    mmlu_subject: str = _help("MMLU subject", "global_facts")
+    mmlu_subject: tuple[str, ...] = _help(
+        "comma-separated MMLU subjects, each evaluated on its own: a subject name, or 'all' (a fixed sample of "
+        "eval.mmlu-per-subject questions from each of the 57, reported overall and per category); the first keeps "
+        "the plain 'mmlu-' metric names, each further one is prefixed 'mmlu-<subject>-'",
+        ("global_facts",),
+    )
     mmlu_split: str = _help("MMLU split: test | val | dev", "test")
-    mmlu_limit: int = _help("first N MMLU questions; 0 = all", 0)
+    mmlu_limit: int = _help("first N MMLU questions of each subject; 0 = all", 0)
+    mmlu_protocols: tuple[str, ...] = _help(
+        "comma-separated MMLU scoring protocols: loglik (letter log-likelihood) | generate (letter parsed from "
+        "greedy output) | circular (choices rotated through the 4 positions: no letter prior) | cloze "
+        "(each choice's text as the answer, per-character log-likelihood: no letter prior)",
+        ("loglik", "generate", "circular", "cloze"),
+    )
+    mmlu_per_subject: int = _help("eval.mmlu-subject = all: questions sampled from each subject", 20)
+    mmlu_sample_seed: int = _help(
+        "eval.mmlu-subject = all: the sample's seed (fixed, so every run and model sees the same questions)", 0
+    )
     web_questions_limit: int = _help("first N Web Questions test questions; 0 = all 2,032", 200)
     top_k: int = _help("passages put in the prompt", 2)
     recall_k: int = _help("k of retrieval answer-recall@k and MRR@k", 10)
@@ -229,6 +258,16 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _one_of("eval", "mmlu_split", self.mmlu_split, ("test", "val", "dev"))
         _positive("eval", "mmlu_limit", self.mmlu_limit, zero_ok=True)
+        _positive("eval", "mmlu_per_subject", self.mmlu_per_subject)
+        if not self.mmlu_subject or len(set(self.mmlu_subject)) != len(self.mmlu_subject):
+            raise ConfigError(
+                f"run-config key 'eval.mmlu-subject' = {','.join(self.mmlu_subject)!r}: name each "
+                "subject once, at least one"
+            )
+        for protocol in self.mmlu_protocols:
+            _one_of("eval", "mmlu_protocols", protocol, ("loglik", "generate", "circular", "cloze"))
+        if not self.mmlu_protocols:
+            raise ConfigError("run-config key 'eval.mmlu-protocols' is empty: name at least one protocol")
         _positive("eval", "web_questions_limit", self.web_questions_limit, zero_ok=True)
         _positive("eval", "top_k", self.top_k, zero_ok=True)
         _positive("eval", "recall_k", self.recall_k)

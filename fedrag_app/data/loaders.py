@@ -7,12 +7,14 @@ missing field or missing file is a DataError naming the file and line.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedrag_app.config.app_config import DataConfig
+from fedrag_app.config.app_config import AppConfig, DataConfig
 from fedrag_app.core.atomic import write_text
 from fedrag_app.core.environment import data_dir
 from fedrag_app.core.errors import DataError
@@ -43,6 +45,7 @@ class MmluQuestion:
     choices: tuple[str, str, str, str]
     answer: str  # "A".."D"
     subject: str
+    id: str = ""  # "<subject>/<split>/<n>": the n-th question of that subject and split, in file order
 
 
 @dataclass(frozen=True)
@@ -143,7 +146,7 @@ def load_web_questions(split: str, cfg: DataConfig, limit: int = 0) -> list[QAEx
 def load_mmlu(
     cfg: DataConfig, subject: str = "global_facts", split: str = "test", limit: int = 0
 ) -> list[MmluQuestion]:
-    """MMLU questions of one subject and split (test / val / dev), in file order."""
+    """MMLU questions of one subject, or of every subject ('all'), and one split (test / val / dev), in file order."""
     folder = local_dir(cfg)
     if folder is not None:
         own = folder / f"mmlu_{subject}" / f"{split}.jsonl"
@@ -151,7 +154,7 @@ def load_mmlu(
         rows = [
             (f"{path}:{n}", o)
             for n, o in read_jsonl(path, ("question", "choices", "answer"))
-            if path == own or o.get("subject") == subject
+            if path == own or subject == "all" or o.get("subject") == subject
         ]
     else:
         hub_split = {"val": "validation"}.get(split, split)
@@ -159,13 +162,49 @@ def load_mmlu(
     if not rows:
         raise DataError(
             f"MMLU subject {subject!r} has no {split} questions in {folder or cfg.mmlu} (subjects are "
-            f"names like 'global_facts', 'high_school_physics')"
+            f"names like 'global_facts', 'high_school_physics', or 'all')"
         )
-    out = [_mmlu(obj, where, subject) for where, obj in rows]
+    out, seen = [], Counter()
+    for where, obj in rows:
+        q = _mmlu(obj, where, subject if subject != "all" else str(obj.get("subject", "")))
+        if subject == "all" and not q.subject:
+            raise DataError(f"{where}: field 'subject' is needed when eval.mmlu-subject is 'all'")
+        out.append(dataclasses.replace(q, id=f"{q.subject}/{split}/{seen[q.subject]}"))
+        seen[q.subject] += 1
     return out[:limit] if limit else out
 
 
-def _mmlu(obj: dict, where: str, subject: str) -> MmluQuestion:
+def load_mmlu_pool(cfg: DataConfig, exclude: Iterable[str]) -> list[MmluQuestion]:
+    """MMLU dev and val questions of every subject not in ``exclude``: multiple-choice training material that
+    shares no question with the test split evaluation reads."""
+    excluded = set(exclude)
+    return [q for split in ("dev", "val") for q in load_mmlu(cfg, "all", split) if q.subject not in excluded]
+
+
+def excluded_mmlu_subjects(cfg: AppConfig) -> set[str]:
+    """MMLU subjects never trained on: ralt.mmlu-exclude-subjects and every evaluated subject but 'all'."""
+    return set(cfg.ralt.mmlu_exclude_subjects) | (set(cfg.eval.mmlu_subject) - {"all"})
+
+
+def load_mmlu_jsonl(path: str | Path) -> list[MmluQuestion]:
+    """A node's multiple-choice questions (MMLU layout: question, choices, answer, subject, id)."""
+    return [
+        _mmlu(obj, f"{path}:{n}", str(obj.get("subject", "")), str(obj.get("id", "")))
+        for n, obj in read_jsonl(path, ("question", "choices", "answer"))
+    ]
+
+
+def write_mmlu_jsonl(path: str | Path, questions: Iterable[MmluQuestion]) -> None:
+    rows = (
+        json.dumps(
+            {"id": q.id, "subject": q.subject, "question": q.question, "choices": list(q.choices), "answer": q.answer}
+        )
+        for q in questions
+    )
+    write_text(path, "".join(r + "\n" for r in rows))
+
+
+def _mmlu(obj: dict, where: str, subject: str, id: str = "") -> MmluQuestion:
     choices, answer = obj["choices"], obj["answer"]
     if not isinstance(choices, list) or len(choices) != len(CHOICE_LETTERS):
         raise DataError(f"{where}: field 'choices' must be a list of {len(CHOICE_LETTERS)} strings")
@@ -173,7 +212,7 @@ def _mmlu(obj: dict, where: str, subject: str) -> MmluQuestion:
         answer = CHOICE_LETTERS[answer]  # the hub's cais/mmlu stores the index
     if answer not in CHOICE_LETTERS:
         raise DataError(f"{where}: field 'answer' must be A-D or 0-3, got {answer!r}")
-    return MmluQuestion(str(obj["question"]), tuple(str(c) for c in choices), answer, subject)
+    return MmluQuestion(str(obj["question"]), tuple(str(c) for c in choices), answer, subject, id)
 
 
 def corpus_path(cfg: DataConfig) -> Path:

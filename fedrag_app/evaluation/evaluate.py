@@ -1,112 +1,26 @@
-"""The evaluation suite: MMLU (letter log-likelihood and generation), Web Questions EM/F1, retrieval recall/MRR.
+"""The evaluation suite: MMLU (evaluation/mmlu.py's four protocols), Web Questions EM/F1, retrieval recall/MRR.
 
-Deterministic (greedy decoding, file order), batched, with or without retrieval and with any adapter/retriever:
-baseline and fine-tuned are one command each. Returns flat dicts of scalars (what a round's metrics carry).
+Deterministic (greedy decoding, file order, a fixed MMLU sample), batched, with or without retrieval and with any
+adapter/retriever: baseline and fine-tuned are one command each. Returns flat dicts of scalars (what a round's
+metrics carry) and, on request, one record per question (what a paired comparison of two systems needs).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 
-import torch
-
 from fedrag_app.config.app_config import AppConfig
-from fedrag_app.data.loaders import CHOICE_LETTERS, MmluQuestion, QAExample, load_mmlu, load_web_questions
-from fedrag_app.evaluation.metrics import (
-    RunningMean,
-    answer_rank,
-    exact_match,
-    parse_choice_letter,
-    recall_at_k,
-    reciprocal_rank,
-    token_f1,
-)
-from fedrag_app.rag.generator import Generator, generate, generate_scored
+from fedrag_app.core.atomic import write_text
+from fedrag_app.data.loaders import MmluQuestion, QAExample, load_mmlu, load_web_questions
+from fedrag_app.evaluation.metrics import RunningMean, answer_rank, exact_match, recall_at_k, reciprocal_rank, token_f1
+from fedrag_app.evaluation.mmlu import broad_sample, evaluate_mmlu
+from fedrag_app.rag.generator import Generator, generate
 from fedrag_app.rag.knowledge_store import Hit, KnowledgeStore
-from fedrag_app.rag.prompts import build_mmlu_prompt, build_prompt, format_passage
-from fedrag_app.rag.retrieval import retrieve
+from fedrag_app.rag.prompts import build_prompt
+from fedrag_app.rag.retrieval import prompt_contexts, retrieve
 from fedrag_app.rag.retriever import DualEncoder
-
-
-def _contexts(hits: Sequence[Sequence[Hit]] | None, n: int, k: int) -> list[list[str]]:
-    if hits is None:
-        return [[] for _ in range(n)]
-    return [[format_passage(h.title, h.text) for h in hs[:k]] for hs in hits]
-
-
-def letter_token_ids(tokenizer) -> list[int]:
-    """Token ids of ' A'..' D' (after 'Answer:' the letter comes with a leading space)."""
-    ids = [tokenizer.encode(f" {letter}", add_special_tokens=False) for letter in CHOICE_LETTERS]
-    assert all(len(i) == 1 for i in ids), f"choice letters must be single tokens, got {ids}"
-    return [i[0] for i in ids]
-
-
-@torch.no_grad()
-def mmlu_letter_logprobs(gen: Generator, prompts: list[str], batch_size: int = 8) -> torch.Tensor:
-    """(N, 4) log-probabilities of the next token being ' A'..' D' after each prompt; left-padded batches.
-
-    Position ids come from the attention mask (each prompt starts at position 0 after its padding), as generation
-    sets them: without them a left-padded prompt is shifted, which only relative-position (RoPE) models ignore."""
-    tok, letters, rows = gen.tokenizer, letter_token_ids(gen.tokenizer), []
-    old_side, tok.padding_side = tok.padding_side, "left"
-    try:
-        for start in range(0, len(prompts), batch_size):
-            enc = tok(
-                prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
-            ).to(gen.device)
-            positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-            logits = gen.model(**enc, position_ids=positions).logits[:, -1].float()  # (b, V): each prompt ends last
-            rows.append(torch.log_softmax(logits, dim=-1)[:, letters].cpu())
-    finally:
-        tok.padding_side = old_side
-    return torch.cat(rows)
-
-
-def evaluate_mmlu(
-    gen: Generator,
-    questions: list[MmluQuestion],
-    hits: Sequence[Sequence[Hit]] | None = None,
-    *,
-    protocol: str = "loglik",
-    top_k: int = 2,
-    batch_size: int = 8,
-    max_new_tokens: int = 8,
-) -> dict[str, float]:
-    """Accuracy by choice-letter log-likelihood ('loglik'), by the letter parsed from greedy output ('generate'),
-    or both ('both': one generation pass whose first step gives the letter log-likelihoods)."""
-    if protocol not in ("loglik", "generate", "both"):
-        raise ValueError(f"protocol must be 'loglik', 'generate' or 'both', got {protocol!r}")
-    contexts = _contexts(hits, len(questions), top_k)
-    prompts = [build_mmlu_prompt(gen.tokenizer, q.question, q.choices, c) for q, c in zip(questions, contexts)]
-    start = time.perf_counter()
-    predicted: dict[str, list[str]] = {}
-    if protocol == "loglik":
-        predicted["loglik"] = _argmax_letters(mmlu_letter_logprobs(gen, prompts, batch_size))
-    else:
-        letters = letter_token_ids(gen.tokenizer) if protocol == "both" else None
-        texts, logprobs = generate_scored(
-            gen, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, first_token_ids=letters
-        )
-        predicted["generate"] = [parse_choice_letter(t) for t in texts]
-        if logprobs is not None:
-            predicted["loglik"] = _argmax_letters(logprobs)
-    seconds_each = (time.perf_counter() - start) / max(1, len(questions))
-    results: dict[str, float] = {}
-    for name in sorted(predicted):
-        acc = RunningMean()
-        for q, p in zip(questions, predicted[name]):
-            acc.add(float(p == q.answer))
-        results |= {
-            f"mmlu-{name}-accuracy": acc.value,
-            f"mmlu-{name}-n": float(acc.count),
-            f"mmlu-{name}-s-per-question": seconds_each,
-        }  # 'both': the shared pass's time, in each
-    return results
-
-
-def _argmax_letters(logprobs: torch.Tensor) -> list[str]:
-    return [CHOICE_LETTERS[i] for i in logprobs.argmax(-1).tolist()]
 
 
 def evaluate_web_questions(
@@ -117,16 +31,32 @@ def evaluate_web_questions(
     top_k: int = 2,
     max_new_tokens: int = 32,
     batch_size: int = 8,
+    records: list[dict] | None = None,
 ) -> dict[str, float]:
-    """Greedy answers scored by exact match and token F1, best over the gold aliases."""
-    contexts = _contexts(hits, len(examples), top_k)
+    """Greedy answers scored by exact match and token F1, best over the gold aliases; ``records`` (if given)
+    receives one dict per question: id, question, gold answers, answer, EM, F1, retrieved passage ids."""
+    contexts = prompt_contexts(hits, len(examples), top_k)
     prompts = [build_prompt(gen.tokenizer, e.question, c) for e, c in zip(examples, contexts)]
     start = time.perf_counter()
     answers = generate(gen, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     em, f1 = RunningMean(), RunningMean()
-    for e, a in zip(examples, answers):
-        em.add(exact_match(a, e.answers))
-        f1.add(token_f1(a, e.answers))
+    for i, (e, a) in enumerate(zip(examples, answers)):
+        em.add(exact := exact_match(a, e.answers))
+        f1.add(f1_score := token_f1(a, e.answers))
+        if records is not None:
+            retrieved = [h.id for h in hits[i]] if hits is not None else []
+            records.append(
+                {
+                    "dataset": "web_questions",
+                    "id": e.id,
+                    "question": e.question,
+                    "gold": list(e.answers),
+                    "answer": a,
+                    "em": exact,
+                    "f1": f1_score,
+                    "retrieved": retrieved,
+                }
+            )
     return {
         "wq-em": em.value,
         "wq-f1": f1.value,
@@ -149,30 +79,80 @@ def evaluate_retrieval(hits: Sequence[Sequence[Hit]], examples: list[QAExample],
     return {f"retrieval-recall@{k}": recall.value, f"retrieval-mrr@{k}": mrr.value, "retrieval-n": float(recall.count)}
 
 
+def mmlu_questions(cfg: AppConfig, subject: str) -> list[MmluQuestion]:
+    """One subject's eval.mmlu-split questions, or for 'all' the fixed broad sample (eval.mmlu-per-subject of each
+    of the 57 subjects, drawn with eval.mmlu-sample-seed); the first eval.mmlu-limit of them (0 = all)."""
+    ev = cfg.eval
+    questions = load_mmlu(cfg.data, subject, ev.mmlu_split)
+    if subject == "all":
+        questions = broad_sample(questions, ev.mmlu_per_subject, ev.mmlu_sample_seed)
+    return questions[: ev.mmlu_limit] if ev.mmlu_limit else questions
+
+
+def mmlu_prefix(subjects: Sequence[str], subject: str) -> str:
+    """Metric prefix: 'mmlu-' for the first subject listed (the names every table and plot know), 'mmlu-<subject>-'
+    for each further one (e.g. 'mmlu-all-circular-accuracy')."""
+    return "mmlu-" if subject == subjects[0] else f"mmlu-{subject}-"
+
+
 def run_evaluation(
-    cfg: AppConfig, gen: Generator, retriever: DualEncoder | None = None, store: KnowledgeStore | None = None
+    cfg: AppConfig,
+    gen: Generator,
+    retriever: DualEncoder | None = None,
+    store: KnowledgeStore | None = None,
+    *,
+    records: list[dict] | None = None,
 ) -> dict[str, float]:
-    """MMLU (both protocols) + Web Questions test + retrieval, sized by cfg.eval; retrieval once per dataset."""
+    """MMLU (every eval.mmlu-subject, eval.mmlu-protocols) + Web Questions test + retrieval, sized by cfg.eval;
+    retrieval once per dataset. ``records`` (if given) receives one dict per question asked."""
     ev = cfg.eval
     use_retrieval = ev.use_retrieval and ev.top_k > 0 and retriever is not None and store is not None
     depth = max(ev.top_k, ev.recall_k)
     start = time.perf_counter()
     results: dict[str, float] = {}
-    mmlu = load_mmlu(cfg.data, ev.mmlu_subject, ev.mmlu_split, ev.mmlu_limit)
-    mmlu_hits = retrieve(retriever, store, [q.question for q in mmlu], ev.top_k) if use_retrieval else None
-    results.update(evaluate_mmlu(gen, mmlu, mmlu_hits, protocol="both", top_k=ev.top_k, batch_size=ev.batch_size))
+    for subject in ev.mmlu_subject:
+        mmlu = mmlu_questions(cfg, subject)
+        mmlu_hits = retrieve(retriever, store, [q.question for q in mmlu], ev.top_k) if use_retrieval else None
+        results.update(
+            evaluate_mmlu(
+                gen,
+                mmlu,
+                mmlu_hits,
+                protocols=ev.mmlu_protocols,
+                top_k=ev.top_k,
+                batch_size=ev.batch_size,
+                prefix=mmlu_prefix(ev.mmlu_subject, subject),
+                records=records,
+            )
+        )
     wq = load_web_questions("test", cfg.data, ev.web_questions_limit)
     wq_hits = retrieve(retriever, store, [e.question for e in wq], depth) if use_retrieval else None
     results.update(
         evaluate_web_questions(
-            gen, wq, wq_hits, top_k=ev.top_k, batch_size=ev.batch_size, max_new_tokens=cfg.generator.max_new_tokens
+            gen,
+            wq,
+            wq_hits,
+            top_k=ev.top_k,
+            batch_size=ev.batch_size,
+            max_new_tokens=cfg.generator.max_new_tokens,
+            records=records,
         )
     )
     if use_retrieval:
         results.update(evaluate_retrieval(wq_hits, wq, ev.recall_k))
+        if records is not None:
+            wq_records = [r for r in records if r["dataset"] == "web_questions"][-len(wq) :]
+            for record, rank in zip(wq_records, answer_ranks(wq_hits, wq, ev.recall_k)):
+                record["answer_rank"] = rank
     results["eval-retrieval"] = float(use_retrieval)
     results["eval-seconds"] = time.perf_counter() - start
     return results
+
+
+def write_predictions(path, records: list[dict]) -> None:
+    """One JSON line per question asked (MMLU and Web Questions), written atomically: what a paired comparison of
+    two systems on the same questions reads (fedrag_app/evaluation/paired.py)."""
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def format_table(results: dict[str, float]) -> str:

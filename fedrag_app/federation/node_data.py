@@ -4,6 +4,8 @@ Node-config keys (docs/FEDERATION.md), all optional in simulation where only par
   data-path          absolute path of the node's training questions (JSONL: question, answers)
   heldout-path       absolute path of its held-out questions; without it, the last partition.heldout-fraction
                      of data-path is held out (and not trained on)
+  mmlu-path          absolute path of its multiple-choice questions for RALT's mixture (MMLU layout: question,
+                     choices, answer, subject); needed only with ralt.mmlu-ratio > 0
   store-path         absolute path of its Qdrant Edge shard            (one of store-path / store-url)
   store-url          URL of its own Qdrant server
   store-collection   collection on that server (default: store.collection)
@@ -30,7 +32,13 @@ from typing import Any
 from fedrag_app.config.app_config import AppConfig
 from fedrag_app.config.query import MAX_TOP_K_PER_NODE
 from fedrag_app.core.errors import ConfigError
-from fedrag_app.data.loaders import QAExample, load_qa_jsonl
+from fedrag_app.data.loaders import (
+    MmluQuestion,
+    QAExample,
+    excluded_mmlu_subjects,
+    load_mmlu_jsonl,
+    load_qa_jsonl,
+)
 from fedrag_app.federation.partition import MANIFEST, partitions_dir
 
 NODE_KEYS = {
@@ -38,6 +46,7 @@ NODE_KEYS = {
     "num-partitions": int,
     "data-path": str,
     "heldout-path": str,
+    "mmlu-path": str,
     "store-path": str,
     "store-url": str,
     "store-collection": str,
@@ -60,6 +69,7 @@ class NodeData:
     federated_retrieval: bool = False
     state_path: Path | None = None  # node-config state-path, if given
     lora_rank: int | None = None  # node-config lora-rank, if given
+    mmlu_path: Path | None = None  # its multiple-choice questions (ralt.mmlu-ratio), if any
     query_max_questions: int = QUERY_MAX_QUESTIONS  # most questions it answers in one query run
     query_max_k: int = QUERY_MAX_K  # most passages it returns per question
     share_metrics: bool = False  # dp-share-metrics: send un-noised values computed on its data under DP
@@ -115,7 +125,10 @@ def node_data(cfg: AppConfig, node_config: Mapping[str, Any]) -> NodeData:
     if not 0 <= pid < len(clients):
         raise ConfigError(f"partition-id {pid} is outside the {len(clients)} partitions in {manifest_path}")
     entry = clients[pid]
-    return NodeData(pid, Path(entry["train"]), Path(entry["heldout"]), {"path": entry["shard"]}, **_own_settings(nc))
+    settings = _own_settings(nc)
+    if settings["mmlu_path"] is None and "mmlu" in entry:  # partitions written before the mixture have none
+        settings["mmlu_path"] = Path(entry["mmlu"])
+    return NodeData(pid, Path(entry["train"]), Path(entry["heldout"]), {"path": entry["shard"]}, **settings)
 
 
 def _own_settings(nc: Mapping[str, Any]) -> dict[str, Any]:
@@ -124,6 +137,7 @@ def _own_settings(nc: Mapping[str, Any]) -> dict[str, Any]:
         "federated_retrieval": bool(nc.get("federated-retrieval", False)),
         "state_path": Path(nc["state-path"]) if "state-path" in nc else None,
         "lora_rank": nc.get("lora-rank"),
+        "mmlu_path": Path(nc["mmlu-path"]) if "mmlu-path" in nc else None,
         "query_max_questions": nc.get("query-max-questions", QUERY_MAX_QUESTIONS),
         "query_max_k": nc.get("query-max-k", QUERY_MAX_K),
         "share_metrics": bool(nc.get("dp-share-metrics", False)),
@@ -137,3 +151,17 @@ def node_questions(node: NodeData, heldout_fraction: float) -> tuple[list[QAExam
         return questions, load_qa_jsonl(node.heldout_path)
     n_heldout = min(len(questions) - 1, max(1, round(heldout_fraction * len(questions)))) if len(questions) > 1 else 0
     return questions[: len(questions) - n_heldout], questions[len(questions) - n_heldout :]
+
+
+def node_mmlu(node: NodeData, cfg: AppConfig) -> list[MmluQuestion]:
+    """The node's multiple-choice questions for RALT's mixture, without any subject this run evaluates or excludes;
+    [] when the mixture is off. Mixture on but no file is an error naming what to set."""
+    if cfg.ralt.mmlu_ratio == 0:
+        return []
+    if node.mmlu_path is None:
+        raise ConfigError(
+            f"ralt.mmlu-ratio = {cfg.ralt.mmlu_ratio} needs the node's multiple-choice questions: set node-config "
+            "mmlu-path, or re-run `fedrag-app partition` (it writes client-<i>/mmlu.jsonl)"
+        )
+    excluded = excluded_mmlu_subjects(cfg)
+    return [q for q in load_mmlu_jsonl(node.mmlu_path) if q.subject not in excluded]

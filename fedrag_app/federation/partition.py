@@ -9,7 +9,9 @@ from the articles about its own subjects; every other article, and every article
 institution drawn at random (optionally a second, ``doc_overlap``). Each institution gets its own Qdrant Edge
 shard, built from the embedding cache: every passage the clients hold is encoded at most once per (corpus, context
 encoder), whatever the seed, scheme or number of clients.
-A manifest records seeds, sizes, hashes and absolute paths. The whole output folder is written atomically.
+Each client also gets its share of a multiple-choice pool (MMLU dev + val, never an evaluated subject) for RALT's
+training mixture (ralt.mmlu-ratio). A manifest records seeds, sizes, hashes and absolute paths. The whole output
+folder is written atomically.
 """
 
 from __future__ import annotations
@@ -23,7 +25,18 @@ from fedrag_app.config.app_config import AppConfig, PartitionConfig
 from fedrag_app.core import environment
 from fedrag_app.core.atomic import atomic_dir, write_json
 from fedrag_app.core.errors import ConfigError, DataError
-from fedrag_app.data.loaders import Passage, QAExample, corpus_path, load_passages, load_web_questions, write_qa_jsonl
+from fedrag_app.data.loaders import (
+    MmluQuestion,
+    Passage,
+    QAExample,
+    corpus_path,
+    excluded_mmlu_subjects,
+    load_mmlu_pool,
+    load_passages,
+    load_web_questions,
+    write_mmlu_jsonl,
+    write_qa_jsonl,
+)
 from fedrag_app.rag.embedding_cache import EmbeddingCache
 from fedrag_app.rag.ingest import build_shard, encode_into_cache
 
@@ -42,12 +55,14 @@ def topic_label(example: QAExample) -> int:
 
 
 def split_questions(examples: list[QAExample], cfg: PartitionConfig, seed: int) -> list[list[QAExample]]:
-    """Per-client question lists via flwr-datasets' IID or Dirichlet partitioner."""
+    """Per-client question lists via flwr-datasets' IID or Dirichlet partitioner; the split depends on the seed."""
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
     ds = Dataset.from_dict({"idx": list(range(len(examples))), "topic": [topic_label(e) for e in examples]})
     if cfg.scheme == "iid":
+        # IidPartitioner cuts contiguous blocks in dataset order: shuffled first, or every seed gets the same split
+        ds = ds.shuffle(seed=seed)
         partitioner = IidPartitioner(num_partitions=cfg.num_partitions)
     else:
         partitioner = DirichletPartitioner(
@@ -123,6 +138,15 @@ def client_documents(
     return [mine[: cfg.passages_per_client] if cfg.passages_per_client else mine for mine in per_client]
 
 
+def client_mmlu(cfg: AppConfig) -> list[list[MmluQuestion]]:
+    """Each client's share of the multiple-choice training pool (MMLU dev + val, excluded subjects left out): the
+    pool shuffled by the seed and dealt round-robin, so shares are disjoint and of equal size."""
+    pool = load_mmlu_pool(cfg.data, excluded_mmlu_subjects(cfg))
+    random.Random(f"mmlu-pool/{cfg.runtime.seed}").shuffle(pool)
+    n = cfg.partition.num_partitions
+    return [pool[i::n] for i in range(n)]
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -135,6 +159,7 @@ def make_partitions(cfg: AppConfig, encoder, *, progress: bool = True) -> dict:
     if foreign and not (target / MANIFEST).exists():
         raise ConfigError(f"partition.dir {target} holds other files: choose an empty or earlier partition folder")
     kept, topics = client_questions(cfg)
+    mmlu = client_mmlu(cfg)
     passages = load_passages(cfg.data)
     docs_of = client_documents(passages, pc, seed, topics)
     if empty := [i for i, docs in enumerate(docs_of) if not docs]:
@@ -154,20 +179,23 @@ def make_partitions(cfg: AppConfig, encoder, *, progress: bool = True) -> dict:
             docs = docs_of[i]
             write_qa_jsonl(folder / "train.jsonl", train)
             write_qa_jsonl(folder / "heldout.jsonl", heldout)
+            write_mmlu_jsonl(folder / "mmlu.jsonl", mmlu[i])
             build_shard(docs, encoder, path=str(folder / "shard"), batch_size=batch, progress=progress, cache=cache)
             clients.append(
                 {
                     "partition-id": i,
                     "train": str(final / "train.jsonl"),
                     "heldout": str(final / "heldout.jsonl"),
+                    "mmlu": str(final / "mmlu.jsonl"),
                     "shard": str(final / "shard"),
                     "questions": len(train),
                     "heldout-questions": len(heldout),
+                    "mmlu-questions": len(mmlu[i]),
                     "passages": len(docs),
                     "articles": len({p.title for p in docs}),
                     "own-topic-articles": len({p.title for p in docs if title_key(p.title) in topics[i]}),
                     "topics": len({e.topic for e in train}),
-                    "sha256": {"train": _sha256(folder / "train.jsonl"), "heldout": _sha256(folder / "heldout.jsonl")},
+                    "sha256": {name: _sha256(folder / f"{name}.jsonl") for name in ("train", "heldout", "mmlu")},
                 }
             )
         manifest = {

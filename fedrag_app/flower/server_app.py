@@ -27,7 +27,7 @@ from fedrag_app.config.runtime import apply_runtime
 from fedrag_app.config.values import check_federated
 from fedrag_app.core import environment
 from fedrag_app.core.errors import CheckpointError, ConfigError, StoreError
-from fedrag_app.evaluation.evaluate import run_evaluation
+from fedrag_app.evaluation.evaluate import run_evaluation, write_predictions
 from fedrag_app.evaluation.reporting import append_metrics, plot_metrics
 from fedrag_app.federation.checkpoint import (
     Checkpoint,
@@ -152,7 +152,10 @@ def main(grid: Grid, context: Context) -> None:
             return None
         load_received_state(cfg, gen, retriever, record_to_numpy(arrays))
         n = done + server_round
-        metrics = run_evaluation(cfg, gen, retriever, store) if evaluation_due(cfg.fed, n) else {}
+        records: list[dict] = []
+        metrics = run_evaluation(cfg, gen, retriever, store, records=records) if evaluation_due(cfg.fed, n) else {}
+        if records:  # per question, for paired comparisons between runs (fedrag_app/evaluation/paired.py)
+            write_predictions(out / "predictions" / f"round-{n}.jsonl", records)
         save_checkpoint(
             out,
             n,

@@ -117,21 +117,7 @@ def _lora_config(cfg: GeneratorConfig) -> LoraConfig:
 
 @torch.no_grad()
 def generate(gen: Generator, prompts: list[str], *, max_new_tokens: int, batch_size: int = 8) -> list[str]:
-    """Greedy decoding, batched with left padding; returns only the new text, stripped."""
-    return generate_scored(gen, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)[0]
-
-
-@torch.no_grad()
-def generate_scored(
-    gen: Generator,
-    prompts: list[str],
-    *,
-    max_new_tokens: int,
-    batch_size: int = 8,
-    first_token_ids: list[int] | None = None,
-) -> tuple[list[str], torch.Tensor | None]:
-    """Greedy answers and, for ``first_token_ids``, the log-probabilities of each as the first new token:
-    (N, len(first_token_ids)), read from the generation's own first step, so scoring costs no second forward."""
+    """Greedy decoding, batched with left padding; returns only the new text, stripped, in the callers' order."""
     tok = gen.tokenizer
     was_training = gen.model.training
     gen.model.eval()
@@ -139,7 +125,6 @@ def generate_scored(
     # answers come back in the callers' order.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[str] = []
-    first: list[torch.Tensor] = []
     old_side = tok.padding_side
     tok.padding_side = "left"
     try:
@@ -152,19 +137,14 @@ def generate_scored(
                 do_sample=False,
                 pad_token_id=tok.pad_token_id,
                 eos_token_id=tok.eos_token_id,
-                return_dict_in_generate=True,
-                output_logits=first_token_ids is not None,
             )
-            new_tokens = out.sequences[:, enc["input_ids"].shape[1] :]  # (B, <=max_new_tokens)
+            new_tokens = out[:, enc["input_ids"].shape[1] :]  # (B, <=max_new_tokens)
             outputs.extend(t.strip() for t in tok.batch_decode(new_tokens, skip_special_tokens=True))
-            if first_token_ids is not None:  # raw logits of step 1, (B, V)
-                first.append(torch.log_softmax(out.logits[0].float(), dim=-1)[:, first_token_ids].cpu())
     finally:
         tok.padding_side = old_side
         gen.model.train(was_training)
     back = sorted(range(len(order)), key=order.__getitem__)  # position of prompt i in the sorted run
-    scores = torch.cat(first)[back] if first_token_ids is not None and first else None
-    return [outputs[j] for j in back], scores
+    return [outputs[j] for j in back]
 
 
 def lora_state_dict(gen: Generator, adapter_name: str = "default") -> dict[str, torch.Tensor]:

@@ -89,3 +89,37 @@ def answer_logprobs(
 def answer_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """RALT's loss: −(1/|y|) Σ_t log p(y_t | …) per sequence, averaged over the sequences of the batch."""
     return -answer_logprobs(model, input_ids, attention_mask, labels, reduction="mean").mean()
+
+
+@torch.no_grad()
+def logits_after_prefix(
+    model, prefix: list[int], groups: list[tuple[list[list[int]], list[list[int]]]]
+) -> list[list[torch.Tensor]]:
+    """Continuations of one shared prefix, the prefix run once: for each group (suffix rows, positions per row), the
+    float32 logits (len(positions), V) at those positions of each row (position i predicts the row's token i + 1).
+
+    Each group is one right-padded batch on a copy of the prefix's keys/values, so rows of very different lengths
+    (a multiple-choice prompt's rotations, a choice's short text) need not pad to each other. Under the causal mask
+    a real token never sees the padding after it, so no attention mask is needed."""
+    import copy
+
+    decoder, head = _decoder_and_head(model)
+    device = next(model.parameters()).device
+    assert prefix, "the shared prefix is empty: score the rows whole"
+    from transformers import DynamicCache
+
+    base = DynamicCache(config=decoder.config)
+    decoder(input_ids=torch.tensor([prefix], device=device), cache=base, use_cache=True)
+    out = []
+    for suffixes, positions in groups:
+        cache = copy.deepcopy(base)
+        cache.batch_repeat_interleave(len(suffixes))
+        ids = torch.zeros((len(suffixes), max(len(s) for s in suffixes)), dtype=torch.long)  # (B, S)
+        for row, suffix in enumerate(suffixes):
+            ids[row, : len(suffix)] = torch.tensor(suffix)
+        hidden = decoder(input_ids=ids.to(device), cache=cache, use_cache=True).last_hidden_state  # (B, S, H)
+        rows = [row for row, wanted in enumerate(positions) for _ in wanted]
+        cols = [p for wanted in positions for p in wanted]
+        logits = head(hidden[rows, cols]).float()  # (sum of positions, V)
+        out.append(list(logits.split([len(p) for p in positions])))
+    return out

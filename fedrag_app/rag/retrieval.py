@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fedrag_app.rag.knowledge_store import Hit, KnowledgeStore
+from fedrag_app.rag.prompts import format_passage
 from fedrag_app.rag.retriever import DualEncoder
 
 QUERY_BATCH = 64
@@ -17,3 +18,10 @@ def retrieve(
         queries = retriever.encode_queries(questions[start : start + QUERY_BATCH]).cpu().numpy()  # (b, D)
         hits.extend(store.search_batch(queries, top_k, with_vectors=with_vectors))
     return hits
+
+
+def prompt_contexts(hits: list[list[Hit]] | None, n: int, top_k: int) -> list[list[str]]:
+    """Per question, the top-k passages as a prompt shows them (title, then text); n empty lists without retrieval."""
+    if hits is None:
+        return [[] for _ in range(n)]
+    return [[format_passage(h.title, h.text) for h in hs[:top_k]] for hs in hits]

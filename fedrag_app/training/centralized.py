@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fedrag_app.config.app_config import AppConfig
 from fedrag_app.config.runtime import apply_runtime
 from fedrag_app.core.atomic import write_json, write_text
-from fedrag_app.data.loaders import load_web_questions
+from fedrag_app.data.loaders import excluded_mmlu_subjects, load_mmlu_pool, load_web_questions
 from fedrag_app.rag.generator import load_generator, save_adapter
 from fedrag_app.rag.ingest import reindex
 from fedrag_app.rag.pipeline import open_store
@@ -30,6 +30,7 @@ def train_centralized(cfg: AppConfig, *, progress: bool = True) -> list[dict[str
     gen = load_generator(cfg.generator, device=device)
     retriever = load_retriever(cfg.retriever, device=device)
     examples = load_web_questions("train", cfg.data)  # all of them: each round takes its share (round_examples)
+    mmlu = load_mmlu_pool(cfg.data, excluded_mmlu_subjects(cfg)) if cfg.ralt.mmlu_ratio else []  # the mixture
     history: list[dict[str, float]] = []
     optimizer_state = {} if cfg.train.keep_optimizer_state else None  # AdamW continues across rounds, in memory
     columns = (TextColumn("training {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -38,7 +39,14 @@ def train_centralized(cfg: AppConfig, *, progress: bool = True) -> list[dict[str
         for server_round in range(1, cfg.fed.num_server_rounds + 1):
             with open_store(cfg, retriever) as store:
                 result = run_local_round(
-                    cfg, gen, retriever, store, examples, server_round=server_round, optimizer_state=optimizer_state
+                    cfg,
+                    gen,
+                    retriever,
+                    store,
+                    examples,
+                    server_round=server_round,
+                    optimizer_state=optimizer_state,
+                    mmlu=mmlu,
                 )
             if result.metrics.get("lsr-needs-reindex") and "path" in store_location(cfg):
                 reindex(store_location(cfg)["path"], retriever, progress=progress)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from fedrag_app.config.app_config import AppConfig, TrainConfig
 from fedrag_app.config.runtime import seed_everything
-from fedrag_app.data.loaders import QAExample
+from fedrag_app.data.loaders import MmluQuestion, QAExample
 from fedrag_app.rag.generator import Generator, set_lora_a_trainable
 from fedrag_app.rag.knowledge_store import KnowledgeStore
 from fedrag_app.rag.retriever import DualEncoder
@@ -43,26 +43,46 @@ def phases(cfg: TrainConfig, server_round: int) -> list[str]:
     return ["lsr"] if server_round % 2 == 1 else ["ralt"]
 
 
-def round_examples(examples: list[QAExample], num_examples: int, seed: int, server_round: int) -> list[QAExample]:
-    """The questions a node trains on in absolute round ``server_round`` (1-based): the next ``num_examples`` of
-    an endless walk through all its questions, each pass over them in its own shuffle (seeded by seed and the pass
-    index), so every question comes up once per pass. A pure function of its arguments: a resumed run (the
-    absolute round comes from the server's round-offset) continues exactly where it stopped, with no state kept.
-    0 (or more than the node holds) = all of them every round, round r being pass r - 1. Each copy's target is
-    its pass-th gold answer (QAExample.turn), so every answer of a many-answer question gets its turn."""
+def walk(n_items: int, per_round: int, key: str, server_round: int) -> list[tuple[int, int]]:
+    """(pass index, item index) at each position of absolute round ``server_round`` (1-based) in an endless walk
+    through ``n_items`` items, ``per_round`` (<= n_items) a round, each pass in its own shuffle (seeded by ``key`` and
+    the pass index), so every item comes up once per pass. A round that straddles two passes never takes an item
+    twice: the next pass puts the items the round already took from the previous one at its end (their shuffled
+    order kept). A pure function of its arguments, so a resumed run continues exactly where it stopped."""
     if server_round < 1:
         raise ValueError(f"server_round is 1-based, got {server_round}")
-    total = len(examples)
-    per_round = min(num_examples, total) if num_examples else total
-    orders: dict[int, list[int]] = {}
-    out = []
-    for position in range((server_round - 1) * per_round, server_round * per_round):
-        pass_index, i = divmod(position, total)
-        if pass_index not in orders:
-            orders[pass_index] = list(range(total))
-            random.Random(f"rotation/{seed}/{pass_index}").shuffle(orders[pass_index])  # str seeds: no seed+1 overlap
-        out.append(dataclasses.replace(examples[orders[pass_index][i]], turn=pass_index))
-    return out
+    first, last = (server_round - 1) * per_round, server_round * per_round
+    orders: list[list[int]] = []
+    for pass_index in range((last - 1) // n_items + 1):
+        order = list(range(n_items))
+        random.Random(f"{key}/{pass_index}").shuffle(order)  # str seeds: no seed+1 overlap
+        boundary = pass_index * n_items
+        taken = boundary - (boundary // per_round) * per_round  # items of the previous pass in the same round
+        if pass_index and taken:
+            tail = set(orders[-1][n_items - taken :])
+            order = [i for i in order if i not in tail] + [i for i in order if i in tail]
+        orders.append(order)
+    return [(p // n_items, orders[p // n_items][p % n_items]) for p in range(first, last)]
+
+
+def round_examples(examples: list[QAExample], num_examples: int, seed: int, server_round: int) -> list[QAExample]:
+    """The questions a node trains on in absolute round ``server_round``: the next ``num_examples`` of the walk
+    through all its questions (``walk``); 0 (or more than the node holds) = all of them every round, round r being
+    pass r - 1. Each copy's target is its pass-th gold answer (QAExample.turn), so every answer of a many-answer
+    question gets its turn."""
+    per_round = min(num_examples, len(examples)) if num_examples else len(examples)
+    return [
+        dataclasses.replace(examples[i], turn=pass_index)
+        for pass_index, i in walk(len(examples), per_round, f"rotation/{seed}", server_round)
+    ]
+
+
+def round_mmlu(questions: list[MmluQuestion], count: int, seed: int, server_round: int) -> list[MmluQuestion]:
+    """The mixture's multiple-choice questions of a round: the next ``count`` of a walk of their own."""
+    if not questions or count <= 0:
+        return []
+    per_round = min(count, len(questions))
+    return [questions[i] for _, i in walk(len(questions), per_round, f"mmlu-rotation/{seed}", server_round)]
 
 
 def _score_cache(cfg: AppConfig):
@@ -81,16 +101,19 @@ def run_local_round(
     *,
     server_round: int = 1,
     optimizer_state: dict | None = None,
+    mmlu: list[MmluQuestion] = (),
 ) -> RoundResult:
     """Train in place per cfg.train (mode, schedule, epochs, max steps) on this round's share of ``examples``
     (all of the node's questions: round_examples picks the share from the absolute ``server_round``).
 
     ``optimizer_state`` (train.keep-optimizer-state): {phase: OptimizerState}, read and updated in place, so each
-    phase's AdamW continues from the last round; None = fresh optimizers."""
+    phase's AdamW continues from the last round; None = fresh optimizers. ``mmlu``: the node's multiple-choice
+    questions; each RALT phase mixes in ralt.mmlu-ratio of them per question of the round."""
     seed = cfg.runtime.seed + server_round
     seed_everything(seed)
     set_lora_a_trainable(gen, cfg.fed.lora_aggregation != "ffa")
     examples = round_examples(examples, cfg.train.num_examples, cfg.runtime.seed, server_round)
+    mixed = round_mmlu(list(mmlu), round(cfg.ralt.mmlu_ratio * len(examples)), cfg.runtime.seed, server_round)
     start = time.perf_counter()
     metrics: dict[str, float] = {"server-round": float(server_round)}
 
@@ -126,6 +149,7 @@ def run_local_round(
                     max_steps=cfg.train.max_steps,
                     seed=seed,
                     optimizer_state=kept("ralt"),
+                    mmlu=mixed,
                 )
             )
     metrics["local-seconds"] = time.perf_counter() - start

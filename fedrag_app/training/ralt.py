@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from fedrag_app.config.app_config import RaltConfig
-from fedrag_app.data.loaders import QAExample
+from fedrag_app.data.loaders import CHOICE_LETTERS, MmluQuestion, QAExample
 from fedrag_app.rag.generator import Generator
 from fedrag_app.rag.knowledge_store import Hit, KnowledgeStore
 from fedrag_app.rag.lm_scoring import answer_nll
@@ -38,6 +38,24 @@ def build_ralt_sequences(
     extra = round(cfg.no_context_ratio * len(examples))
     for ex in rng.sample(examples, extra):
         sequences.append(build_sequence(tokenizer, ex.question, None, ex.target, cfg.max_seq_len))
+    return sequences
+
+
+def mixture_sequences(
+    tokenizer, questions: list[MmluQuestion], hits: list[list[Hit]], cfg: RaltConfig, rng: random.Random
+) -> list[LabelledSequence]:
+    """The multiple-choice share of RA-DIT's mixture: each question prompted as MMLU evaluation prompts it, with its
+    top-k passages (one sequence each), answered with the letter. Choices come in a fresh random order each time,
+    so no letter is taught more often than another, whatever the gold letters of the pool."""
+    sequences = []
+    for q, q_hits in zip(questions, hits):
+        order = list(range(len(CHOICE_LETTERS)))
+        rng.shuffle(order)
+        choices = [q.choices[i] for i in order]
+        letter = CHOICE_LETTERS[order.index(CHOICE_LETTERS.index(q.answer))]
+        for h in q_hits[: cfg.top_k]:
+            passage = format_passage(h.title, h.text)
+            sequences.append(build_sequence(tokenizer, q.question, passage, letter, cfg.max_seq_len, choices=choices))
     return sequences
 
 
@@ -78,15 +96,19 @@ def train_ralt(
     seed: int = 0,
     on_step: StepCallback | None = None,
     optimizer_state: OptimizerState | None = None,
+    mmlu: list[MmluQuestion] = (),
 ) -> dict[str, float]:
     """One RALT phase: retrieve once, then AdamW over length-grouped batches (each in micro-batches of at most
-    ``cfg.forward_tokens`` padded tokens); returns scalar metrics.
+    ``cfg.forward_tokens`` padded tokens); returns scalar metrics. ``mmlu``: the round's multiple-choice questions
+    of the mixture (ralt.mmlu-ratio), trained beside the open questions in the same shuffled batches.
 
     ``on_step(step, loss, batch)`` is called after each optimizer step (benchmarks time and count with it)."""
     rng = random.Random(seed)
     start = time.perf_counter()
-    hits = retrieve(retriever, store, [e.question for e in examples], cfg.top_k)
-    sequences = build_ralt_sequences(gen.tokenizer, examples, hits, cfg, rng)
+    hits = retrieve(retriever, store, [e.question for e in examples] + [q.question for q in mmlu], cfg.top_k)
+    sequences = build_ralt_sequences(gen.tokenizer, examples, hits[: len(examples)], cfg, rng)
+    mixed = mixture_sequences(gen.tokenizer, list(mmlu), hits[len(examples) :], cfg, rng)
+    sequences += mixed
     params = trainable_lora_parameters(gen)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     restore_optimizer(optimizer, optimizer_state)  # train.keep-optimizer-state: continue the last round's AdamW
@@ -118,6 +140,7 @@ def train_ralt(
         "ralt-loss-mean": sum(losses) / len(losses) if losses else 0.0,
         "ralt-steps": float(len(losses)),
         "ralt-sequences": float(len(sequences)),
+        "ralt-mmlu-sequences": float(len(mixed)),
         "ralt-tokens": float(tokens),
         "ralt-seconds": time.perf_counter() - start,
     }

@@ -4,11 +4,12 @@ the answer only; length-grouped batches, right-padded tensors, and micro-batches
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from fedrag_app.rag.prompts import answer_target, build_prompt, truncate_passage
+from fedrag_app.rag.prompts import answer_target, build_mmlu_prompt, build_prompt, truncate_passage
 
 IGNORE = -100
 
@@ -24,19 +25,33 @@ class LabelledSequence:
 
 
 def build_sequence(
-    tokenizer, question: str, passage: str | None, answer: str, max_seq_len: int, *, label_eos: bool = True
+    tokenizer,
+    question: str,
+    passage: str | None,
+    answer: str,
+    max_seq_len: int,
+    *,
+    label_eos: bool = True,
+    choices: Sequence[str] | None = None,
 ) -> LabelledSequence:
     """Prompt (shared template) + answer + EOS, labels on the answer only; the passage absorbs any truncation.
 
     ``label_eos=False`` leaves EOS out of the labels (LSR scores how likely the answer is, not that it ends there).
+    ``choices``: a multiple-choice question, prompted as MMLU evaluation prompts it; ``answer`` is then the letter,
+    the token evaluation reads after "Answer:" (' A'..' D', with its space).
     """
-    target = tokenizer(answer_target(tokenizer, answer), add_special_tokens=False)["input_ids"]
+    text = f" {answer.strip()}{tokenizer.eos_token}" if choices else answer_target(tokenizer, answer)
+    target = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert len(target) < max_seq_len, f"answer of {len(target)} tokens does not fit max_seq_len {max_seq_len}"
 
     def prompt_ids(text: str | None) -> list[int]:
-        return tokenizer(build_prompt(tokenizer, question, [text] if text else []), add_special_tokens=False)[
-            "input_ids"
-        ]
+        passages = [text] if text else []
+        prompt = (
+            build_mmlu_prompt(tokenizer, question, choices, passages)
+            if choices
+            else build_prompt(tokenizer, question, passages)
+        )
+        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
     ids = prompt_ids(passage)
     if passage and len(ids) + len(target) > max_seq_len:

@@ -1,0 +1,84 @@
+"""Is a gain real? Two systems compared question by question on the same questions.
+
+A seed spread says how much training noise moves a figure, not whether the questions asked can tell two systems
+apart. Given the per-question records of a baseline and of one or more runs (seeds) of a tuned system (what
+``fedrag-app evaluate --predictions`` and the server's ``predictions/round-N.jsonl`` write), each metric gets: the
+mean difference, a 95% paired-bootstrap interval of it (questions resampled with replacement; with several seeds,
+each question's difference is first averaged over the seeds), and for 0/1 metrics the questions gained and lost
+and the exact two-sided sign test on them (McNemar's exact test).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from fedrag_app.evaluation.metrics import recall_at_k, reciprocal_rank
+
+
+def sign_test_p(gained: int, lost: int) -> float:
+    """Exact two-sided binomial test of gained vs lost discordant questions (McNemar's exact test)."""
+    n = gained + lost
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(gained, lost) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def bootstrap_interval(diff: np.ndarray, resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of the mean of per-question differences, resampling questions with replacement."""
+    if len(diff) == 0:
+        return 0.0, 0.0
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def question_scores(records: Sequence[dict], recall_k: int = 10) -> dict[str, dict[str, float]]:
+    """metric -> {question key -> score}: Web Questions EM, F1, answer recall@k and reciprocal rank@k; MMLU
+    correctness under each protocol, per evaluated set ('mmlu' for the first subject, 'mmlu-all', ...)."""
+    out: dict[str, dict[str, float]] = {}
+    for r in records:
+        if r["dataset"] == "web_questions":
+            key = r["id"]
+            out.setdefault("wq-em", {})[key] = float(r["em"])
+            out.setdefault("wq-f1", {})[key] = float(r["f1"])
+            if "answer_rank" in r:
+                rank = r["answer_rank"]
+                out.setdefault(f"retrieval-recall@{recall_k}", {})[key] = recall_at_k(rank, recall_k)
+                out.setdefault(f"retrieval-mrr@{recall_k}", {})[key] = reciprocal_rank(rank, recall_k)
+        elif r["dataset"] == "mmlu":
+            for protocol in ("loglik", "generate", "circular", "cloze"):
+                if protocol in r:
+                    metric = f"{r.get('set', 'mmlu')}-{protocol}-accuracy"
+                    out.setdefault(metric, {})[r["id"]] = float(r[protocol]["correct"])
+    return out
+
+
+def compare(
+    baseline: Sequence[dict], runs: Sequence[Sequence[dict]], *, recall_k: int = 10, resamples: int = 10_000
+) -> dict[str, dict[str, float]]:
+    """Per metric, the runs against the baseline on the questions all of them answered: n, mean difference, its
+    95% interval, and for 0/1 metrics (EM, recall, MMLU correctness) questions gained / lost (in the majority of
+    runs) and the sign test's p."""
+    base = question_scores(baseline, recall_k)
+    tuned = [question_scores(r, recall_k) for r in runs]
+    out: dict[str, dict[str, float]] = {}
+    for metric, base_scores in base.items():
+        if not tuned or any(metric not in t for t in tuned):
+            continue
+        keys = sorted(set(base_scores).intersection(*(t[metric] for t in tuned)))
+        if not keys:
+            continue
+        b = np.array([base_scores[k] for k in keys])
+        t = np.array([[run[metric][k] for k in keys] for run in tuned]).mean(axis=0)  # each question over the runs
+        low, high = bootstrap_interval(t - b, resamples)
+        row = {"n": float(len(keys)), "diff": float((t - b).mean()), "low": low, "high": high}
+        if set(np.unique(b)) <= {0.0, 1.0} and metric != "wq-f1" and "mrr" not in metric:
+            gained, lost = int(np.sum((t > 0.5) & (b == 0))), int(np.sum((t < 0.5) & (b == 1)))
+            row |= {"gained": float(gained), "lost": float(lost), "sign-p": sign_test_p(gained, lost)}
+        out[metric] = row
+    return out

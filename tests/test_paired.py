@@ -1,0 +1,88 @@
+"""Paired comparison of two systems on the same questions (fedrag_app/evaluation/paired.py), on hand-made records
+whose answers are known: differences, gained/lost, the exact sign test, the bootstrap interval, and the table
+runner's use of them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fedrag_app.evaluation.paired import bootstrap_interval, compare, sign_test_p
+
+
+def wq(i: int, em: float, f1: float, rank: int | None) -> dict:
+    return {"dataset": "web_questions", "id": f"q{i}", "em": em, "f1": f1, "answer_rank": rank}
+
+
+def mc(i: int, correct: bool, set_name: str = "mmlu") -> dict:
+    return {"dataset": "mmlu", "set": set_name, "id": f"m{i}", "circular": {"correct": correct}}
+
+
+def test_sign_test_is_the_exact_two_sided_binomial():
+    assert sign_test_p(10, 0) == pytest.approx(2 / 1024)
+    assert sign_test_p(3, 3) == 1.0 and sign_test_p(0, 0) == 1.0
+    assert sign_test_p(6, 1) == pytest.approx(2 * (1 + 7) / 128)
+
+
+def test_bootstrap_interval_holds_the_mean_and_narrows_with_more_questions():
+    rng = np.random.default_rng(1)
+    small, large = rng.normal(0.1, 1, 50), rng.normal(0.1, 1, 5000)
+    lo, hi = bootstrap_interval(small, 2000)
+    assert lo < small.mean() < hi
+    lo2, hi2 = bootstrap_interval(large, 2000)
+    assert hi2 - lo2 < (hi - lo) / 5
+
+
+def test_compare_counts_gains_and_losses_question_by_question_over_seeds():
+    base = [wq(i, 0.0, 0.2, None) for i in range(20)] + [mc(i, i < 5) for i in range(20)]
+    # seed 1 and 2 both answer questions 0-9 exactly; the MC answers: seed 1 gains 5..14, loses 0..4; seed 2 the same
+    runs = [
+        [wq(i, float(i < 10), 0.2 + 0.5 * (i < 10), 1 if i < 10 else None) for i in range(20)]
+        + [mc(i, 5 <= i < 15) for i in range(20)]
+        for _ in range(2)
+    ]
+    out = compare(base, runs, recall_k=10, resamples=2000)
+    assert out["wq-em"]["diff"] == pytest.approx(0.5) and out["wq-em"]["gained"] == 10 and out["wq-em"]["lost"] == 0
+    assert out["wq-em"]["sign-p"] == pytest.approx(2 / 1024) and out["wq-em"]["low"] > 0
+    assert out["wq-f1"]["diff"] == pytest.approx(0.25) and "gained" not in out["wq-f1"]
+    assert out["retrieval-recall@10"]["diff"] == pytest.approx(0.5)
+    mmlu = out["mmlu-circular-accuracy"]
+    assert (mmlu["gained"], mmlu["lost"], mmlu["diff"]) == (10, 5, pytest.approx(0.25))
+    assert mmlu["low"] < 0.25 < mmlu["high"] and out["wq-em"]["n"] == 20
+
+
+def test_compare_keeps_each_evaluated_set_apart_and_only_shared_questions():
+    base = [mc(i, True, "mmlu") for i in range(4)] + [mc(i, False, "mmlu-all") for i in range(4)]
+    run = [mc(i, True, "mmlu") for i in range(2)] + [mc(i, True, "mmlu-all") for i in range(4)]
+    out = compare(base, [run], resamples=100)
+    assert out["mmlu-circular-accuracy"] == {
+        "n": 2.0,
+        "diff": 0.0,
+        "low": 0.0,
+        "high": 0.0,
+        "gained": 0.0,
+        "lost": 0.0,
+        "sign-p": 1.0,
+    }
+    assert out["mmlu-all-circular-accuracy"]["diff"] == 1.0
+
+
+def test_the_table_runner_writes_each_rows_paired_comparison(tmp_path):
+    from tests.test_experiments import run_table
+
+    base = tmp_path / "base.jsonl"
+    tuned = tmp_path / "tuned.jsonl"
+    base.write_text("".join(json.dumps(wq(i, 0.0, 0.0, None)) + "\n" for i in range(12)))
+    tuned.write_text("".join(json.dumps(wq(i, 1.0, 1.0, 1)) + "\n" for i in range(12)))
+    table = {
+        "baseline": "untuned",
+        "metrics": ["wq-em"],
+        "columns": [{"name": "c"}],
+        "rows": [{"name": "untuned"}, {"name": "tuned"}],
+    }
+    results = [{"row": "untuned", "column": "c", "seed": 1}, {"row": "tuned", "column": "c", "seed": 1}]
+    paired = run_table.paired_rows(table, results, lambda r: base if r["row"] == "untuned" else tuned)
+    assert [p["row"] for p in paired] == ["tuned"] and paired[0]["metrics"]["wq-em"]["gained"] == 12
+    assert "| tuned | 1 | +1.000 [+1.000, +1.000] 12/0 p=0.00049 |" in run_table.summarise_paired(table, paired)

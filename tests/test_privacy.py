@@ -317,3 +317,99 @@ def test_personal_adapter_trains_on_the_node_persists_and_never_appears_in_a_rep
     scores = client_app.app(message(content, "evaluate"), context(here, run)).content["metrics"]
     assert {"client-wq-f1", "client-personal-wq-f1", "client-personal-wq-em"} <= set(scores)
     assert not list((tmp_path / "state").glob("*.tmp"))
+
+
+# --- what leaves a node under DP (tiny models: the replies' contents, not the maths) --------------------------------
+@pytest.fixture(scope="module")
+def tiny_node(tmp_path_factory, template_shard):
+    """An institution on the tiny models: 6 training questions, 2 held-out ones, a copy of the tiny shard."""
+    import shutil
+
+    from fedrag_app.data.loaders import load_web_questions, write_qa_jsonl
+
+    folder = tmp_path_factory.mktemp("tiny-node")
+    questions = load_web_questions("train", AppConfig().data)
+    write_qa_jsonl(folder / "train.jsonl", questions[:6])
+    write_qa_jsonl(folder / "heldout.jsonl", questions[6:8])
+    shutil.copytree(template_shard, folder / "shard")
+    yield {
+        "partition-id": 0,
+        "num-partitions": 1,
+        "data-path": str(folder / "train.jsonl"),
+        "heldout-path": str(folder / "heldout.jsonl"),
+        "store-path": str(folder / "shard"),
+    }
+    client_app._MODELS.clear()
+
+
+PRIVATE = {"num-examples", "ralt-loss-mean", "lsr-kl-mean", "local-seconds", "handler-seconds"}  # from its data
+
+
+def _tiny_replies(run: dict, node: dict, clip: float):
+    """A train and an evaluate reply of the real ClientApp, mods included."""
+    sent, trained = client_round(run, node, clipping_norm=clip if run["dp.mode"] == "client-clip" else None)
+    content = RecordDict({"arrays": sent, "config": ConfigRecord({"server-round": 1})})
+    evaluated = client_app.app(message(content, "evaluate"), context(node, run))
+    assert not evaluated.has_error(), evaluated.error
+    return sent, trained, evaluated
+
+
+@pytest.mark.parametrize("mode", ["off", "client-clip", "server-clip", "local"])
+def test_under_dp_a_reply_carries_the_covered_weights_and_public_values_only(tiny_node, tiny_models_config, mode):
+    from fedrag_app.federation.disclosure import PUBLIC
+
+    clip = 1e-3
+    run = {**TINY, **tiny_models_config, "dp.mode": mode, "dp.clipping-norm": clip}
+    sent, trained, evaluated = _tiny_replies(run, tiny_node, clip)
+    metrics, scores = dict(trained.content["metrics"]), dict(evaluated.content["metrics"])
+    if mode == "off":  # what DP replaces: losses, counts, timings and held-out scores all travel
+        assert PRIVATE <= set(metrics) and "client-wq-f1" in scores and "num-examples" in scores
+        return
+    assert set(metrics) <= PUBLIC and metrics["dp-weight"] == 1, f"private values left the node: {metrics}"
+    assert set(trained.content.keys()) == {"arrays", "metrics"}, "nothing beside the weights and public values"
+    assert scores == {"dp-weight": 1} and set(evaluated.content.keys()) == {"metrics"}
+    assert sorted(trained.content["arrays"]) == sorted(sent)
+    if mode == "client-clip":  # the weights are what the mechanism covers: clipped here, noised by the server
+        assert _update_norm(trained.content["arrays"], sent) <= clip * 1.001
+
+
+def test_a_node_that_opts_in_sends_its_values_apart_and_the_server_names_them(
+    tiny_node, tiny_models_config, in_a_server_app, tmp_path, caplog
+):
+    """node-config dp-share-metrics = true: the un-noised values travel in their own record, never in the
+    MetricRecord Flower averages, and the node logs it; the server averages them over the nodes that sent them
+    and its metrics row names them as not DP-protected, beside a node that withheld them."""
+    import logging
+
+    from fedrag_app.evaluation.reporting import dp_label, plot_metrics
+    from fedrag_app.federation.disclosure import UNPROTECTED
+
+    clip = 1e-3
+    run = {**TINY, **tiny_models_config, "dp.mode": "local", "dp.clipping-norm": clip, "fed.min-nodes": 2}
+    caplog.set_level(logging.INFO)
+    sent, shared_train, shared_eval = _tiny_replies(run, {**tiny_node, "dp-share-metrics": True}, clip)
+    assert any("dp-share-metrics = true: sending un-noised" in r.getMessage() for r in caplog.records)
+    shared = dict(shared_train.content[UNPROTECTED])
+    assert PRIVATE <= set(shared) and not PRIVATE & set(shared_train.content["metrics"])
+    assert "client-wq-f1" in shared_eval.content[UNPROTECTED]
+    _, withheld_train, withheld_eval = _tiny_replies(run, tiny_node, clip)
+    assert UNPROTECTED not in withheld_train.content
+
+    strategy = checked(record_to_numpy(sent), run)
+    list(strategy.configure_train(1, sent, ConfigRecord({}), Nodes(2)))
+    arrays, _ = strategy.aggregate_train(1, [reply(shared_train.content, 1), reply(withheld_train.content, 2)])
+    assert arrays is not None, "equal public weights: the two replies are averaged"
+    assert strategy.last_train_metrics["ralt-loss-mean"] == pytest.approx(shared["ralt-loss-mean"])
+    assert strategy.round_costs["round-local-seconds-max"] == pytest.approx(shared["local-seconds"])
+    evaluations = [reply(c.content, i, message_type="evaluate") for i, c in ((1, shared_eval), (2, withheld_eval))]
+    strategy.aggregate_evaluate(1, evaluations)
+    row = strategy.privacy_metrics(1, AppConfig.from_flat(run).dp)
+    assert row["dp-protected"] is True and row["dp-mode"] == "local"
+    assert {"train-ralt-loss-mean", "train-num-examples", "client-wq-f1"} <= set(row["dp-unprotected"])
+    assert row["dp-unprotected-nodes-train"] == row["dp-unprotected-nodes-evaluate"] == 1
+    assert any("NOT DP-protected" in r.getMessage() and "client-wq-f1" in r.getMessage() for r in caplog.records)
+    rows = [{"round": 1, **row, **{f"train-{k}": v for k, v in strategy.last_train_metrics.items()}}]
+    assert dp_label("ralt-loss-mean", rows) == "ralt-loss-mean (not DP-protected)"
+    assert dp_label("wq-f1", rows) == "wq-f1", "the server's evaluation of DP-protected weights"
+    plot_metrics(rows, tmp_path / "metrics.png")
+    assert (tmp_path / "metrics.png").stat().st_size > 0

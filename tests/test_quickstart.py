@@ -92,8 +92,8 @@ def test_quickstart_end_to_end_tiny_two_private_rounds(tmp_path, data_dir, tiny_
     """The suite's one `flwr run` training simulation (it absorbed the former tests/test_flwr_run.py). Proves the
     orchestration end to end through real processes (CLI, `fedrag-app partition`, local SuperLink, simulation with
     2 SuperNodes): evaluation before; both rounds receive 2 results, drop nothing and average both updates; adapter,
-    retriever and state are checkpointed each round, the plot and the Flower log written; client and server
-    evaluation metrics arrive; Flower's client-side DP mod + server wrapper add noise and the accountant's epsilon
+    retriever and state are checkpointed each round, the plot and the Flower log written; server evaluation metrics
+    arrive while under DP the nodes withhold their losses, timings and scores (the rows say so); Flower's client-side DP mod + server wrapper add noise and the accountant's epsilon
     per round equals dp-accounting's; FFA-LoRA replies carry exactly the B factors and the retriever (fewer bytes
     than FedAvg's A and B); ask answers with the last checkpoint; the summary is written; --set generator.model /
     retriever.model reach every step (index and partition build shards with that retriever); and no Flower process
@@ -132,9 +132,13 @@ def test_quickstart_end_to_end_tiny_two_private_rounds(tmp_path, data_dir, tiny_
     assert "central DP noise with" in log and "Privacy spent" in log, log[-4000:]
     rows = [json.loads(line) for line in (fed / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
-    assert all(r["round-bytes-up"] > 0 and r["round-train-seconds"] >= r["round-local-seconds-max"] for r in rows)
+    assert all(r["round-bytes-up"] > 0 and r["round-train-seconds"] > 0 for r in rows)
     assert all(r["round-failures"] == 0 and r["round-updates-averaged"] == 2 for r in rows)
-    assert "mmlu-loglik-accuracy" in rows[-1] and "client-wq-f1" in rows[-1] and "wq-f1" in summary["after"]
+    assert "mmlu-loglik-accuracy" in rows[-1] and "wq-f1" in summary["after"]
+    # under DP the nodes (simulated: no dp-share-metrics) withhold what they computed on their data: no losses,
+    # timings or held-out scores in the row, which says what is protected
+    assert all(r["dp-protected"] is True and r["dp-unprotected"] == [] and r["dp-mode"] == "client-clip" for r in rows)
+    assert not [k for r in rows for k in r if k.startswith(("train-ralt-", "client-wq-", "round-local-seconds"))]
     for n in (1, 2):
         ckpt = fed / f"round-{n:04d}"
         assert (ckpt / "adapter" / "adapter_model.safetensors").exists()

@@ -34,25 +34,36 @@ def append_metrics(path: str | Path, row: dict) -> list[dict]:
     return rows
 
 
+def dp_label(key: str, rows: list[dict]) -> str:
+    """A plotted key's legend label: marked when a row names it (or its "train-" form) among the values nodes sent
+    un-noised under DP (dp-unprotected)."""
+    unprotected = {k.removeprefix("train-") for r in rows for k in r.get("dp-unprotected", [])}
+    return f"{key} (not DP-protected)" if key in unprotected else key
+
+
 def plot_metrics(rows: list[dict], png_path: str | Path) -> None:
-    """Losses (left) and evaluation scores (right) per round."""
+    """Losses (left) and evaluation scores (right) per round. Under DP (a row's dp-mode) the title says so, and a
+    curve whose values nodes sent un-noised (the row's dp-unprotected keys) is labelled "not DP-protected"."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (losses, scores) = plt.subplots(1, 2, figsize=(11, 4))
+    dp_mode = next((r["dp-mode"] for r in reversed(rows) if "dp-mode" in r), None)
     for key in PLOTTED:
         # the federated server prefixes client training metrics with "train-"; the centralized run does not
         points = [(r["round"], r.get(key, r.get(f"train-{key}"))) for r in rows if key in r or f"train-{key}" in r]
         if points:
             axis = losses if "loss" in key else scores
-            axis.plot(*zip(*points), marker="o", label=key)
+            axis.plot(*zip(*points), marker="o", label=dp_label(key, rows))
     for axis, title in ((losses, "training loss (client mean)"), (scores, "evaluation")):
         axis.set_title(title)
         axis.set_xlabel("round")
         if axis.lines:
             axis.legend(fontsize=8)
+    if dp_mode:
+        fig.suptitle(f"dp.mode = {dp_mode}: DP-protected unless marked (server evaluation: of DP-protected weights)")
     fig.tight_layout()
     with atomic_path(png_path) as tmp:
         fig.savefig(tmp, dpi=100)

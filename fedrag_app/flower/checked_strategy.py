@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from logging import WARNING
+from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedrag_app.config.app_config import PrivacyConfig
+from fedrag_app.federation.disclosure import UNPROTECTED, unprotected_means
 from fedrag_app.federation.exchange import check_frozen_a, check_update, check_update_at_rank
 from fedrag_app.federation.gaussian_dp import composed_epsilon, local_dp_sigma
 from fedrag_app.federation.lora_aggregation import adapter_rank, rank_update_average
@@ -57,6 +58,7 @@ class CheckedStrategy(Strategy):
         self.sent_global = reference  # the global arrays of the round in progress (configure_train updates it)
         self.last_train_metrics, self.last_evaluate_metrics = {}, {}
         self.round_costs: dict[str, float] = {}
+        self.disclosed: dict[str, tuple[list[str], int]] = {}  # phase -> (un-noised row keys, nodes that sent them)
         self._sent_at, self._sent_bytes = 0.0, 0
 
     def summary(self) -> None:
@@ -108,6 +110,7 @@ class CheckedStrategy(Strategy):
             np.random.seed()  # fresh OS entropy: noise that anyone knowing the seed could subtract protects nothing
         arrays, metrics = self.inner.aggregate_train(server_round, passed)
         self.last_train_metrics = dict(metrics) if metrics else {}
+        self._disclose("train", kept)
         if arrays is not None and (extra := getattr(self.aggregator, "last_aggregation_metrics", None)):
             self.round_costs.update(extra)
         if arrays is not None:
@@ -148,11 +151,74 @@ class CheckedStrategy(Strategy):
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
         metrics = self.inner.aggregate_evaluate(server_round, replies)
         self.last_evaluate_metrics = dict(metrics) if metrics else {}
+        self._disclose("evaluate", replies)
         return metrics
 
-    def privacy_metrics(self, rounds_done: int, cfg: PrivacyConfig) -> dict[str, float]:
+    def _disclose(self, phase: str, replies: list[Message]) -> None:
+        """The values nodes opted to send un-noised under DP (node-config dp-share-metrics, federation/disclosure.py):
+        averaged over those nodes into the phase's metrics and named, as the metrics row names them, in
+        self.disclosed, so the row, the log and the plot mark them as not DP-protected. A node under DP withholds
+        its timings too: the round's node seconds are then those of the nodes that shared them, or absent."""
+        contents = [m.content for m in replies if not m.has_error()]
+        shared = [dict(c[UNPROTECTED]) for c in contents if UNPROTECTED in c.config_records]
+        means = unprotected_means(shared)
+        if phase == "train":
+            self.last_train_metrics.update(means)
+            if contents and not any("local-seconds" in c["metrics"] for c in contents):
+                for key in ("local-seconds", "handler-seconds"):
+                    values = [float(v[key]) for v in shared if key in v]
+                    self.round_costs.pop(f"round-{key}-sum", None)
+                    self.round_costs.pop(f"round-{key}-max", None)
+                    if values:
+                        self.round_costs.update({f"round-{key}-sum": sum(values), f"round-{key}-max": max(values)})
+        else:
+            self.last_evaluate_metrics.update(means)
+        if phase == "train":  # a new round: last round's evaluation disclosed nothing about this one
+            self.disclosed = {}
+        self.disclosed[phase] = ([("train-" if phase == "train" else "") + k for k in means], len(shared))
+        if shared:
+            log(
+                WARNING,
+                "%s: %s node(s) sent values computed on their data un-noised (node-config dp-share-metrics): %s are "
+                "not DP-protected",
+                phase,
+                len(shared),
+                ", ".join(means),
+            )
+
+    def privacy_metrics(self, rounds_done: int, cfg: PrivacyConfig) -> dict[str, float | bool | str | list[str]]:
+        """The metrics row's privacy fields: epsilon spent so far (_epsilon_spent) and, under DP, what is protected:
+        dp-protected = true (the weights and everything the server computes from them, its evaluation included, are
+        covered by the mechanism), dp-unprotected = the row's keys that nodes sent un-noised by their own opt-in,
+        and how many nodes did. Logged every round."""
+        spent = self._epsilon_spent(rounds_done, cfg)
+        if cfg.mode == "off":
+            return spent
+        train, evaluate = self.disclosed.get("train", ([], 0)), self.disclosed.get("evaluate", ([], 0))
+        unprotected = sorted(train[0] + evaluate[0])
+        log(
+            INFO,
+            "DP (%s): the weights and the server's evaluation are DP-protected (epsilon=%.4g at delta=%g); %s",
+            cfg.mode,
+            spent.get("dp-epsilon", float("nan")),
+            cfg.delta,
+            f"NOT DP-protected (opted in by nodes): {', '.join(unprotected)}"
+            if unprotected
+            else "nodes withheld every other value computed on their data",
+        )
+        return {
+            **spent,
+            "dp-mode": cfg.mode,
+            "dp-protected": True,
+            "dp-unprotected": unprotected,
+            "dp-unprotected-nodes-train": train[1],
+            "dp-unprotected-nodes-evaluate": evaluate[1],
+        }
+
+    def _epsilon_spent(self, rounds_done: int, cfg: PrivacyConfig) -> dict[str, float]:
         """epsilon spent so far: Flower's RDP accountant in the central modes; in local mode each node's rounds
         composed exactly (gaussian_dp.composed_epsilon: its noise multiplier sigma / 2C, one release per round done),
         at dp.delta; nothing when DP is off."""

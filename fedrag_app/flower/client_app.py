@@ -6,6 +6,8 @@ train    -> run_local_round (RALT / LSR / RA-DIT) on its own questions against i
             its frozen A. With train.keep-optimizer-state the node's AdamW state persists across
             rounds in its Flower context.state (records.save_optimizer_state), never in a reply.
 evaluate -> Web Questions EM/F1 and retrieval recall@k/MRR on its held-out questions (scalars only).
+Under any dp.mode but off, disclosure_mod keeps in a reply only the weights the DP mechanism covers and public
+            values; what the node computed on its data leaves only if its node-config sets dp-share-metrics = true.
 query.retrieve -> top-k passages per question from its shard, only if its node-config sets federated-retrieval=true
             (in simulation: its partition id is in run-config query.opted-in-partitions).
 
@@ -18,10 +20,10 @@ two nodes in one process ever hold the same lock.
 from __future__ import annotations
 
 import time
-from logging import WARNING
+from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.common import log
@@ -31,8 +33,9 @@ from fedrag_app.config.app_config import AppConfig
 from fedrag_app.config.runtime import apply_runtime, release_memory
 from fedrag_app.core.errors import ConfigError
 from fedrag_app.evaluation.evaluate import evaluate_retrieval, evaluate_web_questions
+from fedrag_app.federation.disclosure import SHARE_KEY, UNPROTECTED, split_private
 from fedrag_app.federation.exchange import at_node_rank, load_received_state, outgoing_state
-from fedrag_app.federation.node_data import node_questions
+from fedrag_app.federation.node_data import node_data, node_questions
 from fedrag_app.federation.node_setup import NodeSetup, node_setup
 from fedrag_app.federation.personal import RoundOf, personal_adapter
 from fedrag_app.federation.query import REFUSAL, opted_in, over_limits, pack_hits
@@ -87,7 +90,7 @@ def privacy_mod(msg: Message, context: Context, call_next) -> Message:
 
 def wire_mod(msg: Message, context: Context, call_next) -> Message:
     """retriever.wire-dtype = float16: the reply's retriever arrays become the update (trained − received) in fp16.
-    Outermost mod, so the DP mods inside it clip and noise fp32 weights against what was received, as they expect;
+    Outside the DP mods, so they clip and noise fp32 weights against what was received, as they expect;
     the server adds the update back to the fp32 global it sent."""
     dtype = AppConfig.from_flat(context.run_config).retriever.wire_dtype
     reply = call_next(msg, context)
@@ -99,10 +102,36 @@ def wire_mod(msg: Message, context: Context, call_next) -> Message:
     return reply
 
 
+def disclosure_mod(msg: Message, context: Context, call_next) -> Message:
+    """Under any dp.mode but off, what leaves the node is covered by DP: the reply's MetricRecord keeps only public
+    values (disclosure.PUBLIC: the weight, the LoRA rank, bytes sent, the round); the values computed on the node's
+    data are withheld, or, with node-config dp-share-metrics = true, sent un-noised in the ConfigRecord
+    'dp-unprotected' (logged here) for the server to report as not DP-protected. Without that opt-in an evaluate
+    message is not even computed. Outermost mod: it sees the reply as it leaves."""
+    run = AppConfig.from_flat(context.run_config)
+    if run.dp.mode == "off":
+        return call_next(msg, context)
+    share = node_data(run, context.node_config).share_metrics
+    if not share and msg.metadata.message_type.startswith("evaluate"):
+        return Message(RecordDict({"metrics": metric_record(_dp_weight(run))}), reply_to=msg)
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    public, private = split_private(dict(reply.content["metrics"]))
+    reply.content["metrics"] = MetricRecord(public)
+    if share:
+        reply.content[UNPROTECTED] = ConfigRecord(private)
+        log(WARNING, "dp.mode=%s with %s = true: sending un-noised %s", run.dp.mode, SHARE_KEY, ", ".join(private))
+    else:
+        log(INFO, "dp.mode=%s: withheld %s (node-config %s = false)", run.dp.mode, ", ".join(private), SHARE_KEY)
+    return reply
+
+
 def _dp_weight(cfg: AppConfig) -> dict[str, int]:
-    """Central DP averages nodes with equal weights; the server's FedAvg reads this key in train and evaluate
-    replies alike."""
-    return {"dp-weight": 1} if cfg.dp.central else {}
+    """Under DP every node weighs the same, and the server's FedAvg reads this key in train and evaluate replies alike.
+    Weighting by example counts would need the counts, computed on private data and not covered by the mechanism;
+    central DP's noise is moreover calibrated to C / nodes, which unequal weights would break."""
+    return {"dp-weight": 1} if cfg.dp.mode != "off" else {}
 
 
 def _open_store(setup: NodeSetup, retriever: DualEncoder) -> KnowledgeStore:
@@ -131,7 +160,7 @@ def _round_of(msg: Message, context: Context) -> RoundOf:
     return RoundOf(run_id=context.run_id, server_round=int(config["server-round"]) + offset, round_offset=offset)
 
 
-@app.train(mods=[wire_mod, privacy_mod])
+@app.train(mods=[disclosure_mod, wire_mod, privacy_mod])
 def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     setup = node_setup(context.run_config, context.node_config)
@@ -167,7 +196,7 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-@app.evaluate()
+@app.evaluate(mods=[disclosure_mod])
 def evaluate(msg: Message, context: Context) -> Message:
     setup = node_setup(context.run_config, context.node_config)
     cfg, node = setup.cfg, setup.node

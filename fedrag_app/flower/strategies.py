@@ -172,7 +172,7 @@ def build_strategy(
         min_train_nodes=m,
         min_evaluate_nodes=m,
         min_available_nodes=m,
-        weighted_by_key="dp-weight" if central else "num-examples",
+        weighted_by_key="dp-weight" if cfg.dp.mode != "off" else "num-examples",  # DP: counts are private
     )
     if cfg.fed.lora_aggregation == "product":
         aggregator: FedAvg = LoraProductFedAvg(rank=cfg.generator.lora_r, alpha=cfg.generator.lora_alpha, **kwargs)

@@ -85,6 +85,7 @@ def test_run_evaluation_with_and_without_retrieval(generator, retriever, small_s
         {
             "data.dir": str(data_dir),
             "eval.mmlu-limit": 3,
+            "eval.mmlu-protocols": "loglik,generate",  # the others have tests of their own
             "eval.web-questions-limit": 3,
             "eval.recall-k": 5,
             "generator.max-new-tokens": 8,

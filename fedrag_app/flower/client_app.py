@@ -35,7 +35,7 @@ from fedrag_app.core.errors import ConfigError
 from fedrag_app.evaluation.evaluate import evaluate_retrieval, evaluate_web_questions
 from fedrag_app.federation.disclosure import SHARE_KEY, UNPROTECTED, split_private
 from fedrag_app.federation.exchange import at_node_rank, load_received_state, outgoing_state
-from fedrag_app.federation.node_data import node_data, node_questions
+from fedrag_app.federation.node_data import node_data, node_mmlu, node_questions
 from fedrag_app.federation.node_setup import NodeSetup, node_setup
 from fedrag_app.federation.personal import RoundOf, personal_adapter
 from fedrag_app.federation.query import REFUSAL, opted_in, over_limits, pack_hits
@@ -174,7 +174,14 @@ def train(msg: Message, context: Context) -> Message:
         personal_adapter(cfg, gen, node.state_dir, node.partition_id, at, keep=True),
     ):
         result = run_local_round(
-            cfg, gen, retriever, store, examples, server_round=at.server_round, optimizer_state=kept
+            cfg,
+            gen,
+            retriever,
+            store,
+            examples,
+            server_round=at.server_round,
+            optimizer_state=kept,
+            mmlu=node_mmlu(node, cfg),
         )
     if kept is not None:  # the node's AdamW state stays in its own context.state, never in the reply
         save_optimizer_state(context.state, kept)

@@ -346,13 +346,25 @@ class FedConfig:
         "",
     )
     strategy: str = _help(
-        "fedavg | fedavgm | fedadam | fedyogi | fedadagrad: server optimizer (Flower's own)", "fedavg"
+        "fedavg | fedavgm | fedadam | fedyogi | fedadagrad (server optimizers) | fedmedian | fedtrimmedavg | krum | "
+        "multikrum (robust to malicious nodes: docs/ROBUSTNESS.md); Flower's own",
+        "fedavg",
     )
     server_learning_rate: float = _help("server step; 0 = the strategy's own (fedavgm 1.0, adaptive ones 1e-3)", 0.0)
     server_momentum: float = _help("fedavgm: momentum of the server's update, in [0, 1)", 0.9)
     server_beta_1: float = _help("fedadam | fedyogi: decay of the first moment, in [0, 1)", 0.9)
     server_beta_2: float = _help("fedadam | fedyogi: decay of the second moment, in [0, 1)", 0.99)
     server_tau: float = _help("fedadam | fedyogi | fedadagrad: added to sqrt(v); below it an update is damped", 1e-6)
+    trim_beta: float = _help("fedtrimmedavg: share of nodes cut from each tail, per coordinate, in [0, 0.5)", 0.2)
+    krum_malicious_nodes: int = _help(
+        "krum | multikrum: malicious nodes tolerated per round (f); needs fed.min-nodes >= 2f + 3", 1
+    )
+    multikrum_select: int = _help("multikrum: updates averaged per round; 0 = fed.min-nodes - f", 0)
+    update_norm_bound: float = _help(
+        "clip each node's update (reply - the round's global weights) to this multiple of the round's median "
+        "update norm, before any fed.strategy aggregates; 0 = off, else >= 1",
+        0.0,
+    )
 
     def __post_init__(self) -> None:
         _one_of("fed", "lora_aggregation", self.lora_aggregation, ("fedavg", "ffa", "product"))

@@ -13,7 +13,9 @@ from fedrag_app.core.errors import ConfigError
 if TYPE_CHECKING:
     from fedrag_app.config.app_config import AppConfig, FedConfig
 
-STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+SERVER_OPTIMIZERS = ("fedavgm", "fedadam", "fedyogi", "fedadagrad")
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum")  # docs/ROBUSTNESS.md
+STRATEGIES = ("fedavg", *SERVER_OPTIMIZERS, *ROBUST_STRATEGIES)
 DEFAULT_LEARNING_RATE = {"fedavgm": 1.0, "fedadam": 1e-3, "fedyogi": 1e-3, "fedadagrad": 1e-3}
 
 
@@ -68,6 +70,17 @@ def check_rank_options(cfg: AppConfig, where: str, rank: int) -> None:
             f"{where} = {rank} with dp.mode = {cfg.dp.mode!r}: Flower's DP clipping needs every node "
             "to send the global rank"
         )
+    if rank != cfg.generator.lora_r and (cfg.fed.strategy in ROBUST_STRATEGIES or cfg.fed.update_norm_bound):
+        option = (
+            f"'fed.strategy' = {cfg.fed.strategy!r}"
+            if cfg.fed.strategy in ROBUST_STRATEGIES
+            else f"'fed.update-norm-bound' = {cfg.fed.update_norm_bound!r}"
+        )
+        raise ConfigError(
+            f"{where} = {rank} with {option}: a round with a lower-rank reply replaces every reply's LoRA factors "
+            "by the weighted mean of the nodes' ΔW updates before any robust step sees them; heterogeneous ranks "
+            "use fed.strategy = 'fedavg' and fed.update-norm-bound = 0"
+        )
     if rank != cfg.generator.lora_r and cfg.fed.strategy != "fedavg":
         raise ConfigError(
             f"{where} = {rank} with 'fed.strategy' = {cfg.fed.strategy!r}: a round with a lower-rank "
@@ -78,7 +91,7 @@ def check_rank_options(cfg: AppConfig, where: str, rank: int) -> None:
 
 
 def check_strategy_options(cfg: AppConfig) -> None:
-    """Refuse by name a server optimizer that cannot be applied soundly with the other options."""
+    """Refuse by name a server optimizer or robust strategy that cannot be applied soundly with the other options."""
     fed = cfg.fed
     _one_of("fed", "strategy", fed.strategy, STRATEGIES)
     _positive("fed", "server_learning_rate", fed.server_learning_rate, zero_ok=True)
@@ -88,7 +101,13 @@ def check_strategy_options(cfg: AppConfig) -> None:
             raise ConfigError(
                 f"run-config key 'fed.{name.replace('_', '-')}' = {getattr(fed, name)!r}: must be in [0, 1)"
             )
-    if fed.strategy == "fedavg":
+    check_robust_options(cfg)
+    if fed.strategy in ROBUST_STRATEGIES and fed.server_learning_rate:
+        raise ConfigError(
+            f"run-config key 'fed.server-learning-rate' = {fed.server_learning_rate!r} with 'fed.strategy' = "
+            f"{fed.strategy!r}: only the server optimizers {SERVER_OPTIMIZERS} take a server step"
+        )
+    if fed.strategy not in SERVER_OPTIMIZERS:
         if fed.server_learning_rate:
             raise ConfigError(
                 f"run-config key 'fed.server-learning-rate' = {fed.server_learning_rate!r} with "
@@ -110,4 +129,70 @@ def check_strategy_options(cfg: AppConfig) -> None:
             "do not combine: product averaging returns the SVD factors of the mean B·A, a new basis "
             "each round, so their difference from last round's factors is no update to accumulate "
             "momentum or moments over; use fed.lora-aggregation = 'fedavg' or 'ffa'"
+        )
+
+
+def check_robust_options(cfg: AppConfig) -> None:
+    """Robust aggregation (docs/ROBUSTNESS.md): its parameters, enough nodes per round to outvote one malicious
+    node, and no central DP (its noise is calibrated to the mean's sensitivity, clipping-norm / nodes; a median's or
+    a data-dependent clip's differs) nor product averaging (its own aggregator of B·A)."""
+    fed = cfg.fed
+    if not 0.0 <= fed.trim_beta < 0.5:
+        raise ConfigError(f"run-config key 'fed.trim-beta' = {fed.trim_beta!r}: must be in [0, 0.5)")
+    _positive("fed", "krum_malicious_nodes", fed.krum_malicious_nodes, zero_ok=True)
+    _positive("fed", "multikrum_select", fed.multikrum_select, zero_ok=True)
+    if fed.update_norm_bound:
+        if fed.update_norm_bound < 1.0:
+            raise ConfigError(
+                f"run-config key 'fed.update-norm-bound' = {fed.update_norm_bound!r}: must be 0 (off) or >= 1 "
+                "(a multiple of the round's median update norm; below 1 the median node itself is clipped)"
+            )
+        if cfg.dp.central:
+            raise ConfigError(
+                f"run-config keys 'fed.update-norm-bound' = {fed.update_norm_bound!r} and 'dp.mode' = "
+                f"{cfg.dp.mode!r} do not combine: the bound follows the other nodes' updates, so one node "
+                "changes what the others contribute and the DP noise no longer covers it (dp.clipping-norm "
+                "already bounds every update)"
+            )
+        if fed.min_nodes < 3:
+            raise ConfigError(
+                f"run-config key 'fed.update-norm-bound' = {fed.update_norm_bound!r} with fed.min-nodes = "
+                f"{fed.min_nodes}: the median of two update norms is their mean, which one scaled update sets; "
+                "set fed.min-nodes >= 3"
+            )
+    if fed.strategy not in ROBUST_STRATEGIES:
+        return
+    if cfg.dp.central:
+        raise ConfigError(
+            f"run-config keys 'fed.strategy' = {fed.strategy!r} and 'dp.mode' = {cfg.dp.mode!r} do not "
+            "combine: Flower's central DP noise is calibrated to the mean's sensitivity (clipping-norm / nodes), "
+            "not a robust aggregate's; use fed.strategy = 'fedavg', or dp.mode = 'local'"
+        )
+    if fed.lora_aggregation == "product":
+        raise ConfigError(
+            f"run-config keys 'fed.strategy' = {fed.strategy!r} and 'fed.lora-aggregation' = 'product' do not "
+            "combine: product averaging is its own aggregator (the mean of B·A, refactored by SVD), while robust "
+            "strategies aggregate the factors as they travel; use fed.lora-aggregation = 'ffa' (exact) or 'fedavg'"
+        )
+    m, f = fed.min_nodes, fed.krum_malicious_nodes
+    if fed.strategy == "fedmedian" and m < 3:
+        raise ConfigError(
+            f"run-config key 'fed.strategy' = 'fedmedian' with fed.min-nodes = {m}: the median of two nodes is "
+            "their mean; set fed.min-nodes >= 3"
+        )
+    if fed.strategy == "fedtrimmedavg" and int(fed.trim_beta * m) < 1:
+        raise ConfigError(
+            f"run-config key 'fed.strategy' = 'fedtrimmedavg' with fed.trim-beta = {fed.trim_beta} and "
+            f"fed.min-nodes = {m}: int(beta x nodes) = 0 cuts no node from either tail (a plain mean); raise "
+            "fed.trim-beta or fed.min-nodes"
+        )
+    if fed.strategy in ("krum", "multikrum") and m < 2 * f + 3:
+        raise ConfigError(
+            f"run-config key 'fed.strategy' = {fed.strategy!r} with fed.krum-malicious-nodes = {f} needs "
+            f"fed.min-nodes >= 2f + 3 = {2 * f + 3} (Krum's guarantee), got {m}"
+        )
+    if fed.strategy == "multikrum" and fed.multikrum_select > m - f:
+        raise ConfigError(
+            f"run-config key 'fed.multikrum-select' = {fed.multikrum_select}: must be <= fed.min-nodes - "
+            f"fed.krum-malicious-nodes = {m - f} (averaging more would let a malicious update in)"
         )

@@ -4,8 +4,10 @@ inside Flower's DP wrapper when DP is on) behind the checks that keep a bad repl
 A reply whose weights cannot be averaged (unreadable records, NaN/Inf, wrong keys or shapes, under FFA-LoRA a
 different frozen A) is logged and dropped; a lower-rank reply (heterogeneous ranks) is checked as its padding to the
 global rank, and a round with such replies averages the nodes' ΔW updates (lora_aggregation.rank_update_average);
-a retriever update in the wire dtype is rebuilt into fp32 weights first. The checks themselves are plain numpy
-(federation/exchange.py); this module only reads them out of Flower's messages.
+a retriever update in the wire dtype is rebuilt into fp32 weights first. With fed.update-norm-bound, every kept
+reply's update is then clipped to that multiple of the round's median update norm (federation/robust.py), whatever
+the aggregator. The checks themselves are plain numpy (federation/exchange.py); this module only reads them out of
+Flower's messages.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from fedrag_app.federation.disclosure import UNPROTECTED, unprotected_means
 from fedrag_app.federation.exchange import check_frozen_a, check_update, check_update_at_rank
 from fedrag_app.federation.gaussian_dp import composed_epsilon, local_dp_sigma
 from fedrag_app.federation.lora_aggregation import adapter_rank, rank_update_average
+from fedrag_app.federation.robust import bound_update_norms
 from fedrag_app.flower.records import A_FINGERPRINT, CHECKS, from_wire_update, numpy_to_record, record_to_numpy
 
 
@@ -47,6 +50,7 @@ class CheckedStrategy(Strategy):
         lora_alpha: float = 16.0,
         rank_method: str = "truncate",
         wire_updates: bool = False,
+        update_norm_bound: float = 0.0,
     ):
         super().__init__()
         self.inner = inner  # what every call goes to: the aggregator, or Flower's DP wrapper around it
@@ -55,6 +59,7 @@ class CheckedStrategy(Strategy):
         self.global_rank = global_rank  # set: replies may have a lower LoRA rank (heterogeneous ranks)
         self.lora_alpha, self.rank_method = lora_alpha, rank_method  # how nodes cut the global adapter to their rank
         self.wire_updates = wire_updates  # replies carry the retriever's update in the wire dtype, not its weights
+        self.update_norm_bound = update_norm_bound  # > 0: updates clipped to this multiple of the round's median norm
         self.sent_global = reference  # the global arrays of the round in progress (configure_train updates it)
         self.last_train_metrics, self.last_evaluate_metrics = {}, {}
         self.round_costs: dict[str, float] = {}
@@ -68,7 +73,7 @@ class CheckedStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
-        if self.global_rank is not None or self.wire_updates:
+        if self.global_rank is not None or self.wire_updates or self.update_norm_bound:
             self.sent_global = record_to_numpy(arrays)  # what the replies are updates of
         self._sent_at, self._sent_bytes = time.perf_counter(), arrays.count_bytes() * len(messages)
         return messages
@@ -93,6 +98,7 @@ class CheckedStrategy(Strategy):
                 passed.append(m)
         kept = [m for m in passed if not m.has_error()]
         rank_losses = self._merge_rank_updates(kept) if self.global_rank is not None else {}
+        norm_bound = self._bound_update_norms(kept, server_round) if self.update_norm_bound and kept else {}
         local = [float(m.content["metrics"].get("local-seconds", 0.0)) for m in kept]
         handler = [float(m.content["metrics"].get("handler-seconds", 0.0)) for m in kept]
         self.round_costs = {  # what Flower adds on top of the clients' own work, and what crossed the network
@@ -105,6 +111,7 @@ class CheckedStrategy(Strategy):
             "round-bytes-up": bytes_up,
             "round-updates-averaged": float(len(kept)),
             "round-failures": float(len(replies) - len(kept)),
+            **norm_bound,
         }  # error replies and dropped updates
         if self.inner is not self.aggregator:  # Flower's DP noise draws from numpy's global RNG, seeded by runtime.seed
             np.random.seed()  # fresh OS entropy: noise that anyone knowing the seed could subtract protects nothing
@@ -131,6 +138,26 @@ class CheckedStrategy(Strategy):
         for m, state in zip(kept, states):
             m.content["arrays"] = numpy_to_record({k: merged.get(k, v) for k, v in state.items()})
         return {f"lora-{k}": v for k, v in lost.items()}
+
+    def _bound_update_norms(self, kept: list[Message], server_round: int) -> dict[str, float]:
+        """fed.update-norm-bound: each kept reply's update clipped to the multiple of the round's median update norm
+        (robust.bound_update_norms), each clipped node logged; the round's norms for the metrics."""
+        states = [record_to_numpy(m.content["arrays"]) for m in kept]
+        bounded, norms, stats = bound_update_norms(states, self.sent_global, self.update_norm_bound)
+        for m, state, new, norm in zip(kept, states, bounded, norms):
+            if new is not state:
+                log(
+                    WARNING,
+                    "clipped the update of node %s in round %s from norm %.4g to %.4g (%s x the median %.4g)",
+                    m.metadata.src_node_id,
+                    server_round,
+                    norm,
+                    stats["update-norm-bound"],
+                    self.update_norm_bound,
+                    stats["update-norm-median"],
+                )
+                m.content["arrays"] = numpy_to_record(new)
+        return {f"round-{k}": v for k, v in stats.items()}
 
     def _problem(self, content) -> str | None:
         problem = _reply_problem(content, self.aggregator.weighted_by_key)

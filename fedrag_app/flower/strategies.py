@@ -1,6 +1,7 @@
-"""The server's strategies, built from the run config by build_strategy: Flower's FedAvg or one of its server
-optimizers (fed.strategy), or FedAvg with LoRA product averaging (fed.lora-aggregation = product); inside Flower's DP
-wrapper when dp.mode is central; always behind CheckedStrategy (checked_strategy.py), which keeps bad replies out.
+"""The server's strategies, built from the run config by build_strategy: Flower's FedAvg, one of its server
+optimizers or one of its robust strategies (fed.strategy), or FedAvg with LoRA product averaging
+(fed.lora-aggregation = product); inside Flower's DP wrapper when dp.mode is central; always behind CheckedStrategy
+(checked_strategy.py), which keeps bad replies out and applies fed.update-norm-bound.
 
 Server optimizers: FedAvg of a few local AdamW steps moves the adapter about a third as far as centralized training
 on the same questions (each node walks a third of the steps; the average does not add them). A server optimizer
@@ -9,6 +10,9 @@ moments. Flower's classes do the maths; the mixin below only (1) counts rounds f
 resumed FedAdam's bias correction continues, (2) keeps the adaptive moments in float32 when a part travels as
 float16 and returns each array in the dtype the server sent (Flower's FedAdam returns float64), and (3) reads and
 restores the momentum / moments, which the ServerApp saves in every checkpoint (checkpoint.SERVER_STATE).
+
+Robust strategies (docs/ROBUSTNESS.md): Flower's FedMedian, FedTrimmedAvg, Krum and MultiKrum, unchanged but for the
+precision they work in (RobustAggregator).
 """
 
 from __future__ import annotations
@@ -26,12 +30,16 @@ from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
     FedAvgM,
+    FedMedian,
+    FedTrimmedAvg,
     FedYogi,
+    Krum,
+    MultiKrum,
     Strategy,
 )
 
 from fedrag_app.config.app_config import AppConfig, FedConfig
-from fedrag_app.config.checks import server_learning_rate
+from fedrag_app.config.checks import ROBUST_STRATEGIES, server_learning_rate
 from fedrag_app.core.errors import CheckpointError
 from fedrag_app.federation.exchange import exchanged_parts, rank_method
 from fedrag_app.federation.lora_aggregation import product_average
@@ -61,10 +69,7 @@ class ServerOptimizer:
         arrays, metrics = super().aggregate_train(server_round + self.round_offset, replies)
         if arrays is None:
             return arrays, metrics
-        state = {k: a.numpy() for k, a in arrays.items()}
-        return ArrayRecord(
-            {k: Array(np.ascontiguousarray(v.astype(self._dtypes.get(k, v.dtype)))) for k, v in state.items()}
-        ), metrics
+        return _in_dtypes(arrays, self._dtypes), metrics
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
         """The momentum (FedAvgM) or first and second moments (FedOpt), keyed '<strategy>/<part>/<array key>';
@@ -114,11 +119,78 @@ class ServerFedAdagrad(ServerOptimizer, FedAdagrad):
     name = "fedadagrad"
 
 
+class RobustAggregator:
+    """Mixed in before one of Flower's robust strategies: it aggregates the replies in float64 and returns each array
+    in the dtype the server sent. Krum scores nodes by |x|^2 + |y|^2 - 2 x.y over whole weight vectors; in float32
+    that difference of large numbers drowns updates that are small next to the weights (a LoRA or retriever step
+    moves a weight by ~1e-4), and the ranking of nodes would be rounding noise."""
+
+    _dtypes: dict[str, np.dtype] = {}
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._dtypes = {k: a.numpy().dtype for k, a in arrays.items()}
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        for m in replies:
+            if not m.has_error() and self.arrayrecord_key in m.content:
+                state = record_to_numpy(m.content[self.arrayrecord_key])
+                m.content[self.arrayrecord_key] = numpy_to_record({k: v.astype(np.float64) for k, v in state.items()})
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        return (None if arrays is None else _in_dtypes(arrays, self._dtypes)), metrics
+
+
+class RobustFedMedian(RobustAggregator, FedMedian):
+    """The coordinate-wise median of the replies (unweighted)."""
+
+
+class RobustFedTrimmedAvg(RobustAggregator, FedTrimmedAvg):
+    """The coordinate-wise mean after cutting int(beta x n) replies from each tail (unweighted)."""
+
+
+class RobustKrum(RobustAggregator, Krum):
+    """The one reply closest to its n - f - 2 nearest others."""
+
+
+class RobustMultiKrum(RobustAggregator, MultiKrum):
+    """The weighted mean of the m replies Krum scores best."""
+
+
+def _in_dtypes(arrays: ArrayRecord, dtypes: dict[str, np.dtype]) -> ArrayRecord:
+    """The aggregate with each array in the dtype the server sent (Flower's maths may return float64)."""
+    return ArrayRecord(
+        {k: Array(np.ascontiguousarray(a.numpy().astype(dtypes.get(k, a.numpy().dtype)))) for k, a in arrays.items()}
+    )
+
+
+def robust_strategy(cfg: FedConfig, **kwargs) -> FedAvg:
+    """The robust strategy fed.strategy names, with its fed.trim-beta / fed.krum-malicious-nodes /
+    fed.multikrum-select (config.checks.check_robust_options has checked them against fed.min-nodes)."""
+    f = cfg.krum_malicious_nodes
+    if cfg.strategy == "fedmedian":
+        return RobustFedMedian(**kwargs)
+    if cfg.strategy == "fedtrimmedavg":
+        return RobustFedTrimmedAvg(beta=cfg.trim_beta, **kwargs)
+    if cfg.strategy == "krum":
+        return RobustKrum(num_malicious_nodes=f, **kwargs)
+    return RobustMultiKrum(
+        num_malicious_nodes=f, num_nodes_to_select=cfg.multikrum_select or cfg.min_nodes - f, **kwargs
+    )
+
+
 def server_strategy(cfg: FedConfig, *, round_offset: int = 0, **kwargs) -> FedAvg:
-    """Flower's FedAvg, or the server optimizer fed.strategy names with its fed.server-* hyperparameters."""
+    """Flower's FedAvg, a robust strategy, or the server optimizer fed.strategy names with its fed.server-*
+    hyperparameters."""
     lr = server_learning_rate(cfg)
     if cfg.strategy == "fedavg":
         return FedAvg(**kwargs)
+    if cfg.strategy in ROBUST_STRATEGIES:
+        return robust_strategy(cfg, **kwargs)
     if cfg.strategy == "fedavgm":
         strategy: ServerOptimizer = ServerFedAvgM(
             server_learning_rate=lr, server_momentum=cfg.server_momentum, **kwargs
@@ -159,8 +231,9 @@ class LoraProductFedAvg(FedAvg):
 def build_strategy(
     cfg: AppConfig, reference: dict, a_fingerprint: float | None, *, rounds_done: int = 0
 ) -> CheckedStrategy:
-    """The aggregator (FedAvg, a server optimizer or LoRA product averaging), wrapped in Flower's DP strategy when
-    dp.mode is central, then checked (CheckedStrategy).
+    """The aggregator (FedAvg, a server optimizer, a robust strategy or LoRA product averaging), wrapped in Flower's
+    DP strategy when dp.mode is central, then checked (CheckedStrategy), which also bounds update norms
+    (fed.update-norm-bound).
 
     Under central DP every node weighs the same ('dp-weight' = 1: the noise is calibrated to C / nodes) and each
     round samples exactly fed.min-nodes nodes (the fixed sample size Flower's accountant requires). A resumed run
@@ -176,7 +249,7 @@ def build_strategy(
     )
     if cfg.fed.lora_aggregation == "product":
         aggregator: FedAvg = LoraProductFedAvg(rank=cfg.generator.lora_r, alpha=cfg.generator.lora_alpha, **kwargs)
-    else:  # FedAvg, or the server optimizer fed.strategy names (config_checks refuses it with product / central DP)
+    else:  # FedAvg, or the strategy fed.strategy names (config.checks refuses it with product / central DP)
         aggregator = server_strategy(cfg.fed, round_offset=rounds_done, **kwargs)
     inner: Strategy = aggregator
     if central:
@@ -208,4 +281,5 @@ def build_strategy(
         lora_alpha=cfg.generator.lora_alpha,
         rank_method=rank_method(cfg.fed),
         wire_updates=cfg.retriever.wire_dtype != "float32" and exchanged_parts(cfg.train)[1],
+        update_norm_bound=cfg.fed.update_norm_bound,
     )

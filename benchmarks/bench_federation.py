@@ -26,8 +26,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "deploy"))
-import follow_run  # noqa: E402
+sys.path.insert(0, str(REPO))  # this checkout's fedrag_app
+from fedrag_app.federation import follow_run  # noqa: E402
 
 OPTIONS = {  # name -> run-config overrides
     "LoRA only (train.mode=ralt)": {"train.mode": "ralt"},

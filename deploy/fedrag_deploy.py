@@ -30,7 +30,6 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 import compose_files  # noqa: E402
 import credentials  # noqa: E402
-import follow_run  # noqa: E402
 from flower_commands import (  # noqa: E402
     DEFAULT_SUPERLINK_PORT,
     DEFAULT_SUPERNODE_PORT,
@@ -40,6 +39,8 @@ from flower_commands import (  # noqa: E402
     superlink_argv,
     supernode_argv,
 )
+
+from fedrag_app.federation import follow_run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,13 +31,12 @@ from rich.progress import Progress
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-sys.path.insert(0, str(REPO / "deploy"))
 sys.path.insert(0, str(REPO))  # this checkout's fedrag_app
-import follow_run  # noqa: E402
 
 from fedrag_app.config.values import toml_value  # noqa: E402
 from fedrag_app.core.atomic import atomic_dir, atomic_path, write_json, write_text  # noqa: E402
 from fedrag_app.evaluation.paired import compare  # noqa: E402
+from fedrag_app.federation import follow_run  # noqa: E402
 
 console = Console()
 

@@ -24,10 +24,10 @@ VENV_BIN = Path(sys.executable).parent
 CONNECTION = "fed"
 
 sys.path.insert(0, str(DEPLOY))
-import follow_run  # noqa: E402
 from flower_commands import node_config_toml  # noqa: E402
 
 from fedrag_app.config.values import toml_value  # noqa: E402
+from fedrag_app.federation import follow_run  # noqa: E402
 
 
 def free_port() -> int:

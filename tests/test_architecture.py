@@ -16,6 +16,7 @@ LAYERS = [
     ["rag"],
     ["training", "evaluation"],
     ["federation"],
+    ["bridges"],
     ["flower"],
     ["commands"],
     ["cli"],
@@ -80,3 +81,52 @@ def test_the_rule_catches_upward_and_sideways_imports():
         PACKAGE / "rag" / "pipeline.py": {"fedrag_app.core.errors", "fedrag_app.rag.retrieval"},
     }
     assert len(upward_imports(fake)) == 2
+
+
+# Loading code by file path hides a dependency from the layering rules above (and makes the library need a folder
+# that is not part of the package at run time): deploy/follow_run.py was once loaded so. Imports go by module name.
+PATH_LOADERS = {"spec_from_file_location", "SourceFileLoader", "SourcelessFileLoader", "run_path", "load_source"}
+SYS_PATH_EDITS = {"insert", "append", "extend"}
+
+
+def path_imports(path: Path, source: str | None = None) -> list[str]:
+    """Calls in a module that load code by file path or put a folder on sys.path (`sys.path.insert(...)`,
+    `sys.path += [...]`, `importlib.util.spec_from_file_location(...)`, `runpy.run_path(...)`, ...)."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text() if source is None else source)):
+        target = None
+        if isinstance(node, ast.Call):
+            target = node.func
+        elif isinstance(node, ast.AugAssign):
+            target = node.target
+        dotted = ast.unparse(target) if target is not None else ""
+        name = dotted.rsplit(".", 1)[-1]
+        edits_sys_path = dotted == "sys.path" or (dotted.startswith("sys.path.") and name in SYS_PATH_EDITS)
+        if name in PATH_LOADERS or edits_sys_path:
+            out.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {dotted}")
+    return out
+
+
+def test_no_module_imports_by_file_path():
+    offenders = [hit for p in sorted(PACKAGE.rglob("*.py")) for hit in path_imports(p)]
+    assert not offenders, f"code loaded by file path, out of the layering rules' sight: {offenders}"
+
+
+def test_the_rule_catches_imports_by_file_path():
+    """The check can fail: the shapes a by-path import takes, and an ordinary import that is not one."""
+    here = PACKAGE / "federation" / "ask.py"
+    by_path = [
+        "import importlib.util\nspec = importlib.util.spec_from_file_location('follow_run', 'deploy/follow_run.py')",
+        "from importlib.util import spec_from_file_location\nspec_from_file_location('m', 'x.py')",
+        "import sys\nsys.path.insert(0, 'deploy')\nimport follow_run",
+        "import sys\nsys.path.append('deploy')",
+        "import sys\nsys.path += ['deploy']",
+        "import runpy\nrunpy.run_path('deploy/follow_run.py')",
+        "from importlib.machinery import SourceFileLoader\nSourceFileLoader('m', 'x.py').load_module()",
+    ]
+    for source in by_path:
+        assert path_imports(here, source), source
+    by_name = (
+        "import importlib\nimportlib.import_module('fedrag_app.federation.follow_run')\nimport sys\nprint(sys.path)"
+    )
+    assert not path_imports(here, by_name)

@@ -16,10 +16,8 @@ import sys
 
 import pytest
 
-from tests.deploy_helpers import DEPLOY, REPO, VENV_BIN
-
-sys.path.insert(0, str(DEPLOY))
-import follow_run  # noqa: E402
+from fedrag_app.federation import follow_run
+from tests.deploy_helpers import REPO, VENV_BIN
 
 QUESTIONS = 4
 

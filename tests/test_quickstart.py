@@ -149,7 +149,6 @@ def test_quickstart_end_to_end_tiny_two_private_rounds(tmp_path, data_dir, tiny_
     ffa, fedavg = _bytes_per_reply(run_config({**overrides, "fed.num-server-rounds": 2}, out, None))
     assert [r["round-bytes-up"] for r in rows] == [2 * ffa, 2 * ffa], "FFA-LoRA: B factors + retriever only"
     assert ffa < fedavg
-    sys.path.insert(0, str(REPO / "deploy"))
-    import follow_run
+    from fedrag_app.federation import follow_run
 
     assert not follow_run.local_federation_pids(str(out / "flwr_home")), "the local SuperLink was stopped"

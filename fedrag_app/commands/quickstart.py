@@ -15,7 +15,6 @@ defaults sized for a 2-core CPU, from an empty cache to a fine-tuned answer in m
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import shutil
 import signal
@@ -33,6 +32,7 @@ from fedrag_app.config.values import toml_value
 from fedrag_app.core.atomic import write_json, write_text
 from fedrag_app.core.errors import ConfigError, FedRagAppError
 from fedrag_app.core.verbosity import child_env
+from fedrag_app.federation import follow_run as fr
 
 # The embedded defaults: every key is a run-config key (pyproject.toml documents them); --set overrides any.
 DEFAULTS: dict[str, object] = {
@@ -99,14 +99,6 @@ def run_config(overrides: dict[str, object], out: Path, data_dir: str | None) ->
     )
     AppConfig.from_flat(flat, source="quickstart")
     return flat
-
-
-def _follow_run(root: Path):
-    """deploy/follow_run.py: the repo's one way to submit a run, follow its status and stop a local SuperLink."""
-    spec = importlib.util.spec_from_file_location("follow_run", root / "deploy" / "follow_run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class Quickstart:
@@ -199,7 +191,6 @@ class Quickstart:
         """`flwr run .` with this run's config; follows rounds in metrics.jsonl; stops the local SuperLink at the
         end."""
         t0 = time.perf_counter()
-        fr = _follow_run(self.root)
         rounds, n = self.cfg.fed.num_server_rounds, self.cfg.partition.num_partitions
         self.console.rule(f"3 · federated fine-tuning: {n} institutions, {rounds} rounds")
         fed = Path(str(self.flat["fed.output-dir"]))

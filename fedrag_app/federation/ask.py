@@ -3,7 +3,7 @@
 Submits this app with ``flwr run <app> <connection>`` and ``fed.task = "query"`` (the connection, in
 $FLWR_HOME/config.toml, carries the SuperLink address and the app's credentials: TLS CA, account login; ``local``
 is Flower's local simulation), waits on the run's log stream until the SuperLink ends it, then reads the status
-once with ``flwr ls`` (deploy/follow_run.py: no polling while the question is answered), and reads
+once with ``flwr ls`` (federation/follow_run.py: no polling while the question is answered), and reads
 the answer back from the ServerApp's log (``flwr log``): the ServerApp logs each answer as one JSON line, so this
 works whether the SuperLink is on this machine or elsewhere. The run-config goes in a TOML file: a question may hold
 any character (``--run-config "k='v'"`` cannot carry both quote kinds).
@@ -11,7 +11,6 @@ any character (``--run-config "k='v'"`` cannot carry both quote kinds).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -21,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from fedrag_app.config.values import toml_lines
-from fedrag_app.core.errors import ConfigError, FedRagAppError
+from fedrag_app.core.errors import FedRagAppError
+from fedrag_app.federation import follow_run as fr
 from fedrag_app.federation.query import ANSWER_LOG, METRICS_LOG
 
 APP_DIR = Path(__file__).resolve().parents[2]  # the checkout holding pyproject.toml: what `flwr run` packages
@@ -39,7 +39,7 @@ def query_run_config(question: str, overrides: Mapping[str, Any]) -> str:
 
 
 def answers_from_log(log: str) -> tuple[list[dict], dict]:
-    """The answers and the metrics the ServerApp logged (federated_query.ANSWER_LOG / METRICS_LOG lines)."""
+    """The answers and the metrics the ServerApp logged (federation.query's ANSWER_LOG / METRICS_LOG lines)."""
     answers, metrics = [], {}
     for line in log.splitlines():
         for marker in (ANSWER_LOG, METRICS_LOG):
@@ -48,16 +48,6 @@ def answers_from_log(log: str) -> tuple[list[dict], dict]:
                 obj = json.loads(line[at + len(marker) + 1 :])
                 answers.append(obj) if marker == ANSWER_LOG else metrics.update(obj)
     return answers, metrics
-
-
-def _follow_run(app_dir: Path):
-    path = app_dir / "deploy" / "follow_run.py"
-    if not path.exists():
-        raise ConfigError(f"{path} not found: --federation needs the app's checkout (--app)")
-    spec = importlib.util.spec_from_file_location("follow_run", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def ask_federation(
@@ -72,7 +62,6 @@ def ask_federation(
     env: dict | None = None,
 ) -> dict[str, Any]:
     """Run one question across the federation; {"run-id", "question", "answer", "passages", "metrics"}."""
-    fr = _follow_run(app_dir)
     with tempfile.TemporaryDirectory(prefix="fedrag-ask-") as tmp:
         config = Path(tmp) / "run_config.toml"
         config.write_text(query_run_config(question, overrides))

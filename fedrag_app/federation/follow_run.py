@@ -1,8 +1,12 @@
 """Launch a run with `flwr run <app> <connection>` and follow it to its final status with `flwr ls --format json`.
 
-`flwr run` exits 0 even when the run later fails (FLOWER.md section 7), so its exit code says only that the run
-was submitted; the verdict is the status the SuperLink reports: ``finished:completed`` is success, and
-``finished:failed`` / ``finished:stopped`` are failures.
+The one home of run-following: `fedrag-app ask --federation`, the quickstart, deploy/fedrag_deploy.py,
+experiments/run_table.py, the benchmarks and the tests all import it from here. It drives Flower's own CLI in
+subprocesses and imports no `flwr` module, so it sits in federation/ beside ask.py, its first user.
+
+`flwr run` returns as soon as the SuperLink has accepted the run (it exits 0 even when the run later fails), so its
+exit code says only that the run was submitted; the verdict is the status the SuperLink reports: ``finished:completed``
+is success, and ``finished:failed`` / ``finished:stopped`` are failures.
 """
 
 from __future__ import annotations
@@ -160,10 +164,10 @@ def local_flwr_env(flwr_home: str | os.PathLike, *, bin_dir: str | os.PathLike |
 
 
 def local_federation_pids(flwr_home: str, command: bytes = b"") -> list[int]:
-    """PIDs of every process that inherited FLWR_HOME=`flwr_home`: the detached local simulation SuperLink (no
-    flwr command stops it: FLOWER.md section 3) and what it started (SuperExec, flwr-simulation, Ray); only those
-    whose command line holds `command`, if given. This process and its ancestors are left out, in case the
-    caller's own shell exported that FLWR_HOME."""
+    """PIDs of every process that inherited FLWR_HOME=`flwr_home`: the local simulation SuperLink (`flwr run . local`
+    starts it detached, in the background, and no flwr command stops it) and what it started (SuperExec,
+    flwr-simulation, Ray); only those whose command line holds `command`, if given. This process and its ancestors
+    are left out, in case the caller's own shell exported that FLWR_HOME."""
     marker, own = f"FLWR_HOME={flwr_home}".encode(), _self_and_ancestors()
     pids = []
     for entry in Path("/proc").iterdir():
@@ -222,5 +226,5 @@ def _last_json(text: str) -> dict:
     return {}
 
 
-if __name__ == "__main__":  # pragma: no cover - convenience: python follow_run.py CONNECTION RUN_ID
+if __name__ == "__main__":  # pragma: no cover - python -m fedrag_app.federation.follow_run CONNECTION RUN_ID
     print(wait_for_run(sys.argv[1], int(sys.argv[2]), timeout_s=float(os.environ.get("TIMEOUT_S", 3600))))

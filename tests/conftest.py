@@ -40,6 +40,7 @@ LONGEST_FILES_FIRST = (
     "test_flower_app.py",
     "test_privacy.py",
     "test_train_equivalence.py",
+    "test_malicious_institution.py",
     "test_experiments.py",
     "test_cli.py",
     "test_embedding_cache.py",

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedrag_app.config.app_config import AppConfig, parse_override
+from fedrag_app.config.app_config import AppConfig, parse_override, toml_keys
 from fedrag_app.core import environment
 from fedrag_app.core.errors import FedRagAppError
 
@@ -32,13 +32,17 @@ DataDirOpt = typer.Option(
 )
 
 
+def given_keys(config: Path | None, sets: list[str] | None, **extra: object) -> dict[str, object]:
+    """The run-config keys a command was given, without the defaults: --config's, then --set, then its options."""
+    keys = toml_keys(config) if config is not None else {}
+    keys.update(parse_override(s) for s in sets or [])
+    keys.update({k: v for k, v in extra.items() if v is not None})
+    return keys
+
+
 def load_config(config: Path | None, sets: list[str] | None, **extra: object) -> AppConfig:
     """The CLI's one road to an AppConfig: file, then --set overrides, then command options."""
-    overrides = dict(parse_override(s) for s in sets or [])
-    overrides.update({k: v for k, v in extra.items() if v is not None})
-    if config is not None:
-        return AppConfig.from_toml(config, overrides)
-    return AppConfig.from_flat(overrides, source="--set")
+    return AppConfig.from_flat(given_keys(config, sets, **extra), source=str(config) if config is not None else "--set")
 
 
 @app.callback()
@@ -147,7 +151,9 @@ def ask(
         if question is None:
             raise typer.BadParameter("--federation answers one question given as an argument", param_hint="QUESTION")
         cfg = load_config(config, sets, **{"eval.top-k": top_k, "generator.adapter-path": adapter})
-        return ask_federation(question, federation, federation_config, cfg, local=retriever_path or store)
+        return ask_federation(
+            question, federation, federation_config, cfg, local=retriever_path or store, as_json=as_json
+        )
     cfg = load_config(config, sets, **{"eval.top-k": top_k, "store.path": store, "generator.adapter-path": adapter})
     from fedrag_app.rag.store_location import check_store
 
@@ -206,9 +212,12 @@ def print_answer(result, as_json: bool) -> None:
         console.print(table)
 
 
-def ask_federation(question: str, connection: str, federation_config: str, cfg: AppConfig, local: str | None) -> None:
+def ask_federation(
+    question: str, connection: str, federation_config: str, cfg: AppConfig, local: str | None, as_json: bool = False
+) -> None:
     """`ask --federation`: a query run (fed.task = "query") with the keys that differ from the defaults (--adapter is
-    a path on the SuperLink's host; the retriever comes from query.checkpoint, the passages from the nodes)."""
+    a path on the SuperLink's host; the retriever comes from query.checkpoint, the passages from the nodes). With
+    --json, one JSON object: question, answer, passages (with node and partition), run-id, metrics."""
     from fedrag_app.core.errors import ConfigError
     from fedrag_app.federation.ask import ask_federation as run
 
@@ -219,8 +228,15 @@ def ask_federation(question: str, connection: str, federation_config: str, cfg: 
         )
     defaults = AppConfig().to_flat()
     overrides = {k: v for k, v in cfg.to_flat().items() if v != defaults[k]}
-    with console.status(f"asking the federation '{connection}' (flwr run, fed.task='query')"):
+    with (err_console if as_json else console).status(
+        f"asking the federation '{connection}' (flwr run, fed.task='query')"
+    ):
         result = run(question, connection, overrides, federation_config=federation_config)
+    if as_json:
+        passages = [{"rank": i, **p} for i, p in enumerate(result["passages"], 1)]
+        reply = {"question": question, "answer": result["answer"], "passages": passages}
+        print(json.dumps({**reply, "run-id": result["run-id"], "metrics": result["metrics"]}), flush=True)
+        return
     console.print(f"[bold]Q:[/] {question}\n[bold green]A:[/] {result['answer']}")
     table = Table(
         "#", "score", "node", "partition", "title", "passage", title=f"merged passages (run {result['run-id']})"
@@ -378,13 +394,17 @@ def export(
         ..., "--out", help="folder to write: generator/, retriever/, context-encoder/, manifest.json"
     ),
     force: bool = typer.Option(False, "--force", help="replace --out if it is not empty"),
+    config: Path | None = ConfigOpt,
+    sets: list[str] | None = SetOpt,
 ) -> None:
     """The global adapter merged into the base LM (transformers folder), the retriever (sentence-transformers), a
-    manifest."""
+    manifest. The checkpoint's own run-config applies; --config/--set override its keys (e.g. --set
+    generator.model=<folder> where the base model lives elsewhere on this machine)."""
     from fedrag_app.commands.export import export_checkpoint
 
+    overrides = given_keys(config, sets)
     with console.status("merging the adapter into the base model"):
-        manifest = export_checkpoint(checkpoint, out, overwrite=force)
+        manifest = export_checkpoint(checkpoint, out, overwrite=force, overrides=overrides)
     out = out.expanduser().resolve()
     console.print(
         f"[green]exported[/] {manifest['checkpoint']} -> {out}\n"
@@ -400,16 +420,15 @@ def quickstart(
     out: Path = typer.Option(Path("outputs/quickstart"), "--out", help="folder for indexes, checkpoints, metrics"),
     rounds: int | None = typer.Option(None, "--rounds", help="federated rounds (fed.num-server-rounds; default 3)"),
     question: str | None = typer.Option(None, "--question", help="what to ask the fine-tuned system at the end"),
+    config: Path | None = ConfigOpt,
     sets: list[str] | None = SetOpt,
     data_dir: str | None = DataDirOpt,
 ) -> None:
     """The main job on embedded defaults (`make run`): index, evaluate, federated RA-DIT (`flwr run`), evaluate,
-    ask."""
+    ask. --config/--set override the embedded defaults."""
     from fedrag_app.commands.quickstart import QUESTION, Quickstart
 
-    overrides = dict(parse_override(s) for s in sets or [])
-    if rounds is not None:
-        overrides["fed.num-server-rounds"] = rounds
+    overrides = given_keys(config, sets, **{"fed.num-server-rounds": rounds})
     try:
         Quickstart(overrides, out=out, question=question or QUESTION, data_dir=data_dir, console=console).run()
     except KeyboardInterrupt:

@@ -144,3 +144,66 @@ def test_evaluate_writes_results_json(tmp_path, small_shard_path):
         ],
     )
     assert closed.exit_code == 0 and "retrieval-recall" not in closed.output
+
+
+def test_ask_federation_prints_json_when_asked(monkeypatch):
+    """--json with --federation prints one JSON object (not the tables), like ask on a local store."""
+    import fedrag_app.federation.ask as federated
+
+    passage = {"id": "p1", "score": 0.03, "node": 7, "partition": 0, "title": "T", "text": "x"}
+    reply = {"run-id": 5, "question": "q?", "answer": "Paris", "passages": [passage], "metrics": {"replies-ok": 3}}
+    monkeypatch.setattr(federated, "ask_federation", lambda *a, **k: reply)
+    result = CliRunner().invoke(app, ["ask", "q?", "--federation", "local", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {
+        "question": "q?",
+        "answer": "Paris",
+        "passages": [{"rank": 1, **passage}],
+        "run-id": 5,
+        "metrics": {"replies-ok": 3},
+    }
+
+
+def test_export_and_quickstart_take_config_and_set(tmp_path, monkeypatch):
+    """Every command takes --config/--set: the keys reach export (over the checkpoint's own) and the quickstart
+    (over its embedded defaults); --set wins over the file, a command option over both."""
+    import fedrag_app.commands.export as export
+    import fedrag_app.commands.quickstart as quickstart
+
+    config = tmp_path / "run.toml"
+    config.write_text('[generator]\nmodel = "from-file"\n[fed]\nnum-server-rounds = 9\nserver-lr = 0.5\n')
+    seen = {}
+    monkeypatch.setattr(
+        export, "export_checkpoint", lambda *a, overrides, **k: seen.update(export=overrides) or {"checkpoint": "c"}
+    )
+    done = CliRunner().invoke(
+        app, ["export", "--checkpoint", "c", "--out", "o", "--config", str(config), "--set", "fed.server-lr=1.7"]
+    )
+    assert done.exit_code == 0, done.output
+    assert seen["export"] == {"generator.model": "from-file", "fed.num-server-rounds": 9, "fed.server-lr": 1.7}
+
+    class Fake:
+        def __init__(self, overrides, **kwargs):
+            seen["quickstart"] = overrides
+
+        def run(self):
+            return {}
+
+    monkeypatch.setattr(quickstart, "Quickstart", Fake)
+    done = CliRunner().invoke(
+        app, ["quickstart", "--config", str(config), "--set", "fed.server-lr=1.7", "--rounds", "2"]
+    )
+    assert done.exit_code == 0, done.output
+    assert seen["quickstart"] == {"generator.model": "from-file", "fed.num-server-rounds": 2, "fed.server-lr": 1.7}
+
+
+def test_export_refuses_an_unknown_key_by_name(tmp_path):
+    (tmp_path / "run" / "adapter").mkdir(parents=True)
+    (tmp_path / "run" / "adapter" / "adapter_config.json").write_text("{}")
+    (tmp_path / "run" / "retriever").mkdir()
+    (tmp_path / "run" / "retriever" / "dual_encoder.json").write_text("{}")
+    done = CliRunner().invoke(
+        app, ["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "x"), "--set", "eval.topk=3"]
+    )
+    assert done.exit_code != 0
+    assert "'eval.topk' is unknown" in str(done.exception)

@@ -16,7 +16,9 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from fedrag_app.config.app_config import AppConfig, all_keys
 from fedrag_app.core.atomic import atomic_dir
@@ -67,8 +69,11 @@ def find_source(path: str | Path) -> Source:
     return Source(path, config, None, rows[-1] if rows else {})
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path, *, overwrite: bool = False) -> dict:
-    """Write the export (see the module docstring); returns its manifest."""
+def export_checkpoint(
+    checkpoint: str | Path, out: str | Path, *, overwrite: bool = False, overrides: Mapping[str, Any] | None = None
+) -> dict:
+    """Write the export (see the module docstring); returns its manifest. The checkpoint's run-config applies, with
+    ``overrides`` (run-config keys: the CLI's --config/--set) on top, e.g. where the base model lives here."""
     from fedrag_app.rag.generator import load_generator
 
     src = find_source(checkpoint)
@@ -76,7 +81,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, overwrite: boo
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"--out {out} exists and is not empty: choose another folder or pass --force to replace it")
     known = set(all_keys())
-    cfg = AppConfig.from_flat({k: v for k, v in src.config.items() if k in known}, source=f"{src.path} config")
+    kept = {k: v for k, v in src.config.items() if k in known}
+    source = f"{src.path} config" + (" + --config/--set" if overrides else "")
+    cfg = AppConfig.from_flat({**kept, **(overrides or {})}, source=source)
     # Merged into full-precision weights: a 4/8-bit base would round the adapter's update away.
     gen_cfg = dataclasses.replace(cfg.generator, quantization="none", adapter_path="")
     gen = load_generator(gen_cfg, adapter_path=str(src.path / "adapter"))

@@ -501,18 +501,7 @@ class AppConfig:
     @classmethod
     def from_toml(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> AppConfig:
         """Read a TOML file of the same keys (nested tables or dotted keys), then apply overrides."""
-        path = Path(path)
-        try:
-            with path.open("rb") as f:
-                doc = tomllib.load(f)
-        except FileNotFoundError as e:
-            raise ConfigError(f"config file {path} does not exist") from e
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {path}: {e}") from e
-        doc = doc.get("tool", {}).get("flwr", {}).get("app", {}).get("config", doc)
-        flat = flatten(doc)
-        flat.update(overrides or {})
-        return cls.from_flat(flat, source=str(path))
+        return cls.from_flat({**toml_keys(path), **(overrides or {})}, source=str(path))
 
     def to_flat(self) -> dict[str, Any]:
         """The inverse of ``from_flat``: dotted kebab-case keys with run-config-compatible values."""
@@ -527,6 +516,20 @@ class AppConfig:
     def replace(self, **sections: Any) -> AppConfig:
         """A copy with whole sections replaced, e.g. ``cfg.replace(store=StoreConfig(path=...))``."""
         return dataclasses.replace(self, **sections)
+
+
+def toml_keys(path: str | Path) -> dict[str, Any]:
+    """The run-config keys a TOML file sets, flat and unchecked: a file of those keys (nested tables or dotted keys)
+    or a pyproject.toml (its [tool.flwr.app.config])."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file {path} does not exist") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path}: {e}") from e
+    return flatten(doc.get("tool", {}).get("flwr", {}).get("app", {}).get("config", doc))
 
 
 def all_keys() -> list[str]:

@@ -1,5 +1,6 @@
 """The run-config section of a question-time run (``fed.task = "query"``): which questions, how the nodes' replies
-are merged, which models answer. A section of AppConfig (config.py's SECTIONS); kept here so config.py stays small."""
+are merged, which models answer. A section of AppConfig (app_config.SECTIONS); kept here so app_config.py stays
+small."""
 
 from __future__ import annotations
 

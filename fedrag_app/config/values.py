@@ -1,5 +1,6 @@
 """How run-config keys and values are read, checked and written: field help, range checks, TOML flattening,
-``key=value`` overrides, type coercion, TOML literals. config.py holds the sections; this holds the rules they share."""
+``key=value`` overrides, type coercion, TOML literals. app_config.py holds the
+sections; this holds the rules they share."""
 
 from __future__ import annotations
 

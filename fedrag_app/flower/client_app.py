@@ -241,7 +241,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 @app.query("retrieve")
 def retrieve_passages(msg: Message, context: Context) -> Message:
-    """Top-k passages per question from this node's shard, only if it opted in (federated_query.opted_in) and within
+    """Top-k passages per question from this node's shard, only if it opted in (federation.query.opted_in) and within
     its node-config bounds (query-max-k per question, query-max-questions per run, counted in context.state): a
     message over them gets an error reply, logged here. The server sends query vectors encoded with the retriever it
     answers with (e.g. a checkpoint's trained query encoder; the shard is checked against its embedding model);

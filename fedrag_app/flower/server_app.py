@@ -196,7 +196,7 @@ def main(grid: Grid, context: Context) -> None:
 def run_query(grid: Grid, cfg: AppConfig, out: Path) -> None:
     """fed.task = "query": each batch of questions goes to every node as one query.retrieve message (with the query
     vectors of the retriever that answers: a checkpoint's or the base one); the replies that arrive within
-    query.timeout-s are checked and merged (federated_query.merge), the generator answers from the merged top
+    query.timeout-s are checked and merged (federation.query.merge), the generator answers from the merged top
     eval.top-k passages. A node that refuses, errs, sends a bad reply or is late is counted and the others answer.
     Writes answers.jsonl and query-metrics.json to the output folder and logs each answer (for `fedrag-app ask`)."""
     q, started, clock, counts = (

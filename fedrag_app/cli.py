@@ -439,6 +439,55 @@ def quickstart(
         raise typer.Exit(130) from None
 
 
+AdapterOpt = typer.Option(None, help="PEFT adapter folder from `train` or a checkpoint")
+RetrieverOpt = typer.Option(None, "--retriever", help="retriever folder from `train` or a checkpoint")
+StoreOpt = typer.Option(None, help="shard folder (default: the one `index` built)")
+NameOpt = typer.Option("fedrag", "--name", help="the model name clients see and ask for")
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="address to listen on"),
+    port: int = typer.Option(8000, help="port to listen on"),
+    top_k: int | None = typer.Option(None, "--top-k", help="default passages per question (0 = closed book)"),
+    adapter: str | None = AdapterOpt,
+    retriever_path: str | None = RetrieverOpt,
+    store: str | None = StoreOpt,
+    name: str = NameOpt,
+    config: Path | None = ConfigOpt,
+    sets: list[str] | None = SetOpt,
+) -> None:
+    """Serve the RAG system over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models, /health); the
+    passages used come back in the reply's `passages` field. Models load once."""
+    cfg = load_config(config, sets, **{"eval.top-k": top_k, "store.path": store, "generator.adapter-path": adapter})
+    from fedrag_app.commands.serve import serve_http
+
+    serve_http(cfg, retriever_path=retriever_path, name=name, host=host, port=port, console=console)
+
+
+@app.command()
+def mcp(
+    transport: str = typer.Option("stdio", help="stdio (for a client that starts this command) or http"),
+    host: str = typer.Option("127.0.0.1", help="with --transport http: address to listen on"),
+    port: int = typer.Option(8001, help="with --transport http: port (the endpoint is /mcp)"),
+    top_k: int | None = typer.Option(None, "--top-k", help="default passages for `ask` (0 = closed book)"),
+    adapter: str | None = AdapterOpt,
+    retriever_path: str | None = RetrieverOpt,
+    store: str | None = StoreOpt,
+    name: str = NameOpt,
+    config: Path | None = ConfigOpt,
+    sets: list[str] | None = SetOpt,
+) -> None:
+    """Serve a shard and the RAG system as an MCP server: tools `search` (query, k -> passages with ids, titles,
+    scores) and `ask` (question -> answer + sources)."""
+    cfg = load_config(config, sets, **{"eval.top-k": top_k, "store.path": store, "generator.adapter-path": adapter})
+    from fedrag_app.commands.serve import serve_mcp
+
+    serve_mcp(
+        cfg, retriever_path=retriever_path, name=name, transport=transport, host=host, port=port, console=err_console
+    )
+
+
 def main() -> None:
     if "--verbose" in sys.argv[2:]:  # `fedrag-app ask "…" --verbose` works like `fedrag-app --verbose ask "…"`
         sys.argv.remove("--verbose")

@@ -106,8 +106,10 @@ class RagPipeline:
         tok = self.generator.tokenizer
         return [build_prompt(tok, q, [format_passage(h.title, h.text) for h in hs]) for q, hs in zip(questions, hits)]
 
-    def answer(self, questions: list[str], *, max_new_tokens: int = 32, batch_size: int = 8) -> list[RagAnswer]:
-        hits = self.retrieve(questions)
+    def answer(
+        self, questions: list[str], *, max_new_tokens: int = 32, batch_size: int = 8, top_k: int | None = None
+    ) -> list[RagAnswer]:
+        hits = self.retrieve(questions, top_k)
         answers = generate(
             self.generator, self.prompts(questions, hits), max_new_tokens=max_new_tokens, batch_size=batch_size
         )

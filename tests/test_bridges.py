@@ -1,0 +1,323 @@
+"""The bridges (fedrag_app/bridges/) with the real libraries and the real models, no mocks: LlamaIndex and LangChain
+retrievers give the passages of the product's own retrieval in its order, their query engine / chain the same greedy
+answer as `ask`'s pipeline; an MCP client (the SDK's own, over stdio against `fedrag-app mcp` and over streamable HTTP)
+lists the tools and gets the same top-k; the official openai client gets the answer from `fedrag-app serve`, 16
+concurrent requests get their own answers, and bad input gets an error that says why.
+
+Kept cheap (a generation's cost is mostly its prompt): answers of 6 tokens from one passage, closed-book questions where
+only the answer matters, one thread and one `serve` and one `mcp` process for the module."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+
+from fedrag_app.bridges.service import MAX_TOP_K, BadRequest, RagService
+from fedrag_app.rag.knowledge_store import KnowledgeStore
+from fedrag_app.rag.pipeline import RagPipeline
+
+QUESTIONS = ["who was the first president of the united states", "what is the capital of france"]
+CLOSED_BOOK = [
+    "what is the capital of france",
+    "who wrote hamlet",
+    "what is the largest planet",
+    "how many legs has a spider",
+]
+TOKENS = 6  # generator.max-new-tokens everywhere here: a short answer is enough to compare
+TOP_K = 1  # eval.top-k of every server here: one passage in the prompt
+K = 5  # passages for the retrieval comparisons
+CHEAP = ["--top-k", str(TOP_K), "--set", f"generator.max-new-tokens={TOKENS}", "--set", "runtime.num-threads=1"]
+FEDRAG_APP = str(Path(sys.executable).with_name("fedrag-app"))
+
+
+@pytest.fixture(scope="module")
+def service(generator, retriever, small_shard_path):
+    store = KnowledgeStore.open(path=small_shard_path, embedding_model=retriever.name, dim=retriever.dim)
+    svc = RagService(RagPipeline(generator, retriever, store, top_k=TOP_K), max_new_tokens=TOKENS)
+    yield svc
+    svc.close()
+
+
+@pytest.fixture(scope="module")
+def reference(service):
+    """What `fedrag-app ask --json` computes, question by question: its pipeline's top-K and greedy answer (and, for
+    the closed-book questions, `ask --top-k 0`'s answer)."""
+    pipe = service.pipeline
+    ref = {q: {"top": pipe.retrieve([q], K)[0]} for q in QUESTIONS}
+    ref[QUESTIONS[0]]["answer"] = pipe.answer([QUESTIONS[0]], max_new_tokens=TOKENS)[0]
+    ref["closed"] = {q: pipe.answer([q], max_new_tokens=TOKENS, top_k=0)[0].answer for q in CLOSED_BOOK}
+    assert len(set(ref["closed"].values())) == len(CLOSED_BOOK)  # distinct, so a mixed-up reply would show
+    return ref
+
+
+def _ids(hits) -> list[str]:
+    return [h.id for h in hits]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_llamaindex_retriever_and_query_engine_match_ask(service, reference):
+    from fedrag_app.bridges.llamaindex import FedragRetriever, query_engine
+
+    q = QUESTIONS[0]
+    nodes = FedragRetriever(service, top_k=K).retrieve(q)
+    ref = reference[q]["top"]
+    assert [n.node.node_id for n in nodes] == _ids(ref)
+    assert [n.score for n in nodes] == pytest.approx([h.score for h in ref])
+    assert [(n.node.metadata["title"], n.node.text) for n in nodes] == [(h.title, h.text) for h in ref]
+
+    response = query_engine(service).query(q)
+    answer = reference[q]["answer"]
+    assert str(response) == answer.answer and answer.answer
+    assert [n.node.node_id for n in response.source_nodes] == _ids(answer.hits)
+
+
+def test_langchain_retriever_and_chain_match_ask(service, reference):
+    from fedrag_app.bridges.langchain import FedragRetriever, rag_chain
+
+    q = QUESTIONS[0]
+    docs = FedragRetriever(service=service, k=K).invoke(q)
+    ref = reference[q]["top"]
+    assert [d.id for d in docs] == _ids(ref)
+    assert [(d.metadata["title"], d.page_content) for d in docs] == [(h.title, h.text) for h in ref]
+    assert [d.metadata["score"] for d in docs] == pytest.approx([h.score for h in ref])
+
+    out = rag_chain(service).invoke(q)
+    assert out["answer"] == reference[q]["answer"].answer
+    assert [d.id for d in out["context"]] == _ids(reference[q]["answer"].hits)
+
+
+def test_documents_from_either_library_become_a_searchable_shard(tmp_path, retriever):
+    from langchain_core.documents import Document as LcDocument
+    from llama_index.core import Document as LiDocument
+
+    from fedrag_app.bridges.langchain import index_documents
+    from fedrag_app.bridges.llamaindex import index_nodes
+
+    facts = {
+        "tides": ("Tides", "Tides are caused mainly by the gravitational pull of the Moon."),
+        "basalt": ("Basalt", "Basalt is a volcanic rock formed from cooled lava."),
+        "violin": ("Violin", "The violin is a string instrument played with a bow."),
+    }
+    li_nodes = [LiDocument(id_=i, text=text, metadata={"title": title}) for i, (title, text) in facts.items()]
+    lc_docs = [LcDocument(id=i, page_content=text, metadata={"title": title}) for i, (title, text) in facts.items()]
+    for name, build, docs in (("li", index_nodes, li_nodes), ("lc", index_documents, lc_docs)):
+        stats = build(docs, retriever, path=str(tmp_path / name))
+        assert stats.passages == 3
+        with KnowledgeStore.open(path=str(tmp_path / name), embedding_model=retriever.name, dim=retriever.dim) as kb:
+            assert kb.count() == 3
+            top = kb.search(retriever.encode_queries(["what causes tides"]).cpu().numpy()[0], 1)[0]
+            assert (top.id, top.title, top.text) == ("tides", *facts["tides"])
+
+
+def test_the_service_refuses_bad_input_by_name(service):
+    for call, field in (
+        (lambda: service.search("", 2), "query"),
+        (lambda: service.search("  ", 2), "query"),
+        (lambda: service.search("x", 0), "k"),
+        (lambda: service.search("x", MAX_TOP_K + 1), "k"),
+        (lambda: service.search("x", "3"), "k"),
+        (lambda: service.answer(None), "question"),
+        (lambda: service.answer("x", top_k=-1), "top_k"),
+        (lambda: service.answer("x", max_new_tokens=0), "max_tokens"),
+        (lambda: service.answer("x" * 5000), "question"),
+    ):
+        with pytest.raises(BadRequest, match=f"'{field}'"):
+            call()
+
+
+# --- MCP ---
+
+
+async def _mcp_session_checks(client, reference) -> None:
+    tools = {t.name: t for t in (await client.list_tools()).tools}
+    assert set(tools) == {"search", "ask"}
+    assert {"query", "k"} <= set(tools["search"].input_schema["properties"])
+    q = QUESTIONS[0]
+    found = await client.call_tool("search", {"query": q, "k": K})
+    assert not found.is_error, found.content
+    passages = found.structured_content["passages"]
+    assert [p["id"] for p in passages] == _ids(reference[q]["top"])
+    assert [p["rank"] for p in passages] == list(range(1, K + 1))
+    assert {"id", "title", "score", "text"} <= set(passages[0])
+    for name, args, says in (
+        ("search", {"query": q, "k": 0}, "'k'"),
+        ("search", {"query": q, "k": 10**6}, "'k'"),
+        ("search", {"query": ""}, "'query'"),
+        ("search", {"query": q, "k": "many"}, "k"),
+        ("ask", {"question": "   "}, "'question'"),
+        ("no_such_tool", {}, "no_such_tool"),
+    ):
+        bad = await client.call_tool(name, args)
+        assert bad.is_error and says in bad.content[0].text, (name, args, bad.content)
+
+
+def test_mcp_over_stdio_serves_search_and_ask(tmp_path, small_shard_path, reference):
+    """`fedrag-app mcp` started by the SDK's own stdio client, as an MCP host would start it."""
+    from mcp import Client, StdioServerParameters
+
+    shard = shutil.copytree(small_shard_path, tmp_path / "shard")  # a shard is open in one process at a time
+    params = StdioServerParameters(
+        command=FEDRAG_APP,
+        args=["mcp", "--store", str(shard), *CHEAP],
+        env=dict(os.environ),
+    )
+
+    async def session() -> None:
+        with anyio.fail_after(300):
+            await checks()
+
+    async def checks() -> None:
+        async with Client(params, read_timeout_seconds=300) as client:
+            await _mcp_session_checks(client, reference)
+            q = CLOSED_BOOK[1]
+            asked = await client.call_tool("ask", {"question": q, "k": 0})
+            assert not asked.is_error, asked.content
+            assert asked.structured_content == {"answer": reference["closed"][q], "sources": []}
+
+    anyio.run(session)
+
+
+@contextmanager
+def in_a_thread(app, port: int):
+    """An ASGI app under uvicorn in this process (the test's already loaded models), stopped on exit."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
+def test_mcp_over_streamable_http_serves_the_same_top_k(service, reference):
+    from mcp import Client
+
+    from fedrag_app.bridges.mcp_server import build_mcp_server
+
+    port = free_port()
+    with in_a_thread(build_mcp_server(service).streamable_http_app(), port) as url:
+
+        async def session() -> None:
+            async with Client(f"{url}/mcp", read_timeout_seconds=60) as client:
+                await _mcp_session_checks(client, reference)
+
+        anyio.run(session)
+
+
+# --- OpenAI-compatible HTTP (`fedrag-app serve`) ---
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, small_shard_path):
+    """One `fedrag-app serve` process for the module, on its own copy of the shard."""
+    folder = tmp_path_factory.mktemp("serve")
+    shard = shutil.copytree(small_shard_path, folder / "shard")
+    port = free_port()
+    log = open(folder / "serve.log", "w")
+    argv = [FEDRAG_APP, "serve", "--port", str(port), "--store", str(shard)]
+    proc = subprocess.Popen(argv + CHEAP, stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, (folder / "serve.log").read_text()
+            assert time.monotonic() < deadline, "serve did not answer /health in 300 s"
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+def test_the_openai_client_gets_the_answer_and_its_passages(served, reference):
+    from openai import BadRequestError, NotFoundError, OpenAI
+
+    client = OpenAI(base_url=f"{served}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["fedrag"]
+    q = QUESTIONS[0]
+    reply = client.chat.completions.create(model="fedrag", messages=[{"role": "user", "content": q}])
+    assert reply.choices[0].message.content == reference[q]["answer"].answer
+    assert reply.choices[0].finish_reason == "stop"
+    passages = reply.model_extra["passages"]
+    assert [p["id"] for p in passages] == _ids(reference[q]["answer"].hits)
+
+    closed = CLOSED_BOOK[0]
+    stream = client.chat.completions.create(
+        model="fedrag", messages=[{"role": "user", "content": closed}], stream=True, extra_body={"top_k": 0}
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == reference["closed"][closed]
+
+    with pytest.raises(BadRequestError, match="'top_k'"):
+        client.chat.completions.create(
+            model="fedrag", messages=[{"role": "user", "content": q}], extra_body={"top_k": MAX_TOP_K + 1}
+        )
+    with pytest.raises(NotFoundError, match="not served here"):
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": q}])
+
+
+def test_sixteen_concurrent_requests_get_their_own_answers(served, reference):
+    """Closed book (top_k 0: a short prompt, the cheapest generation), four questions with distinct answers."""
+
+    def ask(i: int) -> tuple[str, dict]:
+        q = CLOSED_BOOK[i % len(CLOSED_BOOK)]
+        body = {"model": "fedrag", "messages": [{"role": "user", "content": q}], "top_k": 0}
+        r = httpx.post(f"{served}/v1/chat/completions", json=body, timeout=300)
+        assert r.status_code == 200, r.text
+        return q, r.json()
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(ask, range(16)))
+    assert len(results) == 16
+    for q, reply in results:
+        assert reply["choices"][0]["message"]["content"] == reference["closed"][q]
+        assert reply["passages"] == []
+
+
+def test_bad_http_requests_get_an_openai_style_error_not_a_traceback(served):
+    post = lambda **kw: httpx.post(f"{served}/v1/chat/completions", timeout=60, **kw)  # noqa: E731
+    user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
+    for response, says in (
+        (post(content=b"{not json", headers={"content-type": "application/json"}), "not valid JSON"),
+        (post(json={"model": "fedrag"}), "messages"),
+        (post(json={"messages": []}), "user message"),
+        (post(json={"messages": user("")}), "'question'"),
+        (post(json={"messages": user("x"), "top_k": -1}), "'top_k'"),
+        (post(json={"messages": user("x"), "max_tokens": 10**6}), "'max_tokens'"),
+        (post(json=[1, 2]), "invalid request"),
+    ):
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert says in error["message"] and "Traceback" not in response.text, error
+    assert httpx.get(f"{served}/no/such/route").json()["error"]["code"] == 404
+    assert httpx.get(f"{served}/health").json()["status"] == "ok"
+    json.dumps(httpx.get(f"{served}/v1/models").json())  # plain JSON

@@ -41,8 +41,8 @@ OPTIONS = {  # name -> run-config overrides
 
 def bytes_table() -> list[tuple[str, int]]:
     from fedrag_app.config.app_config import AppConfig
-    from fedrag_app.federation.exchange import exchanged_weights
-    from fedrag_app.flower.records import pack_weights
+    from fedrag_app.federation.exchange import outgoing_state, to_wire_update
+    from fedrag_app.flower.records import numpy_to_record
     from fedrag_app.rag.generator import load_generator
     from fedrag_app.rag.retriever import load_retriever
 
@@ -52,7 +52,8 @@ def bytes_table() -> list[tuple[str, int]]:
         cfg = AppConfig.from_flat(overrides)
         gen = gen or load_generator(cfg.generator)
         retriever = load_retriever(cfg.retriever)
-        record = pack_weights(*exchanged_weights(cfg, gen, retriever), retriever_dtype=cfg.retriever.wire_dtype)
+        sent = outgoing_state(cfg, gen, retriever)  # a reply: the retriever update in the wire dtype
+        record = numpy_to_record(to_wire_update(sent, sent, cfg.retriever.wire_dtype))
         rows.append((name, record.count_bytes()))
     return rows
 

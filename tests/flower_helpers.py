@@ -11,9 +11,9 @@ import time
 from flwr.app import ConfigRecord, Context, Error, Message, Metadata, RecordDict
 
 from fedrag_app.config.app_config import AppConfig
-from fedrag_app.federation.exchange import exchanged_weights
+from fedrag_app.federation.exchange import flat_state, outgoing_state
 from fedrag_app.flower import client_app
-from fedrag_app.flower.records import pack_weights
+from fedrag_app.flower.records import numpy_to_record
 from fedrag_app.flower.strategies import build_strategy
 from fedrag_app.rag.generator import lora_state_dict
 
@@ -79,7 +79,7 @@ def checked(reference: dict, run: dict | None = None, a_fingerprint: float | Non
 
 def global_weights(cfg: AppConfig):
     gen, retriever = client_app._models(cfg)
-    return pack_weights(lora_state_dict(gen), retriever.trainable_state_dict())
+    return numpy_to_record(flat_state(lora_state_dict(gen), retriever.trainable_state_dict()))
 
 
 class Nodes:
@@ -98,7 +98,7 @@ def client_round(
     """One train message through the ClientApp (its mods included), as the server's strategy would send it."""
     cfg = AppConfig.from_flat(run)
     gen, retriever = client_app._models(cfg)
-    sent = pack_weights(*exchanged_weights(cfg, gen, retriever))
+    sent = numpy_to_record(outgoing_state(cfg, gen, retriever))
     config = {"server-round": server_round}
     if clipping_norm is not None:
         config["clipping_norm"] = clipping_norm

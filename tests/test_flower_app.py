@@ -16,21 +16,23 @@ from flwr.app import ConfigRecord, Error, Message, RecordDict
 
 from fedrag_app.config.app_config import AppConfig
 from fedrag_app.core.errors import WeightsError
+from fedrag_app.federation.exchange import flat_state, split_state, to_wire_update
 from fedrag_app.flower import client_app
-from fedrag_app.flower.records import metric_record, numpy_to_record, pack_weights, record_to_numpy, unpack_weights
+from fedrag_app.flower.records import metric_record, numpy_to_record, record_to_numpy
 from fedrag_app.flower.server_app import evaluation_due
 from tests.flower_helpers import TINY, checked, context, global_weights, message, peft_key, reply
 
 
 # --- records -------------------------------------------------------------------------------------------------
-def test_pack_unpack_round_trip_is_exact_and_wire_dtype_applies_to_the_retriever_only():
+def test_weights_round_trip_a_record_exactly_and_the_wire_dtype_applies_to_the_retriever_only():
     lora = {"a.lora_A.weight": torch.randn(2, 3), "a.lora_B.weight": torch.randn(3, 2)}
     retr = {"query.w": torch.randn(4)}
-    record = pack_weights(lora, retr)
-    assert sorted(record) == ["lora.a.lora_A.weight", "lora.a.lora_B.weight", "retriever.query.w"]
-    back_lora, back_retr = unpack_weights(record, lora, retr)
+    record = numpy_to_record(flat_state(lora, retr))  # what client_app and server_app send (outgoing_state)
+    assert list(record) == ["lora.a.lora_A.weight", "lora.a.lora_B.weight", "retriever.query.w"]
+    back_lora, back_retr = split_state(record_to_numpy(record), lora, retr)
     assert all(torch.equal(back_lora[k], lora[k]) for k in lora) and torch.equal(back_retr["query.w"], retr["query.w"])
-    half = record_to_numpy(pack_weights(lora, retr, retriever_dtype="float16"))
+    sent = record_to_numpy(record)
+    half = to_wire_update(sent, sent, "float16")  # a node's reply under retriever.wire-dtype = float16
     assert half["retriever.query.w"].dtype == np.float16 and half["lora.a.lora_A.weight"].dtype == np.float32
 
 
@@ -43,16 +45,14 @@ def test_pack_unpack_round_trip_is_exact_and_wire_dtype_applies_to_the_retriever
     ],
 )
 def test_unpack_refuses_weights_that_do_not_fit_and_names_them(spoil, named):
-    from fedrag_app.flower.records import numpy_to_record
-
     lora, retr = (
         {"a.lora_A.weight": torch.zeros(2, 3), "a.lora_B.weight": torch.zeros(3, 2)},
         {"query.w": torch.zeros(4)},
     )
-    state = record_to_numpy(pack_weights(lora, retr))
+    state = flat_state(lora, retr)
     spoil(state)
     with pytest.raises(WeightsError, match=named):
-        unpack_weights(numpy_to_record(state), lora, retr)
+        split_state(record_to_numpy(numpy_to_record(state)), lora, retr)
 
 
 def test_a_small_retriever_update_survives_fp16_on_the_wire_and_the_server_rebuilds_fp32_weights():
@@ -237,12 +237,12 @@ def test_one_client_federated_round_equals_centralized_training(node, small_shar
 
 @pytest.mark.parametrize("mode, prefixes", [("ralt", {"lora."}), ("lsr", {"retriever."})])
 def test_only_what_the_mode_trains_travels(node, mode, prefixes):
-    from fedrag_app.federation.exchange import exchanged_weights
+    from fedrag_app.federation.exchange import outgoing_state
 
     run = {**TINY, "train.mode": mode}
     cfg = AppConfig.from_flat(run)
     gen, retriever = client_app._models(cfg)
-    sent = pack_weights(*exchanged_weights(cfg, gen, retriever))
+    sent = numpy_to_record(outgoing_state(cfg, gen, retriever))
     assert {k.split(".", 1)[0] + "." for k in sent} == prefixes
     out = client_app.train(
         message(RecordDict({"arrays": sent, "config": ConfigRecord({"server-round": 1})}), "train"), context(node, run)

@@ -99,7 +99,7 @@ def test_dtype_auto_is_fp32_on_cpu_and_bad_values_are_named():
 
 
 def test_bf16_base_trains_fp32_lora_only_and_sends_fp32(tiny_model_dir, tiny_shard):
-    from fedrag_app.flower.records import pack_weights, record_to_numpy, unpack_weights
+    from fedrag_app.federation.exchange import outgoing_state, split_state, to_wire_update
 
     cfg = AppConfig.from_flat(
         {
@@ -140,12 +140,11 @@ def test_bf16_base_trains_fp32_lora_only_and_sends_fp32(tiny_model_dir, tiny_sha
     assert torch.equal(frozen, frozen_before), "the bf16 base must stay frozen"
     assert any(p.abs().sum() > 0 for n, p in trainable.items() if ".lora_B." in n), "RALT must move LoRA B"
 
-    for wire in ("float32", "float16"):  # what travels: fp32 LoRA (never bf16), the retriever in its wire dtype
-        arrays = record_to_numpy(pack_weights(*exchanged_weights(cfg, gen, retriever), retriever_dtype=wire))
-        dtypes = {k.split(".")[0]: v.dtype for k, v in arrays.items()}
+    sent = outgoing_state(cfg, gen, retriever)
+    for wire in ("float32", "float16"):  # what travels: fp32 LoRA (never bf16), the retriever update in its wire dtype
+        dtypes = {k.split(".")[0]: v.dtype for k, v in to_wire_update(sent, sent, wire).items()}
         assert dtypes == {"lora": np.float32, "retriever": np.dtype(wire)}
-    record = pack_weights(*exchanged_weights(cfg, gen, retriever))
-    lora, retr = unpack_weights(record, *exchanged_weights(cfg, gen, retriever))
+    lora, retr = split_state(sent, *exchanged_weights(cfg, gen, retriever))
     load_exchanged_weights(cfg, gen, retriever, lora, retr)
     assert all(p.dtype == torch.float32 for p in trainable_lora_parameters(gen))
 

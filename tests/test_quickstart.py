@@ -76,29 +76,29 @@ def _bytes_per_reply(flat: dict) -> tuple[int, int]:
     """What one node's reply carries under this run's config (FFA: B factors + retriever), and what it would carry
     under FedAvg (A and B + retriever): computed in this process on the same tiny models."""
     from fedrag_app.config.app_config import AppConfig
-    from fedrag_app.federation.exchange import exchanged_weights
-    from fedrag_app.flower.records import pack_weights
+    from fedrag_app.federation.exchange import outgoing_state
+    from fedrag_app.flower.records import numpy_to_record
     from fedrag_app.rag.generator import load_generator
     from fedrag_app.rag.retriever import load_retriever
 
     cfg = AppConfig.from_flat(flat)
     gen, retriever = load_generator(cfg.generator), load_retriever(cfg.retriever)
     fedavg = AppConfig.from_flat({**flat, "fed.lora-aggregation": "fedavg"})
-    return tuple(pack_weights(*exchanged_weights(c, gen, retriever)).count_bytes() for c in (cfg, fedavg))
+    return tuple(numpy_to_record(outgoing_state(c, gen, retriever)).count_bytes() for c in (cfg, fedavg))
 
 
 @pytest.mark.slow
 def test_quickstart_end_to_end_tiny_two_private_rounds(tmp_path, data_dir, tiny_models_config):
     """The suite's one `flwr run` training simulation (it absorbed the former tests/test_flwr_run.py). Proves the
-    orchestration end to end through real processes (CLI, `fedrag-app partition`, local SuperLink, simulation with
-    2 SuperNodes): evaluation before; both rounds receive 2 results, drop nothing and average both updates; adapter,
+    orchestration end to end through real processes (CLI, `fedrag-app partition`, local SuperLink, simulation with 2
+    SuperNodes): evaluation before; both rounds receive 2 results, drop nothing and average both updates; adapter,
     retriever and state are checkpointed each round, the plot and the Flower log written; server evaluation metrics
-    arrive while under DP the nodes withhold their losses, timings and scores (the rows say so); Flower's client-side DP mod + server wrapper add noise and the accountant's epsilon
-    per round equals dp-accounting's; FFA-LoRA replies carry exactly the B factors and the retriever (fewer bytes
-    than FedAvg's A and B); ask answers with the last checkpoint; the summary is written; --set generator.model /
-    retriever.model reach every step (index and partition build shards with that retriever); and no Flower process
-    outlives the run. It checks no answer quality, so it runs on tiny random-initialised models of the real
-    architectures (tests/tiny_models.py)."""
+    arrive while under DP the nodes withhold their losses, timings and scores (the rows say so); Flower's client-side DP
+    mod + server wrapper add noise and the accountant's epsilon per round equals dp-accounting's; FFA-LoRA replies carry
+    exactly the B factors and the retriever (fewer bytes than FedAvg's A and B); ask answers with the last checkpoint;
+    the summary is written; --set generator.model / retriever.model reach every step (index and partition build shards
+    with that retriever); and no Flower process outlives the run. It checks no answer quality, so it runs on tiny
+    random-initialised models of the real architectures (tests/tiny_models.py)."""
     from tests.flower_helpers import rdp_epsilon
 
     out = tmp_path / "qs"

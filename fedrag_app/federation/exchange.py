@@ -53,14 +53,12 @@ def load_exchanged_weights(cfg: AppConfig, gen: Generator, retriever: DualEncode
         retriever.load_trainable_state_dict(retr)
 
 
-def flat_state(
-    lora: dict[str, torch.Tensor], retriever: dict[str, torch.Tensor], *, retriever_dtype: str = "float32"
-) -> State:
-    """Both weight sets as one prefixed numpy dict, in a stable key order (LoRA first, each part sorted)."""
+def flat_state(lora: dict[str, torch.Tensor], retriever: dict[str, torch.Tensor]) -> State:
+    """Both weight sets as one prefixed fp32 numpy dict, in a stable key order (LoRA first, each part sorted)."""
     out: State = {}
-    for prefix, state, dtype in ((LORA, lora, np.float32), (RETRIEVER, retriever, np.dtype(retriever_dtype))):
+    for prefix, state in ((LORA, lora), (RETRIEVER, retriever)):
         for key in sorted(state):
-            out[prefix + key] = np.ascontiguousarray(state[key].detach().float().cpu().numpy().astype(dtype))
+            out[prefix + key] = np.ascontiguousarray(state[key].detach().float().cpu().numpy())
     return out
 
 

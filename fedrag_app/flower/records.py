@@ -17,20 +17,6 @@ CHECKS = "checks"  # a train reply's ConfigRecord of values the server checks, a
 A_FINGERPRINT = "lora-a-fingerprint"  # in CHECKS under FFA-LoRA: rag.generator.lora_a_fingerprint of the node
 
 
-def pack_weights(
-    lora: dict[str, torch.Tensor], retriever: dict[str, torch.Tensor], *, retriever_dtype: str = "float32"
-) -> ArrayRecord:
-    """Both weight sets in one ArrayRecord, in a stable key order (exchange.flat_state)."""
-    return numpy_to_record(exchange.flat_state(lora, retriever, retriever_dtype=retriever_dtype))
-
-
-def unpack_weights(
-    record: ArrayRecord, lora_reference: dict[str, torch.Tensor], retriever_reference: dict[str, torch.Tensor]
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Split a record into fp32 (lora, retriever) state dicts, checked against the receiver's own weights."""
-    return exchange.split_state(record_to_numpy(record), lora_reference, retriever_reference)
-
-
 def to_wire_update(reply: ArrayRecord, sent: ArrayRecord, dtype: str) -> ArrayRecord:
     """exchange.to_wire_update on records: each retriever array becomes its update in ``dtype``."""
     return numpy_to_record(exchange.to_wire_update(record_to_numpy(reply), record_to_numpy(sent), dtype))

@@ -7,9 +7,10 @@ Server optimizers: FedAvg of a few local AdamW steps moves the adapter about a t
 on the same questions (each node walks a third of the steps; the average does not add them). A server optimizer
 treats the average update as a pseudo-gradient and takes its own step with a learning rate, momentum or Adam-style
 moments. Flower's classes do the maths; the mixin below only (1) counts rounds from the federation's start, so a
-resumed FedAdam's bias correction continues, (2) keeps the adaptive moments in float32 when a part travels as
-float16 and returns each array in the dtype the server sent (Flower's FedAdam returns float64), and (3) reads and
-restores the momentum / moments, which the ServerApp saves in every checkpoint (checkpoint.SERVER_STATE).
+resumed FedAdam's bias correction continues, (2) returns each array in the dtype the server sent (float32: the
+global weights are always fp32, wire-dtype updates are rebuilt to fp32 before aggregation, and Flower's FedAdam
+returns float64), and (3) reads and restores the momentum / moments, which the ServerApp saves in every checkpoint
+(checkpoint.SERVER_STATE).
 
 Robust strategies (docs/ROBUSTNESS.md): Flower's FedMedian, FedTrimmedAvg, Krum and MultiKrum, unchanged but for the
 precision they work in (RobustAggregator).
@@ -58,10 +59,7 @@ class ServerOptimizer:
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._dtypes = {k: a.numpy().dtype for k, a in arrays.items()}
-        messages = super().configure_train(server_round, arrays, config, grid)
-        if isinstance(self.current_arrays, dict):  # FedOpt's copy: its moments follow its dtype (fp16 underflows)
-            self.current_arrays = {k: v.astype(np.float32) for k, v in self.current_arrays.items()}
-        return messages
+        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

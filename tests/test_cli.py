@@ -207,3 +207,15 @@ def test_export_refuses_an_unknown_key_by_name(tmp_path):
     )
     assert done.exit_code != 0
     assert "'eval.topk' is unknown" in str(done.exception)
+
+
+def test_quickstart_without_the_data_stops_at_once_naming_what_to_put_where(tmp_path, monkeypatch):
+    (tmp_path / "data" / "wikipedia").mkdir(parents=True)
+    (tmp_path / "data" / "wikipedia" / "passages.jsonl").write_text("")
+    for folder, lacks in [(tmp_path / "none", "does not exist"), (tmp_path / "data", "lacks web_questions/train")]:
+        monkeypatch.setenv("FEDRAG_DATA_DIR", str(folder))
+        done = CliRunner().invoke(app, ["quickstart", "--out", str(tmp_path / "out")])
+        assert done.exit_code != 0 and not (tmp_path / "out").exists(), "nothing started"
+        message = str(done.exception)
+        assert f"the data folder {folder} {lacks}" in message
+        assert "wikipedia/passages.jsonl" in message and "../shared/data" in message and "docs/DATA.md" in message

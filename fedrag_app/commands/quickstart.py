@@ -30,8 +30,10 @@ from rich.table import Table
 from fedrag_app.config.app_config import AppConfig
 from fedrag_app.config.values import toml_value
 from fedrag_app.core.atomic import write_json, write_text
-from fedrag_app.core.errors import ConfigError, FedRagAppError
+from fedrag_app.core.environment import data_dir
+from fedrag_app.core.errors import ConfigError, DataError, FedRagAppError
 from fedrag_app.core.verbosity import child_env
+from fedrag_app.data.loaders import LAYOUT, WHERE, missing_data
 from fedrag_app.federation import follow_run as fr
 
 # The embedded defaults: every key is a run-config key (pyproject.toml documents them); --set overrides any.
@@ -133,6 +135,17 @@ class Quickstart:
             "  4 after      the server's evaluation after the last round; then ask the fine-tuned system\n"
             f"Outputs go to {self.out}. About 6 minutes on 2 CPU cores (measured; a second run reuses the indexes)."
         )
+
+    def check_data(self) -> None:
+        """Stop at once, naming the folder and what it lacks, when the local data folder is missing or incomplete
+        (with none configured the loaders use the hub, which needs network)."""
+        folder = data_dir(str(self.flat.get("data.dir") or ""))
+        if folder and (missing := missing_data(folder)):
+            where = Path(folder).expanduser().resolve()
+            lacks = "does not exist" if len(missing) == len(LAYOUT) else f"lacks {', '.join(missing)}"
+            raise DataError(
+                f"the data folder {where} {lacks}. The quick start needs {', '.join(LAYOUT)} (docs/DATA.md) in {WHERE}."
+            )
 
     def _cli(self, *args: str) -> None:
         argv = [str(self.bin / "fedrag-app"), *args]
@@ -323,6 +336,7 @@ class Quickstart:
         return summary
 
     def run(self) -> dict:
+        self.check_data()
         self.plan()
         self.out.mkdir(parents=True, exist_ok=True)
         self.index()

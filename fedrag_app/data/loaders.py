@@ -1,4 +1,4 @@
-"""Data: Web Questions, MMLU and a passage corpus, from a local folder laid out like shared/data or the hub.
+"""Data: Web Questions, MMLU and a passage corpus, from a local data folder (LAYOUT, docs/DATA.md) or the hub.
 
 One function per dataset hides the source: a local directory (``data.dir``, else $FEDRAG_DATA_DIR) wins;
 without one, the hub ids in DataConfig are loaded with `datasets` (for users with network). Every bad line,
@@ -20,6 +20,19 @@ from fedrag_app.core.environment import data_dir
 from fedrag_app.core.errors import DataError
 
 CHOICE_LETTERS = ("A", "B", "C", "D")  # an MMLU question's choices, in order: the one list of them
+# The files of a local data folder every run reads (docs/DATA.md); mmlu_<subject>/ folders are optional.
+LAYOUT = (
+    "web_questions/train.jsonl",
+    "web_questions/test.jsonl",
+    "mmlu/test.jsonl",
+    "mmlu/dev.jsonl",
+    "mmlu/val.jsonl",
+    "wikipedia/passages.jsonl",
+)
+WHERE = (
+    "../shared/data beside the checkout (what `make run` uses), or any folder named by data.dir, $FEDRAG_DATA_DIR "
+    "or --data-dir"
+)
 
 
 @dataclass(frozen=True)
@@ -62,8 +75,16 @@ def local_dir(cfg: DataConfig) -> Path | None:
         return None
     path = Path(folder).expanduser().resolve()
     if not path.is_dir():
-        raise DataError(f"data folder {path} does not exist (from data.dir or $FEDRAG_DATA_DIR)")
+        raise DataError(
+            f"data folder {path} does not exist (from data.dir or $FEDRAG_DATA_DIR): it should hold "
+            f"{', '.join(LAYOUT)} (docs/DATA.md)"
+        )
     return path
+
+
+def missing_data(folder: str | Path) -> list[str]:
+    """The LAYOUT files a local data folder lacks: all of them when the folder does not exist."""
+    return [name for name in LAYOUT if not (Path(folder).expanduser() / name).is_file()]
 
 
 def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> Iterator[tuple[int, dict]]:
@@ -253,5 +274,5 @@ def _hub(dataset_id: str, name: str | None = None, *, split: str) -> list[dict]:
     except Exception as e:  # datasets raises many unrelated types for "cannot reach the hub"
         raise DataError(
             f"cannot load {dataset_id!r} ({name or 'default'}, {split}) from the hub: {type(e).__name__}: {e}. "
-            "Offline? Point data.dir or $FEDRAG_DATA_DIR at a folder laid out like shared/data."
+            f"Offline? Put the data in a local folder ({', '.join(LAYOUT)}; docs/DATA.md): {WHERE}."
         ) from e

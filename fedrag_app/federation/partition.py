@@ -79,7 +79,8 @@ def split_questions(examples: list[QAExample], cfg: PartitionConfig, seed: int) 
 
 
 def title_key(text: str) -> str:
-    """The corpus's article key (../shared/data/README.md): lowercase, spaces and hyphens to '_', only [a-z0-9_]."""
+    """An article's key, as Web Questions topic keys are written (docs/DATA.md): lowercase, spaces and hyphens to
+    '_', only [a-z0-9_]."""
     return re.sub(r"[^a-z0-9_]", "", re.sub(r"[ -]", "_", text.lower()))
 
 

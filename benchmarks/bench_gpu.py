@@ -255,7 +255,8 @@ def bench_model(arch: str, args, device: str, dtype: torch.dtype, peak: float) -
 
 # --- one federated round in deployment mode (SuperLink + SuperNodes as local processes; no Ray) ------------------
 def make_assets(out: Path, questions: int, passages: int) -> None:
-    """Tokenizers and configs of the default models (no weights) and a slice of the data, in shared/data's layout."""
+    """Tokenizers and configs of the default models (no weights) and a slice of the data, in the data folder's
+    layout (docs/DATA.md)."""
     from fedrag_app.rag.model_sources import resolve_generator, resolve_retriever
 
     weights = ("*.safetensors", "*.bin", "*.gguf", "README.md", ".gitattributes")

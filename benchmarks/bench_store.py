@@ -2,7 +2,7 @@
 
     python benchmarks/bench_store.py                 # full 45,739-passage corpus (encoding ≈50 min on 2 cores)
     python benchmarks/bench_store.py --limit 5000    # the FedRAG W1 shape
-    python benchmarks/bench_store.py --limit 5000 --peer /work/peer-venv/bin/python   # + fed-rag W1, same run
+    python benchmarks/bench_store.py --limit 5000 --peer ../peer-venv/bin/python   # + fed-rag W1, same run
 
 Embeddings are cached in --cache so the store figures can be re-measured without re-encoding.
 Prints: encode passages/s, encode+upsert passages/s and the store's share, search p50/p95 (query already

@@ -1,7 +1,7 @@
 """Training benchmark (issue 3): RALT and LSR on the FedRAG W2/W3 workload, ours beside the FedRAG library.
 
     python benchmarks/bench_train.py                       # ours only
-    python benchmarks/bench_train.py --peer /work/peer-venv/bin/python --repeats 2   # + fed-rag, interleaved
+    python benchmarks/bench_train.py --peer ../peer-venv/bin/python --repeats 2   # + fed-rag, interleaved
 
 Workload (PEER-BENCHMARK.md): the first 64 Web Questions train pairs (answers joined with ", "), a store of the
 first 5,000 Wikipedia passages, top-k 2, batch 4, 16 steps, lr 1e-4, fp32, 2 threads, seed 1234.

@@ -74,7 +74,7 @@ RUNS = (
 
 
 def norm_title(text: str) -> str:
-    """The corpus builder's title normalisation (shared/data/README.md)."""
+    """The corpus's title normalisation (docs/DATA.md; federation/partition.py::title_key)."""
     return re.sub(r"[^a-z0-9_]", "", re.sub(r"[ \-]", "_", text.lower()))
 
 

@@ -3,10 +3,10 @@ shared/docs/PEER-BENCHMARK.md, measured the way that doc measures them.
 
 Runs only in the separate peer virtualenv (never the project's .venv):
 
-    /work/peer-venv/bin/python benchmarks/peer_fedrag.py --workload ralt [--steps 16] [--passages 5000] \
+    ../peer-venv/bin/python benchmarks/peer_fedrag.py --workload ralt [--steps 16] [--passages 5000] \
         [--cache-dir /tmp/peer_cache] [--json out.json]
-    /work/peer-venv/bin/python benchmarks/peer_fedrag.py --workload lsr --steps 2 --passages 200   # smoke test
-    /work/peer-venv/bin/python benchmarks/peer_fedrag.py --workload store --passages 5000 [--queries 200]
+    ../peer-venv/bin/python benchmarks/peer_fedrag.py --workload lsr --steps 2 --passages 200   # smoke test
+    ../peer-venv/bin/python benchmarks/peer_fedrag.py --workload store --passages 5000 [--queries 200]
 
 Measures: s/step = wall time between consecutive `on_step_end` callbacks (step 1 excluded, median);
 non-padding tokens/step = attention_mask.sum() of each batch fed-rag's collator returns (RALT only);

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The FedRAG library's virtualenv for the side-by-side benchmarks (`--peer <venv>/bin/python`): the "lock env" recipe of
-# ../shared/docs/PEER-BENCHMARK.md, as written there. CPU torch first (its torchvision requirement would pull the
-# CUDA build); fed-rag without its deps, then its declared dependencies minus torchvision, which it never imports.
-# Usage: benchmarks/peer_venv.sh [/work/peer-venv]   (about 2 minutes, 2.1 GB)
+# The FedRAG library's virtualenv for the side-by-side benchmarks (`--peer <venv>/bin/python`): fed-rag 0.0.27 with
+# the dependency versions below, the recipe docs/PERFORMANCE.md's peer figures were measured with. CPU torch first
+# (its torchvision requirement would pull the CUDA build); fed-rag without its deps, then its declared dependencies
+# minus torchvision, which it never imports.
+# Usage: benchmarks/peer_venv.sh [VENV]   (default ../peer-venv, beside the checkout; about 2 minutes, 2.1 GB)
 set -euo pipefail
-VENV=${1:-/work/peer-venv}
+VENV=${1:-../peer-venv}
 python3 -m venv "$VENV"
 "$VENV/bin/pip" install -q torch==2.13.0
 "$VENV/bin/pip" install -q --no-deps fed-rag==0.0.27

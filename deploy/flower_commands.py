@@ -58,7 +58,7 @@ def superlink_argv(s: SuperLinkSettings) -> list[str]:
         "--port",
         str(s.port),
         # The app's dependencies are installed beforehand (pip install -e .); a per-run `uv sync` would re-resolve
-        # torch and fail offline (FLOWER.md section 3).
+        # torch and fail offline.
         "--disable-runtime-dependency-installation",
     ]
     if s.log_file:

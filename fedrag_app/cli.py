@@ -27,9 +27,7 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="TOML file of run-config keys (or a pyproject.toml)")
 SetOpt = typer.Option(None, "--set", "-s", help="override one key, e.g. --set ralt.top-k=4 (repeatable)")
-DataDirOpt = typer.Option(
-    None, "--data-dir", help="local data folder laid out like shared/data (else $FEDRAG_DATA_DIR)"
-)
+DataDirOpt = typer.Option(None, "--data-dir", help="local data folder (docs/DATA.md; else $FEDRAG_DATA_DIR)")
 
 
 def given_keys(config: Path | None, sets: list[str] | None, **extra: object) -> dict[str, object]:

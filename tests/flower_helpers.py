@@ -1,7 +1,7 @@
 """Plain helpers for the tests of the Flower edge without a runtime (tests/test_flower_app.py, test_privacy.py,
-test_heterogeneous_ranks.py, test_server_optimizers.py): hand-built Messages and Contexts (FLOWER.md: "Unit-testing
-handlers"), the ServerApp's strategy as main() builds it, one train message through the real ClientApp. The
-fixtures they use (`node`, `in_a_server_app`) are in tests/conftest.py.
+test_heterogeneous_ranks.py, test_server_optimizers.py): hand-built Messages and Contexts (their Metadata
+too: outside a Flower runtime a Message has no run id to take), the ServerApp's strategy as main() builds it, one
+train message through the real ClientApp. The fixtures they use (`node`, `in_a_server_app`) are in tests/conftest.py.
 """
 
 from __future__ import annotations

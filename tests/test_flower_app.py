@@ -1,6 +1,7 @@
 """The Flower edge without a runtime: records, the checked FedAvg, and the ClientApp handlers on hand-built messages.
 
-Real models, a real Qdrant Edge shard; Messages and Contexts built by hand (FLOWER.md: "Unit-testing handlers").
+Real models, a real Qdrant Edge shard; Messages and Contexts built by hand (their Metadata too: outside a Flower
+runtime `Message(content, dst_node_id=...)` has no run id to take).
 The one-client federated round is checked bit for bit against `fedrag-app train` (centralized = one client).
 """
 

@@ -37,7 +37,7 @@ class RuntimeConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the data comes from: a local directory laid out like shared/data, or hub ids."""
+    """Where the data comes from: a local data folder (docs/DATA.md), or hub ids."""
 
     dir: str = _help("local data directory (web_questions/, mmlu/, wikipedia/); '' = $FEDRAG_DATA_DIR, else hub", "")
     web_questions: str = _help(
@@ -149,7 +149,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RaltConfig:
-    """Retrieval-augmented LM fine-tuning of the generator (ALGORITHMS.md, RALT)."""
+    """Retrieval-augmented LM fine-tuning of the generator (docs/ALGORITHMS.md, RALT)."""
 
     learning_rate: float = _help("AdamW learning rate for the LoRA weights", 1e-4)
     batch_size: int = _help("questions per step; each contributes top-k sequences", 4)
@@ -229,7 +229,7 @@ class LsrConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Evaluation protocol (ALGORITHMS.md, Evaluation)."""
+    """Evaluation protocol (docs/ALGORITHMS.md, Evaluation)."""
 
     mmlu_subject: tuple[str, ...] = _help(
         "comma-separated MMLU subjects, each evaluated on its own: a subject name, or 'all' (a fixed sample of "

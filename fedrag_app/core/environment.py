@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-DATA_DIR = "FEDRAG_DATA_DIR"  # local data folder laid out like shared/data
+DATA_DIR = "FEDRAG_DATA_DIR"  # the local data folder (docs/DATA.md)
 CACHE_DIR = "FEDRAG_CACHE_DIR"  # converted models, default shards, embedding and LM-score caches
 PARTITIONS_DIR = "FEDRAG_PARTITIONS_DIR"  # where `fedrag-app partition` writes the institutions' data
 OUTPUT_DIR = "FEDRAG_OUTPUT_DIR"  # the ServerApp's checkpoints, metrics and plots

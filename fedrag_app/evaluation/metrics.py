@@ -1,4 +1,4 @@
-"""Evaluation metrics, pure functions (ALGORITHMS.md, Evaluation): SQuAD EM/F1, recall@k, MRR, letter parsing."""
+"""Evaluation metrics, pure functions (docs/ALGORITHMS.md, Evaluation): SQuAD EM/F1, recall@k, MRR, letter parsing."""
 
 from __future__ import annotations
 

@@ -223,7 +223,7 @@ def run_query(grid: Grid, cfg: AppConfig, out: Path) -> None:
                 RecordDict(
                     {
                         "query": ConfigRecord(
-                            {  # a new record per node (FLOWER.md section 2)
+                            {  # a new record per node: no record object is shared between Messages
                                 "questions": [e.question for e in batch],
                                 "vectors": vectors.ravel().tolist(),
                                 "top-k": q.top_k_per_node,

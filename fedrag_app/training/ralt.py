@@ -1,4 +1,4 @@
-"""RALT: retrieval-augmented LM fine-tuning of the generator's LoRA adapter (ALGORITHMS.md).
+"""RALT: retrieval-augmented LM fine-tuning of the generator's LoRA adapter (docs/ALGORITHMS.md).
 
 For each (question, answer): the top-k passages are retrieved once per round (batched; the retriever is frozen
 during RALT) and give k separate sequences, prompt = the shared template with one passage, target = answer + EOS.

@@ -455,8 +455,8 @@ def serve(
     config: Path | None = ConfigOpt,
     sets: list[str] | None = SetOpt,
 ) -> None:
-    """Serve the RAG system over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models, /health); the
-    passages used come back in the reply's `passages` field. Models load once."""
+    """Serve the RAG system over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models, /health; the
+    passages used come back in the reply's `passages` field) and as an MCP server at /mcp. Models load once."""
     cfg = load_config(config, sets, **{"eval.top-k": top_k, "store.path": store, "generator.adapter-path": adapter})
     from fedrag_app.commands.serve import serve_http
 

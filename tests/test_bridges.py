@@ -1,8 +1,8 @@
 """The bridges (fedrag_app/bridges/) with the real libraries and the real models, no mocks: LlamaIndex and LangChain
 retrievers give the passages of the product's own retrieval in its order, their query engine / chain the same greedy
-answer as `ask`'s pipeline; an MCP client (the SDK's own, over stdio against `fedrag-app mcp` and over streamable HTTP)
-lists the tools and gets the same top-k; the official openai client gets the answer from `fedrag-app serve`, 16
-concurrent requests get their own answers, and bad input gets an error that says why.
+answer as `ask`'s pipeline; an MCP client (the SDK's own, over stdio against `fedrag-app mcp` and over streamable HTTP
+at `fedrag-app serve`'s /mcp) lists the tools and gets the same top-k; the official openai client gets the answer from
+`fedrag-app serve`, 16 concurrent requests get their own answers, and bad input gets an error that says why.
 
 Kept cheap (a generation's cost is mostly its prompt): answers of 6 tokens from one passage, closed-book questions where
 only the answer matters, one thread and one `serve` and one `mcp` process for the module."""
@@ -15,10 +15,8 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import anyio
@@ -195,40 +193,6 @@ def test_mcp_over_stdio_serves_search_and_ask(tmp_path, small_shard_path, refere
     anyio.run(session)
 
 
-@contextmanager
-def in_a_thread(app, port: int):
-    """An ASGI app under uvicorn in this process (the test's already loaded models), stopped on exit."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
-
-
-def test_mcp_over_streamable_http_serves_the_same_top_k(service, reference):
-    from mcp import Client
-
-    from fedrag_app.bridges.mcp_server import build_mcp_server
-
-    port = free_port()
-    with in_a_thread(build_mcp_server(service).streamable_http_app(), port) as url:
-
-        async def session() -> None:
-            async with Client(f"{url}/mcp", read_timeout_seconds=60) as client:
-                await _mcp_session_checks(client, reference)
-
-        anyio.run(session)
-
-
 # --- OpenAI-compatible HTTP (`fedrag-app serve`) ---
 
 
@@ -257,6 +221,18 @@ def served(tmp_path_factory, small_shard_path):
         proc.terminate()
         proc.wait(30)
         log.close()
+
+
+def test_mcp_over_streamable_http_from_serve_gives_the_same_top_k(served, reference):
+    """`fedrag-app serve` also speaks MCP at /mcp: the SDK's own streamable HTTP client."""
+    from mcp import Client
+
+    async def session() -> None:
+        with anyio.fail_after(120):
+            async with Client(f"{served}/mcp", read_timeout_seconds=120) as client:
+                await _mcp_session_checks(client, reference)
+
+    anyio.run(session)
 
 
 def test_the_openai_client_gets_the_answer_and_its_passages(served, reference):

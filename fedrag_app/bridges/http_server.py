@@ -7,6 +7,8 @@ SDK or UI can use it by changing its base URL.
   `max_completion_tokens` cap the answer; `stream: true` sends the answer as one chunk of server-sent events.
   Sampling keys (temperature, top_p, ...) are accepted and ignored: answers are greedy, as `ask`'s.
 - `GET /v1/models`, `GET /health`.
+- `/mcp`: the same system as an MCP server over streamable HTTP (tools `search` and `ask`, `bridges/mcp_server.py`), so
+  one process, holding the shard (open in one process at a time) and the models once, serves both kinds of client.
 
 Models are loaded once (the `RagService` given); handlers are plain functions that FastAPI runs in its thread pool
 behind the service's lock, so concurrent requests queue instead of interleaving, and `/health` answers meanwhile.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,6 +28,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from fedrag_app.bridges.mcp_server import build_mcp_server
 from fedrag_app.bridges.service import BadRequest, RagService, passage_dict
 
 
@@ -64,9 +68,18 @@ def question_of(request: ChatRequest) -> str:
     return _text(users[-1].content)
 
 
-def build_app(service: RagService) -> FastAPI:
-    """The FastAPI app over an already loaded service."""
-    app = FastAPI(title="fedrag-app", description=__doc__, version="1")
+def build_app(service: RagService, *, host: str = "127.0.0.1") -> FastAPI:
+    """The FastAPI app over an already loaded service (``host``: where it listens, for MCP's DNS-rebinding check)."""
+    mcp = build_mcp_server(service, service.name)
+    mcp_routes = mcp.streamable_http_app(host=host).routes  # creates the session manager the lifespan runs
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        async with mcp.session_manager.run():
+            yield
+
+    app = FastAPI(title="fedrag-app", description=__doc__, version="1", lifespan=lifespan)
+    app.router.routes.extend(mcp_routes)
     started = int(time.time())
 
     @app.exception_handler(BadRequest)

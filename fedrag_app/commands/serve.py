@@ -30,10 +30,11 @@ def serve_http(cfg: AppConfig, *, retriever_path: str | None, name: str, host: s
 
     service = load_service(cfg, retriever_path=retriever_path, name=name, status=console)
     console.print(
-        f"[green]serving[/] model {name!r} at http://{host}:{port}/v1 (OpenAI-compatible; /health, /v1/models)"
+        f"[green]serving[/] model {name!r} at http://{host}:{port}/v1 (OpenAI-compatible; /health, /v1/models) "
+        f"and MCP at http://{host}:{port}/mcp"
     )
     try:
-        uvicorn.run(build_app(service), host=host, port=port, log_level="warning")
+        uvicorn.run(build_app(service, host=host), host=host, port=port, log_level="warning")
     finally:
         service.close()
 

@@ -74,8 +74,12 @@ def test_saved_adapter_reloads_trainable_with_identical_weights(generator, tmp_p
     nonzero = {k: torch.randn_like(v) * 0.01 for k, v in state.items()}
     load_lora_state_dict(generator, nonzero)
     try:
+        resolved = generator.model.get_base_model().config._name_or_path  # the cached fp32 folder on this machine
         save_adapter(generator, tmp_path / "adapter")
-        assert (tmp_path / "adapter" / "adapter_config.json").exists()
+        saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+        assert saved["base_model_name_or_path"] == generator.name == "smollm2-135m-instruct", "no machine path"
+        assert resolved not in (tmp_path / "adapter" / "README.md").read_text()
+        assert generator.model.get_base_model().config._name_or_path == resolved, "the live model is unchanged"
         reloaded = load_generator(GeneratorConfig(), adapter_path=str(tmp_path / "adapter"))
         assert any(p.requires_grad for p in reloaded.model.parameters()), "adapter must load trainable"
         again = lora_state_dict(reloaded)

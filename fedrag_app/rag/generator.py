@@ -216,7 +216,19 @@ def detach_personal_adapter(gen: Generator) -> None:
 
 
 def save_adapter(gen: Generator, out_dir) -> None:
-    """PEFT ``save_pretrained`` (adapter_config.json + adapter_model.safetensors), written atomically."""
-    with atomic_dir(out_dir) as tmp:
-        gen.model.save_pretrained(tmp)
-        gen.tokenizer.save_pretrained(tmp)
+    """PEFT ``save_pretrained`` (adapter_config.json + adapter_model.safetensors + its model card), written
+    atomically. The adapter names its base model as it was given (``gen.name``: a short name, a path or a hub id),
+    not by the folder that name resolved to on this machine (PEFT would write that cache path into both files)."""
+    base = gen.model.get_base_model()
+    named = [(base, "name_or_path"), (base.config, "_name_or_path")]  # the model card's base_model and its tag
+    named += [(c, "base_model_name_or_path") for c in gen.model.peft_config.values()]  # adapter_config.json
+    resolved = [getattr(obj, attr) for obj, attr in named]
+    try:
+        for obj, attr in named:
+            setattr(obj, attr, gen.name)
+        with atomic_dir(out_dir) as tmp:
+            gen.model.save_pretrained(tmp)
+            gen.tokenizer.save_pretrained(tmp)
+    finally:
+        for (obj, attr), value in zip(named, resolved):
+            setattr(obj, attr, value)

@@ -3,9 +3,9 @@
     python benchmarks/bench_train.py                       # ours only
     python benchmarks/bench_train.py --peer ../peer-venv/bin/python --repeats 2   # + fed-rag, interleaved
 
-Workload (PEER-BENCHMARK.md): the first 64 Web Questions train pairs (answers joined with ", "), a store of the
-first 5,000 Wikipedia passages, top-k 2, batch 4, 16 steps, lr 1e-4, fp32, 2 threads, seed 1234.
-Each workload runs in its own process (peak RSS is per process). Prints, per workload: seconds/step (median
+Workload (W2/W3 of the peer benchmark, docs/PERFORMANCE.md): the first 64 Web Questions train pairs (answers joined
+with ", "), a store of the first 5,000 Wikipedia passages, top-k 2, batch 4, 16 steps, lr 1e-4, fp32, 2 threads,
+seed 1234. Each workload runs in its own process (peak RSS is per process). Prints, per workload: seconds/step (median
 of steps 2..N, and whole phase / steps, which includes retrieval and LSR's LM scoring), RALT non-padding
 tokens/s, peak RSS, the machine's measured fp32 matmul rate, the model FLOPs utilisation reached, and the
 ratio to fed-rag measured in the same run (benchmarks/peer_fedrag.py under the peer's own virtualenv).

@@ -1,5 +1,5 @@
-"""Peer baseline: the FedRAG library (fed-rag==0.0.27) on the W2 RALT and W3 LSR workloads of
-shared/docs/PEER-BENCHMARK.md, measured the way that doc measures them.
+"""Peer baseline: the FedRAG library (fed-rag==0.0.27) on the W2 RALT and W3 LSR workloads of the peer benchmark
+(docs/PERFORMANCE.md), measured the way its reference run measured them.
 
 Runs only in the separate peer virtualenv (never the project's .venv):
 

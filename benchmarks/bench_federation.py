@@ -3,9 +3,9 @@
     python benchmarks/bench_federation.py                       # 3 clients, 2 RA-DIT rounds, small sizes
     python benchmarks/bench_federation.py --bytes-only
 
-1. Bytes per message for each exchange option, from the real records the app sends (pack_weights on the real
-   models): LoRA only (train.mode=ralt), LoRA + the full query encoder (ra-dit, the default), and cheaper
-   retriever options (top transformer layers only, fp16 on the wire).
+1. Bytes per message for each exchange option, from the real records a node sends (outgoing_state and, for fp16,
+   to_wire_update on the real models): LoRA only (train.mode=ralt), LoRA + the full query encoder (ra-dit, the
+   default), and cheaper retriever options (top transformer layers only, fp16 on the wire).
 2. A real `flwr run` simulation (`fedrag-app partition`, then the app), own FLWR_HOME and ports. Per round, from
    metrics.jsonl: the training phase's wall time (send -> last reply aggregated) against the time the clients
    spent in the train handler (model load on a fresh actor, unpack, local RALT/LSR, pack). Flower's simulation

@@ -35,6 +35,7 @@ CLOSED_BOOK = [
     "how many legs has a spider",
 ]
 TOKENS = 6  # generator.max-new-tokens everywhere here: a short answer is enough to compare
+SHORT = 3  # closed-book answers: each new token costs as much as the short prompt
 TOP_K = 1  # eval.top-k of every server here: one passage in the prompt
 K = 5  # passages for the retrieval comparisons
 CHEAP = ["--top-k", str(TOP_K), "--set", f"generator.max-new-tokens={TOKENS}", "--set", "runtime.num-threads=1"]
@@ -56,7 +57,7 @@ def reference(service):
     pipe = service.pipeline
     ref = {q: {"top": pipe.retrieve([q], K)[0]} for q in QUESTIONS}
     ref[QUESTIONS[0]]["answer"] = pipe.answer([QUESTIONS[0]], max_new_tokens=TOKENS)[0]
-    ref["closed"] = {q: pipe.answer([q], max_new_tokens=TOKENS, top_k=0)[0].answer for q in CLOSED_BOOK}
+    ref["closed"] = {q: pipe.answer([q], max_new_tokens=SHORT, top_k=0)[0].answer for q in CLOSED_BOOK}
     assert len(set(ref["closed"].values())) == len(CLOSED_BOOK)  # distinct, so a mixed-up reply would show
     return ref
 
@@ -186,7 +187,7 @@ def test_mcp_over_stdio_serves_search_and_ask(tmp_path, small_shard_path, refere
         async with Client(params, read_timeout_seconds=300) as client:
             await _mcp_session_checks(client, reference)
             q = CLOSED_BOOK[1]
-            asked = await client.call_tool("ask", {"question": q, "k": 0})
+            asked = await client.call_tool("ask", {"question": q, "k": 0, "max_tokens": SHORT})
             assert not asked.is_error, asked.content
             assert asked.structured_content == {"answer": reference["closed"][q], "sources": []}
 
@@ -249,7 +250,11 @@ def test_the_openai_client_gets_the_answer_and_its_passages(served, reference):
 
     closed = CLOSED_BOOK[0]
     stream = client.chat.completions.create(
-        model="fedrag", messages=[{"role": "user", "content": closed}], stream=True, extra_body={"top_k": 0}
+        model="fedrag",
+        messages=[{"role": "user", "content": closed}],
+        stream=True,
+        max_tokens=SHORT,
+        extra_body={"top_k": 0},
     )
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == reference["closed"][closed]
 
@@ -266,7 +271,7 @@ def test_sixteen_concurrent_requests_get_their_own_answers(served, reference):
 
     def ask(i: int) -> tuple[str, dict]:
         q = CLOSED_BOOK[i % len(CLOSED_BOOK)]
-        body = {"model": "fedrag", "messages": [{"role": "user", "content": q}], "top_k": 0}
+        body = {"model": "fedrag", "messages": [{"role": "user", "content": q}], "top_k": 0, "max_tokens": SHORT}
         r = httpx.post(f"{served}/v1/chat/completions", json=body, timeout=300)
         assert r.status_code == 200, r.text
         return q, r.json()
@@ -297,3 +302,61 @@ def test_bad_http_requests_get_an_openai_style_error_not_a_traceback(served):
     assert httpx.get(f"{served}/no/such/route").json()["error"]["code"] == 404
     assert httpx.get(f"{served}/health").json()["status"] == "ok"
     json.dumps(httpx.get(f"{served}/v1/models").json())  # plain JSON
+
+
+def _readme_section() -> str:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    return readme.split("## From LlamaIndex, LangChain, MCP and OpenAI clients", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_readme_python_snippet_runs_as_written(
+    tmp_path, monkeypatch, capsys, generator, retriever, small_shard_path, reference
+):
+    """README's LlamaIndex + LangChain block, executed as written (but for two keys that make its answers cheap) in a
+    folder holding what it names: a shard and a `train` output (the session's fresh adapter and retriever, saved). Its
+    retrievers give `ask`'s top-5, its engine and chain `ask`'s answer, its ingestion two searchable shards."""
+    import re
+
+    from fedrag_app.rag.generator import save_adapter
+
+    block = re.findall(r"```python\n(.*?)```", _readme_section(), re.S)[0]
+    cheap = f'{{"generator.max-new-tokens": {TOKENS}, "eval.top-k": {TOP_K}, '  # the one edit: a cheaper answer
+    block = block.replace("AppConfig.from_flat({", "AppConfig.from_flat(" + cheap, 1)
+    assert cheap in block
+    shutil.copytree(small_shard_path, tmp_path / "my-shard")
+    save_adapter(generator, tmp_path / "outputs" / "train" / "adapter")
+    retriever.save(tmp_path / "outputs" / "train" / "retriever")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    service = scope["service"]
+    try:
+        q = scope["q"]
+        assert q == QUESTIONS[0] and (service.top_k, service.max_new_tokens) == (TOP_K, TOKENS)
+        top, answer = reference[q]["top"], reference[q]["answer"]  # `ask`'s pipeline: same shard, models, keys
+        assert [n.node.node_id for n in scope["nodes"]] == [d.id for d in scope["docs"]] == _ids(top)
+        assert capsys.readouterr().out == f"{answer.answer}\n{answer.answer}\n"  # the engine's, then the chain's
+        for shard, doc_id in (("li-shard", "tides"), ("lc-shard", "basalt")):
+            with KnowledgeStore.open(path=shard, embedding_model=retriever.name, dim=retriever.dim) as kb:
+                assert [h.id for h in kb.search(retriever.encode_queries([doc_id]).cpu().numpy()[0], 1)] == [doc_id]
+    finally:
+        service.close()
+
+
+def test_the_readme_client_snippets_import_what_exists_and_name_real_commands():
+    """The MCP and OpenAI blocks need a running server (the tests above make the same calls against one): here they
+    compile and their imports resolve, and every `fedrag-app <command>` in the section exists."""
+    import ast
+    import re
+
+    section = _readme_section()
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 3
+    for block in blocks[1:]:
+        tree = compile(block, "README.md", "exec", ast.PyCF_ONLY_AST)
+        imports = [node for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)]
+        exec(compile(ast.Module(body=imports, type_ignores=[]), "README.md", "exec"), {})
+    from fedrag_app.cli import app
+
+    commands = {c.name or c.callback.__name__ for c in app.registered_commands}
+    assert {"serve", "mcp"} <= set(re.findall(r"`fedrag-app (\w+)", section)) <= commands

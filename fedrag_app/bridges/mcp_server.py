@@ -12,7 +12,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import BaseModel, Field
 
-from fedrag_app.bridges.service import MAX_TOP_K, BadRequest, RagService, passage_dict
+from fedrag_app.bridges.service import MAX_NEW_TOKENS, MAX_TOP_K, BadRequest, RagService, passage_dict
 
 INSTRUCTIONS = (
     "Retrieval over a private Wikipedia-style passage store, and answers from a RAG system fine-tuned on it. "
@@ -53,10 +53,13 @@ def build_mcp_server(service: RagService, name: str = "fedrag") -> MCPServer:
         except BadRequest as e:
             raise ToolError(str(e)) from e
 
-    @server.tool(description=f"Answer a question from the k passages (0 to {MAX_TOP_K}) retrieved for it.")
-    def ask(question: str, k: int | None = None) -> AskResult:
+    @server.tool(
+        description=f"Answer a question from the k passages (0 to {MAX_TOP_K}) retrieved for it, in at most max_tokens "
+        f"tokens (1 to {MAX_NEW_TOKENS}); the answer's sources come with it."
+    )
+    def ask(question: str, k: int | None = None, max_tokens: int | None = None) -> AskResult:
         try:
-            result = service.answer(question, top_k=k)
+            result = service.answer(question, top_k=k, max_new_tokens=max_tokens)
         except BadRequest as e:
             raise ToolError(str(e)) from e
         return AskResult(answer=result.answer, sources=_passages(result.hits))

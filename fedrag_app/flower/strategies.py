@@ -48,11 +48,9 @@ from fedrag_app.flower.checked_strategy import CheckedStrategy
 from fedrag_app.flower.records import numpy_to_record, record_to_numpy
 
 
-class ServerOptimizer:
-    """Mixed in before one of Flower's server-optimizer strategies (see the module docstring)."""
+class KeepsDtypes:
+    """Remembers the dtype of each array the server sends in a round, so the aggregate goes back in it."""
 
-    name = ""
-    round_offset = 0  # rounds done before this run (fed.resume)
     _dtypes: dict[str, np.dtype] = {}
 
     def configure_train(
@@ -60,6 +58,13 @@ class ServerOptimizer:
     ) -> Iterable[Message]:
         self._dtypes = {k: a.numpy().dtype for k, a in arrays.items()}
         return super().configure_train(server_round, arrays, config, grid)
+
+
+class ServerOptimizer(KeepsDtypes):
+    """Mixed in before one of Flower's server-optimizer strategies (see the module docstring)."""
+
+    name = ""
+    round_offset = 0  # rounds done before this run (fed.resume)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -117,19 +122,11 @@ class ServerFedAdagrad(ServerOptimizer, FedAdagrad):
     name = "fedadagrad"
 
 
-class RobustAggregator:
+class RobustAggregator(KeepsDtypes):
     """Mixed in before one of Flower's robust strategies: it aggregates the replies in float64 and returns each array
     in the dtype the server sent. Krum scores nodes by |x|^2 + |y|^2 - 2 x.y over whole weight vectors; in float32
     that difference of large numbers drowns updates that are small next to the weights (a LoRA or retriever step
     moves a weight by ~1e-4), and the ranking of nodes would be rounding noise."""
-
-    _dtypes: dict[str, np.dtype] = {}
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        self._dtypes = {k: a.numpy().dtype for k, a in arrays.items()}
-        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -3,6 +3,11 @@ and 16, each request a Web Questions test question answered from the retrieved p
 
     python benchmarks/bench_serve.py --store /tmp/bench-serve-shard            # starts `fedrag-app serve` on it
     python benchmarks/bench_serve.py --url http://127.0.0.1:8000               # a server already running
+    python benchmarks/bench_serve.py --mcp-retrieval 50                        # + retrieval via store.mcp-url
+
+--mcp-retrieval N also times retrieval (top-10) of N questions through the server's MCP endpoint, as `store.mcp-url`
+retrieves (rag/mcp_source.py), against this process searching its own copy of the shard: the latency an MCP
+knowledge source adds per question.
 
 A missing --store folder is built first with `fedrag-app index --limit 1000` (from the embedding cache when it holds
 the corpus). The server is the CLI's own, with the config's defaults (eval.top-k 2, generator.max-new-tokens 32) unless
@@ -85,6 +90,44 @@ def one_level(url: str, qs: list[str], concurrency: int) -> dict:
     }
 
 
+def mcp_retrieval(url: str, store: str, n: int, threads: int) -> dict:
+    """Seconds per question of top-10 retrieval: local (encode + search a copy of the shard, with the server's torch
+    threads) and through MCP."""
+    import shutil
+
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+    from fedrag_app.config.app_config import AppConfig
+    from fedrag_app.rag.knowledge_store import KnowledgeStore
+    from fedrag_app.rag.mcp_source import McpKnowledgeSource
+    from fedrag_app.rag.retrieval import retrieve
+    from fedrag_app.rag.retriever import load_retriever
+
+    qs = questions(n)
+    copy = Path(f"{store}-local")
+    if not copy.exists():
+        shutil.copytree(store, copy)
+    retriever = load_retriever(AppConfig().retriever)
+    times: dict[str, list[float]] = {"local": [], "mcp": []}
+    with (
+        KnowledgeStore.open(path=str(copy), embedding_model=retriever.name, dim=retriever.dim) as local,
+        McpKnowledgeSource(f"{url}/mcp") as remote,
+    ):
+        same = 0
+        for q in qs:
+            t = time.perf_counter()
+            a = retrieve(retriever, local, [q], 10)[0]
+            times["local"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            b = retrieve(retriever, remote, [q], 10)[0]
+            times["mcp"].append(time.perf_counter() - t)
+            same += [h.id for h in a] == [h.id for h in b]
+    return {k: (float(np.percentile(v, 50)), float(np.mean(v))) for k, v in times.items()} | {"same": same, "n": n}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", help="a running server (else one is started on --store)")
@@ -95,6 +138,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="the server's torch threads (0: one per core)")
     ap.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     ap.add_argument("--concurrency", default="1,4,16")
+    ap.add_argument("--mcp-retrieval", type=int, default=0, help="also time N questions' retrieval through /mcp")
     args = ap.parse_args()
 
     proc, url = (None, args.url) if args.url else start_server(args)
@@ -102,7 +146,8 @@ def main() -> None:
         qs = questions(args.requests)
         one_level(url, qs[:1], 1)  # warm-up: first-call allocations out of the figures
         load = os.getloadavg()[0]
-        rows = [one_level(url, qs, int(c)) for c in args.concurrency.split(",")]
+        rows = [one_level(url, qs, int(c)) for c in args.concurrency.split(",") if c]
+        mcp = mcp_retrieval(url, args.store, args.mcp_retrieval, args.threads) if args.mcp_retrieval else None
     finally:
         if proc is not None:
             proc.terminate()
@@ -115,6 +160,11 @@ def main() -> None:
     print("| concurrency | requests | p50 latency (s) | p95 latency (s) | requests/s |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['concurrency']} | {r['requests']} | {r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['req_per_s']:.2f} |")
+    if mcp:
+        print(f"\nretrieval, top-10, {mcp['n']} questions one at a time ({mcp['same']} with the same top-10 both ways)")
+        print("| where | p50 (ms) | mean (ms) |\n|---|---|---|")
+        for where in ("local", "mcp"):
+            print(f"| {where} | {mcp[where][0] * 1000:.1f} | {mcp[where][1] * 1000:.1f} |")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from fedrag_app.bridges.service import MAX_TOP_K, BadRequest, RagService
+from fedrag_app.core.errors import StoreError
 from fedrag_app.rag.knowledge_store import KnowledgeStore
 from fedrag_app.rag.pipeline import RagPipeline
 
@@ -234,6 +235,39 @@ def test_mcp_over_streamable_http_from_serve_gives_the_same_top_k(served, refere
                 await _mcp_session_checks(client, reference)
 
     anyio.run(session)
+
+
+def test_an_mcp_knowledge_source_retrieves_what_the_local_store_does(served, service):
+    """store.mcp-url = this product's own MCP server (serve's /mcp, a copy of the same shard): evaluate's retrieval
+    through it gives the local store's passages, hence its recall@10 and MRR (and, the prompts being the same, its
+    answers and F1)."""
+    from fedrag_app.config.app_config import AppConfig
+    from fedrag_app.data.loaders import load_web_questions
+    from fedrag_app.evaluation.evaluate import evaluate_retrieval
+    from fedrag_app.rag.pipeline import open_store
+    from fedrag_app.rag.retrieval import retrieve
+
+    cfg = AppConfig.from_flat({"store.mcp-url": f"{served}/mcp"})
+    wq = load_web_questions("test", cfg.data, 20)
+    questions, pipe = [e.question for e in wq], service.pipeline
+    local = retrieve(pipe.retriever, pipe.store, questions, 10)
+    with open_store(cfg, pipe.retriever) as source:
+        remote = retrieve(pipe.retriever, source, questions, 10)
+        with pytest.raises(StoreError, match="training needs a local store"):
+            retrieve(pipe.retriever, source, questions[:1], 2, with_vectors=True)
+    assert [[(h.id, h.title, h.text) for h in hs] for hs in remote] == [
+        [(h.id, h.title, h.text) for h in hs] for hs in local
+    ]
+    assert [h.score for hs in remote for h in hs] == pytest.approx([h.score for hs in local for h in hs], abs=1e-5)
+    assert evaluate_retrieval(remote, wq, 10) == evaluate_retrieval(local, wq, 10)
+
+    with pytest.raises(StoreError, match="has no tool 'lookup'.*store.mcp-tool"):
+        open_store(AppConfig.from_flat({"store.mcp-url": f"{served}/mcp", "store.mcp-tool": "lookup"}), pipe.retriever)
+    down = f"http://127.0.0.1:{free_port()}/mcp"
+    started = time.monotonic()
+    with pytest.raises(StoreError, match=f"cannot reach the MCP server at {down}"):
+        open_store(AppConfig.from_flat({"store.mcp-url": down}), pipe.retriever)
+    assert time.monotonic() - started < 30
 
 
 def test_the_openai_client_gets_the_answer_and_its_passages(served, reference):

@@ -110,6 +110,12 @@ class StoreConfig:
     collection: str = _help("collection name on a Qdrant server", "passages")
     index_batch_size: int = _help("passages per encoder forward while indexing (16 is fastest on CPU)", 16)
     passages_limit: int = _help("index only the first N passages; 0 = all", 0)
+    mcp_url: str = _help(
+        "an MCP server's streamable HTTP endpoint (http://host:port/mcp) to retrieve through instead of a local "
+        "store: its store.mcp-tool answers each question (ask, serve, evaluate; not training, which needs vectors)",
+        "",
+    )
+    mcp_tool: str = _help("the MCP server's search tool: arguments query and k, passages back", "search")
 
     def __post_init__(self) -> None:
         _positive("store", "index_batch_size", self.index_batch_size)

@@ -64,7 +64,12 @@ def _stale(folder: Path, retriever: DualEncoder) -> bool:
 
 def open_store(cfg: AppConfig, retriever: DualEncoder, *, progress: bool = False) -> KnowledgeStore:
     """Open the configured shard, checked against the retriever that will query it. The default shard in the cache
-    (no store.path / store.url) is built from the embedding cache when missing; a configured one must exist."""
+    (no store.path / store.url) is built from the embedding cache when missing; a configured one must exist. With
+    store.mcp-url, retrieval goes through that MCP server's search tool instead (rag/mcp_source.py)."""
+    if cfg.store.mcp_url:
+        from fedrag_app.rag.mcp_source import McpKnowledgeSource
+
+        return McpKnowledgeSource(cfg.store.mcp_url, cfg.store.mcp_tool)
     where = store_location(cfg)
     if is_default_location(cfg) and _stale(Path(where["path"]), retriever):
         # the default shard is only a cache of (corpus, retriever): rebuilt from the cached vectors, never refused

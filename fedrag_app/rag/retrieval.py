@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fedrag_app.core.errors import StoreError
 from fedrag_app.rag.knowledge_store import Hit, KnowledgeStore
 from fedrag_app.rag.prompts import format_passage
 from fedrag_app.rag.retriever import DualEncoder
@@ -12,7 +13,12 @@ QUERY_BATCH = 64
 def retrieve(
     retriever: DualEncoder, store: KnowledgeStore, questions: list[str], top_k: int, *, with_vectors: bool = False
 ) -> list[list[Hit]]:
-    """Top-k hits for every question: queries encoded and searched in batches."""
+    """Top-k hits for every question: queries encoded and searched in batches (or, for a source that searches text
+    itself, an MCP server's: rag/mcp_source.py, sent the questions)."""
+    if getattr(store, "searches_text", False):
+        if with_vectors:
+            raise StoreError(f"{store.embedding_model} returns no passage vectors: training needs a local store")
+        return store.search_texts(questions, top_k)
     hits: list[list[Hit]] = []
     for start in range(0, len(questions), QUERY_BATCH):
         queries = retriever.encode_queries(questions[start : start + QUERY_BATCH]).cpu().numpy()  # (b, D)

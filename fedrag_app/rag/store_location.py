@@ -32,6 +32,8 @@ def is_default_location(cfg: AppConfig) -> bool:
 
 def check_store(cfg: AppConfig) -> None:
     """Fail fast, before any model loads, when the configured shard folder is missing or half-built."""
+    if cfg.store.mcp_url:
+        return  # an MCP server is checked when connected to
     where = store_location(cfg)
     if "path" not in where:
         return  # a server is checked when opened

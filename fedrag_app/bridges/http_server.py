@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fedrag_app.bridges.mcp_server import build_mcp_server
 from fedrag_app.bridges.service import BadRequest, RagService, passage_dict
+from fedrag_app.core.errors import FedRagAppError
 
 
 class ChatMessage(BaseModel):
@@ -95,6 +96,10 @@ def build_app(service: RagService, *, host: str = "127.0.0.1") -> FastAPI:
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
             problems.append(f"{where or 'body'}: {err.get('msg')}")
         return _error(400, "invalid request: " + "; ".join(problems))
+
+    @app.exception_handler(FedRagAppError)
+    def _unavailable(_: Request, e: FedRagAppError):  # e.g. the MCP knowledge source behind store.mcp-url went down
+        return _error(503, str(e), kind="server_error")
 
     @app.exception_handler(StarletteHTTPException)
     def _http(_: Request, e: StarletteHTTPException):

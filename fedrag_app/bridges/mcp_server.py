@@ -12,7 +12,8 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import BaseModel, Field
 
-from fedrag_app.bridges.service import MAX_NEW_TOKENS, MAX_TOP_K, BadRequest, RagService, passage_dict
+from fedrag_app.bridges.service import MAX_NEW_TOKENS, MAX_TOP_K, RagService, passage_dict
+from fedrag_app.core.errors import FedRagAppError
 
 INSTRUCTIONS = (
     "Retrieval over a private Wikipedia-style passage store, and answers from a RAG system fine-tuned on it. "
@@ -50,7 +51,7 @@ def build_mcp_server(service: RagService, name: str = "fedrag") -> MCPServer:
     def search(query: str, k: int = default_k) -> SearchResult:
         try:
             return SearchResult(passages=_passages(service.search(query, k)))
-        except BadRequest as e:
+        except FedRagAppError as e:  # a bad request, or a knowledge source that failed: the message says which
             raise ToolError(str(e)) from e
 
     @server.tool(
@@ -60,7 +61,7 @@ def build_mcp_server(service: RagService, name: str = "fedrag") -> MCPServer:
     def ask(question: str, k: int | None = None, max_tokens: int | None = None) -> AskResult:
         try:
             result = service.answer(question, top_k=k, max_new_tokens=max_tokens)
-        except BadRequest as e:
+        except FedRagAppError as e:  # a bad request, or a knowledge source that failed: the message says which
             raise ToolError(str(e)) from e
         return AskResult(answer=result.answer, sources=_passages(result.hits))
 

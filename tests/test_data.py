@@ -109,7 +109,7 @@ def test_mmlu_bad_answer_is_named(tmp_path):
 def test_offline_hub_fallback_says_how_to_use_local_files(monkeypatch):
     monkeypatch.delenv("FEDRAG_DATA_DIR", raising=False)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(DataError, match="stanfordnlp/web_questions.*data.dir or \\$FEDRAG_DATA_DIR"):
+    with pytest.raises(DataError, match="stanfordnlp/web_questions.*data.dir, \\$FEDRAG_DATA_DIR or --data-dir"):
         load_web_questions("test", DataConfig())
 
 

@@ -167,8 +167,17 @@ def keep_adapter(cell_out: Path, dest: Path) -> Path | None:
     with atomic_dir(dest) as tmp:
         skip = shutil.ignore_patterns(*TOKENIZER_FILES)
         shutil.copytree(rounds[-1] / "adapter", tmp, dirs_exist_ok=True, ignore=skip)
-        write_json(tmp / "round.json", {"round": state["round"], "run-config": state.get("config", {})}, indent=1)
+        config = {k: repo_relative(v) for k, v in state.get("config", {}).items()}
+        write_json(tmp / "round.json", {"round": state["round"], "run-config": config}, indent=1)
     return dest
+
+
+def repo_relative(value):
+    """A run-config value as kept in git: a path inside this checkout relative to it (flwr needs it absolute, the
+    record does not; no machine's folder layout in the results)."""
+    if isinstance(value, str) and value.startswith(f"{REPO}/"):
+        return value[len(str(REPO)) + 1 :]
+    return value
 
 
 def cell_predictions(out: Path) -> Path | None:
@@ -427,6 +436,7 @@ def main(
                             shutil.copyfile(found, predictions_file(column, row, seed))
                         if table.get("keep-adapters") and row.get("kind") != "evaluate":
                             keep_adapter(out, root / "adapters" / cell_dir(column, row, seed).relative_to(runs))
+                        result["run-config"] = {k: repo_relative(v) for k, v in result["run-config"].items()}
                         result_file(column, row, seed).parent.mkdir(parents=True, exist_ok=True)
                         write_json(result_file(column, row, seed), result, indent=1, sort_keys=False)
                         report()

@@ -177,3 +177,10 @@ def test_keep_adapter_copies_the_last_rounds_adapter_of_a_ralt_cell_only(tmp_pat
         _json.dumps({"round": 1, "config": {"train.mode": "lsr"}})
     )
     assert run_table.keep_adapter(tmp_path / "lsr", tmp_path / "adapters" / "lsr") is None
+
+
+def test_results_keep_no_machine_paths():
+    """A run-config path inside the checkout is recorded relative to it; anything else is kept as given."""
+    inside = str(REPO / "results" / "t" / "partitions" / "c")
+    assert run_table.repo_relative(inside) == "results/t/partitions/c"
+    assert run_table.repo_relative("/elsewhere/x") == "/elsewhere/x" and run_table.repo_relative(3) == 3

@@ -181,6 +181,7 @@ def test_run_evaluation_reports_each_subject_and_writes_one_record_per_question(
             "eval.mmlu-per-subject": 1,
             "eval.mmlu-limit": 6,
             "eval.mmlu-protocols": "loglik,circular",
+            "eval.mmlu-broad-protocols": "loglik,circular",
             "eval.web-questions-limit": 2,
             "eval.top-k": 1,
             "eval.recall-k": 3,

@@ -118,7 +118,7 @@ def run_evaluation(
                 gen,
                 mmlu,
                 mmlu_hits,
-                protocols=ev.mmlu_protocols,
+                protocols=ev.mmlu_broad_protocols if subject == "all" else ev.mmlu_protocols,
                 top_k=ev.top_k,
                 batch_size=ev.batch_size,
                 prefix=mmlu_prefix(ev.mmlu_subject, subject),

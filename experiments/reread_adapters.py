@@ -34,6 +34,7 @@ def evaluate(adapter: Path | None, out: Path, retrieval: bool) -> None:
     flags = [
         "--set", "eval.mmlu-subject=global_facts,all",
         "--set", "eval.mmlu-protocols=loglik,generate,circular,cloze",
+        "--set", "eval.mmlu-broad-protocols=loglik,circular,cloze",
         "--set", "eval.web-questions-limit=1",
         "--set", "runtime.num-threads=0",
     ]  # fmt: skip
@@ -68,10 +69,12 @@ def summarise(folder: Path, names: list[str]) -> str:
             paired = {} if name == "untuned" else compare(base, [_records(folder / f"{name}.jsonl")])
             cells = []
             for protocol in PROTOCOLS:
-                acc = result[f"{prefix}{protocol}-accuracy"]
+                acc = result.get(f"{prefix}{protocol}-accuracy")
                 p = paired.get(f"{set_name}-{protocol}-accuracy")
                 cells.append(
-                    f"{acc:.3f}"
+                    "–"
+                    if acc is None
+                    else f"{acc:.3f}"
                     if p is None
                     else f"{acc:.3f} ({p['diff']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}] "
                     f"{p['gained']:.0f}/{p['lost']:.0f} p={p['sign-p']:.2g})"

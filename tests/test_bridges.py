@@ -339,15 +339,15 @@ def test_bad_http_requests_get_an_openai_style_error_not_a_traceback(served):
 
 
 def _readme_section() -> str:
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    return readme.split("## From LlamaIndex, LangChain, MCP and OpenAI clients", 1)[1].split("\n## ", 1)[0]
+    return (Path(__file__).resolve().parents[1] / "docs" / "BRIDGES.md").read_text()
 
 
 def test_the_readme_python_snippet_runs_as_written(
     tmp_path, monkeypatch, capsys, generator, retriever, small_shard_path, reference
 ):
-    """README's LlamaIndex + LangChain block, executed as written (but for two keys that make its answers cheap) in a
-    folder holding what it names: a shard and a `train` output (the session's fresh adapter and retriever, saved). Its
+    """docs/BRIDGES.md's LlamaIndex + LangChain block, executed as written (but for two keys that make its answers
+    cheap) in a folder holding what it names: a shard and a `train` output (the session's fresh adapter and retriever,
+    saved). Its
     retrievers give `ask`'s top-5, its engine and chain `ask`'s answer, its ingestion two searchable shards."""
     import re
 
@@ -362,7 +362,7 @@ def test_the_readme_python_snippet_runs_as_written(
     retriever.save(tmp_path / "outputs" / "train" / "retriever")
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
-    exec(compile(block, "README.md", "exec"), scope)
+    exec(compile(block, "docs/BRIDGES.md", "exec"), scope)
     service = scope["service"]
     try:
         q = scope["q"]
@@ -387,9 +387,9 @@ def test_the_readme_client_snippets_import_what_exists_and_name_real_commands():
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     assert len(blocks) == 3
     for block in blocks[1:]:
-        tree = compile(block, "README.md", "exec", ast.PyCF_ONLY_AST)
+        tree = compile(block, "docs/BRIDGES.md", "exec", ast.PyCF_ONLY_AST)
         imports = [node for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)]
-        exec(compile(ast.Module(body=imports, type_ignores=[]), "README.md", "exec"), {})
+        exec(compile(ast.Module(body=imports, type_ignores=[]), "docs/BRIDGES.md", "exec"), {})
     from fedrag_app.cli import app
 
     commands = {c.name or c.callback.__name__ for c in app.registered_commands}

@@ -1,6 +1,6 @@
 """The one-GPU path, built and tested on CPU: a bf16 and a 4-bit generator of the real architecture (LlamaForCausalLM,
 tiny, random weights, the real SmolLM2 tokenizer) through load_generator, one real RALT and LSR step each, what
-travels over Flower, the GPU simulation settings the README gives, and benchmarks/bench_gpu.py --tiny.
+travels over Flower, the GPU simulation settings docs/GPU.md gives, and benchmarks/bench_gpu.py --tiny.
 Tests marked gpu run the same code on CUDA and are skipped without it; CI covers the code in fp32 and bf16 on CPU.
 On a machine without the packaged models (a lent GPU box), FEDRAG_TOKENIZER_FROM names a folder holding the SmolLM2
 tokenizer (`benchmarks/bench_gpu.py --make-assets DIR` writes DIR/generator); the gpu tests need no Flower.
@@ -178,15 +178,15 @@ def test_qlora_on_a_bf16_base_keeps_norms_in_fp32(tiny_model_dir):
 
 
 def _readme_block(marker: str) -> str:
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "GPU.md").read_text()
     blocks = re.findall(r"```(?:toml|bash)\n(.*?)```", readme, flags=re.S)
     found = [b for b in blocks if marker in b]
-    assert found, f"README.md has no code block with {marker!r}"
+    assert found, f"docs/GPU.md has no code block with {marker!r}"
     return found[0]
 
 
 def test_readme_gpu_simulation_settings_are_what_flwr_reads():
-    """The README's per-run --federation-config and its local-simulation-gpu connection both reach Flower's Ray
+    """docs/GPU.md's per-run --federation-config and its local-simulation-gpu connection both reach Flower's Ray
     backend as 3 SuperNodes with 4 CPUs and a quarter GPU each (flwr's own parsers, as `flwr run` and
     flwr-simulation call them)."""
     from flwr.cli.flower_config import parse_superlink_connection

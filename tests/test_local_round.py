@@ -71,6 +71,7 @@ def test_a_round_that_straddles_two_passes_never_takes_a_question_twice():
         assert sorted(flat[:30]) == sorted(flat[30:60]) == sorted(ids(PARTITION))
     picked = round_mmlu(list(range(10)), 4, seed=1, server_round=3)  # the mixture's walk: its own, same rules
     assert len(set(picked)) == 4 and round_mmlu([], 4, seed=1, server_round=3) == []
+    assert round_examples([], 8, seed=1, server_round=2) == []
 
 
 def test_a_resumed_round_equals_the_uninterrupted_one():

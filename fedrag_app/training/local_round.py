@@ -51,6 +51,8 @@ def walk(n_items: int, per_round: int, key: str, server_round: int) -> list[tupl
     order kept). A pure function of its arguments, so a resumed run continues exactly where it stopped."""
     if server_round < 1:
         raise ValueError(f"server_round is 1-based, got {server_round}")
+    if n_items == 0 or per_round == 0:
+        return []
     first, last = (server_round - 1) * per_round, server_round * per_round
     orders: list[list[int]] = []
     for pass_index in range((last - 1) // n_items + 1):

@@ -133,7 +133,7 @@ def test_local_epsilon_over_rounds_is_composed_by_an_accountant_not_summed():
         assert spent["dp-epsilon"] <= rdp_epsilon(z, rounds, delta), "exact composition is at most RDP's bound"
         assert _pld_delta(spent["dp-epsilon"], np.sqrt(rounds) / z) == pytest.approx(delta, rel=1e-4)
     assert composed_epsilon(1.0, 1, 0.3829249225480262 * 1.0000001) < 1e-6, "delta(0) of 1-GDP is 2 Phi(1/2) - 1"
-    assert strategy.privacy_metrics(5, cfg)["dp-epsilon"] == pytest.approx(22.16, abs=0.01)  # README's figure
+    assert strategy.privacy_metrics(5, cfg)["dp-epsilon"] == pytest.approx(22.16, abs=0.01)  # docs/PRIVACY.md's figure
 
 
 # --- server-side DP ------------------------------------------------------------------------------------------------

@@ -323,7 +323,7 @@ class Quickstart:
             "          # merged transformers model + sentence-transformers retriever\n"
             f"  fedrag-app evaluate --adapter {ckpt}/adapter --retriever {ckpt}/retriever --set store.path={store}\n"
             "  make run again reuses the indexes; --set key=value changes any run-config key "
-            "(e.g. --set fed.num-server-rounds=4); README: 'Federated, with Flower' for full-size runs"
+            "(e.g. --set fed.num-server-rounds=4); docs/FEDERATION.md for full-size runs"
         )
         summary = {
             "before": before,

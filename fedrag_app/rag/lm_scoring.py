@@ -33,12 +33,20 @@ def shared_prefix_length(input_ids: torch.Tensor, labels: torch.Tensor, minimum:
     return n if n >= minimum else 0
 
 
-def _prefix_cache(decoder, prefix: torch.Tensor, rows: int):
-    """The decoder's keys/values of ``prefix`` (P,), computed once and repeated for ``rows`` rows."""
+def _prefix_cache(decoder, prefix: torch.Tensor):
+    """The decoder's keys/values of ``prefix`` (P,): one row, computed once."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=decoder.config)
     decoder(input_ids=prefix[None], cache=cache, use_cache=True)
+    return cache
+
+
+def _repeated(cache, rows: int, *, keep: bool = False):
+    """``cache`` repeated for ``rows`` rows: in place, or on a copy when ``keep`` (a prefix several batches reuse)."""
+    import copy
+
+    cache = copy.deepcopy(cache) if keep else cache
     cache.batch_repeat_interleave(rows)
     return cache
 
@@ -55,7 +63,7 @@ def answer_token_logprobs(
     mask_in = None if right_padded else attention_mask  # positions are 0..T-1 either way
     n = shared_prefix_length(input_ids, labels) if share_prefix and right_padded else 0
     if n and not torch.is_grad_enabled():  # suffix positions continue at n (the cache's length)
-        cache = _prefix_cache(decoder, input_ids[0, :n], input_ids.shape[0])
+        cache = _repeated(_prefix_cache(decoder, input_ids[0, :n]), input_ids.shape[0])
         hidden = decoder(input_ids=input_ids[:, n:], cache=cache, use_cache=True).last_hidden_state  # (B, T-n, H)
         labels = labels[:, n:]
     else:
@@ -101,19 +109,13 @@ def logits_after_prefix(
     Each group is one right-padded batch on a copy of the prefix's keys/values, so rows of very different lengths
     (a multiple-choice prompt's rotations, a choice's short text) need not pad to each other. Under the causal mask
     a real token never sees the padding after it, so no attention mask is needed."""
-    import copy
-
     decoder, head = _decoder_and_head(model)
     device = next(model.parameters()).device
     assert prefix, "the shared prefix is empty: score the rows whole"
-    from transformers import DynamicCache
-
-    base = DynamicCache(config=decoder.config)
-    decoder(input_ids=torch.tensor([prefix], device=device), cache=base, use_cache=True)
+    base = _prefix_cache(decoder, torch.tensor(prefix, device=device))
     out = []
     for suffixes, positions in groups:
-        cache = copy.deepcopy(base)
-        cache.batch_repeat_interleave(len(suffixes))
+        cache = _repeated(base, len(suffixes), keep=True)
         ids = torch.zeros((len(suffixes), max(len(s) for s in suffixes)), dtype=torch.long)  # (B, S)
         for row, suffix in enumerate(suffixes):
             ids[row, : len(suffix)] = torch.tensor(suffix)

@@ -20,8 +20,9 @@ import pytest
 import torch
 
 from fedrag_app.config.app_config import AppConfig, DataConfig, GeneratorConfig
-from fedrag_app.config.runtime import release_memory, resolve_dtype
+from fedrag_app.config.runtime import resolve_dtype
 from fedrag_app.core.errors import ConfigError
+from fedrag_app.core.torch_runtime import release_memory
 from fedrag_app.data.loaders import QAExample, iter_passages
 from fedrag_app.federation.exchange import exchanged_weights, load_exchanged_weights
 from fedrag_app.rag.generator import load_generator, load_tokenizer

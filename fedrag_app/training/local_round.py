@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 
 from fedrag_app.config.app_config import AppConfig, TrainConfig
-from fedrag_app.config.runtime import seed_everything
+from fedrag_app.core.torch_runtime import seed_everything
 from fedrag_app.data.loaders import MmluQuestion, QAExample
 from fedrag_app.rag.generator import Generator, set_lora_a_trainable
 from fedrag_app.rag.knowledge_store import KnowledgeStore

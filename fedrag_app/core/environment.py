@@ -14,6 +14,7 @@ CACHE_DIR = "FEDRAG_CACHE_DIR"  # converted models, default shards, embedding an
 PARTITIONS_DIR = "FEDRAG_PARTITIONS_DIR"  # where `fedrag-app partition` writes the institutions' data
 OUTPUT_DIR = "FEDRAG_OUTPUT_DIR"  # the ServerApp's checkpoints, metrics and plots
 VERBOSE = "FEDRAG_VERBOSE"  # library warnings and progress bars (core/verbosity.py sets it for child processes)
+TIMING_LOG = "FEDRAG_TIMING_LOG"  # a ClientApp's per-message phase times (flower/message_clock.py), for benchmarks
 
 
 def _read(name: str) -> str:
@@ -43,3 +44,8 @@ def output_dir(configured: str = "") -> Path:
 def verbose() -> bool:
     """$FEDRAG_VERBOSE set to anything but '', '0' or 'false'."""
     return _read(VERBOSE) not in ("", "0", "false")
+
+
+def timing_log() -> str:
+    """$FEDRAG_TIMING_LOG: the JSONL file ClientApps append their per-message phase times to; '' = off."""
+    return _read(TIMING_LOG)

@@ -40,6 +40,7 @@ from fedrag_app.federation.node_setup import NodeSetup, node_setup
 from fedrag_app.federation.personal import RoundOf, personal_adapter
 from fedrag_app.federation.query import REFUSAL, opted_in, over_limits, pack_hits
 from fedrag_app.flower.local_dp import AnalyticLocalDpMod
+from fedrag_app.flower.message_clock import MessageClock
 from fedrag_app.flower.records import (
     A_FINGERPRINT,
     CHECKS,
@@ -143,11 +144,12 @@ def _open_store(setup: NodeSetup, retriever: DualEncoder) -> KnowledgeStore:
     )
 
 
-def _models_at_global_weights(msg: Message, setup: NodeSetup) -> tuple[Generator, DualEncoder]:
+def _models_at_global_weights(msg: Message, setup: NodeSetup, clock: MessageClock) -> tuple[Generator, DualEncoder]:
     """The models (loaded once per process, at this node's LoRA rank) set to the global weights in the message: a
     node of lower rank than the global adapter takes its truncation (fed.lora-aggregation = fedavg) or its best
     rank-r approximation (product); the server recomputes the same to average its update."""
     gen, retriever = _models(setup.cfg)
+    clock.mark("models")
     state = at_node_rank(record_to_numpy(msg.content["arrays"]), setup.run, setup.cfg)
     load_received_state(setup.cfg, gen, retriever, state)
     return gen, retriever
@@ -162,17 +164,19 @@ def _round_of(msg: Message, context: Context) -> RoundOf:
 
 @app.train(mods=[disclosure_mod, wire_mod, privacy_mod])
 def train(msg: Message, context: Context) -> Message:
-    started = time.perf_counter()
+    started, clock = time.perf_counter(), MessageClock(msg, context, _IMPORTED_AT)
     setup = node_setup(context.run_config, context.node_config)
     cfg, node = setup.cfg, setup.node
-    gen, retriever = _models_at_global_weights(msg, setup)
+    gen, retriever = _models_at_global_weights(msg, setup, clock)
     examples, _ = node_questions(node, cfg.partition.heldout_fraction)
     at = _round_of(msg, context)
     kept = load_optimizer_state(context.state) if cfg.train.keep_optimizer_state else None
+    clock.mark("weights")  # the global weights in, the node's questions read
     with (
         _open_store(setup, retriever) as store,
         personal_adapter(cfg, gen, node.state_dir, node.partition_id, at, keep=True),
     ):
+        clock.mark("shard")
         result = run_local_round(
             cfg,
             gen,
@@ -183,6 +187,7 @@ def train(msg: Message, context: Context) -> Message:
             optimizer_state=kept,
             mmlu=node_mmlu(node, cfg),
         )
+        clock.mark("compute")
     if kept is not None:  # the node's AdamW state stays in its own context.state, never in the reply
         save_optimizer_state(context.state, kept)
     arrays = numpy_to_record(outgoing_state(cfg, gen, retriever))  # fp32: wire_mod casts the retriever update
@@ -200,17 +205,21 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict({"arrays": arrays, "metrics": metrics})
     if cfg.fed.lora_aggregation == "ffa":  # the server checks every node froze the same A; not a metric to average
         content[CHECKS] = ConfigRecord({A_FINGERPRINT: lora_a_fingerprint(gen)})
+    clock.done()
     return Message(content, reply_to=msg)
 
 
 @app.evaluate(mods=[disclosure_mod])
 def evaluate(msg: Message, context: Context) -> Message:
+    clock = MessageClock(msg, context, _IMPORTED_AT)
     setup = node_setup(context.run_config, context.node_config)
     cfg, node = setup.cfg, setup.node
-    gen, retriever = _models_at_global_weights(msg, setup)
+    gen, retriever = _models_at_global_weights(msg, setup, clock)
     _, heldout = node_questions(node, cfg.partition.heldout_fraction)
     depth = max(cfg.eval.top_k, cfg.eval.recall_k)
+    clock.mark("weights")
     with _open_store(setup, retriever) as store:
+        clock.mark("shard")
         hits = retrieve(retriever, store, [e.question for e in heldout], depth)
     scores = evaluate_web_questions(
         gen,
@@ -232,10 +241,12 @@ def evaluate(msg: Message, context: Context) -> Message:
             )
         scores.update({f"personal-{k}": v for k, v in personal.items()})
     scores.update(evaluate_retrieval(hits, heldout, cfg.eval.recall_k))
+    clock.mark("compute")
     metrics = metric_record(
         {"num-examples": len(heldout), **_dp_weight(cfg), **{f"client-{k}": v for k, v in scores.items()}}
     )
     release_memory()
+    clock.done()
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
@@ -246,7 +257,7 @@ def retrieve_passages(msg: Message, context: Context) -> Message:
     message over them gets an error reply, logged here. The server sends query vectors encoded with the retriever it
     answers with (e.g. a checkpoint's trained query encoder; the shard is checked against its embedding model);
     without them the node encodes the questions itself."""
-    started = time.perf_counter()
+    started, clock = time.perf_counter(), MessageClock(msg, context, _IMPORTED_AT)
     setup = node_setup(context.run_config, context.node_config)
     cfg, node = setup.cfg, setup.node
     if not opted_in(context.node_config, node.federated_retrieval, node.partition_id, cfg.query.opted_in):
@@ -270,6 +281,7 @@ def retrieve_passages(msg: Message, context: Context) -> Message:
         vectors = vectors.reshape(len(questions), -1)
     else:
         _, retriever = _models(cfg)
+        clock.mark("models")
         vectors, model, fingerprint = (
             retriever.encode_queries(questions).cpu().numpy(),
             retriever.name,
@@ -278,10 +290,16 @@ def retrieve_passages(msg: Message, context: Context) -> Message:
     with KnowledgeStore.open(
         **setup.store, embedding_model=model, dim=vectors.shape[1], context_fingerprint=fingerprint
     ) as store:
+        clock.mark("shard")
         hits = store.search_batch(vectors, top_k)
+        clock.mark("compute")
     docs = pack_hits(hits)
     context.state[QUERY_ANSWERED] = ConfigRecord({"questions": answered + len(questions)})
     if "partition-id" in context.node_config:  # where the passages come from: part of the answer, not a metric
         docs["partition-id"] = node.partition_id
     metrics = metric_record({"node-seconds": time.perf_counter() - started})
+    clock.done()
     return Message(RecordDict({"docs": ConfigRecord(docs), "metrics": metrics}), reply_to=msg)
+
+
+_IMPORTED_AT = time.time()  # this module and what it imports are loaded (message_clock: process start to here)

@@ -103,15 +103,12 @@ def _document_id(doc: Document) -> str:
 def index_documents(
     documents: Sequence[Document],
     retriever: DualEncoder,
-    *,
-    path: str | None = None,
-    url: str | None = None,
-    replace: bool = False,
-    progress: bool = False,
+    **where: Any,
 ) -> IndexStats:
-    """LangChain `Document`s (any loader's or splitter's output) into a shard that `ask`, `serve` and training use."""
+    """LangChain `Document`s (any loader's or splitter's output) into a shard that `ask`, `serve` and training use.
+    ``where``: `build_shard`'s path / url / replace / progress."""
     passages = [
         Passage(id=_document_id(d), title=str((d.metadata or {}).get("title", "")), text=d.page_content)
         for d in documents
     ]
-    return build_shard(passages, retriever, path=path, url=url, replace=replace, progress=progress)
+    return build_shard(passages, retriever, **where)

@@ -115,16 +115,13 @@ def query_engine(service: RagService, top_k: int | None = None) -> FedragQueryEn
 def index_nodes(
     nodes: Sequence[BaseNode],
     retriever: DualEncoder,
-    *,
-    path: str | None = None,
-    url: str | None = None,
-    replace: bool = False,
-    progress: bool = False,
+    **where: Any,
 ) -> IndexStats:
     """LlamaIndex `Document`s or nodes (any reader's output) into a shard that `ask`, `serve` and training use: node id
-    as passage id, metadata "title" as title, the node's text (without metadata) as passage."""
+    as passage id, metadata "title" as title, the node's text (without metadata) as passage.
+    ``where``: `build_shard`'s path / url / replace / progress."""
     passages = [
         Passage(id=n.node_id, title=str(n.metadata.get("title", "")), text=n.get_content(MetadataMode.NONE))
         for n in nodes
     ]
-    return build_shard(passages, retriever, path=path, url=url, replace=replace, progress=progress)
+    return build_shard(passages, retriever, **where)

@@ -24,6 +24,7 @@ def test_ra_dit_schedules():
     assert phases(TrainConfig(mode="ralt"), 1) == ["ralt"]
     assert phases(TrainConfig(mode="lsr"), 2) == ["lsr"]
     assert phases(TrainConfig(mode="ra-dit", ra_dit_schedule="joint"), 3) == ["lsr", "ralt"]
+    assert phases(TrainConfig(mode="ra-dit", ra_dit_schedule="ralt-first"), 3) == ["ralt", "lsr"]
     alternate = TrainConfig(mode="ra-dit", ra_dit_schedule="alternate")
     assert [phases(alternate, r) for r in (1, 2, 3)] == [["lsr"], ["ralt"], ["lsr"]]
 

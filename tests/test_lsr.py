@@ -215,3 +215,41 @@ def test_the_score_cache_answers_a_frozen_generator_and_misses_a_changed_one(gen
         other = QAExample("q", QUESTION.question, ("Lyon",), "")
         lm_scores(generator, [other], hits, total, cache=cache)
         assert cache.misses == 8, "another answer is another sequence"
+
+
+def test_a_scorer_adapter_scores_as_that_adapter_loaded_whole_and_leaves_the_generator_as_it_was(generator, tmp_path):
+    """lsr.scorer-adapter: LSR's targets from another adapter (a RALT one, which reads its passage), loaded beside
+    the trained adapter for the scoring only: same scores as a generator loaded with it, and afterwards the trained
+    adapter, its trainable flags (FFA-LoRA's frozen A) and the saved adapters are untouched."""
+    from fedrag_app.config.app_config import GeneratorConfig
+    from fedrag_app.core.errors import ConfigError
+    from fedrag_app.rag.generator import load_generator, save_adapter, scoring_adapter, set_lora_a_trainable
+
+    torch.manual_seed(1)
+    tuned = load_generator(GeneratorConfig())
+    with torch.no_grad():
+        for name, p in tuned.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # a LoRA that changes the answers, as a trained one does
+    save_adapter(tuned, tmp_path / "scorer")
+    hits = [[Hit(t, 0.0, t, x) for t, x in PASSAGES]]
+    cfg = LsrConfig(lm_score="sum")
+    expected = lm_scores(tuned, [QUESTION], hits, cfg)
+    plain = lm_scores(generator, [QUESTION], hits, cfg)
+
+    set_lora_a_trainable(generator, False)  # as FFA-LoRA leaves it
+    flags = {n: p.requires_grad for n, p in generator.model.named_parameters()}
+    try:
+        with scoring_adapter(generator, str(tmp_path / "scorer")) as scorer:
+            scored = lm_scores(scorer, [QUESTION], hits, cfg)
+        assert torch.allclose(scored, expected, atol=1e-3), (scored, expected)
+        assert not torch.allclose(scored, plain, atol=1e-2), "the scorer adapter must change the targets"
+        assert torch.allclose(lm_scores(generator, [QUESTION], hits, cfg), plain, atol=1e-5)
+        assert {n: p.requires_grad for n, p in generator.model.named_parameters()} == flags
+        assert list(generator.model.peft_config) == ["default"]
+        with pytest.raises(ConfigError, match="lsr.scorer-adapter"):
+            with scoring_adapter(generator, str(tmp_path / "missing")):
+                pass
+        assert list(generator.model.peft_config) == ["default"]
+    finally:
+        set_lora_a_trainable(generator, True)

@@ -128,7 +128,9 @@ class TrainConfig:
 
     mode: str = _help("ralt (generator) | lsr (retriever) | ra-dit (both)", "ra-dit")
     ra_dit_schedule: str = _help(
-        "alternate (LSR on odd rounds, RALT on even) | joint (LSR then RALT each round)", "joint"
+        "alternate (LSR on odd rounds, RALT on even) | joint (LSR then RALT each round) | ralt-first (RALT then LSR "
+        "each round: LSR's targets come from the generator RALT has just tuned, one that reads its passage)",
+        "joint",
     )
     num_examples: int = _help(
         "questions per round: round r trains on the next N of a walk through all the node's "
@@ -147,7 +149,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _one_of("train", "mode", self.mode, ("ralt", "lsr", "ra-dit"))
-        _one_of("train", "ra_dit_schedule", self.ra_dit_schedule, ("alternate", "joint"))
+        _one_of("train", "ra_dit_schedule", self.ra_dit_schedule, ("alternate", "joint", "ralt-first"))
         _positive("train", "num_examples", self.num_examples, zero_ok=True)
         _positive("train", "epochs", self.epochs)
         _positive("train", "max_steps", self.max_steps, zero_ok=True)
@@ -219,6 +221,12 @@ class LsrConfig:
         "<cache>/lm_scores.sqlite, keyed by the weights and token ids: rounds, seeds and runs "
         "score it once",
         True,
+    )
+    scorer_adapter: str = _help(
+        "a PEFT adapter (local folder or hub id, e.g. a RALT adapter) that scores LSR's targets in place of the "
+        "generator being trained: an untuned small LM answers about as well without the passage as with it, so its "
+        "scores hardly tell passages apart; empty = the node's own generator",
+        "",
     )
 
     def __post_init__(self) -> None:

@@ -6,7 +6,9 @@ loaded *trainable* from a PEFT folder (``is_trainable=True``: PEFT's default loa
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -213,6 +215,38 @@ def attach_personal_adapter(
 def detach_personal_adapter(gen: Generator) -> None:
     """Back to the global adapter alone (what the server averages and evaluates)."""
     gen.model.base_model.set_adapter("default")
+
+
+SCORER = "scorer"  # the PEFT adapter name of a read-only adapter that scores for LSR (lsr.scorer-adapter)
+
+
+@contextlib.contextmanager
+def scoring_adapter(gen: Generator, adapter: str) -> Iterator[Generator]:
+    """Inside the block the generator answers with ``adapter`` (a PEFT folder or hub id) alone, then as before.
+
+    The adapter loads beside the one(s) being trained, becomes the only active one, and is deleted on the way out,
+    with every parameter's requires_grad put back (PEFT's set_adapter changes them: FFA-LoRA's frozen A must stay
+    frozen). Nothing of it is saved or exchanged. Empty ``adapter``: the generator unchanged."""
+    if not adapter:
+        yield gen
+        return
+    model = gen.model
+    active = list(model.base_model.active_adapters)
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        model.load_adapter(adapter, adapter_name=SCORER, is_trainable=False, torch_device=str(gen.device))
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ConfigError(
+            f"run-config key 'lsr.scorer-adapter' = {adapter!r}: cannot load it onto {gen.name}: {e}"
+        ) from e
+    try:
+        model.base_model.set_adapter(SCORER)
+        yield gen
+    finally:
+        model.base_model.set_adapter(active if len(active) > 1 else active[0])
+        model.delete_adapter(SCORER)
+        for name, p in model.named_parameters():
+            p.requires_grad_(trainable[name])
 
 
 def save_adapter(gen: Generator, out_dir) -> None:

@@ -35,11 +35,14 @@ class RoundResult:
 
 
 def phases(cfg: TrainConfig, server_round: int) -> list[str]:
-    """Which trainers run this round: RALT, LSR, or RA-DIT's joint (LSR then RALT) / alternating schedule."""
+    """Which trainers run this round: RALT, LSR, or RA-DIT's joint (LSR then RALT), ralt-first or alternating
+    schedule."""
     if cfg.mode != "ra-dit":
         return [cfg.mode]
     if cfg.ra_dit_schedule == "joint":
         return ["lsr", "ralt"]  # retriever first, so RALT retrieves with the updated retriever
+    if cfg.ra_dit_schedule == "ralt-first":
+        return ["ralt", "lsr"]  # generator first, so LSR's targets come from a generator that reads its passage
     return ["lsr"] if server_round % 2 == 1 else ["ralt"]
 
 

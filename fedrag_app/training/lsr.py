@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from fedrag_app.config.app_config import LsrConfig
 from fedrag_app.data.loaders import QAExample
-from fedrag_app.rag.generator import Generator
+from fedrag_app.rag.generator import Generator, scoring_adapter
 from fedrag_app.rag.knowledge_store import Hit, KnowledgeStore
 from fedrag_app.rag.lm_scoring import answer_logprobs
 from fedrag_app.rag.prompts import format_passage
@@ -153,7 +153,8 @@ def train_lsr(
     keep = [i for i, h in enumerate(hits) if len(h) == cfg.top_k]  # a store smaller than k cannot rank k
     examples, hits = [examples[i] for i in keep], [hits[i] for i in keep]
     hits_before = cache.hits if cache is not None else 0
-    targets = lm_scores(gen, examples, hits, cfg, cache=cache) if examples else torch.zeros(0, cfg.top_k)  # (N, k)
+    with scoring_adapter(gen, cfg.scorer_adapter) as scorer:  # lsr.scorer-adapter: a generator that reads
+        targets = lm_scores(scorer, examples, hits, cfg, cache=cache) if examples else torch.zeros(0, cfg.top_k)
     scoring_seconds = time.perf_counter() - start
     metrics = lsr_steps(
         retriever,

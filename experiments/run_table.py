@@ -9,7 +9,9 @@ cell's per-question predictions are kept beside its result; with `baseline = "<r
 compared with that row question by question (fedrag_app/evaluation/paired.py: mean difference, 95% paired-bootstrap
 interval, questions gained/lost and the sign test), per row over its seeds. Finished cells are kept
 (`results/<table>/cells/.../seed-N.json`), so an interrupted table resumes where it stopped; --fresh starts over. The
-result table is rewritten after every cell.
+result table is rewritten after every cell. `keep-adapters` / `keep-retrievers` keep each training cell's final LoRA
+adapter / retriever trainable weights under results/<table>/adapters|retrievers/. A run-config string may name
+"{repo}" (this checkout) and "{seed}" (the cell's seed), e.g. a per-seed lsr.scorer-adapter.
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ def index_server_store(table: dict, env: dict) -> None:
 def run_cell(table: dict, column: dict, row: dict, seed: int, parts: Path, out: Path, env: dict) -> dict:
     """One training run (flwr run, simulation) or one evaluation; returns the final metrics."""
     run = {**table.get("run", {}), **column.get("run", {}), **row.get("run", {}), "runtime.seed": seed}
+    run = {k: expand(v, seed) for k, v in run.items()}
     started = time.perf_counter()
     if row.get("kind") == "evaluate":
         run["runtime.num-threads"] = 0  # alone on the machine: every core (simulation nodes share them instead)
@@ -169,6 +172,46 @@ def keep_adapter(cell_out: Path, dest: Path) -> Path | None:
         shutil.copytree(rounds[-1] / "adapter", tmp, dirs_exist_ok=True, ignore=skip)
         config = {k: repo_relative(v) for k, v in state.get("config", {}).items()}
         write_json(tmp / "round.json", {"round": state["round"], "run-config": config}, indent=1)
+    return dest
+
+
+def expand(value, seed: int):
+    """A table's run-config value with "{repo}" (this checkout, absolute: nodes need it so) and "{seed}" (the cell's)
+    filled in, e.g. lsr.scorer-adapter = "{repo}/results/quality_full/adapters/centralized/ralt/seed-{seed}"."""
+    if isinstance(value, str) and ("{repo}" in value or "{seed}" in value):
+        return value.replace("{repo}", str(REPO)).replace("{seed}", str(seed))
+    return value
+
+
+def keep_retriever(cell_out: Path, dest: Path) -> Path | None:
+    """Save a training cell's final retriever's trainable weights (query encoder's top retriever.train-top-layers
+    layers, + the context encoder's when it trains) as ``dest``/trainable.safetensors, the keys of
+    DualEncoder.trainable_state_dict: a few MB where the whole sentence-transformers folder is ~90 MB; load them onto
+    the base retriever with load_trainable_state_dict. None when the cell trained no retriever (RALT)."""
+    rounds = sorted(cell_out.glob("round-[0-9]*"), key=lambda p: int(p.name.split("-")[1]))
+    if not rounds or rounds[-1].name.startswith("."):
+        return None
+    state = json.loads((rounds[-1] / "state.json").read_text())
+    config = state.get("config", {})
+    if config.get("train.mode") not in ("lsr", "ra-dit"):
+        return None
+    from safetensors.torch import save_file
+
+    from fedrag_app.config.app_config import RetrieverConfig
+    from fedrag_app.rag.retriever import load_retriever
+
+    wanted = RetrieverConfig(
+        train_top_layers=int(config.get("retriever.train-top-layers", RetrieverConfig().train_top_layers)),
+        train_context_encoder=bool(config.get("retriever.train-context-encoder", False)),
+    )
+    weights = load_retriever(wanted, path=str(rounds[-1] / "retriever")).trainable_state_dict()
+    with atomic_dir(dest) as tmp:
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        write_json(
+            tmp / "round.json",
+            {"round": state["round"], "run-config": {k: repo_relative(v) for k, v in config.items()}},
+            indent=1,
+        )
     return dest
 
 
@@ -436,6 +479,8 @@ def main(
                             shutil.copyfile(found, predictions_file(column, row, seed))
                         if table.get("keep-adapters") and row.get("kind") != "evaluate":
                             keep_adapter(out, root / "adapters" / cell_dir(column, row, seed).relative_to(runs))
+                        if table.get("keep-retrievers") and row.get("kind") != "evaluate":
+                            keep_retriever(out, root / "retrievers" / cell_dir(column, row, seed).relative_to(runs))
                         result["run-config"] = {k: repo_relative(v) for k, v in result["run-config"].items()}
                         result_file(column, row, seed).parent.mkdir(parents=True, exist_ok=True)
                         write_json(result_file(column, row, seed), result, indent=1, sort_keys=False)

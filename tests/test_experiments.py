@@ -184,3 +184,41 @@ def test_results_keep_no_machine_paths():
     inside = str(REPO / "results" / "t" / "partitions" / "c")
     assert run_table.repo_relative(inside) == "results/t/partitions/c"
     assert run_table.repo_relative("/elsewhere/x") == "/elsewhere/x" and run_table.repo_relative(3) == 3
+
+
+def test_placeholders_fill_in_the_checkout_and_the_cells_seed_and_are_recorded_relative():
+    value = run_table.expand("{repo}/results/quality_full/adapters/centralized/ralt/seed-{seed}", 2)
+    assert value == f"{REPO}/results/quality_full/adapters/centralized/ralt/seed-2"
+    assert run_table.repo_relative(value) == "results/quality_full/adapters/centralized/ralt/seed-2"
+    assert run_table.expand("plain", 2) == "plain" and run_table.expand(0.5, 2) == 0.5
+
+
+def test_keep_retriever_saves_the_last_rounds_trainable_weights_of_a_retriever_cell_only(tmp_path, tiny_models_config):
+    import json as _json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from fedrag_app.config.app_config import RetrieverConfig
+    from fedrag_app.rag.retriever import load_retriever
+
+    config = {"retriever.model": tiny_models_config["retriever.model"], "retriever.train-top-layers": 1}
+    for n in (1, 2):
+        retriever = load_retriever(RetrieverConfig(model=config["retriever.model"], train_top_layers=1))
+        with torch.no_grad():
+            for p in retriever.trainable_parameters():
+                p.fill_(float(n))  # each round's weights told apart
+        retriever.save(tmp_path / "cell" / f"round-{n:04d}" / "retriever")
+        (tmp_path / "cell" / f"round-{n:04d}" / "state.json").write_text(
+            _json.dumps({"round": n, "config": {**config, "train.mode": "ra-dit"}})
+        )
+    kept = run_table.keep_retriever(tmp_path / "cell", tmp_path / "retrievers" / "col" / "lsr" / "seed-1")
+    weights = load_file(str(kept / "trainable.safetensors"))
+    assert set(weights) == set(retriever.trainable_state_dict()), "the trainable weights, by their exchange keys"
+    assert all(torch.all(w == 2.0) for w in weights.values()), "the last round's"
+    assert _json.loads((kept / "round.json").read_text())["round"] == 2
+    (tmp_path / "ralt" / "round-0001").mkdir(parents=True)
+    (tmp_path / "ralt" / "round-0001" / "state.json").write_text(
+        _json.dumps({"round": 1, "config": {"train.mode": "ralt"}})
+    )
+    assert run_table.keep_retriever(tmp_path / "ralt", tmp_path / "retrievers" / "ralt") is None

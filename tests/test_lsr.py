@@ -253,3 +253,32 @@ def test_a_scorer_adapter_scores_as_that_adapter_loaded_whole_and_leaves_the_gen
         assert list(generator.model.peft_config) == ["default"]
     finally:
         set_lora_a_trainable(generator, True)
+
+
+def test_closed_book_score_equals_a_hand_computation_and_the_gate_keeps_the_questions_a_passage_helps(
+    generator, small_shard_path, data_dir
+):
+    """lsr.gate: a question trains LSR only when its best candidate raises the answer's likelihood above no passage
+    at all; the closed-book score is the same answer log-likelihood with the passage left out of the prompt."""
+    from fedrag_app.training.lsr import closed_book_scores
+
+    cfg = LsrConfig(top_k=4, lm_score="sum", learning_rate=1e-4)
+    seq = build_sequence(generator.tokenizer, QUESTION.question, None, QUESTION.target, 512, label_eos=False)
+    with torch.no_grad():
+        logp = torch.log_softmax(generator.model(input_ids=torch.tensor([seq.input_ids])).logits[0].float(), dim=-1)
+    hand = sum(logp[t - 1, tok].item() for t, tok in enumerate(seq.labels) if tok != IGNORE)
+    assert closed_book_scores(generator, [QUESTION], cfg)[0].item() == pytest.approx(hand, abs=1e-3)
+
+    train = load_web_questions("train", DataConfig(dir=str(data_dir)))
+    examples = [e for e in train if e.topic in SHARD_TOPICS][:12]
+    with KnowledgeStore.open(path=small_shard_path) as store:
+        retriever = load_retriever(RetrieverConfig())
+        hits = retrieve(retriever, store, [e.question for e in examples], cfg.top_k, with_vectors=True)
+        best = lm_scores(generator, examples, hits, cfg).max(dim=1).values
+        helped = (best > closed_book_scores(generator, examples, cfg)).float().mean().item()
+        assert 0.0 < helped < 1.0, "a sample where the gate keeps some questions and drops others"
+        gated = train_lsr(generator, retriever, store, examples, LsrConfig(**{**cfg.__dict__, "gate": True}))
+        plain = train_lsr(generator, load_retriever(RetrieverConfig()), store, examples, cfg)
+    assert gated["lsr-gate-kept"] == pytest.approx(helped)
+    assert plain["lsr-gate-kept"] == 1.0
+    assert gated["lsr-steps"] < plain["lsr-steps"], "fewer questions, fewer steps"

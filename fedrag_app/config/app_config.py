@@ -228,6 +228,11 @@ class LsrConfig:
         "scores hardly tell passages apart; empty = the node's own generator",
         "",
     )
+    gate: bool = _help(
+        "train only on questions whose best candidate beats no passage at all (log p_LM(answer | passage, question) "
+        "> log p_LM(answer | question)): where no candidate helps the LM, its target says nothing about passages",
+        False,
+    )
 
     def __post_init__(self) -> None:
         _positive("lsr", "learning_rate", self.learning_rate)

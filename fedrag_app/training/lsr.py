@@ -79,13 +79,31 @@ def scoring_sequences(gen: Generator, examples: list[QAExample], hits: list[list
 def lm_scores(
     gen: Generator, examples: list[QAExample], hits: list[list[Hit]], cfg: LsrConfig, *, cache: ScoreCache | None = None
 ) -> torch.Tensor:
-    """(B, k) log p_LM(answer | passage, question): LSR's targets, fixed during a phase.
-
-    The B·k sequences are sorted by length and scored cfg.batch_size·k per no-grad forward, so that little of it
-    is padding; the system prompt they all start with runs once per forward (lm_scoring's shared prefix). With a
-    ``cache`` (a frozen generator) only sequences it has never scored go through the model."""
+    """(B, k) log p_LM(answer | passage, question): LSR's targets, fixed during a phase."""
     seqs = scoring_sequences(gen, examples, hits, cfg)
     k = len(seqs) // max(1, len(examples))
+    return sequence_scores(gen, seqs, cfg, per_forward=cfg.batch_size * max(1, k), cache=cache).view(len(examples), k)
+
+
+@torch.no_grad()
+def closed_book_scores(
+    gen: Generator, examples: list[QAExample], cfg: LsrConfig, *, cache: ScoreCache | None = None
+) -> torch.Tensor:
+    """(B,) log p_LM(answer | question) with no passage, on the scale of lm_scores (lsr.lm-score)."""
+    seqs = [
+        build_sequence(gen.tokenizer, ex.question, None, ex.target, cfg.max_seq_len, label_eos=False) for ex in examples
+    ]
+    return sequence_scores(gen, seqs, cfg, per_forward=cfg.batch_size * cfg.top_k, cache=cache)
+
+
+def sequence_scores(
+    gen: Generator, seqs: list, cfg: LsrConfig, *, per_forward: int, cache: ScoreCache | None = None
+) -> torch.Tensor:
+    """(N,) each sequence's answer log-likelihood, summed or averaged per token (lsr.lm-score).
+
+    Sorted by length and scored ``per_forward`` per no-grad forward, so that little of it is padding; the system
+    prompt they all start with runs once per forward (lm_scoring's shared prefix). With a ``cache`` (a frozen
+    generator) only sequences it has never scored go through the model."""
     totals = torch.zeros(len(seqs))
     counts = torch.tensor([s.answer_tokens for s in seqs], dtype=torch.float32)
     keys: list[str] = []
@@ -103,16 +121,15 @@ def lm_scores(
     was_training = gen.model.training
     gen.model.eval()  # no dropout in the supervision signal
     try:
-        for start in range(0, len(todo), cfg.batch_size * max(1, k)):
-            idx = todo[start : start + cfg.batch_size * max(1, k)]
+        for start in range(0, len(todo), per_forward):
+            idx = todo[start : start + per_forward]
             inputs = collate([seqs[i] for i in idx], gen.tokenizer.pad_token_id, gen.device)
             totals[idx] = answer_logprobs(gen.model, **inputs, reduction="sum", share_prefix=True).float().cpu()
     finally:
         gen.model.train(was_training)
     if cache is not None and todo:
         cache.put_many({keys[i]: (totals[i].item(), int(counts[i])) for i in todo})
-    scores = totals if cfg.lm_score == "sum" else totals / counts.clamp(min=1)
-    return scores.view(len(examples), k)
+    return totals if cfg.lm_score == "sum" else totals / counts.clamp(min=1)
 
 
 def retriever_scores(retriever: DualEncoder, examples: list[QAExample], hits: list[list[Hit]]) -> torch.Tensor:
@@ -153,8 +170,14 @@ def train_lsr(
     keep = [i for i, h in enumerate(hits) if len(h) == cfg.top_k]  # a store smaller than k cannot rank k
     examples, hits = [examples[i] for i in keep], [hits[i] for i in keep]
     hits_before = cache.hits if cache is not None else 0
+    asked = len(examples)
     with scoring_adapter(gen, cfg.scorer_adapter) as scorer:  # lsr.scorer-adapter: a generator that reads
         targets = lm_scores(scorer, examples, hits, cfg, cache=cache) if examples else torch.zeros(0, cfg.top_k)
+        scored = targets.numel() + (len(examples) if cfg.gate else 0)  # sequences asked of the LM (or its cache)
+        if cfg.gate and examples:  # only where reading one of the candidates helps the LM: a signal about passages
+            keep = (targets.max(dim=1).values > closed_book_scores(scorer, examples, cfg, cache=cache)).tolist()
+            examples, hits = [e for e, k in zip(examples, keep) if k], [h for h, k in zip(hits, keep) if k]
+            targets = targets[torch.tensor(keep, dtype=torch.bool)]
     scoring_seconds = time.perf_counter() - start
     metrics = lsr_steps(
         retriever,
@@ -168,8 +191,9 @@ def train_lsr(
         on_step=on_step,
         optimizer_state=optimizer_state,
     )
-    cached = (cache.hits - hits_before) / max(1, targets.numel()) if cache is not None else 0.0
+    cached = (cache.hits - hits_before) / max(1, scored) if cache is not None else 0.0
     return metrics | {
+        "lsr-gate-kept": len(examples) / max(1, asked),
         "lsr-scores-cached": cached,
         "lsr-scoring-seconds": scoring_seconds,
         "lsr-seconds": time.perf_counter() - start,

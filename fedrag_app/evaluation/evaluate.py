@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from fedrag_app.config.app_config import AppConfig
 from fedrag_app.core.atomic import write_text
 from fedrag_app.data.loaders import MmluQuestion, QAExample, load_mmlu, load_web_questions
-from fedrag_app.evaluation.metrics import RunningMean, answer_rank, exact_match, recall_at_k, reciprocal_rank, token_f1
+from fedrag_app.evaluation.metrics import answer_ranks, qa_means, qa_scores, retrieval_means
 from fedrag_app.evaluation.mmlu import broad_sample, evaluate_mmlu
 from fedrag_app.rag.generator import Generator, generate
 from fedrag_app.rag.knowledge_store import Hit, KnowledgeStore
@@ -39,44 +39,27 @@ def evaluate_web_questions(
     prompts = [build_prompt(gen.tokenizer, e.question, c) for e, c in zip(examples, contexts)]
     start = time.perf_counter()
     answers = generate(gen, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    em, f1 = RunningMean(), RunningMean()
-    for i, (e, a) in enumerate(zip(examples, answers)):
-        em.add(exact := exact_match(a, e.answers))
-        f1.add(f1_score := token_f1(a, e.answers))
-        if records is not None:
-            retrieved = [h.id for h in hits[i]] if hits is not None else []
-            records.append(
-                {
-                    "dataset": "web_questions",
-                    "id": e.id,
-                    "question": e.question,
-                    "gold": list(e.answers),
-                    "answer": a,
-                    "em": exact,
-                    "f1": f1_score,
-                    "retrieved": retrieved,
-                }
-            )
-    return {
-        "wq-em": em.value,
-        "wq-f1": f1.value,
-        "wq-n": float(em.count),
-        "wq-s-per-question": (time.perf_counter() - start) / max(1, em.count),
-    }
-
-
-def answer_ranks(hits: Sequence[Sequence[Hit]], examples: list[QAExample], k: int) -> list[int | None]:
-    """Per question, the rank of the first top-k passage (title and text) holding a gold answer; None if none does."""
-    return [answer_rank([f"{h.title} {h.text}" for h in hs[:k]], e.answers) for hs, e in zip(hits, examples)]
+    scores = [qa_scores(a, e.answers) for e, a in zip(examples, answers)]
+    for i, (e, a, (exact, f1_score)) in enumerate(zip(examples, answers, scores) if records is not None else ()):
+        retrieved = [h.id for h in hits[i]] if hits is not None else []
+        records.append(
+            {
+                "dataset": "web_questions",
+                "id": e.id,
+                "question": e.question,
+                "gold": list(e.answers),
+                "answer": a,
+                "em": exact,
+                "f1": f1_score,
+                "retrieved": retrieved,
+            }
+        )
+    return {**qa_means(scores), "wq-s-per-question": (time.perf_counter() - start) / max(1, len(scores))}
 
 
 def evaluate_retrieval(hits: Sequence[Sequence[Hit]], examples: list[QAExample], k: int) -> dict[str, float]:
-    """Answer recall@k (a gold answer occurs in a top-k passage) and MRR@k."""
-    recall, mrr = RunningMean(), RunningMean()
-    for rank in answer_ranks(hits, examples, k):
-        recall.add(recall_at_k(rank, k))
-        mrr.add(reciprocal_rank(rank, k))
-    return {f"retrieval-recall@{k}": recall.value, f"retrieval-mrr@{k}": mrr.value, "retrieval-n": float(recall.count)}
+    """Answer recall@k (a gold answer occurs in a top-k passage) and MRR@k (metrics.answer_ranks, retrieval_means)."""
+    return retrieval_means(answer_ranks(hits, examples, k), k)
 
 
 def mmlu_questions(cfg: AppConfig, subject: str) -> list[MmluQuestion]:

@@ -8,17 +8,10 @@ from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 
 from fedrag_app.config.app_config import AppConfig
 from fedrag_app.core.errors import ConfigError
-from fedrag_app.federation.query import (
-    REFUSAL,
-    NodeHit,
-    merge,
-    merge_by_score,
-    merge_rrf,
-    opted_in,
-    pack_hits,
-    read_reply,
-    unpack_hits,
-)
+from fedrag_app.data.loaders import QAExample
+from fedrag_app.federation.query.answering import score_answers
+from fedrag_app.federation.query.merge import MergedHit, NodeHit, merge, merge_by_score, merge_rrf
+from fedrag_app.federation.query.replies import REFUSAL, opted_in, pack_hits, read_reply, unpack_hits
 from tests.flower_helpers import message, reply
 
 
@@ -296,3 +289,23 @@ def test_a_node_bounds_what_a_query_run_may_take(small_shard_path, retriever, tm
     for key, value in [("query-max-k", 0), ("query-max-k", 101), ("query-max-questions", 0)]:
         with pytest.raises(ConfigError, match=f"'{key}' = {value}"):
             node_data(AppConfig(), {**node, key: value})
+
+
+def test_answers_are_scored_by_the_evaluation_metrics_over_the_questions_with_gold_answers():
+    """EM/F1 and answer recall/MRR of the merged lists, by hand; a question without gold answers is not scored."""
+    examples = [QAExample("1", "q", ("Paris",), ""), QAExample("2", "q", ("Rome",), ""), QAExample("3", "q", (), "")]
+    merged = [
+        [MergedHit("x", "X", "none", 0.9), MergedHit("a", "France", "Paris is the capital", 0.8)],
+        [MergedHit("c", "Rome", "a city", 0.9)],
+        [MergedHit("d", "Paris", "Rome", 0.9)],
+    ]
+    scores = score_answers(examples, ["paris", "the city of Milan", "anything"], merged, recall_k=2)
+    assert scores == {
+        "wq-em": 0.5,
+        "wq-f1": 0.5,
+        "retrieval-recall@2": 1.0,
+        "retrieval-mrr@2": pytest.approx(0.75),
+        "scored-n": 2.0,
+    }
+    assert score_answers(examples, ["paris", "x", "y"], merged, recall_k=1)["retrieval-recall@1"] == 0.5
+    assert score_answers(examples[2:], ["anything"], merged[2:], recall_k=2) == {"scored-n": 0.0}

@@ -22,7 +22,7 @@ from typing import Any
 from fedrag_app.config.values import toml_lines
 from fedrag_app.core.errors import FedRagAppError
 from fedrag_app.federation import follow_run as fr
-from fedrag_app.federation.query import ANSWER_LOG, METRICS_LOG
+from fedrag_app.federation.query.outputs import ANSWER_LOG, METRICS_LOG
 
 APP_DIR = Path(__file__).resolve().parents[2]  # the checkout holding pyproject.toml: what `flwr run` packages
 FLWR = str(Path(sys.executable).with_name("flwr")) if Path(sys.executable).with_name("flwr").exists() else "flwr"
@@ -39,7 +39,7 @@ def query_run_config(question: str, overrides: Mapping[str, Any]) -> str:
 
 
 def answers_from_log(log: str) -> tuple[list[dict], dict]:
-    """The answers and the metrics the ServerApp logged (federation.query's ANSWER_LOG / METRICS_LOG lines)."""
+    """The answers and the metrics the ServerApp logged (query/outputs.py's ANSWER_LOG / METRICS_LOG lines)."""
     answers, metrics = [], {}
     for line in log.splitlines():
         for marker in (ANSWER_LOG, METRICS_LOG):

@@ -37,6 +37,30 @@ def test_save_then_resume_restores_both_models(tmp_path, generator, retriever):
         retriever.load_trainable_state_dict(retr0)
 
 
+def test_the_server_resumes_from_the_last_checkpoint_only_under_fed_resume(tmp_path, generator, retriever):
+    """flower/server_training.py: resume loads the last complete round; the strategy's server optimizer is built
+    for a resumed run too (its state restarts when the checkpoint holds none)."""
+    from fedrag_app.config.app_config import AppConfig
+    from fedrag_app.federation.exchange import outgoing_state
+    from fedrag_app.flower.records import numpy_to_record
+    from fedrag_app.flower.server_training import resume, strategy_for
+
+    lora0 = lora_state_dict(generator)
+    try:
+        save_checkpoint(tmp_path, 2, generator, retriever, {}, {})
+        cfg = AppConfig.from_flat({"fed.resume": True, "fed.strategy": "fedavgm"})
+        assert resume(AppConfig.from_flat({"fed.strategy": "fedavgm"}), tmp_path, generator, retriever) is None
+        assert resume(cfg, tmp_path / "empty", generator, retriever) is None
+        ckpt = resume(cfg, tmp_path, generator, retriever)
+        assert ckpt.round == 2
+        initial = numpy_to_record(outgoing_state(cfg, generator, retriever))
+        strategy, optimizer = strategy_for(cfg, generator, initial, ckpt)
+        assert optimizer is not None and strategy.aggregator is optimizer
+        assert strategy_for(AppConfig.from_flat({}), generator, initial, None)[1] is None, "plain FedAvg"
+    finally:
+        load_lora_state_dict(generator, lora0)
+
+
 def test_no_checkpoint_and_unreadable_state(tmp_path):
     assert latest_checkpoint(tmp_path) is None
     (tmp_path / "round-0001").mkdir()

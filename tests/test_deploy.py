@@ -160,7 +160,7 @@ def happy_federation(tmp_path_factory, template_shard, tiny_run):
         }
         started = time.monotonic()
         first = fed.launch(run)
-        # the round-1 row follows the round-1 checkpoint (server_app.after_round)
+        # the round-1 row follows the round-1 checkpoint (server_training.RoundRecorder.after_round)
         wait_until(lambda: 1 in metric_rounds(out), timeout_s=300, what="the round-1 checkpoint and metrics row")
         fed.kill("superlink")  # takes its ServerApp subprocess with it
         done_before = checkpoint_rounds(out)

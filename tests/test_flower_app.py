@@ -20,7 +20,7 @@ from fedrag_app.core.errors import WeightsError
 from fedrag_app.federation.exchange import flat_state, split_state, to_wire_update
 from fedrag_app.flower import client_app
 from fedrag_app.flower.records import metric_record, numpy_to_record, record_to_numpy
-from fedrag_app.flower.server_app import evaluation_due
+from fedrag_app.flower.server_training import evaluation_due
 from tests.flower_helpers import TINY, checked, context, global_weights, message, peft_key, reply
 
 

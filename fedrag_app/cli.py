@@ -224,8 +224,7 @@ def ask_federation(
             f"--retriever/--store {local!r} do not apply with --federation: the nodes search their own "
             "shards; use --set query.checkpoint=<round folder or 'latest'> for a trained retriever"
         )
-    defaults = AppConfig().to_flat()
-    overrides = {k: v for k, v in cfg.to_flat().items() if v != defaults[k]}
+    overrides = cfg.changed()
     with (err_console if as_json else console).status(
         f"asking the federation '{connection}' (flwr run, fed.task='query')"
     ):
@@ -473,16 +472,30 @@ def mcp(
     retriever_path: str | None = RetrieverOpt,
     store: str | None = StoreOpt,
     name: str = NameOpt,
+    federation: str | None = typer.Option(
+        None,
+        "--federation",
+        help="the operator's side: answer each tool call with a query run across this flwr connection's opted-in "
+        "institutions (tens of seconds a call) instead of a local shard",
+    ),
+    federation_config: str = typer.Option("", help="with --federation local: e.g. 'num-supernodes=3'"),
     config: Path | None = ConfigOpt,
     sets: list[str] | None = SetOpt,
 ) -> None:
     """Serve a shard and the RAG system as an MCP server: tools `search` (query, k -> passages with ids, titles,
-    scores) and `ask` (question -> answer + sources)."""
+    scores) and `ask` (question -> answer + sources); with --federation, every institution's shards."""
     cfg = load_config(config, sets, **{"eval.top-k": top_k, "store.path": store, "generator.adapter-path": adapter})
     from fedrag_app.commands.serve import serve_mcp
 
     serve_mcp(
-        cfg, retriever_path=retriever_path, name=name, transport=transport, host=host, port=port, console=err_console
+        cfg,
+        retriever_path=retriever_path,
+        name=name,
+        transport=transport,
+        host=host,
+        port=port,
+        console=err_console,
+        federation=(federation, federation_config) if federation else None,
     )
 
 

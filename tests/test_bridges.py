@@ -169,6 +169,25 @@ async def _mcp_session_checks(client, reference) -> None:
         assert bad.is_error and says in bad.content[0].text, (name, args, bad.content)
 
 
+def test_the_federated_service_refuses_bad_input_by_name_before_any_run():
+    """`fedrag-app mcp --federation`'s checks are the local service's, made before a query run is launched (the
+    connection here does not exist: reaching it would be a FederatedRunFailed, not a BadRequest)."""
+    from fedrag_app.bridges.federated import FederatedService
+    from fedrag_app.bridges.service import BadRequest
+
+    service = FederatedService("no-such-connection")
+    for call, field in (
+        (lambda: service.search("", 2), "'query'"),
+        (lambda: service.search("x", 0), "'k'"),
+        (lambda: service.search("x", MAX_TOP_K + 1), "'k'"),
+        (lambda: service.answer("  "), "'question'"),
+        (lambda: service.answer("x", top_k=-1), "'top_k'"),
+        (lambda: service.answer("x", max_new_tokens=0), "'max_tokens'"),
+    ):
+        with pytest.raises(BadRequest, match=field):
+            call()
+
+
 def test_mcp_over_stdio_serves_search_and_ask(tmp_path, small_shard_path, reference):
     """`fedrag-app mcp` started by the SDK's own stdio client, as an MCP host would start it."""
     from mcp import Client, StdioServerParameters

@@ -1,6 +1,7 @@
 """Federated RAG at question time in Flower's simulation: `fedrag-app partition` into 3 institutions, then a
 `flwr run` with fed.task='query' where partitions 0 and 1 opt in and 2 does not; then the same through
-`fedrag-app ask --federation local`. Partition 2's passages never reach the answers; its refusals are counted.
+`fedrag-app ask --federation local`, and through `fedrag-app mcp --federation local` (the operator's MCP server).
+Partition 2's passages never reach the answers; its refusals are counted.
 
 It proves orchestration (which nodes answer, what is refused and counted, what reaches the answers file and the
 `ask` output), not answer quality, so it runs on tiny random-initialised models of the real architectures
@@ -14,6 +15,7 @@ import json
 import subprocess
 import sys
 
+import anyio
 import pytest
 
 from fedrag_app.federation import follow_run
@@ -140,6 +142,28 @@ def test_query_run_three_nodes_one_not_opted_in(tmp_path, data_dir, tiny_models_
         assert [r["question"] for r in asked] == [rows[0]["question"]] and asked[0]["answer"] in ask.stdout
         assert "2 answered, 1 refused" in ask.stdout, ask.stdout
         assert {p["partition"] for p in asked[0]["passages"]} <= {0, 1}
+
+        # the operator's MCP server over the same federation (`fedrag-app mcp --federation`), through the SDK's own
+        # stdio client: its `ask` tool is a query run like the one above, so the same answer from the same passages
+        from mcp import Client, StdioServerParameters
+
+        sets = [a for item in common if item.split("=")[0] != "eval.top-k" for a in ("--set", item)]
+        params = StdioServerParameters(
+            command=str(VENV_BIN / "fedrag-app"),
+            args=["mcp", "--federation", "local", "--federation-config", "num-supernodes=3", *sets],
+            env=dict(env, PYTHONPATH=str(REPO)),
+        )
+
+        async def mcp_ask() -> dict:
+            with anyio.fail_after(900):
+                async with Client(params, read_timeout_seconds=900) as client:
+                    reply = await client.call_tool("ask", {"question": rows[0]["question"], "k": 2, "max_tokens": 8})
+                    assert not reply.is_error, reply.content
+                    return reply.structured_content
+
+        served = anyio.run(mcp_ask)
+        assert served["answer"] == asked[0]["answer"]
+        assert [p["id"] for p in served["sources"]] == [p["id"] for p in asked[0]["passages"][:2]]  # the prompt's 2
     finally:
         follow_run.stop_local_superlink(env["FLWR_HOME"])
         assert not follow_run.local_federation_pids(env["FLWR_HOME"])

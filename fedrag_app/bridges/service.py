@@ -31,6 +31,19 @@ def passage_dict(hit: Hit, rank: int) -> dict:
     return {"rank": rank, "id": hit.id, "score": hit.score, "title": hit.title, "text": hit.text}
 
 
+def checked_k(k: object, field: str = "k", zero_ok: bool = False) -> int:
+    """A request's passage count, 1 (0 with ``zero_ok``: closed book) to MAX_TOP_K, else a BadRequest naming it."""
+    if isinstance(k, bool) or not isinstance(k, int) or not (0 if zero_ok else 1) <= k <= MAX_TOP_K:
+        raise BadRequest(f"'{field}' must be an integer from {0 if zero_ok else 1} to {MAX_TOP_K}, got {k!r}")
+    return k
+
+
+def checked_max_new_tokens(n: object, field: str = "max_tokens") -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_NEW_TOKENS:
+        raise BadRequest(f"'{field}' must be an integer from 1 to {MAX_NEW_TOKENS}, got {n!r}")
+    return n
+
+
 @dataclass
 class RagService:
     """The pipeline behind a lock, with `ask`'s defaults (eval.top-k, generator.max-new-tokens)."""
@@ -79,20 +92,13 @@ class RagService:
         return question.strip()
 
     def check_k(self, k: object, *, field: str = "k", zero_ok: bool = False) -> int:
-        if k is None:
-            k = self.top_k
-        if isinstance(k, bool) or not isinstance(k, int) or not (0 if zero_ok else 1) <= k <= MAX_TOP_K:
-            raise BadRequest(f"'{field}' must be an integer from {0 if zero_ok else 1} to {MAX_TOP_K}, got {k!r}")
+        k = checked_k(self.top_k if k is None else k, field, zero_ok)
         if k and self.pipeline.store is None:
             raise BadRequest("this server has no knowledge store (started with eval.top-k = 0): closed book only")
         return k
 
     def check_max_new_tokens(self, n: object, field: str = "max_tokens") -> int:
-        if n is None:
-            return self.max_new_tokens
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_NEW_TOKENS:
-            raise BadRequest(f"'{field}' must be an integer from 1 to {MAX_NEW_TOKENS}, got {n!r}")
-        return n
+        return checked_max_new_tokens(self.max_new_tokens if n is None else n, field)
 
     # --- what the bridges call ---
 

@@ -39,18 +39,53 @@ def serve_http(cfg: AppConfig, *, retriever_path: str | None, name: str, host: s
         service.close()
 
 
+def federated_service(cfg: AppConfig, connection: str, federation_config: str, *, local: str | None, name: str):
+    """The operator's side: each call a query run across the connection's institutions (they search their own
+    shards, so a local --retriever/--store does not apply)."""
+    from fedrag_app.bridges.federated import FederatedService
+
+    if local:
+        raise ConfigError(
+            f"--retriever/--store {local!r} do not apply with --federation: the nodes search their own shards; use "
+            "--set query.checkpoint=<round folder or 'latest'> for a trained retriever"
+        )
+    return FederatedService(
+        connection,
+        federation_config,
+        cfg.changed(),
+        top_k=cfg.eval.top_k or 5,
+        max_new_tokens=cfg.generator.max_new_tokens,
+        top_k_per_node=cfg.query.top_k_per_node,
+        name=name,
+    )
+
+
 def serve_mcp(
-    cfg: AppConfig, *, retriever_path: str | None, name: str, transport: str, host: str, port: int, console
+    cfg: AppConfig,
+    *,
+    retriever_path: str | None,
+    name: str,
+    transport: str,
+    host: str,
+    port: int,
+    console,
+    federation: tuple[str, str] | None = None,
 ) -> None:
+    """``federation``: (flwr connection, federation-config) to serve the federation's shards instead of a local one."""
     if transport not in TRANSPORTS:
         raise ConfigError(f"--transport {transport!r}: use one of {', '.join(TRANSPORTS)}")
     from fedrag_app.bridges.mcp_server import build_mcp_server
 
-    service = load_service(cfg, retriever_path=retriever_path, name=name, status=console)
+    if federation:
+        local = retriever_path or cfg.store.path or None
+        service = federated_service(cfg, *federation, local=local, name=name)
+    else:
+        service = load_service(cfg, retriever_path=retriever_path, name=name, status=console)
     server = build_mcp_server(service, name)
     try:
         if transport == "stdio":
-            print(f"MCP server {name!r} on stdio (tools: search, ask)", file=sys.stderr, flush=True)
+            where = f"the federation {federation[0]!r}" if federation else "a local shard"
+            print(f"MCP server {name!r} on stdio over {where} (tools: search, ask)", file=sys.stderr, flush=True)
             server.run("stdio")
         else:
             console.print(f"[green]MCP server[/] {name!r} at http://{host}:{port}/mcp (streamable HTTP)")

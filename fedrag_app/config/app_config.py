@@ -538,6 +538,11 @@ class AppConfig:
                 out[f"{section}.{_kebab(f.name)}"] = ",".join(value) if isinstance(value, tuple) else value
         return out
 
+    def changed(self) -> dict[str, Any]:
+        """The keys whose values differ from the defaults (what a query run is told: the rest it knows)."""
+        defaults = AppConfig().to_flat()
+        return {k: v for k, v in self.to_flat().items() if v != defaults[k]}
+
     def replace(self, **sections: Any) -> AppConfig:
         """A copy with whole sections replaced, e.g. ``cfg.replace(store=StoreConfig(path=...))``."""
         return dataclasses.replace(self, **sections)

@@ -282,3 +282,27 @@ def test_closed_book_score_equals_a_hand_computation_and_the_gate_keeps_the_ques
     assert gated["lsr-gate-kept"] == pytest.approx(helped)
     assert plain["lsr-gate-kept"] == 1.0
     assert gated["lsr-steps"] < plain["lsr-steps"], "fewer questions, fewer steps"
+
+
+def test_one_per_article_ranks_each_articles_best_passage_from_a_deeper_search(small_shard_path, data_dir):
+    """lsr.one-per-article: k candidates of k distinct articles, each its article's best passage in the top 4k, in
+    the retriever's order; without it, the plain top k (where one article may fill several places)."""
+    from fedrag_app.training.lsr import ARTICLE_DEPTH, candidates
+
+    train = load_web_questions("train", DataConfig(dir=str(data_dir)))
+    # questions on the shard's articles (each of the 32 has 25 passages: its own fill the top 16) and others
+    questions = [e.question for e in train if e.topic in SHARD_TOPICS][:4] + [e.question for e in train[:8]]
+    retriever = load_retriever(RetrieverConfig())
+    cfg = LsrConfig(top_k=4, one_per_article=True)
+    with KnowledgeStore.open(path=small_shard_path) as store:
+        plain = candidates(retriever, store, questions, LsrConfig(top_k=4))
+        deep = retrieve(retriever, store, questions, 4 * ARTICLE_DEPTH, with_vectors=True)
+        distinct = candidates(retriever, store, questions, cfg)
+    assert any(len({h.title for h in hits}) < 4 for hits in plain), "a sample where one article fills two places"
+    for hits, deeper in zip(distinct, deep):
+        firsts = [h for i, h in enumerate(deeper) if h.title not in {x.title for x in deeper[:i]}]
+        assert [h.id for h in hits] == [h.id for h in firsts[:4]], "fewer only where the top 4k has fewer articles"
+        assert len({h.title for h in hits}) == len(hits) and all(h.vector is not None for h in hits)
+    assert any(len(hits) == 4 for hits in distinct) and any(len(hits) < 4 for hits in distinct), (
+        "a sample with both: train_lsr leaves out a question with fewer than k articles, as one with fewer passages"
+    )

@@ -228,6 +228,11 @@ class LsrConfig:
         "scores hardly tell passages apart; empty = the node's own generator",
         "",
     )
+    one_per_article: bool = _help(
+        "candidates from distinct articles: retrieve 4k, keep each article's best passage, rank the first k (passages "
+        "of one article often say much the same, so the target has little to choose between)",
+        False,
+    )
     gate: bool = _help(
         "train only on questions whose best candidate beats no passage at all (log p_LM(answer | passage, question) "
         "> log p_LM(answer | question)): where no candidate helps the LM, its target says nothing about passages",

@@ -149,6 +149,24 @@ def entropy(log_p: torch.Tensor) -> torch.Tensor:
     return -(log_p.exp() * log_p).sum(-1)
 
 
+ARTICLE_DEPTH = 4  # lsr.one-per-article retrieves this many times k, then keeps each article's best passage
+
+
+def candidates(retriever: DualEncoder, store: KnowledgeStore, questions: list[str], cfg: LsrConfig) -> list[list[Hit]]:
+    """The k passages LSR ranks for each question: the retriever's top k, or with ``lsr.one-per-article`` the top k
+    of distinct articles (titles), each article's best passage, from the top ARTICLE_DEPTH·k."""
+    if not cfg.one_per_article:
+        return retrieve(retriever, store, questions, cfg.top_k, with_vectors=True)
+    deeper = retrieve(retriever, store, questions, cfg.top_k * ARTICLE_DEPTH, with_vectors=True)
+    out = []
+    for hits in deeper:
+        best: dict[str, Hit] = {}
+        for h in hits:  # best first
+            best.setdefault(h.title, h)
+        out.append(list(best.values())[: cfg.top_k])
+    return out
+
+
 def train_lsr(
     gen: Generator,
     retriever: DualEncoder,
@@ -166,7 +184,7 @@ def train_lsr(
     """One LSR phase: candidates and LM scores once (both fixed during the phase), then AdamW on the retriever.
     ``cache``: reuse LM scores of a frozen generator (train.mode = lsr; score_cache.py)."""
     start = time.perf_counter()
-    hits = retrieve(retriever, store, [e.question for e in examples], cfg.top_k, with_vectors=True)
+    hits = candidates(retriever, store, [e.question for e in examples], cfg)
     keep = [i for i, h in enumerate(hits) if len(h) == cfg.top_k]  # a store smaller than k cannot rank k
     examples, hits = [examples[i] for i in keep], [hits[i] for i in keep]
     hits_before = cache.hits if cache is not None else 0

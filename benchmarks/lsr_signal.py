@@ -39,10 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from fedrag_app.config.app_config import DataConfig, GeneratorConfig, LsrConfig, RetrieverConfig  # noqa: E402
-from fedrag_app.config.runtime import seed_everything, set_threads  # noqa: E402
 from fedrag_app.core import environment  # noqa: E402
+from fedrag_app.core.torch_runtime import seed_everything, set_threads  # noqa: E402
 from fedrag_app.data.loaders import iter_passages, load_web_questions  # noqa: E402
-from fedrag_app.evaluation.metrics import answer_rank  # noqa: E402
+from fedrag_app.evaluation.metrics import answer_rank, passage_text  # noqa: E402
 from fedrag_app.rag.generator import load_generator  # noqa: E402
 from fedrag_app.rag.ingest import build_shard  # noqa: E402
 from fedrag_app.rag.knowledge_store import KnowledgeStore  # noqa: E402
@@ -105,7 +105,7 @@ def score_candidates(gen, examples, hits, cfg: LsrConfig) -> tuple[torch.Tensor,
 def holds_answer(hits, examples) -> torch.Tensor:
     """(N, k) bool: the candidate contains a gold answer (evaluate.py's answer-recall test)."""
     return torch.tensor(
-        [[answer_rank([f"{h.title} {h.text}"], e.answers) is not None for h in hs] for hs, e in zip(hits, examples)]
+        [[answer_rank([passage_text(h)], e.answers) is not None for h in hs] for hs, e in zip(hits, examples)]
     )
 
 

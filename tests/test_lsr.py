@@ -24,7 +24,8 @@ PASSAGES = [
 ]
 
 
-def test_one_lsr_step_changes_the_query_encoder(generator, small_shard_path):
+@pytest.mark.parametrize("in_batch_negatives", [False, True])
+def test_one_lsr_step_changes_the_query_encoder(generator, small_shard_path, in_batch_negatives):
     retriever = load_retriever(RetrieverConfig(train_top_layers=0))  # every layer: all of them must move
     before = retriever.trainable_state_dict()
     examples = [
@@ -37,7 +38,8 @@ def test_one_lsr_step_changes_the_query_encoder(generator, small_shard_path):
         )
     ]
     with KnowledgeStore.open(path=small_shard_path) as store:
-        metrics = train_lsr(generator, retriever, store, examples, LsrConfig(top_k=4, learning_rate=1e-4), max_steps=1)
+        cfg = LsrConfig(top_k=4, learning_rate=1e-4, in_batch_negatives=in_batch_negatives)  # both questions: 1 batch
+        metrics = train_lsr(generator, retriever, store, examples, cfg, max_steps=1)
     after = retriever.trainable_state_dict()
     assert metrics["lsr-steps"] == 1
     changed = [k for k in before if not torch.equal(before[k], after[k])]
@@ -87,6 +89,39 @@ def test_kl_direction_matches_a_hand_written_kl_on_a_2x3_example():
     assert lsr_loss(retr, lm, kl_direction="lsr-retriever", **kw).item() == pytest.approx(
         F.kl_div(F.log_softmax(retr / 0.1, -1), p_lsr, reduction="batchmean").item(), rel=1e-5
     )
+
+
+def test_in_batch_negatives_match_a_hand_written_kl_over_the_batchs_candidates():
+    """lsr.in-batch-negatives: p_R over all B·k candidates of the batch (a candidate the question shares with another
+    question counted once, as its own), p_LSR on the question's own k; one question alone is lsr_loss."""
+    from fedrag_app.training.lsr import in_batch_lsr_loss, shared_candidates
+
+    cross = torch.tensor([[0.2, 0.4, 0.1, 0.7, 0.3, 0.6], [0.9, 0.3, 0.5, 0.2, 0.8, 0.4]])  # (B=2, B·k=6)
+    lm = torch.tensor([[-3.0, -1.0, -2.0], [-0.5, -4.0, -1.5]])
+    hits = [[Hit(i, 0.0, "", "") for i in ("a", "b", "c")], [Hit(i, 0.0, "", "") for i in ("d", "b", "e")]]
+    shared = shared_candidates(hits)
+    assert shared.tolist() == [[False, False, False, False, True, False], [False, True, False, False, False, False]]
+    kw = dict(retriever_temperature=0.1, lm_temperature=1.0)
+    hand = []
+    for row, own in ((0, [0, 1, 2]), (1, [3, 4, 5])):
+        kept = [j for j in range(6) if not shared[row, j]]
+        log_z = torch.logsumexp(cross[row, kept] / 0.1, 0)
+        log_p_r = cross[row, own] / 0.1 - log_z
+        p_lsr = F.softmax(lm[row], -1)
+        hand.append((p_lsr * (p_lsr.log() - log_p_r)).sum())
+    assert in_batch_lsr_loss(cross, lm, shared, **kw).item() == pytest.approx(torch.stack(hand).mean().item(), rel=1e-5)
+    alone = in_batch_lsr_loss(cross[:1, :3], lm[:1], shared_candidates(hits[:1]), **kw)
+    assert alone.item() == pytest.approx(lsr_loss(cross[:1, :3], lm[:1], **kw).item(), rel=1e-6)
+    assert in_batch_lsr_loss(cross, lm, shared, **kw) > lsr_loss(torch.stack([cross[0, :3], cross[1, 3:]]), lm, **kw), (
+        "the negatives take probability from the own candidates: a larger loss to push them down"
+    )
+
+
+def test_in_batch_negatives_need_the_lsr_retriever_direction():
+    from fedrag_app.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="lsr.in-batch-negatives"):
+        LsrConfig(in_batch_negatives=True, kl_direction="retriever-lsr")
 
 
 PRESIDENT = QAExample("p", "who was the first president of the united states?", ("George Washington",), "")

@@ -233,6 +233,11 @@ class LsrConfig:
         "of one article often say much the same, so the target has little to choose between)",
         False,
     )
+    in_batch_negatives: bool = _help(
+        "p_R over every candidate of the batch, the other questions' as negatives the target gives no mass (REPLUG's "
+        "in-batch negatives; with lsr.kl-direction = lsr-retriever only)",
+        False,
+    )
     gate: bool = _help(
         "train only on questions whose best candidate beats no passage at all (log p_LM(answer | passage, question) "
         "> log p_LM(answer | question)): where no candidate helps the LM, its target says nothing about passages",
@@ -248,6 +253,11 @@ class LsrConfig:
         _positive("lsr", "lm_temperature", self.lm_temperature)
         _one_of("lsr", "lm_score", self.lm_score, ("sum", "mean"))
         _one_of("lsr", "kl_direction", self.kl_direction, ("lsr-retriever", "retriever-lsr"))
+        if self.in_batch_negatives and self.kl_direction != "lsr-retriever":
+            raise ConfigError(
+                "run-config key 'lsr.in-batch-negatives' = true needs lsr.kl-direction = 'lsr-retriever': "
+                "KL(p_R || p_LSR) is infinite where the target gives a negative no mass"
+            )
         _positive("lsr", "max_seq_len", self.max_seq_len)
 
 

@@ -132,8 +132,11 @@ def sequence_scores(
     return totals if cfg.lm_score == "sum" else totals / counts.clamp(min=1)
 
 
-def retriever_scores(retriever: DualEncoder, examples: list[QAExample], hits: list[list[Hit]]) -> torch.Tensor:
-    """(B, k) cosine scores with gradient into the trainable encoder(s)."""
+def retriever_scores(
+    retriever: DualEncoder, examples: list[QAExample], hits: list[list[Hit]], *, cross: bool = False
+) -> torch.Tensor:
+    """(B, k) cosine scores with gradient into the trainable encoder(s); ``cross``: (B, B·k), every question against
+    every candidate of the batch (row b's own are columns b·k .. b·k + k − 1)."""
     queries = retriever.encode_queries([e.question for e in examples], grad=True)  # (B, D)
     k = len(hits[0])
     if retriever.train_context:
@@ -141,7 +144,36 @@ def retriever_scores(retriever: DualEncoder, examples: list[QAExample], hits: li
         contexts = retriever.encode_passages(texts, grad=True).view(len(examples), k, -1)  # (B, k, D)
     else:  # the frozen context encoder's embeddings, as stored in the index
         contexts = torch.from_numpy(np.stack([np.stack([h.vector for h in ex_hits]) for ex_hits in hits])).to(queries)
+    if cross:
+        return queries @ contexts.reshape(-1, contexts.shape[-1]).T  # (B, B·k)
     return torch.einsum("bd,bkd->bk", queries, contexts)  # (B, k)
+
+
+def shared_candidates(hits: list[list[Hit]]) -> torch.Tensor:
+    """(B, B·k) True where another question's candidate is one of this question's own: not a negative for it."""
+    k = len(hits[0])
+    flat = [h.id for ex_hits in hits for h in ex_hits]
+    own = [{h.id for h in ex_hits} for ex_hits in hits]
+    return torch.tensor([[j // k != b and pid in own[b] for j, pid in enumerate(flat)] for b in range(len(hits))])
+
+
+def in_batch_lsr_loss(
+    cross_scores: torch.Tensor,
+    lm_scores: torch.Tensor,
+    shared: torch.Tensor,
+    *,
+    retriever_temperature: float,
+    lm_temperature: float,
+) -> torch.Tensor:
+    """KL(p_LSR || p_R) with the batch's other candidates as negatives (lsr.in-batch-negatives): p_R is a softmax over
+    all B·k candidates (those ``shared`` with the question's own left out), p_LSR puts its mass on the question's own
+    k as before and none on the rest, so the loss also pushes the other questions' passages down. One question (B = 1)
+    is lsr_loss exactly."""
+    b, k = lm_scores.shape
+    logits = (cross_scores / retriever_temperature).masked_fill(shared, float("-inf"))  # (B, B·k)
+    log_p_r = F.log_softmax(logits, dim=-1).view(b, b, k)[torch.arange(b), torch.arange(b)]  # (B, k): own columns
+    log_p_lsr = F.log_softmax(lm_scores.detach() / lm_temperature, dim=-1)
+    return (log_p_lsr.exp() * (log_p_lsr - log_p_r)).sum(-1).mean()
 
 
 def entropy(log_p: torch.Tensor) -> torch.Tensor:
@@ -248,9 +280,17 @@ def lsr_steps(
         for _ in range(epochs):
             rng.shuffle(batches)
             for b in batches:
-                scores = retriever_scores(retriever, [examples[i] for i in b], [hits[i] for i in b])
-                target = targets[b].to(scores)
-                loss = lsr_loss(scores, target, kl_direction=cfg.kl_direction, **temps)
+                batch_hits = [hits[i] for i in b]
+                if cfg.in_batch_negatives:
+                    cross = retriever_scores(retriever, [examples[i] for i in b], batch_hits, cross=True)
+                    n = len(b)
+                    scores = cross.view(n, n, -1)[torch.arange(n), torch.arange(n)]  # (B, k): own candidates
+                    target = targets[b].to(scores)
+                    loss = in_batch_lsr_loss(cross, target, shared_candidates(batch_hits), **temps)
+                else:
+                    scores = retriever_scores(retriever, [examples[i] for i in b], batch_hits)
+                    target = targets[b].to(scores)
+                    loss = lsr_loss(scores, target, kl_direction=cfg.kl_direction, **temps)
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -72,3 +72,30 @@ def test_recall_and_mrr_on_hand_made_hits():
 )
 def test_letter_parsing(text, letter):
     assert parse_choice_letter(text) == letter
+
+
+def test_the_plot_has_a_panel_per_scale_integer_rounds_and_starts_at_round_0(tmp_path):
+    """metrics.png: the loss, Web Questions, retrieval and MMLU each on their own axis (a 0.08 F1 next to a 0.45 recall
+    would flatten one of them), rounds as integers, and the initial model's evaluation as round 0."""
+    import matplotlib.pyplot as plt
+
+    from fedrag_app.evaluation.reporting import PANELS, metrics_figure, plot_metrics
+
+    rows = [
+        {"round": 0, "wq-f1": 0.08, "retrieval-recall@10": 0.45, "mmlu-circular-accuracy": 0.3},
+        {"round": 1, "train-ralt-loss-mean": 2.0, "wq-f1": 0.12, "retrieval-recall@10": 0.45},
+        {"round": 2, "train-ralt-loss-mean": 1.5, "wq-f1": 0.15, "retrieval-recall@10": 0.45},
+    ]
+    fig = metrics_figure(rows)
+    try:
+        axes = {a.get_title(): a for a in fig.axes}
+        assert list(axes) == list(PANELS)
+        f1 = next(line for line in axes["Web Questions (server)"].lines if line.get_label() == "wq-f1")
+        assert list(f1.get_xdata()) == [0, 1, 2] and list(f1.get_ydata()) == [0.08, 0.12, 0.15]
+        assert [line.get_label() for line in axes["training loss (client mean)"].lines] == ["ralt-loss-mean"]
+        ticks = axes["Web Questions (server)"].get_xticks()
+        assert all(float(t).is_integer() for t in ticks), ticks
+    finally:
+        plt.close(fig)
+    plot_metrics(rows, tmp_path / "metrics.png")
+    assert (tmp_path / "metrics.png").stat().st_size > 0

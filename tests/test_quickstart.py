@@ -22,9 +22,12 @@ REPO = Path(__file__).resolve().parents[1]
 def test_defaults_are_valid_and_evaluate_once_after_the_last_round(tmp_path):
     flat = run_config({}, tmp_path, None)
     assert flat["fed.server-eval-every"] == flat["fed.num-server-rounds"] == DEFAULTS["fed.num-server-rounds"]
-    assert flat["fed.min-nodes"] == flat["partition.num-partitions"] == 3 and flat["train.mode"] == "ra-dit"
+    assert flat["fed.min-nodes"] == flat["partition.num-partitions"] == 3 and flat["train.mode"] == "ralt"
+    assert flat["fed.strategy"] == "fedavgm" and flat["fed.server-eval-round-0"] is True, "quality_full's setting"
     for key in ("partition.dir", "fed.output-dir", "store.path"):
         assert Path(flat[key]).is_absolute() and Path(flat[key]).parent == tmp_path
+    plain = run_config({"fed.strategy": "fedavg"}, tmp_path, None)
+    assert "fed.server-learning-rate" not in plain and "fed.server-momentum" not in plain, "FedAvgM's keys dropped"
     more = run_config({"fed.num-server-rounds": 4, "partition.num-partitions": 2}, tmp_path, None)
     assert more["fed.server-eval-every"] == 4 and more["fed.min-nodes"] == 2
     assert more["partition.dir"] != flat["partition.dir"], "other partition settings get their own folder"
@@ -47,6 +50,7 @@ def test_a_bad_override_is_refused_before_anything_runs(tmp_path):
 # one `flwr run` simulation of the suite crosses every process boundary with the private aggregation path too.
 # FedAvg without DP through `flwr run` is proven by tests/test_deploy.py's federations (real SuperLink, SuperNodes).
 PRIVATE = {
+    "fed.strategy": "fedavg",  # central DP noises FedAvg's mean; a server optimizer would rescale it (a ConfigError)
     "fed.lora-aggregation": "ffa",
     "dp.mode": "client-clip",
     "dp.clipping-norm": 0.05,
@@ -91,7 +95,8 @@ def _bytes_per_reply(flat: dict) -> tuple[int, int]:
 def test_quickstart_end_to_end_tiny_two_private_rounds(tmp_path, data_dir, tiny_models_config):
     """The suite's one `flwr run` training simulation (it absorbed the former tests/test_flwr_run.py). Proves the
     orchestration end to end through real processes (CLI, `fedrag-app partition`, local SuperLink, simulation with 2
-    SuperNodes): evaluation before; both rounds receive 2 results, drop nothing and average both updates; adapter,
+    SuperNodes): the server's evaluation before (round 0) and after, paired in the summary; both rounds receive 2
+    results, drop nothing and average both updates; adapter,
     retriever and state are checkpointed each round, the plot and the Flower log written; server evaluation metrics
     arrive while under DP the nodes withhold their losses, timings and scores (the rows say so); Flower's client-side DP
     mod + server wrapper add noise and the accountant's epsilon per round equals dp-accounting's; FFA-LoRA replies carry
@@ -121,9 +126,11 @@ def test_quickstart_end_to_end_tiny_two_private_rounds(tmp_path, data_dir, tiny_
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["before"]["mmlu-loglik-n"] == 2 and summary["after"]["round"] == 2
+    assert summary["before"]["round"] == 0 and summary["before"]["mmlu-loglik-n"] == 2
+    assert summary["after"]["round"] == 2
+    assert summary["paired"]["wq-f1"]["n"] == 2 and "low" in summary["paired"]["wq-f1"], "round 2 against round 0"
     assert summary["answer"]["answer"] and summary["answer"]["checkpoint"].endswith("round-0002")
-    for text in ("1 · index", "3 · federated fine-tuning", "5 · summary", "fedrag-app export --checkpoint"):
+    for text in ("1 · index", "2 · federated fine-tuning", "4 · summary", "Web Questions F1", "fedrag-app export"):
         assert text in done.stdout
     fed = out / "fed"
     log = (fed / "flower.log").read_text()
@@ -131,7 +138,9 @@ def test_quickstart_end_to_end_tiny_two_private_rounds(tmp_path, data_dir, tiny_
     assert "dropped the update" not in log, log[-4000:]
     assert "central DP noise with" in log and "Privacy spent" in log, log[-4000:]
     rows = [json.loads(line) for line in (fed / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [1, 2]
+    assert [r["round"] for r in rows] == [0, 1, 2] and (fed / "predictions" / "round-0.jsonl").exists()
+    assert "wq-f1" in rows[0] and "round-bytes-up" not in rows[0], "round 0: the initial model's evaluation alone"
+    rows = rows[1:]
     assert all(r["round-bytes-up"] > 0 and r["round-train-seconds"] > 0 for r in rows)
     assert all(r["round-failures"] == 0 and r["round-updates-averaged"] == 2 for r in rows)
     assert "mmlu-loglik-accuracy" in rows[-1] and "wq-f1" in summary["after"]

@@ -367,6 +367,11 @@ class FedConfig:
     resume: bool = _help("continue from the last complete checkpoint in output-dir", False)
     server_eval: bool = _help("server-side MMLU + Web Questions evaluation after each round", True)
     server_eval_every: int = _help("run the server-side evaluation every N rounds and after the last one", 1)
+    server_eval_round_0: bool = _help(
+        "also evaluate the initial global model (round 0: metrics.jsonl row, predictions/round-0.jsonl) at the "
+        "start of a fresh run: the before of a before/after, paired question by question",
+        False,
+    )
     lora_aggregation: str = _help(
         "fedavg (average A and B) | ffa (A frozen at its seeded start, only B trains and "
         "travels: exact) | product (mean of B·A per layer, refactored by truncated SVD)",

@@ -141,8 +141,12 @@ class RoundRecorder:
     done: int = 0
 
     def after_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round == 0:
-            return None
+        if server_round == 0:  # the initial global model: the before, when asked for and not a resumed run
+            if not (self.cfg.fed.server_eval and self.cfg.fed.server_eval_round_0) or self.done:
+                return None
+            metrics = self.evaluate(0)
+            self.record(0, metrics)
+            return metric_record(metrics)
         load_received_state(self.cfg, self.gen, self.retriever, record_to_numpy(arrays))
         n = self.done + server_round
         metrics = self.evaluate(n)
@@ -154,7 +158,7 @@ class RoundRecorder:
     def evaluate(self, n: int) -> dict[str, float]:
         """The server-side evaluation when due ({} otherwise); its per-question predictions go to
         predictions/round-N.jsonl, for paired comparisons between runs (fedrag_app/evaluation/paired.py)."""
-        if not evaluation_due(self.cfg.fed, n):
+        if n and not evaluation_due(self.cfg.fed, n):
             return {}
         records: list[dict] = []
         metrics = run_evaluation(self.cfg, self.gen, self.retriever, self.store, records=records)
@@ -184,4 +188,6 @@ class RoundRecorder:
             **s.last_evaluate_metrics,
             **metrics,
         }
+        if n == 0:  # nothing trained or sent yet: the server's evaluation alone
+            row = {"round": 0, **metrics}
         plot_metrics(append_metrics(self.out / "metrics.jsonl", row), self.out / "metrics.png")

@@ -37,8 +37,6 @@ from fedrag_app.data.loaders import (
     write_mmlu_jsonl,
     write_qa_jsonl,
 )
-from fedrag_app.rag.embedding_cache import EmbeddingCache
-from fedrag_app.rag.ingest import build_shard, encode_into_cache
 
 NUM_TOPIC_GROUPS = 12
 MANIFEST = "manifest.json"
@@ -154,6 +152,11 @@ def _sha256(path: Path) -> str:
 
 def make_partitions(cfg: AppConfig, encoder, *, progress: bool = True) -> dict:
     """Write client-<i>/{train.jsonl, heldout.jsonl, shard/} and manifest.json under partitions_dir(cfg.partition)."""
+    # Imported here: a ClientApp reads MANIFEST and partitions_dir through node_data on every message, and the
+    # embedding cache imports the retriever (sentence-transformers, torch), which a query message never needs.
+    from fedrag_app.rag.embedding_cache import EmbeddingCache
+    from fedrag_app.rag.ingest import build_shard, encode_into_cache
+
     pc, seed = cfg.partition, cfg.runtime.seed
     target = partitions_dir(pc)
     foreign = {p.name for p in target.iterdir()} - {"README.md"} if target.exists() else set()

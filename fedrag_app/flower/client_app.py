@@ -15,12 +15,18 @@ Every handler resolves the node's setup (configs, LoRA rank, data and shard) onc
 Models are loaded once per process (simulation reuses Ray actors across nodes and rounds; every message
 overwrites the weights with the global ones). Shards are opened per message and closed at its end, so no
 two nodes in one process ever hold the same lock.
+
+In deployment flwr 1.42 runs every message in a fresh `flwr-clientapp` process (docs/PERFORMANCE.md, Deployment), so
+this module imports only what every message needs (flwr, numpy, the configs, the shard): torch, transformers, peft
+and sentence-transformers are imported by the train and evaluate handlers, which load the models; a query message
+with the server's query vectors (what the ServerApp always sends) never imports them.
 """
 
 from __future__ import annotations
 
 import time
 from logging import INFO, WARNING
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -30,17 +36,13 @@ from flwr.common import log
 from flwr.common.constant import ErrorCode
 
 from fedrag_app.config.app_config import AppConfig
-from fedrag_app.config.runtime import apply_runtime, release_memory
 from fedrag_app.core.errors import ConfigError
-from fedrag_app.evaluation.evaluate import evaluate_retrieval, evaluate_web_questions
 from fedrag_app.federation.disclosure import SHARE_KEY, UNPROTECTED, split_private
-from fedrag_app.federation.exchange import at_node_rank, load_received_state, outgoing_state
 from fedrag_app.federation.node_data import node_data, node_mmlu, node_questions
 from fedrag_app.federation.node_setup import NodeSetup, node_setup
-from fedrag_app.federation.personal import RoundOf, personal_adapter
 from fedrag_app.federation.query import REFUSAL, opted_in, over_limits, pack_hits
 from fedrag_app.flower.local_dp import AnalyticLocalDpMod
-from fedrag_app.flower.message_clock import MessageClock
+from fedrag_app.flower.message_clock import MessageClock, stamp
 from fedrag_app.flower.records import (
     A_FINGERPRINT,
     CHECKS,
@@ -51,11 +53,12 @@ from fedrag_app.flower.records import (
     save_optimizer_state,
     to_wire_update,
 )
-from fedrag_app.rag.generator import Generator, load_generator, lora_a_fingerprint
 from fedrag_app.rag.knowledge_store import KnowledgeStore
-from fedrag_app.rag.retrieval import retrieve
-from fedrag_app.rag.retriever import DualEncoder, load_retriever
-from fedrag_app.training.local_round import run_local_round
+
+if TYPE_CHECKING:
+    from fedrag_app.federation.personal import RoundOf
+    from fedrag_app.rag.generator import Generator
+    from fedrag_app.rag.retriever import DualEncoder
 
 app = ClientApp()
 QUERY_ANSWERED = "query-answered"  # context.state ConfigRecord: questions this node answered in this run
@@ -63,6 +66,11 @@ _MODELS: dict = {}  # (generator config, retriever config, runtime) -> (Generato
 
 
 def _models(cfg: AppConfig) -> tuple[Generator, DualEncoder]:
+    from fedrag_app.config.runtime import apply_runtime
+    from fedrag_app.core.torch_runtime import release_memory
+    from fedrag_app.rag.generator import load_generator
+    from fedrag_app.rag.retriever import load_retriever
+
     key = (cfg.generator, cfg.retriever, cfg.runtime)
     if key not in _MODELS:
         _MODELS.clear()  # another run's models: free them first
@@ -148,6 +156,8 @@ def _models_at_global_weights(msg: Message, setup: NodeSetup, clock: MessageCloc
     """The models (loaded once per process, at this node's LoRA rank) set to the global weights in the message: a
     node of lower rank than the global adapter takes its truncation (fed.lora-aggregation = fedavg) or its best
     rank-r approximation (product); the server recomputes the same to average its update."""
+    from fedrag_app.federation.exchange import at_node_rank, load_received_state
+
     gen, retriever = _models(setup.cfg)
     clock.mark("models")
     state = at_node_rank(record_to_numpy(msg.content["arrays"]), setup.run, setup.cfg)
@@ -157,6 +167,8 @@ def _models_at_global_weights(msg: Message, setup: NodeSetup, clock: MessageCloc
 
 def _round_of(msg: Message, context: Context) -> RoundOf:
     """The absolute round (a resumed run's server counts from 1 again and sends the rounds done before)."""
+    from fedrag_app.federation.personal import RoundOf
+
     config = msg.content["config"]
     offset = int(config.get("round-offset", 0))
     return RoundOf(run_id=context.run_id, server_round=int(config["server-round"]) + offset, round_offset=offset)
@@ -165,6 +177,13 @@ def _round_of(msg: Message, context: Context) -> RoundOf:
 @app.train(mods=[disclosure_mod, wire_mod, privacy_mod])
 def train(msg: Message, context: Context) -> Message:
     started, clock = time.perf_counter(), MessageClock(msg, context, _IMPORTED_AT)
+    from fedrag_app.core.torch_runtime import release_memory
+    from fedrag_app.federation.exchange import outgoing_state
+    from fedrag_app.federation.personal import personal_adapter
+    from fedrag_app.rag.generator import lora_a_fingerprint
+    from fedrag_app.training.local_round import run_local_round
+
+    clock.mark("imports")
     setup = node_setup(context.run_config, context.node_config)
     cfg, node = setup.cfg, setup.node
     gen, retriever = _models_at_global_weights(msg, setup, clock)
@@ -212,6 +231,12 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate(mods=[disclosure_mod])
 def evaluate(msg: Message, context: Context) -> Message:
     clock = MessageClock(msg, context, _IMPORTED_AT)
+    from fedrag_app.core.torch_runtime import release_memory
+    from fedrag_app.evaluation.evaluate import evaluate_retrieval, evaluate_web_questions
+    from fedrag_app.federation.personal import personal_adapter
+    from fedrag_app.rag.retrieval import retrieve
+
+    clock.mark("imports")
     setup = node_setup(context.run_config, context.node_config)
     cfg, node = setup.cfg, setup.node
     gen, retriever = _models_at_global_weights(msg, setup, clock)
@@ -302,4 +327,4 @@ def retrieve_passages(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"docs": ConfigRecord(docs), "metrics": metrics}), reply_to=msg)
 
 
-_IMPORTED_AT = time.time()  # this module and what it imports are loaded (message_clock: process start to here)
+_IMPORTED_AT = stamp()  # this module and what it imports are loaded (message_clock: process start to here)

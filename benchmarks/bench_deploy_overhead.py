@@ -14,7 +14,11 @@ message in a fresh `flwr-clientapp` process, so per message:
   model load   generator and/or retriever from disk (+ LoRA)        weights in   the global weights set, data read
   shard open   the Qdrant Edge shard (+ the context encoder's fingerprint checked against it)
   compute      the local round / the evaluation / the search         reply        pack, then Flower's push (to exit)
-Per round: the ServerApp's training phase (send -> last reply) against the nodes' compute (longest and sum).
+each as the median wall-clock and the median of the process's own CPU seconds (on a shared machine the CPU seconds
+say what a phase costs; the wall clock, what it took). Per round: when the last node's process exited, when its
+SuperNode had uploaded the last reply (the SuperNodes' log lines, timed as they appear), when the ServerApp held
+them all (its training phase), against the nodes' compute. And the CPU seconds of each step of a ClientApp
+process's imports, in a fresh interpreter. The figures of issue 41 are in docs/PERFORMANCE.md (Deployment).
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -51,6 +57,35 @@ PHASES = [
 ]
 MARKS = ["created"] + [mark for _, mark in PHASES]
 NAMES = ["node-0", "node-1", "node-2"]
+
+
+class LogTimes(threading.Thread):
+    """Flower's SuperNode logs carry no times: stamp each line of interest as it appears in a node's log (polled every
+    0.2 s), so a reply's way out is timed too: handed to the SuperNode ("Sending: train message") and uploaded to the
+    SuperLink ("Sent successfully")."""
+
+    EVENT = re.compile(r"(Receiving|Sending): (\S+) message|(Sent|Received) successfully")
+
+    def __init__(self, logs: dict[str, Path], out: Path):
+        super().__init__(daemon=True)
+        self.logs, self.out, self.stop = logs, out, threading.Event()
+
+    def run(self) -> None:
+        offsets = dict.fromkeys(self.logs, 0)
+        with self.out.open("a") as out:
+            while not self.stop.wait(0.2):
+                for name, path in self.logs.items():
+                    with path.open("rb") as f:
+                        f.seek(offsets[name])
+                        text = f.read().decode(errors="replace")
+                    complete = text[: text.rfind("\n") + 1]
+                    offsets[name] += len(complete.encode())
+                    for line in complete.splitlines():
+                        if m := self.EVENT.search(line):
+                            event = (m.group(1) or m.group(3)).lower()
+                            out.write(json.dumps({"node": name, "t": time.time(), "event": event, "type": m.group(2)}))
+                            out.write("\n")
+                out.flush()
 
 
 def run(args) -> Path:
@@ -82,6 +117,8 @@ def run(args) -> Path:
             config = node_config(node_dir, partition_id=i, num_partitions=len(NAMES), shard=node_shard)
             fed.add_node(name, {**config, "federated-retrieval": True})
         fed.wait_online(NAMES)
+        log_times = LogTimes({name: fed.logs[name] for name in NAMES}, work / "log_times.jsonl")
+        log_times.start()
         print(f"load average before: {os.getloadavg()}", flush=True)
         train = {
             **common,
@@ -107,17 +144,42 @@ def run(args) -> Path:
                 print(fed.run_log(run_id)[-3000:])
         print(f"load average after: {os.getloadavg()}", flush=True)
     finally:
+        if "log_times" in locals():
+            log_times.stop.set()
         fed.close()
     (work / "runs.json").write_text(json.dumps(started, indent=2))
     return work
 
 
-def flower_floor() -> float:
-    """A fresh interpreter importing what flwr-clientapp imports before it pulls its task: Flower's own share of
-    'start', which no ClientApp can cut."""
-    t0 = time.time()
-    subprocess.run([sys.executable, "-c", "import flwr.supernode.runtime.run_clientapp"], check=True)
-    return time.time() - t0
+IMPORT_STEPS = [  # what a ClientApp process imports, in order: flwr-clientapp's own runtime, then ours
+    ("Python + flwr-clientapp's runtime", "import flwr.supernode.runtime.run_clientapp"),
+    ("the ClientApp module", "import fedrag_app.flower.client_app"),
+    ("torch", "import torch"),
+    ("transformers (AutoModelForCausalLM)", "from transformers import AutoModelForCausalLM"),
+    ("sentence-transformers (with peft, bitsandbytes, datasets)", "import sentence_transformers"),
+    (
+        "the rest of train's and evaluate's imports",
+        "import fedrag_app.training.local_round, fedrag_app.evaluation.evaluate",
+    ),
+]
+IMPORT_SCRIPT = """
+import json, sys, time
+t, steps = 0.0, []  # process_time counts from the process's start: the first step includes the interpreter's
+for name, statement in json.loads(sys.argv[1]):
+    exec(statement)
+    steps.append((name, time.process_time() - t))
+    t = time.process_time()
+print(json.dumps(steps))
+"""
+
+
+def import_costs() -> list[tuple[str, float]]:
+    """CPU seconds of each step of a ClientApp process's imports, in a fresh interpreter (process_time from its start,
+    so the first step includes the interpreter's own start-up)."""
+    done = subprocess.run(
+        [sys.executable, "-c", IMPORT_SCRIPT, json.dumps(IMPORT_STEPS)], capture_output=True, text=True, cwd=REPO
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _wall_cpu(value) -> tuple[float | None, float | None]:
@@ -176,11 +238,35 @@ def _rounds(train: list[dict]) -> dict[int, list[dict]]:
     return dict(out)
 
 
+def _uploads(work: Path, train: list[dict]) -> dict[int, float]:
+    """id(train message) -> when its SuperNode logged "Sent successfully" for it (LogTimes): a node's k-th train
+    reply sent is its k-th train message; node-i is partition i."""
+    path = work / "log_times.jsonl"
+    if not path.exists():
+        return {}
+    events = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    out = {}
+    for i, name in enumerate(NAMES):
+        sent, sending = [], None
+        for e in (e for e in events if e["node"] == name):
+            if e["event"] == "sending":
+                sending = e["type"]
+            elif e["event"] == "sent" and sending is not None:
+                sent.append((sending, e["t"]))
+                sending = None
+        mine = sorted((m for m in train if m["partition-id"] == i), key=lambda m: m["created"])
+        for m, t in zip(mine, [t for kind, t in sent if kind == "train"]):
+            out[id(m)] = t
+    return out
+
+
 def report(work: Path) -> None:
     runs = json.loads((work / "runs.json").read_text())
     ms = messages(work / "timings.jsonl")
     by_run = {label: [m for m in ms if m["run-id"] == info["run-id"]] for label, info in runs.items()}
-    print(f"\nFlower's floor (fresh interpreter importing flwr-clientapp's runtime): {flower_floor():.2f} s")
+    print("\nimports of a ClientApp process, CPU seconds in a fresh interpreter (a query message needs the first two):")
+    for name, cpu in import_costs():
+        print(f"  {name:<60} {cpu:5.2f}")
     cols = ["dispatch", "start+imports", "model load", "weights in", "shard open", "compute", "reply", "overhead"]
     for kind, what in (("wall", "wall-clock"), ("cpu", "CPU (the process's own)")):
         print(f"\nper message, median {what} seconds; overhead = start+imports, model load, weights in, shard open")
@@ -210,18 +296,28 @@ def report(work: Path) -> None:
     if (work / "train" / "metrics.jsonl").exists():
         rows = [json.loads(x) for x in (work / "train" / "metrics.jsonl").read_text().splitlines() if x.strip()]
     if rows:
-        print("\nper round: the ServerApp's training phase against the nodes' train compute")
-        print("| round | training phase | compute, longest node | compute, sum of nodes | share not compute |")
-        print("|---|---|---|---|---|")
+        uploads = _uploads(work, [m for m in train if m["type"] == "train"])
+        print("\nper round, seconds after the ServerApp created the round's train messages: when the last node's")
+        print("process exited, when its SuperNode had uploaded the last reply, when the ServerApp held them all")
+        print(
+            "| round | last process exit | last reply uploaded | replies in hand (training phase) "
+            "| compute, longest node | compute, sum of nodes | share not compute |"
+        )
+        print("|---|---|---|---|---|---|---|")
         total_wall = total_max = 0.0
         for row in rows:
             tms = rounds.get(row["round"], [])
             comp = [m["wall"].get("compute", 0.0) for m in tms]
+            t0 = min(m["created"] for m in tms)
+            ends = [_wall_cpu(m["exit"])[0] for m in tms if m.get("exit")]
+            sent = [uploads[id(m)] for m in tms if id(m) in uploads]
+            exit_at = f"{max(ends) - t0:.1f} s" if ends else "–"
+            sent_at = f"{max(sent) - t0:.1f} s" if len(sent) == len(tms) else "–"
             wall = row["round-train-seconds"]
             total_wall, total_max = total_wall + wall, total_max + max(comp, default=0.0)
             print(
-                f"| {row['round']} | {wall:.1f} s | {max(comp, default=0):.1f} s | {sum(comp):.1f} s "
-                f"| {1 - max(comp, default=0) / wall:.0%} |"
+                f"| {row['round']} | {exit_at} | {sent_at} | {wall:.1f} s | {max(comp, default=0):.1f} s "
+                f"| {sum(comp):.1f} s | {1 - max(comp, default=0) / wall:.0%} |"
             )
         evals = [m for m in train if m["type"] == "evaluate"]
         print(

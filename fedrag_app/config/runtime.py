@@ -8,21 +8,10 @@ from typing import TYPE_CHECKING
 
 from fedrag_app.config.app_config import RuntimeConfig
 from fedrag_app.core.errors import ConfigError
-from fedrag_app.core.torch_runtime import (
-    DTYPES,
-    bf16_supported,
-    cuda_available,
-    release_memory,
-    seed_everything,
-    set_threads,
-)
+from fedrag_app.core.torch_runtime import DTYPES, bf16_supported, cuda_available, seed_everything, set_threads
 
 if TYPE_CHECKING:
     import torch
-
-# release_memory, seed_everything and set_threads live in core/torch_runtime.py; still importable from here for
-# fedrag_app/flower/client_app.py and benchmarks/lsr_signal.py.
-__all__ = ["apply_runtime", "release_memory", "resolve_device", "resolve_dtype", "seed_everything", "set_threads"]
 
 
 def resolve_device(cfg: RuntimeConfig) -> str:

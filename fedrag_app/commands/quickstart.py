@@ -147,7 +147,7 @@ class Quickstart:
             f"{c.eval.mmlu_limit} MMLU\n"
             "  3 ask        the fine-tuned system answers one question\n"
             "  4 summary    before and after, each difference with its 95% paired interval\n"
-            f"Outputs go to {self.out}. About 11 minutes on 2 CPU cores (a second run reuses the indexes)."
+            f"Outputs go to {self.out} (a second run reuses the indexes)."
         )
 
     def check_data(self) -> None:

@@ -111,4 +111,4 @@ def index_documents(
         Passage(id=_document_id(d), title=str((d.metadata or {}).get("title", "")), text=d.page_content)
         for d in documents
     ]
-    return build_shard(passages, retriever, **where)
+    return build_shard(passages, retriever, **{"progress": False, **where})  # a library call: no bar unless asked

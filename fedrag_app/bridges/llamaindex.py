@@ -124,4 +124,4 @@ def index_nodes(
         Passage(id=n.node_id, title=str(n.metadata.get("title", "")), text=n.get_content(MetadataMode.NONE))
         for n in nodes
     ]
-    return build_shard(passages, retriever, **where)
+    return build_shard(passages, retriever, **{"progress": False, **where})  # a library call: no bar unless asked

@@ -17,8 +17,8 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 
 setup: $(VENV)/.installed
 
-# The main job on embedded defaults (fedrag_app/commands/quickstart.py): index small shards, evaluate, federated RA-DIT
-# over 3 institutions with `flwr run .` (Flower simulation), evaluate again, ask; ends with a summary.
+# The main job on embedded defaults (fedrag_app/commands/quickstart.py): index small shards, federated RALT over 3
+# institutions with `flwr run .` (Flower simulation), the server evaluating before and after, ask; ends with a summary.
 # ARGS passes options through, e.g. make run ARGS="--rounds 3 --verbose".
 run: setup
 	$(VENV)/bin/fedrag-app quickstart $(ARGS)

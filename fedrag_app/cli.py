@@ -421,8 +421,8 @@ def quickstart(
     sets: list[str] | None = SetOpt,
     data_dir: str | None = DataDirOpt,
 ) -> None:
-    """The main job on embedded defaults (`make run`): index, evaluate, federated RA-DIT (`flwr run`), evaluate,
-    ask. --config/--set override the embedded defaults."""
+    """The main job on embedded defaults (`make run`): index, federated RALT over 3 institutions (`flwr run`) with
+    the server evaluating before and after, ask. --config/--set override the embedded defaults."""
     from fedrag_app.commands.quickstart import QUESTION, Quickstart
 
     overrides = given_keys(config, sets, **{"fed.num-server-rounds": rounds})

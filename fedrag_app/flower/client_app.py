@@ -246,24 +246,21 @@ def evaluate(msg: Message, context: Context) -> Message:
     with _open_store(setup, retriever) as store:
         clock.mark("shard")
         hits = retrieve(retriever, store, [e.question for e in heldout], depth)
-    scores = evaluate_web_questions(
-        gen,
-        heldout,
-        hits,
-        top_k=cfg.eval.top_k,
-        batch_size=cfg.eval.batch_size,
-        max_new_tokens=cfg.generator.max_new_tokens,
-    )
+
+    def answer_heldout() -> dict[str, float]:
+        return evaluate_web_questions(
+            gen,
+            heldout,
+            hits,
+            top_k=cfg.eval.top_k,
+            batch_size=cfg.eval.batch_size,
+            max_new_tokens=cfg.generator.max_new_tokens,
+        )
+
+    scores = answer_heldout()
     if cfg.fed.personal_adapter:  # the global model above; the node's personalised model (global + its own) here
         with personal_adapter(cfg, gen, node.state_dir, node.partition_id, _round_of(msg, context), keep=False):
-            personal = evaluate_web_questions(
-                gen,
-                heldout,
-                hits,
-                top_k=cfg.eval.top_k,
-                batch_size=cfg.eval.batch_size,
-                max_new_tokens=cfg.generator.max_new_tokens,
-            )
+            personal = answer_heldout()
         scores.update({f"personal-{k}": v for k, v in personal.items()})
     scores.update(evaluate_retrieval(hits, heldout, cfg.eval.recall_k))
     clock.mark("compute")

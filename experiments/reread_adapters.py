@@ -13,6 +13,7 @@ where it stopped; then <table>/reread/summary.md compares each adapter with the 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -39,13 +40,14 @@ def evaluate(adapter: Path | None, out: Path, retrieval: bool) -> None:
         "--set", "runtime.num-threads=0",
     ]  # fmt: skip
     flags += ["--set", "eval.top-k=1", "--set", "store.passages-limit=0"] if retrieval else ["--no-retrieval"]
-    if adapter is not None:
-        flags += ["--adapter", str(adapter)]
+    if adapter is not None:  # relative to the checkout (the subprocess runs there): results name no machine's paths
+        flags += ["--adapter", os.path.relpath(adapter, REPO)]
     out.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(
         [str(BIN / "fedrag-app"), "evaluate", "--output", str(out.with_suffix(".json")), "--predictions",
          str(out.with_suffix(".jsonl")), *flags],
         check=True,
+        cwd=REPO,
         stdout=subprocess.DEVNULL,
     )  # fmt: skip
 
@@ -108,7 +110,8 @@ def main(
         if not out.with_suffix(".json").exists():
             typer.echo(f"re-reading {name}")
             evaluate(adapters.get(name), out, retrieval)
-        write_text(folder / "summary.md", summarise(folder, [n for n in names if (folder / f"{n}.json").exists()]))
+        done = [n for n in ["untuned", *adapters] if (folder / f"{n}.json").exists()]  # this run's and earlier runs'
+        write_text(folder / "summary.md", summarise(folder, done))
     write_json(folder / "adapters.json", {n: str(p.relative_to(REPO)) for n, p in adapters.items()})
 
 

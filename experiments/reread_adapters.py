@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -86,7 +87,33 @@ def summarise(folder: Path, names: list[str]) -> str:
         baseline = json.loads((folder / "untuned.json").read_text())["results"]
         prefix = "mmlu-" if set_name == "mmlu" else "mmlu-all-"
         lines += ["", f"Majority-letter baseline of these questions: {baseline[f'{prefix}majority-baseline']:.3f}.", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + spreads(folder, names))
+
+
+def spreads(folder: Path, names: list[str]) -> list[str]:
+    """How much a question's choices differ in score (median over questions of best minus worst): a model whose
+    multiple-choice answer depends less on what the options say shows a smaller circular spread, while the cloze
+    spread tells whether its likelihood of the answers' texts still tells them apart."""
+    lines = [
+        "## How much the choices' content moves the scores",
+        "",
+        "Median over questions of the best minus the worst choice's score (circular: mean log-probability of the",
+        "choice's letter over the four positions; cloze: log-likelihood of its text per character).",
+        "",
+        "| adapter | " + " | ".join(f"{t}: {p}" for t in SETS.values() for p in ("circular", "cloze")) + " |",
+        "|---|" + "---|" * 2 * len(SETS),
+    ]
+    for name in names:
+        records = _records(folder / f"{name}.jsonl")
+        cells = []
+        for set_name in SETS:
+            for protocol in ("circular", "cloze"):
+                gaps = [
+                    max(r[protocol]["scores"]) - min(r[protocol]["scores"]) for r in records if r.get("set") == set_name
+                ]
+                cells.append(f"{statistics.median(gaps):.3f}" if gaps else "–")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _records(path: Path) -> list[dict]:

@@ -86,3 +86,39 @@ def test_the_table_runner_writes_each_rows_paired_comparison(tmp_path):
     paired = run_table.paired_rows(table, results, lambda r: base if r["row"] == "untuned" else tuned)
     assert [p["row"] for p in paired] == ["tuned"] and paired[0]["metrics"]["wq-em"]["gained"] == 12
     assert "| tuned | 1 | +1.000 [+1.000, +1.000] 12/0 p=0.00049 |" in run_table.summarise_paired(table, paired)
+
+
+def test_reread_summary_pairs_each_adapter_against_untuned_and_measures_the_choices_spread(tmp_path):
+    """experiments/reread_adapters.py's summary, on hand-made files: the tuned adapter gets every question of the broad
+    set right under circular where the untuned one got half, so its difference is +0.5 with 4 gained, 0 lost; the
+    spread column is the median of each question's best minus worst choice score."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "experiments" / "reread_adapters.py"
+    spec = importlib.util.spec_from_file_location("reread_adapters", path)
+    reread = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reread)
+
+    def write(name: str, right: list[bool], spread: float) -> None:
+        records, results = [], {}
+        for set_name, prefix in (("mmlu", "mmlu-"), ("mmlu-all", "mmlu-all-")):
+            for i, ok in enumerate(right):
+                scores = [0.0, -spread, -spread / 2, -spread / 4] if ok else [-spread, 0.0, -spread / 2, -spread / 4]
+                entry = {"prediction": "A" if ok else "B", "correct": ok, "scores": scores}
+                records.append(
+                    {"dataset": "mmlu", "set": set_name, "id": f"q{i}", "gold": "A", "circular": entry, "cloze": entry}
+                )
+            for protocol in reread.PROTOCOLS:
+                results[f"{prefix}{protocol}-accuracy"] = sum(right) / len(right)
+            results |= {f"{prefix}loglik-pred-{x}": share for x, share in zip("ABCD", (0.5, 0.5, 0.0, 0.0))}
+            results[f"{prefix}majority-baseline"] = 1.0
+        (tmp_path / f"{name}.json").write_text(json.dumps({"results": results}))
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+
+    write("untuned", [True, False] * 4, spread=2.0)
+    write("tuned", [True] * 8, spread=0.5)
+    text = reread.summarise(tmp_path, ["untuned", "tuned"])
+    assert text.count("| tuned | 1.000 | 1.000 | 1.000 (+0.500 [+0.125, +0.875] 4/0 p=0.12) |") == 2  # both sets
+    assert "| untuned | 2.000 | 2.000 | 2.000 | 2.000 |" in text
+    assert "| tuned | 0.500 | 0.500 | 0.500 | 0.500 |" in text

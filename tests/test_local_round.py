@@ -105,3 +105,28 @@ def test_same_inputs_and_seed_give_identical_weights(generator, retriever, small
     assert any(not torch.equal(lora1[k], lora0[k]) for k in lora0), "RALT must change the adapter"
     assert any(not torch.equal(retr1[k], retr0[k]) for k in retr0), "LSR must change the retriever"
     assert all(isinstance(v, float) for v in r1.metrics.values())
+
+
+def test_a_round_mixes_in_its_share_of_the_multiple_choice_questions_that_fit(
+    generator, retriever, small_shard_path, data_dir
+):
+    """ralt.mmlu-ratio 1 over 4 questions: 4 multiple-choice sequences a round, drawn only from questions whose prompt
+    fits ralt.max-seq-len; a pool of questions too long to fit mixes nothing in rather than cutting their prompts."""
+    from fedrag_app.data.loaders import load_mmlu_pool
+
+    cfg = AppConfig.from_flat({**TINY, "train.mode": "ralt", "ralt.mmlu-ratio": 1.0, "ralt.top-k": 1})
+    examples = load_web_questions("train", cfg.data)[:10]
+    pool = load_mmlu_pool(cfg.data, ())
+    long = [q for q in pool if len(q.question) + sum(map(len, q.choices)) > 2000][:6]
+    short = [q for q in pool if q.subject == "high_school_mathematics"][:6]
+    lora0 = lora_state_dict(generator)
+    counts = []
+    try:
+        for mmlu in (long, long + short):
+            load_lora_state_dict(generator, lora0)
+            with KnowledgeStore.open(path=small_shard_path) as store:
+                result = run_local_round(cfg, generator, retriever, store, examples, server_round=3, mmlu=mmlu)
+            counts.append(result.metrics["ralt-mmlu-sequences"])
+    finally:
+        load_lora_state_dict(generator, lora0)
+    assert len(long) == 6 and counts == [0.0, 4.0]

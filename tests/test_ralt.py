@@ -168,3 +168,41 @@ def test_the_multiple_choice_mixture_is_prompted_as_evaluation_and_teaches_no_le
         taught.append(letter)
     shares = [taught.count(letter) / len(taught) for letter in CHOICE_LETTERS]
     assert min(shares) > 0.15, f"letters taught {shares}"
+
+
+def test_the_mixture_leaves_out_questions_that_would_lose_the_start_of_their_prompt(generator, data_dir):
+    """At 256 tokens about 1 in 8 MMLU dev/val questions cannot fit even without a passage: cutting them from the
+    front would teach a letter for a question the model never sees whole. Those are left out, the rest kept, and
+    every kept question's sequence (with a passage) still holds its whole question and choices."""
+    from fedrag_app.config.app_config import DataConfig
+    from fedrag_app.data.loaders import load_mmlu_pool
+    from fedrag_app.rag.prompts import build_mmlu_prompt
+    from fedrag_app.training.ralt import mixture_fits, mixture_sequences
+
+    tok = generator.tokenizer
+    pool = load_mmlu_pool(DataConfig(dir=str(data_dir)), ())
+    law = [q for q in pool if q.subject == "professional_law"][:40]
+    short = [q for q in pool if q.subject == "high_school_mathematics"][:40]
+    kept = mixture_fits(tok, law + short, 256)
+    assert 0 < len([q for q in kept if q in law]) < len(law), "some law questions fit, some do not"
+    assert [q for q in kept if q in short] == short
+    for q in kept:
+        alone = tok(build_mmlu_prompt(tok, q.question, q.choices, []), add_special_tokens=False)["input_ids"]
+        assert len(alone) + 2 <= 256
+    hits = [[Hit("p", 1.0, "Title", "word " * 400)] for _ in kept]
+    for q, s in zip(kept, mixture_sequences(tok, kept, hits, RaltConfig(top_k=1, max_seq_len=256), random.Random(0))):
+        assert len(s.input_ids) <= 256
+        assert tok.decode(s.input_ids).count(q.question.strip()[:40]) == 1, "the question keeps its start"
+
+
+def test_no_mmlu_test_question_enters_the_training_pool(data_dir):
+    """MMLU's dev/val and test splits share a few questions word for word; the pool drops them."""
+    from fedrag_app.config.app_config import DataConfig
+    from fedrag_app.data.loaders import load_mmlu, load_mmlu_pool
+
+    cfg = DataConfig(dir=str(data_dir))
+    tested = {(q.question, tuple(q.choices)) for q in load_mmlu(cfg, "all", "test")}
+    everything = [q for split in ("dev", "val") for q in load_mmlu(cfg, "all", split)]
+    pool = load_mmlu_pool(cfg, ())
+    assert len(pool) < len(everything), "the data holds such copies, so the test can fail"
+    assert not [q for q in pool if (q.question, tuple(q.choices)) in tested]

@@ -23,7 +23,7 @@ from fedrag_app.rag.generator import Generator, set_lora_a_trainable
 from fedrag_app.rag.knowledge_store import KnowledgeStore
 from fedrag_app.rag.retriever import DualEncoder
 from fedrag_app.training.lsr import train_lsr
-from fedrag_app.training.ralt import train_ralt
+from fedrag_app.training.ralt import mixture_fits, train_ralt
 from fedrag_app.training.score_cache import ScoreCache, default_path
 
 
@@ -118,7 +118,8 @@ def run_local_round(
     seed_everything(seed)
     set_lora_a_trainable(gen, cfg.fed.lora_aggregation != "ffa")
     examples = round_examples(examples, cfg.train.num_examples, cfg.runtime.seed, server_round)
-    mixed = round_mmlu(list(mmlu), round(cfg.ralt.mmlu_ratio * len(examples)), cfg.runtime.seed, server_round)
+    fitting = mixture_fits(gen.tokenizer, list(mmlu), cfg.ralt.max_seq_len) if mmlu else []
+    mixed = round_mmlu(fitting, round(cfg.ralt.mmlu_ratio * len(examples)), cfg.runtime.seed, server_round)
     start = time.perf_counter()
     metrics: dict[str, float] = {"server-round": float(server_round)}
 

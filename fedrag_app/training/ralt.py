@@ -19,7 +19,7 @@ from fedrag_app.data.loaders import CHOICE_LETTERS, MmluQuestion, QAExample
 from fedrag_app.rag.generator import Generator
 from fedrag_app.rag.knowledge_store import Hit, KnowledgeStore
 from fedrag_app.rag.lm_scoring import answer_nll
-from fedrag_app.rag.prompts import format_passage
+from fedrag_app.rag.prompts import build_mmlu_prompt, format_passage
 from fedrag_app.rag.retrieval import retrieve
 from fedrag_app.rag.retriever import DualEncoder
 from fedrag_app.training.optimizer_state import OptimizerState, keep_optimizer, restore_optimizer
@@ -39,6 +39,22 @@ def build_ralt_sequences(
     for ex in rng.sample(examples, extra):
         sequences.append(build_sequence(tokenizer, ex.question, None, ex.target, cfg.max_seq_len))
     return sequences
+
+
+def mixture_fits(tokenizer, questions: list[MmluQuestion], max_seq_len: int) -> list[MmluQuestion]:
+    """The multiple-choice questions whose prompt fits ``max_seq_len`` with no passage. A longer one (about 1 in 8
+    of MMLU dev + val at 256 tokens, mostly law and history) would lose the start of its prompt, teaching a letter for
+    a question the model never sees whole, in a prompt evaluation never builds; it is left out of the mixture."""
+    target = len(tokenizer(f" A{tokenizer.eos_token}", add_special_tokens=False)["input_ids"])
+    return [
+        q
+        for q in questions
+        if len(
+            tokenizer(build_mmlu_prompt(tokenizer, q.question, q.choices, []), add_special_tokens=False)["input_ids"]
+        )
+        + target
+        <= max_seq_len
+    ]
 
 
 def mixture_sequences(

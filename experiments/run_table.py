@@ -316,6 +316,8 @@ def summarise(table: dict, results: list[dict]) -> str:
             "|---|---|" + "---|" * len(table["metrics"]),
         ]
         for row in table["rows"]:
+            if column["name"] not in row.get("columns", [column["name"]]):
+                continue  # a row the table never runs in this column: no line of dashes
             cells = [r for r in results if r["row"] == row["name"] and r["column"] == column["name"]]
             values = []
             for metric in table["metrics"]:

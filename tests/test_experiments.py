@@ -51,14 +51,16 @@ def test_summary_is_mean_and_sample_std_over_finished_seeds():
     table = {
         "name": "t",
         "metrics": ["f1", "eps"],
-        "columns": [{"name": "c"}],
-        "rows": [{"name": "a"}, {"name": "b"}, {"name": "never ran"}],
+        "columns": [{"name": "c"}, {"name": "d"}],
+        "rows": [{"name": "a"}, {"name": "b"}, {"name": "never ran"}, {"name": "only d", "columns": ["d"]}],
     }
     results = [{"row": "a", "column": "c", "metrics": {"f1": x, "eps": 8.0}} for x in (0.1, 0.2, 0.3)]
     results.append({"row": "b", "column": "c", "metrics": {"f1": 0.5}})
     text = run_table.summarise(table, results)
     assert "| a | 3 | 0.200 ± 0.100 | 8.000 ± 0.000 |" in text
     assert "| b | 1 | 0.500 | – |" in text and "| never ran | 0 | – | – |" in text
+    c_section, d_section = text.split("## d")
+    assert "only d" not in c_section and "| only d | 0 | – | – |" in d_section, "a row shows only where it runs"
 
 
 def test_cells_run_seed_major_and_row_and_column_filters_keep_only_the_named_ones():

@@ -118,7 +118,7 @@ def run_local_round(
     seed_everything(seed)
     set_lora_a_trainable(gen, cfg.fed.lora_aggregation != "ffa")
     examples = round_examples(examples, cfg.train.num_examples, cfg.runtime.seed, server_round)
-    fitting = mixture_fits(gen.tokenizer, list(mmlu), cfg.ralt.max_seq_len) if mmlu else []
+    fitting = mixture_fits(gen.tokenizer, list(mmlu), cfg.ralt.max_seq_len)
     mixed = round_mmlu(fitting, round(cfg.ralt.mmlu_ratio * len(examples)), cfg.runtime.seed, server_round)
     start = time.perf_counter()
     metrics: dict[str, float] = {"server-round": float(server_round)}

@@ -19,7 +19,7 @@ from fedrag_app.data.loaders import CHOICE_LETTERS, MmluQuestion, QAExample
 from fedrag_app.rag.generator import Generator
 from fedrag_app.rag.knowledge_store import Hit, KnowledgeStore
 from fedrag_app.rag.lm_scoring import answer_nll
-from fedrag_app.rag.prompts import build_mmlu_prompt, format_passage
+from fedrag_app.rag.prompts import format_passage
 from fedrag_app.rag.retrieval import retrieve
 from fedrag_app.rag.retriever import DualEncoder
 from fedrag_app.training.optimizer_state import OptimizerState, keep_optimizer, restore_optimizer
@@ -42,18 +42,14 @@ def build_ralt_sequences(
 
 
 def mixture_fits(tokenizer, questions: list[MmluQuestion], max_seq_len: int) -> list[MmluQuestion]:
-    """The multiple-choice questions whose prompt fits ``max_seq_len`` with no passage. A longer one (about 1 in 8
+    """The multiple-choice questions whose sequence fits ``max_seq_len`` with no passage. A longer one (about 1 in 8
     of MMLU dev + val at 256 tokens, mostly law and history) would lose the start of its prompt, teaching a letter for
     a question the model never sees whole, in a prompt evaluation never builds; it is left out of the mixture."""
-    target = len(tokenizer(f" A{tokenizer.eos_token}", add_special_tokens=False)["input_ids"])
+    uncut = 1 << 30  # build_sequence cuts nothing below this: its length is the question's whole sequence
     return [
         q
         for q in questions
-        if len(
-            tokenizer(build_mmlu_prompt(tokenizer, q.question, q.choices, []), add_special_tokens=False)["input_ids"]
-        )
-        + target
-        <= max_seq_len
+        if len(build_sequence(tokenizer, q.question, None, "A", uncut, choices=q.choices).input_ids) <= max_seq_len
     ]
 
 

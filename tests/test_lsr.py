@@ -117,6 +117,18 @@ def test_in_batch_negatives_match_a_hand_written_kl_over_the_batchs_candidates()
     )
 
 
+def test_in_batch_negatives_count_a_passage_two_other_questions_share_once():
+    """A passage in two other questions' candidates is one negative for the third, not two (pushed down once)."""
+    from fedrag_app.training.lsr import shared_candidates
+
+    hits = [[Hit(i, 0.0, "", "") for i in ids] for ids in (("a", "b"), ("p", "c"), ("d", "p"))]
+    assert shared_candidates(hits).tolist() == [
+        [False, False, False, False, False, True],  # question 0: its own, c, d and p once
+        [False, False, False, False, False, True],  # question 1: p is its own, wherever it appears
+        [False, False, True, False, False, False],  # question 2: p is its own
+    ]
+
+
 def test_in_batch_negatives_need_the_lsr_retriever_direction():
     from fedrag_app.core.errors import ConfigError
 
@@ -274,6 +286,8 @@ def test_a_scorer_adapter_scores_as_that_adapter_loaded_whole_and_leaves_the_gen
 
     set_lora_a_trainable(generator, False)  # as FFA-LoRA leaves it
     flags = {n: p.requires_grad for n, p in generator.model.named_parameters()}
+    was_training = generator.model.training
+    generator.model.train()  # as RALT leaves it: PEFT's load_adapter puts the model in eval mode
     try:
         with scoring_adapter(generator, str(tmp_path / "scorer")) as scorer:
             scored = lm_scores(scorer, [QUESTION], hits, cfg)
@@ -281,6 +295,7 @@ def test_a_scorer_adapter_scores_as_that_adapter_loaded_whole_and_leaves_the_gen
         assert not torch.allclose(scored, plain, atol=1e-2), "the scorer adapter must change the targets"
         assert torch.allclose(lm_scores(generator, [QUESTION], hits, cfg), plain, atol=1e-5)
         assert {n: p.requires_grad for n, p in generator.model.named_parameters()} == flags
+        assert generator.model.training, "the train/eval mode is put back"
         assert list(generator.model.peft_config) == ["default"]
         with pytest.raises(ConfigError, match="lsr.scorer-adapter"):
             with scoring_adapter(generator, str(tmp_path / "missing")):
@@ -288,6 +303,7 @@ def test_a_scorer_adapter_scores_as_that_adapter_loaded_whole_and_leaves_the_gen
         assert list(generator.model.peft_config) == ["default"]
     finally:
         set_lora_a_trainable(generator, True)
+        generator.model.train(was_training)
 
 
 def test_closed_book_score_equals_a_hand_computation_and_the_gate_keeps_the_questions_a_passage_helps(
@@ -310,12 +326,20 @@ def test_closed_book_score_equals_a_hand_computation_and_the_gate_keeps_the_ques
         retriever = load_retriever(RetrieverConfig())
         hits = retrieve(retriever, store, [e.question for e in examples], cfg.top_k, with_vectors=True)
         best = lm_scores(generator, examples, hits, cfg).max(dim=1).values
-        helped = (best > closed_book_scores(generator, examples, cfg)).float().mean().item()
+        closed = closed_book_scores(generator, examples, cfg)
+        helped = (best > closed).float().mean().item()
+        margin = (best - closed).clamp(min=0).median().item()  # a margin that drops some of those a passage helps
+        by_margin = (best > closed + margin).float().mean().item()
         assert 0.0 < helped < 1.0, "a sample where the gate keeps some questions and drops others"
+        assert 0.0 < by_margin < helped, "the margin drops questions a passage helps by less"
         gated = train_lsr(generator, retriever, store, examples, LsrConfig(**{**cfg.__dict__, "gate": True}))
         plain = train_lsr(generator, load_retriever(RetrieverConfig()), store, examples, cfg)
+        wide = LsrConfig(**{**cfg.__dict__, "gate": True, "gate_margin": margin})
+        with_margin = train_lsr(generator, load_retriever(RetrieverConfig()), store, examples, wide)
     assert gated["lsr-gate-kept"] == pytest.approx(helped)
+    assert with_margin["lsr-gate-kept"] == pytest.approx(by_margin)
     assert plain["lsr-gate-kept"] == 1.0
+    assert plain["lsr-candidates-kept"] == 1.0, "every question has k candidates on this shard"
     assert gated["lsr-steps"] < plain["lsr-steps"], "fewer questions, fewer steps"
 
 

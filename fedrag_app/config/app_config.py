@@ -240,8 +240,14 @@ class LsrConfig:
     )
     gate: bool = _help(
         "train only on questions whose best candidate beats no passage at all (log p_LM(answer | passage, question) "
-        "> log p_LM(answer | question)): where no candidate helps the LM, its target says nothing about passages",
+        "> log p_LM(answer | question) + lsr.gate-margin): where no candidate helps the LM, its target says nothing "
+        "about passages",
         False,
+    )
+    gate_margin: float = _help(
+        "how far the best candidate must beat no passage for lsr.gate to keep a question, on lsr.lm-score's scale "
+        "(nats per answer with 'sum', per answer token with 'mean'); docs/LSR.md's measured gate used 2 with 'sum'",
+        0.0,
     )
 
     def __post_init__(self) -> None:
@@ -259,6 +265,7 @@ class LsrConfig:
                 "KL(p_R || p_LSR) is infinite where the target gives a negative no mass"
             )
         _positive("lsr", "max_seq_len", self.max_seq_len)
+        _positive("lsr", "gate_margin", self.gate_margin, zero_ok=True)
 
 
 @dataclass(frozen=True)

@@ -225,14 +225,16 @@ def scoring_adapter(gen: Generator, adapter: str) -> Iterator[Generator]:
     """Inside the block the generator answers with ``adapter`` (a PEFT folder or hub id) alone, then as before.
 
     The adapter loads beside the one(s) being trained, becomes the only active one, and is deleted on the way out,
-    with every parameter's requires_grad put back (PEFT's set_adapter changes them: FFA-LoRA's frozen A must stay
-    frozen). Nothing of it is saved or exchanged. Empty ``adapter``: the generator unchanged."""
+    with every parameter's requires_grad and the train/eval mode put back (PEFT's set_adapter changes the flags:
+    FFA-LoRA's frozen A must stay frozen). Nothing of it is saved or exchanged. Empty ``adapter``: the generator
+    unchanged."""
     if not adapter:
         yield gen
         return
     model = gen.model
     active = list(model.base_model.active_adapters)
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    was_training = model.training  # PEFT's load_adapter(is_trainable=False) puts the whole model in eval mode
     try:
         model.load_adapter(adapter, adapter_name=SCORER, is_trainable=False, torch_device=str(gen.device))
     except (OSError, ValueError, RuntimeError) as e:
@@ -247,6 +249,7 @@ def scoring_adapter(gen: Generator, adapter: str) -> Iterator[Generator]:
         model.delete_adapter(SCORER)
         for name, p in model.named_parameters():
             p.requires_grad_(trainable[name])
+        model.train(was_training)
 
 
 def save_adapter(gen: Generator, out_dir) -> None:

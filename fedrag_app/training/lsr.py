@@ -150,11 +150,17 @@ def retriever_scores(
 
 
 def shared_candidates(hits: list[list[Hit]]) -> torch.Tensor:
-    """(B, B·k) True where another question's candidate is one of this question's own: not a negative for it."""
+    """(B, B·k) True where another question's candidate is not a negative for this question: one of its own
+    passages, or a passage already counted once (two other questions retrieving it must not push it down twice)."""
     k = len(hits[0])
     flat = [h.id for ex_hits in hits for h in ex_hits]
     own = [{h.id for h in ex_hits} for ex_hits in hits]
-    return torch.tensor([[j // k != b and pid in own[b] for j, pid in enumerate(flat)] for b in range(len(hits))])
+    first: dict[str, int] = {}
+    for j, pid in enumerate(flat):
+        first.setdefault(pid, j)
+    return torch.tensor(
+        [[j // k != b and (pid in own[b] or first[pid] != j) for j, pid in enumerate(flat)] for b in range(len(hits))]
+    )
 
 
 def in_batch_lsr_loss(
@@ -218,6 +224,7 @@ def train_lsr(
     start = time.perf_counter()
     hits = candidates(retriever, store, [e.question for e in examples], cfg)
     keep = [i for i, h in enumerate(hits) if len(h) == cfg.top_k]  # a store smaller than k cannot rank k
+    candidates_kept = len(keep) / max(1, len(examples))
     examples, hits = [examples[i] for i in keep], [hits[i] for i in keep]
     hits_before = cache.hits if cache is not None else 0
     asked = len(examples)
@@ -225,7 +232,8 @@ def train_lsr(
         targets = lm_scores(scorer, examples, hits, cfg, cache=cache) if examples else torch.zeros(0, cfg.top_k)
         scored = targets.numel() + (len(examples) if cfg.gate else 0)  # sequences asked of the LM (or its cache)
         if cfg.gate and examples:  # only where reading one of the candidates helps the LM: a signal about passages
-            keep = (targets.max(dim=1).values > closed_book_scores(scorer, examples, cfg, cache=cache)).tolist()
+            closed_book = closed_book_scores(scorer, examples, cfg, cache=cache)
+            keep = (targets.max(dim=1).values > closed_book + cfg.gate_margin).tolist()
             examples, hits = [e for e, k in zip(examples, keep) if k], [h for h, k in zip(hits, keep) if k]
             targets = targets[torch.tensor(keep, dtype=torch.bool)]
     scoring_seconds = time.perf_counter() - start
@@ -243,6 +251,7 @@ def train_lsr(
     )
     cached = (cache.hits - hits_before) / max(1, scored) if cache is not None else 0.0
     return metrics | {
+        "lsr-candidates-kept": candidates_kept,  # questions with k candidates (k articles with one-per-article)
         "lsr-gate-kept": len(examples) / max(1, asked),
         "lsr-scores-cached": cached,
         "lsr-scoring-seconds": scoring_seconds,

@@ -65,8 +65,26 @@ def test_compare_keeps_each_evaluated_set_apart_and_only_shared_questions():
         "gained": 0.0,
         "lost": 0.0,
         "sign-p": 1.0,
+        "gained-per-run": [0.0],
+        "lost-per-run": [0.0],
+        "sign-p-per-run": [1.0],
     }
     assert out["mmlu-all-circular-accuracy"]["diff"] == 1.0
+
+
+def test_the_sign_test_is_seed_by_seed_so_an_unchanged_accuracy_shows_no_loss():
+    """Two seeds as accurate as the baseline (25 of 100), each keeping 6 of its questions and gaining 19 others, not
+    the same 19: each seed gains as many as it loses (p = 1). A consensus of the two would count 19 lost (wrong in
+    both) and 0 gained (right in both: none) and call an unchanged accuracy a significant loss."""
+    base = [mc(i, i < 25) for i in range(100)]
+    runs = [[mc(i, i < 6 or lo <= i < lo + 19) for i in range(100)] for lo in (25, 44)]
+    out = compare(base, runs, resamples=500)["mmlu-circular-accuracy"]
+    assert out["diff"] == 0.0 and out["low"] < 0 < out["high"]
+    assert out["gained-per-run"] == [19.0, 19.0] and out["lost-per-run"] == [19.0, 19.0]
+    assert out["sign-p-per-run"] == [1.0, 1.0] and out["sign-p"] == 1.0
+    three = compare(base, [runs[0], runs[1], [mc(i, True) for i in range(100)]], resamples=100)
+    assert three["mmlu-circular-accuracy"]["sign-p"] == 1.0, "the median run's p: 2 of 3 seeds unchanged"
+    assert three["mmlu-circular-accuracy"]["sign-p-per-run"][2] < 1e-6, "the third seed gains 75, loses none"
 
 
 def test_the_table_runner_writes_each_rows_paired_comparison(tmp_path):

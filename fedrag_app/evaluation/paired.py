@@ -5,7 +5,9 @@ apart. Given the per-question records of a baseline and of one or more runs (see
 ``fedrag-app evaluate --predictions`` and the server's ``predictions/round-N.jsonl`` write), each metric gets: the
 mean difference, a 95% paired-bootstrap interval of it (questions resampled with replacement; with several seeds,
 each question's difference is first averaged over the seeds), and for 0/1 metrics the questions gained and lost
-and the exact two-sided sign test on them (McNemar's exact test).
+and the exact two-sided sign test on them (McNemar's exact test), seed by seed: McNemar compares two systems that
+each answer 0 or 1, and a consensus of seeds is not one (for a metric below 50%, "right in both seeds" is rarer than
+"wrong in both", so a majority vote shows losses where every seed's accuracy is unchanged).
 """
 
 from __future__ import annotations
@@ -62,8 +64,9 @@ def compare(
     baseline: Sequence[dict], runs: Sequence[Sequence[dict]], *, recall_k: int = 10, resamples: int = 10_000
 ) -> dict[str, dict[str, float]]:
     """Per metric, the runs against the baseline on the questions all of them answered: n, mean difference, its
-    95% interval, and for 0/1 metrics (EM, recall, MMLU correctness) questions gained / lost (in the majority of
-    runs) and the sign test's p."""
+    95% interval, and for 0/1 metrics (EM, recall, MMLU correctness) each run's questions gained / lost and sign
+    test ('gained-per-run', 'lost-per-run', 'sign-p-per-run'), with 'gained' / 'lost' their mean over the runs and
+    'sign-p' their median p (below 0.05 when most runs are significant; one run: its own)."""
     base = question_scores(baseline, recall_k)
     tuned = [question_scores(r, recall_k) for r in runs]
     out: dict[str, dict[str, float]] = {}
@@ -74,11 +77,21 @@ def compare(
         if not keys:
             continue
         b = np.array([base_scores[k] for k in keys])
-        t = np.array([[run[metric][k] for k in keys] for run in tuned]).mean(axis=0)  # each question over the runs
+        per_run = np.array([[run[metric][k] for k in keys] for run in tuned])  # (runs, questions)
+        t = per_run.mean(axis=0)  # each question over the runs
         low, high = bootstrap_interval(t - b, resamples)
         row = {"n": float(len(keys)), "diff": float((t - b).mean()), "low": low, "high": high}
         if set(np.unique(b)) <= {0.0, 1.0} and metric != "wq-f1" and "mrr" not in metric:
-            gained, lost = int(np.sum((t > 0.5) & (b == 0))), int(np.sum((t < 0.5) & (b == 1)))
-            row |= {"gained": float(gained), "lost": float(lost), "sign-p": sign_test_p(gained, lost)}
+            gained = [int(np.sum((r == 1) & (b == 0))) for r in per_run]
+            lost = [int(np.sum((r == 0) & (b == 1))) for r in per_run]
+            p = [sign_test_p(g, x) for g, x in zip(gained, lost)]
+            row |= {
+                "gained": float(np.mean(gained)),
+                "lost": float(np.mean(lost)),
+                "sign-p": float(np.median(p)),
+                "gained-per-run": [float(g) for g in gained],
+                "lost-per-run": [float(x) for x in lost],
+                "sign-p-per-run": p,
+            }
         out[metric] = row
     return out

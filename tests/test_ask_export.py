@@ -57,8 +57,9 @@ def test_interactive_ask_answers_each_stdin_line_until_an_empty_one(small_shard_
 
 @pytest.mark.slow
 def test_library_chatter_only_with_verbose(tmp_path, small_shard_path):
-    """A fresh cache converts the packaged GGUF (transformers' per-tensor tqdm bar) and loading PEFT trips
-    transformers' is_gradient_checkpointing FutureWarning: neither reaches a quiet terminal."""
+    """A fresh cache converts the packaged GGUF (transformers' per-tensor tqdm bar), loading the weights draws
+    transformers' progress bar, and with peft < 0.22 loading PEFT trips transformers' is_gradient_checkpointing
+    FutureWarning: none of it reaches a quiet terminal, and --verbose lets the library's bars through."""
     argv = [
         sys.executable,
         "-m",
@@ -78,11 +79,12 @@ def test_library_chatter_only_with_verbose(tmp_path, small_shard_path):
     )
     assert quiet.returncode == 0, quiet.stderr
     assert (tmp_path / "cache" / "models").exists(), "the GGUF conversion ran"
-    assert "is_gradient_checkpointing" not in quiet.stderr and "GGUF" not in quiet.stderr, quiet.stderr[-2000:]
+    chatter = ("is_gradient_checkpointing", "GGUF", "Loading weights")
+    assert not [c for c in chatter if c in quiet.stderr], quiet.stderr[-2000:]
     assert json.loads(quiet.stdout)["question"] == Q
     verbose = subprocess.run(argv + ["--verbose"], capture_output=True, text=True, timeout=600, env=_env())
     assert verbose.returncode == 0, verbose.stderr
-    assert "is_gradient_checkpointing" in verbose.stderr
+    assert "Loading weights" in verbose.stderr, verbose.stderr[-2000:]
     assert json.loads(verbose.stdout)["answer"]  # warnings go to stderr: stdout stays one JSON object
 
 

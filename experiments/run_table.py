@@ -293,11 +293,9 @@ def summarise_paired(table: dict, paired: list[dict]) -> str:
                     cells.append("–")
                     continue
                 text = f"{m['diff']:+.3f} [{m['low']:+.3f}, {m['high']:+.3f}]"
-                if len(m.get("sign-p-per-run", [])) > 1:  # each seed against the baseline: McNemar is per seed
+                if "sign-p-per-run" in m:  # each seed against the baseline: McNemar is per seed
                     per_seed = zip(m["gained-per-run"], m["lost-per-run"], m["sign-p-per-run"])
                     text += " " + ", ".join(f"{g:.0f}/{x:.0f} p={q:.2g}" for g, x, q in per_seed)
-                elif "sign-p" in m:
-                    text += f" {m['gained']:.0f}/{m['lost']:.0f} p={m['sign-p']:.2g}"
                 cells.append(text)
             lines.append(f"| {p['row']} | {p['seeds']} | " + " | ".join(cells) + " |")
         lines.append("")

@@ -122,6 +122,20 @@ def test_checked_fedavg_weights_by_examples_and_drops_bad_updates(caplog):
     assert costs["round-updates-averaged"] == 2 and costs["round-failures"] == 3
 
 
+def test_a_reply_that_learned_from_no_question_is_left_out_not_failed(caplog):
+    """Weight 0 (lsr.gate kept none of the node's questions): the node's unchanged weights would pull the average
+    back toward the round's start, so they stay out, and a run that checks round-failures does not fail on it."""
+    reference = {"lora.w": np.zeros((2, 2), np.float32), "retriever.v": np.zeros(3, np.float32)}
+    strategy = checked(reference)
+    with caplog.at_level(logging.INFO):
+        arrays, _ = strategy.aggregate_train(2, [reply(_update(2.0, 3), 1), reply(_update(0.0, 0), 2)])
+    assert np.allclose(record_to_numpy(arrays)["lora.w"], 2.0)
+    assert "node 2 learned from no question in round 2" in caplog.text and "dropped" not in caplog.text
+    costs = strategy.round_costs
+    assert costs["round-updates-averaged"] == 1 and costs["round-updates-empty"] == 1 and costs["round-failures"] == 0
+    assert checked(reference).aggregate_train(1, [reply(_update(0.0, 0), 1)]) == (None, None)
+
+
 def test_checked_fedavg_returns_nothing_when_every_update_is_bad():
     reference = {"lora.w": np.zeros((2, 2), np.float32), "retriever.v": np.zeros(3, np.float32)}
     assert checked(reference).aggregate_train(1, [reply(_update(float("inf"), 2), 1)]) == (None, None)

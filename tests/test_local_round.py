@@ -130,3 +130,25 @@ def test_a_round_mixes_in_its_share_of_the_multiple_choice_questions_that_fit(
     finally:
         load_lora_state_dict(generator, lora0)
     assert len(long) == 6 and counts == [0.0, 4.0]
+
+
+def test_an_lsr_round_weighs_its_update_by_the_questions_the_gate_kept(generator, retriever, small_shard_path):
+    """The FedAvg weight of an LSR-only round (train.mode = lsr, or RA-DIT's alternate schedule in an odd round) counts
+    the questions LSR learned from, not those it was given: lsr.gate at a margin no passage reaches keeps none, so the
+    weight is 0 (the server then leaves the reply out); a RALT round counts every question."""
+    examples = load_web_questions("train", AppConfig.from_flat(TINY).data)[:10]
+    lora0, retr0 = lora_state_dict(generator), retriever.trainable_state_dict()
+    lsr = {**TINY, "train.mode": "lsr", "lsr.gate": True}
+    try:
+        with KnowledgeStore.open(path=small_shard_path) as store:
+            shut = AppConfig.from_flat({**lsr, "lsr.gate-margin": 1e6})
+            none = run_local_round(shut, generator, retriever, store, examples)
+            alternate = AppConfig.from_flat({**lsr, "train.mode": "ra-dit", "train.ra-dit-schedule": "alternate"})
+            odd = run_local_round(alternate, generator, retriever, store, examples, server_round=1)
+            even = run_local_round(alternate, generator, retriever, store, examples, server_round=2)
+    finally:
+        load_lora_state_dict(generator, lora0)
+        retriever.load_trainable_state_dict(retr0)
+    assert none.num_examples == 0 and none.metrics["lsr-steps"] == 0 and len(none.example_ids) == 4
+    assert odd.num_examples == odd.metrics["lsr-examples"] == round(4 * odd.metrics["lsr-gate-kept"])
+    assert even.num_examples == 4 and "lsr-examples" not in even.metrics

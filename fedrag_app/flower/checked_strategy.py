@@ -2,7 +2,8 @@
 inside Flower's DP wrapper when DP is on) behind the checks that keep a bad reply out of the average.
 
 A reply whose weights cannot be averaged (unreadable records, NaN/Inf, wrong keys or shapes, under FFA-LoRA a
-different frozen A) is logged and dropped; a lower-rank reply (heterogeneous ranks) is checked as its padding to the
+different frozen A) is logged and dropped; one with weight 0 (the node learned from no question) is left out, not
+counted as a failure; a lower-rank reply (heterogeneous ranks) is checked as its padding to the
 global rank, and a round with such replies averages the nodes' ΔW updates (lora_aggregation.rank_update_average);
 a retriever update in the wire dtype is rebuilt into fp32 weights first. With fed.update-norm-bound, every kept
 reply's update is then clipped to that multiple of the round's median update norm (federation/robust.py), whatever
@@ -81,8 +82,17 @@ class CheckedStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        passed, bytes_up, replies = [], 0.0, list(replies)
+        passed, bytes_up, empty, replies = [], 0.0, 0, list(replies)
         for m in replies:
+            if not m.has_error() and _learned_nothing(m.content, self.aggregator.weighted_by_key):
+                empty += 1  # e.g. lsr.gate kept none of its questions: no update to average, and no fault
+                log(
+                    INFO,
+                    "node %s learned from no question in round %s: nothing to average",
+                    m.metadata.src_node_id,
+                    server_round,
+                )
+                continue
             size = 0 if m.has_error() else m.content["arrays"].count_bytes() if "arrays" in m.content else 0
             problem = None if m.has_error() else self._problem(m.content)
             bytes_up += 0 if problem else size
@@ -110,7 +120,8 @@ class CheckedStrategy(Strategy):
             "round-bytes-down": float(self._sent_bytes),
             "round-bytes-up": bytes_up,
             "round-updates-averaged": float(len(kept)),
-            "round-failures": float(len(replies) - len(kept)),
+            "round-updates-empty": float(empty),
+            "round-failures": float(len(replies) - len(kept) - empty),
             **norm_bound,
         }  # error replies and dropped updates
         if self.inner is not self.aggregator:  # Flower's DP noise draws from numpy's global RNG, seeded by runtime.seed
@@ -274,6 +285,12 @@ def _rebuild_wire_update(content, sent: dict) -> str | None:
     except (KeyError, ValueError) as e:
         return f"its retriever update cannot be rebuilt: {e}"
     return None
+
+
+def _learned_nothing(content, weight_key: str) -> bool:
+    """A well-formed reply whose weight is 0: the node trained on no question (lsr.gate may keep none of a round's)."""
+    metrics = content.metric_records.get("metrics")
+    return metrics is not None and metrics.get(weight_key) == 0
 
 
 def _reply_problem(content, weight_key: str) -> str | None:

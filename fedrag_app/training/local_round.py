@@ -126,7 +126,8 @@ def run_local_round(
     def kept(phase: str) -> dict | None:  # this phase's AdamW state, or None: a fresh optimizer
         return None if optimizer_state is None else optimizer_state.setdefault(phase, {})
 
-    for phase in phases(cfg.train, server_round):
+    round_phases = phases(cfg.train, server_round)
+    for phase in round_phases:
         if phase == "lsr":
             with _score_cache(cfg) as cache:
                 metrics.update(
@@ -159,4 +160,7 @@ def run_local_round(
                 )
             )
     metrics["local-seconds"] = time.perf_counter() - start
-    return RoundResult(metrics=metrics, num_examples=len(examples), example_ids=tuple(e.id for e in examples))
+    # the FedAvg weight counts what the update learned from: an LSR-only round (train.mode = lsr, or RA-DIT's
+    # alternate schedule) learned from the questions with k candidates that lsr.gate kept, not from all it was given
+    learned = int(metrics["lsr-examples"]) if round_phases == ["lsr"] else len(examples)
+    return RoundResult(metrics=metrics, num_examples=learned, example_ids=tuple(e.id for e in examples))

@@ -253,6 +253,7 @@ def train_lsr(
     return metrics | {
         "lsr-candidates-kept": candidates_kept,  # questions with k candidates (k articles with one-per-article)
         "lsr-gate-kept": len(examples) / max(1, asked),
+        "lsr-examples": float(len(examples)),  # the questions the retriever learned from: its FedAvg weight
         "lsr-scores-cached": cached,
         "lsr-scoring-seconds": scoring_seconds,
         "lsr-seconds": time.perf_counter() - start,

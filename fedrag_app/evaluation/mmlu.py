@@ -1,8 +1,9 @@
 """MMLU under four protocols, and the broad sample across all 57 subjects.
 
-A small model has a favourite answer letter: the untuned SmolLM2-135M answers "C" to 96 of the 100 global_facts
-questions, and a fine-tuned one may switch to "A". Letter accuracy then measures that letter's share of the gold
-answers, not knowledge. So beside the paper's two protocols this module scores two that carry no letter prior:
+A small model has a favourite answer letter: the untuned SmolLM2-135M answers "C" to 96 (top-1 passage) or 97
+(closed-book) of the 100 global_facts questions, and a fine-tuned one may switch to "A". Letter accuracy then
+measures that letter's share of the gold answers, not knowledge. So beside the paper's two protocols this module
+scores two that carry no letter prior:
 
 - ``loglik``: the letter (' A'..' D') with the highest log-probability after "Answer:" (the paper's protocol);
 - ``generate``: the letter parsed from greedy output;

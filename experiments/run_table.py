@@ -7,7 +7,8 @@ A table file names its partitions (one `fedrag-app partition` per column, or per
 `partition-per-seed = true`), the run-config shared by every cell, its rows (run-config overrides) and seeds. Each
 cell's per-question predictions are kept beside its result; with `baseline = "<row name>"` every other row is
 compared with that row question by question (fedrag_app/evaluation/paired.py: mean difference, 95% paired-bootstrap
-interval, questions gained/lost and the sign test), per row over its seeds. Finished cells are kept
+interval, questions gained/lost and the sign test), per row over its seeds; `gain-share = {metric, row, column}`
+adds each row's share of that reference cell's gain. Finished cells are kept
 (`results/<table>/cells/.../seed-N.json`), so an interrupted table resumes where it stopped; --fresh starts over. The
 result table is rewritten after every cell. `keep-adapters` / `keep-retrievers` keep each training cell's final LoRA
 adapter / retriever trainable weights under results/<table>/adapters|retrievers/. A run-config string may name
@@ -37,7 +38,7 @@ sys.path.insert(0, str(REPO))  # this checkout's fedrag_app
 
 from fedrag_app.config.values import toml_value  # noqa: E402
 from fedrag_app.core.atomic import atomic_dir, atomic_path, write_json, write_text  # noqa: E402
-from fedrag_app.evaluation.paired import compare  # noqa: E402
+from fedrag_app.evaluation.paired import compare, gain_share  # noqa: E402
 from fedrag_app.federation import follow_run  # noqa: E402
 
 console = Console()
@@ -55,6 +56,15 @@ def load_table(path: Path) -> dict:
     for key in ("name", "seeds", "metrics", "rows", "columns"):
         if key not in table:
             raise typer.BadParameter(f"table file {path}: missing top-level key '{key}'")
+    if (share := table.get("gain-share")) is not None:
+        rows, columns = [r["name"] for r in table["rows"]], [c["name"] for c in table["columns"]]
+        if not isinstance(share, dict) or set(share) != {"metric", "row", "column"}:
+            raise typer.BadParameter(f"table file {path}: gain-share takes exactly metric, row and column; got {share}")
+        if share["row"] not in rows or share["column"] not in columns or "baseline" not in table:
+            raise typer.BadParameter(
+                f"table file {path}: gain-share names row {share['row']!r} and column {share['column']!r}; the table "
+                f"has rows {rows}, columns {columns}, and needs a baseline"
+            )
     return table
 
 
@@ -245,26 +255,29 @@ def paired_rows(table: dict, results: list[dict], predictions_of) -> list[dict]:
         return []
     base = read_predictions(base_file)
     recall_k = int(table.get("run", {}).get("eval.recall-k", 10))
+
+    def runs_of(row: str, column: str) -> list[list[dict]]:
+        files = [predictions_of(r) for r in results if r["row"] == row and r["column"] == column and row != name]
+        return [read_predictions(f) for f in files if f is not None]
+
+    share = table.get("gain-share")  # {metric, row, column}: each row's share of that reference cell's gain
+    reference = runs_of(share["row"], share["column"]) if share else []
     out = []
     for column in table["columns"]:
         for row in table["rows"]:
-            files = [
-                f
-                for r in results
-                if r["row"] == row["name"] and r["column"] == column["name"] and row["name"] != name
-                if (f := predictions_of(r)) is not None
-            ]
-            if files:
-                runs = [read_predictions(f) for f in files]
-                out.append(
-                    {
-                        "row": row["name"],
-                        "column": column["name"],
-                        "baseline": name,
-                        "seeds": len(files),
-                        "metrics": compare(base, runs, recall_k=recall_k),
-                    }
-                )
+            if runs := runs_of(row["name"], column["name"]):
+                entry = {
+                    "row": row["name"],
+                    "column": column["name"],
+                    "baseline": name,
+                    "seeds": len(runs),
+                    "metrics": compare(base, runs, recall_k=recall_k),
+                }
+                if reference and (row["name"], column["name"]) != (share["row"], share["column"]):
+                    kept = gain_share(base, reference, runs, share["metric"], recall_k=recall_k)
+                    if kept is not None:
+                        entry["gain-share"] = {"metric": share["metric"], "of": [share["row"], share["column"]], **kept}
+                out.append(entry)
     return out
 
 
@@ -298,6 +311,25 @@ def summarise_paired(table: dict, paired: list[dict]) -> str:
                     text += " " + ", ".join(f"{g:.0f}/{x:.0f} p={q:.2g}" for g, x, q in per_seed)
                 cells.append(text)
             lines.append(f"| {p['row']} | {p['seeds']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if shares := [p for p in paired if "gain-share" in p]:
+        ref = table["gain-share"]
+        lines += [
+            f"## Share of the {ref['metric']} gain of '{ref['row']}' ({ref['column']}) over the baseline",
+            "",
+            "Each row's mean gain over the reference's, with a 95% interval over questions (one resample for both",
+            "gains), and each seed's own gain over the reference's mean gain.",
+            "",
+            "| column | row | seeds | share | by seed |",
+            "|---|---|---|---|---|",
+        ]
+        for p in shares:
+            g = p["gain-share"]
+            by_seed = ", ".join(f"{x:.0%}" for x in g["share-per-run"])
+            lines.append(
+                f"| {p['column']} | {p['row']} | {p['seeds']} | {g['share']:.1%} [{g['low']:.0%}, {g['high']:.0%}] "
+                f"| {by_seed} |"
+            )
         lines.append("")
     return "\n".join(lines)
 

@@ -47,6 +47,18 @@ def test_a_table_without_rows_is_refused_by_name(tmp_path):
         run_table.load_table(bad)
 
 
+def test_a_gain_share_naming_a_missing_cell_is_refused_by_name(tmp_path):
+    bad = tmp_path / "t.toml"
+    head = 'name = "t"\nseeds = [1]\nmetrics = ["x"]\nbaseline = "u"\n'
+    cells = '[[rows]]\nname = "u"\n[[rows]]\nname = "r"\n[[columns]]\nname = "c"\n'
+    bad.write_text(head + 'gain-share = { metric = "wq-f1", row = "R", column = "c" }\n' + cells)
+    with pytest.raises(typer.BadParameter, match="gain-share names row 'R'"):
+        run_table.load_table(bad)
+    bad.write_text(head + 'gain-share = { metric = "wq-f1", row = "r" }\n' + cells)
+    with pytest.raises(typer.BadParameter, match="exactly metric, row and column"):
+        run_table.load_table(bad)
+
+
 def test_summary_is_mean_and_sample_std_over_finished_seeds():
     table = {
         "name": "t",

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from fedrag_app.evaluation.paired import bootstrap_interval, compare, sign_test_p
+from fedrag_app.evaluation.paired import bootstrap_interval, compare, gain_share, sign_test_p
 
 
 def wq(i: int, em: float, f1: float, rank: int | None) -> dict:
@@ -87,6 +87,19 @@ def test_the_sign_test_is_seed_by_seed_so_an_unchanged_accuracy_shows_no_loss():
     assert three["mmlu-circular-accuracy"]["sign-p-per-run"][2] < 1e-6, "the third seed gains 75, loses none"
 
 
+def test_gain_share_is_the_ratio_of_mean_gains_with_each_seeds_own_share():
+    """The reference (centralized, two seeds) answers questions 0-9 of 20, so it gains 0.5 F1 over a baseline at 0;
+    two federated seeds answer 0-3 and 0-5: 0.2 and 0.3, so they keep 50% of the gain, 40% and 60% seed by seed.
+    A reference that gains nothing has no share to give."""
+    base = [wq(i, 0.0, 0.0, None) for i in range(20)]
+    answers = lambda n: [wq(i, float(i < n), float(i < n), None) for i in range(20)]  # noqa: E731
+    out = gain_share(base, [answers(10), answers(10)], [answers(4), answers(6)], "wq-f1", resamples=2000)
+    assert out["share"] == pytest.approx(0.5) and out["share-per-run"] == pytest.approx([0.4, 0.6])
+    assert out["low"] < 0.5 < out["high"] and out["n"] == 20
+    assert gain_share(base, [base], [answers(4)], "wq-f1") is None
+    assert gain_share(base, [answers(10)], [answers(4)], "mmlu-circular-accuracy") is None
+
+
 def test_the_table_runner_writes_each_rows_paired_comparison(tmp_path):
     from tests.test_experiments import run_table
 
@@ -104,6 +117,19 @@ def test_the_table_runner_writes_each_rows_paired_comparison(tmp_path):
     paired = run_table.paired_rows(table, results, lambda r: base if r["row"] == "untuned" else tuned)
     assert [p["row"] for p in paired] == ["tuned"] and paired[0]["metrics"]["wq-em"]["gained"] == 12
     assert "| tuned | 1 | +1.000 [+1.000, +1.000] 12/0 p=0.00049 |" in run_table.summarise_paired(table, paired)
+
+    half = tmp_path / "half.jsonl"  # a second column that gets half of the first column's gain
+    half.write_text("".join(json.dumps(wq(i, float(i < 6), float(i < 6), 1)) + "\n" for i in range(12)))
+    table |= {
+        "columns": [{"name": "c"}, {"name": "fed"}],
+        "gain-share": {"metric": "wq-f1", "row": "tuned", "column": "c"},
+    }
+    results.append({"row": "tuned", "column": "fed", "seed": 1})
+    of = lambda r: base if r["row"] == "untuned" else tuned if r["column"] == "c" else half  # noqa: E731
+    paired = run_table.paired_rows(table, results, of)
+    assert "gain-share" not in paired[0] and paired[1]["gain-share"]["share"] == pytest.approx(0.5)
+    assert paired[1]["gain-share"]["of"] == ["tuned", "c"]
+    assert "| fed | tuned | 1 | 50.0% [" in run_table.summarise_paired(table, paired)
 
 
 def test_reread_summary_pairs_each_adapter_against_untuned_and_measures_the_choices_spread(tmp_path):

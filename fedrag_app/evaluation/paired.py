@@ -95,3 +95,43 @@ def compare(
             }
         out[metric] = row
     return out
+
+
+def gain_share(
+    baseline: Sequence[dict],
+    reference: Sequence[Sequence[dict]],
+    runs: Sequence[Sequence[dict]],
+    metric: str,
+    *,
+    recall_k: int = 10,
+    resamples: int = 10_000,
+    seed: int = 0,
+) -> dict[str, float | list[float]] | None:
+    """How much of a reference system's gain over the baseline the runs keep (a federation's share of centralized
+    training's gain), on the questions all of them answered: the ratio of the mean gains, each run's own gain over
+    the reference's mean gain, and a 95% interval with questions resampled (one resample for both gains, each
+    question averaged over its system's runs). The interval covers which questions were asked, not the seeds'
+    spread, which 'share-per-run' shows. None when a system lacks the metric or the reference gains nothing."""
+    base = question_scores(baseline, recall_k).get(metric)
+    ref = [question_scores(r, recall_k).get(metric) for r in reference]
+    tuned = [question_scores(r, recall_k).get(metric) for r in runs]
+    if base is None or not ref or not tuned or any(s is None for s in ref + tuned):
+        return None
+    keys = sorted(set(base).intersection(*ref, *tuned))
+    b = np.array([base[k] for k in keys])
+    ref_gain = np.array([[s[k] for k in keys] for s in ref]).mean(axis=0) - b  # (questions,)
+    per_run = np.array([[s[k] for k in keys] for s in tuned]) - b  # (runs, questions)
+    if not keys or ref_gain.mean() <= 0:
+        return None
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(keys), size=(resamples, len(keys)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shares = per_run.mean(axis=0)[idx].mean(axis=1) / ref_gain[idx].mean(axis=1)
+    low, high = np.nanpercentile(shares, [2.5, 97.5])
+    return {
+        "n": float(len(keys)),
+        "share": float(per_run.mean() / ref_gain.mean()),
+        "low": float(low),
+        "high": float(high),
+        "share-per-run": [float(g.mean() / ref_gain.mean()) for g in per_run],
+    }

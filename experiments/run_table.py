@@ -60,10 +60,19 @@ def load_table(path: Path) -> dict:
         rows, columns = [r["name"] for r in table["rows"]], [c["name"] for c in table["columns"]]
         if not isinstance(share, dict) or set(share) != {"metric", "row", "column"}:
             raise typer.BadParameter(f"table file {path}: gain-share takes exactly metric, row and column; got {share}")
-        if share["row"] not in rows or share["column"] not in columns or "baseline" not in table:
+        if (
+            share["row"] not in rows
+            or share["column"] not in columns
+            or share["row"] == table.get("baseline", share["row"])
+        ):
             raise typer.BadParameter(
                 f"table file {path}: gain-share names row {share['row']!r} and column {share['column']!r}; the table "
-                f"has rows {rows}, columns {columns}, and needs a baseline"
+                f"has rows {rows}, columns {columns}, and needs a baseline row other than that row"
+            )
+        if share["metric"] not in table.get("paired-metrics", table["metrics"]):
+            raise typer.BadParameter(
+                f"table file {path}: gain-share metric {share['metric']!r} is not among the paired metrics "
+                f"{table.get('paired-metrics', table['metrics'])}"
             )
     return table
 
@@ -320,16 +329,16 @@ def summarise_paired(table: dict, paired: list[dict]) -> str:
             "Each row's mean gain over the reference's, with a 95% interval over questions (one resample for both",
             "gains), and each seed's own gain over the reference's mean gain.",
             "",
-            "| column | row | seeds | share | by seed |",
+            "| row | column | seeds | share | by seed |",
             "|---|---|---|---|---|",
         ]
         for p in shares:
             g = p["gain-share"]
-            by_seed = ", ".join(f"{x:.0%}" for x in g["share-per-run"])
-            lines.append(
-                f"| {p['column']} | {p['row']} | {p['seeds']} | {g['share']:.1%} [{g['low']:.0%}, {g['high']:.0%}] "
-                f"| {by_seed} |"
-            )
+            by_seed = ", ".join(f"{x:.1%}" for x in g["share-per-run"])
+            low = "−∞" if g["low"] is None else f"{g['low']:.1%}"
+            high = "∞" if g["high"] is None else f"{g['high']:.1%}"
+            share = f"{g['share']:.1%} [{low}, {high}]"
+            lines.append(f"| {p['row']} | {p['column']} | {p['seeds']} | {share} | {by_seed} |")
         lines.append("")
     return "\n".join(lines)
 

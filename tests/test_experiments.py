@@ -57,6 +57,12 @@ def test_a_gain_share_naming_a_missing_cell_is_refused_by_name(tmp_path):
     bad.write_text(head + 'gain-share = { metric = "wq-f1", row = "r" }\n' + cells)
     with pytest.raises(typer.BadParameter, match="exactly metric, row and column"):
         run_table.load_table(bad)
+    bad.write_text(head + 'gain-share = { metric = "wq-f1", row = "u", column = "c" }\n' + cells)
+    with pytest.raises(typer.BadParameter, match="a baseline row other than that row"):
+        run_table.load_table(bad)
+    bad.write_text(head + 'gain-share = { metric = "wq-f2", row = "r", column = "c" }\n' + cells)
+    with pytest.raises(typer.BadParameter, match="metric 'wq-f2' is not among the paired metrics"):
+        run_table.load_table(bad)
 
 
 def test_summary_is_mean_and_sample_std_over_finished_seeds():

@@ -124,16 +124,26 @@ def test_checked_fedavg_weights_by_examples_and_drops_bad_updates(caplog):
 
 def test_a_reply_that_learned_from_no_question_is_left_out_not_failed(caplog):
     """Weight 0 (lsr.gate kept none of the node's questions): the node's unchanged weights would pull the average
-    back toward the round's start, so they stay out, and a run that checks round-failures does not fail on it."""
+    back toward the round's start, so they stay out, and a run that checks round-failures does not fail on it; its
+    work still counts in the round's costs, and a weight-0 reply that is unsound is still a failure."""
     reference = {"lora.w": np.zeros((2, 2), np.float32), "retriever.v": np.zeros(3, np.float32)}
     strategy = checked(reference)
+    empty = _update(0.0, 0)
+    empty["metrics"]["local-seconds"] = 7.0
+    broken = _update(float("nan"), 0)
     with caplog.at_level(logging.INFO):
-        arrays, _ = strategy.aggregate_train(2, [reply(_update(2.0, 3), 1), reply(_update(0.0, 0), 2)])
+        arrays, _ = strategy.aggregate_train(2, [reply(_update(2.0, 3), 1), reply(empty, 2), reply(broken, 3)])
     assert np.allclose(record_to_numpy(arrays)["lora.w"], 2.0)
-    assert "node 2 learned from no question in round 2" in caplog.text and "dropped" not in caplog.text
+    assert "node 2 learned from no question in round 2" in caplog.text and "node 2 in round" not in caplog.text
+    assert "dropped the update of node 3" in caplog.text and "NaN" in caplog.text
     costs = strategy.round_costs
-    assert costs["round-updates-averaged"] == 1 and costs["round-updates-empty"] == 1 and costs["round-failures"] == 0
-    assert checked(reference).aggregate_train(1, [reply(_update(0.0, 0), 1)]) == (None, None)
+    assert costs["round-updates-averaged"] == 1 and costs["round-updates-empty"] == 1 and costs["round-failures"] == 1
+    assert costs["round-local-seconds-max"] == 7.0
+    assert costs["round-bytes-up"] == 2 * reply(empty, 2).content["arrays"].count_bytes()
+    alone = checked(reference)
+    assert alone.aggregate_train(1, [reply(_update(0.0, 0), 1), reply(_update(1.0, 0), 2)]) == (None, None)
+    assert alone.last_train_metrics["loss"] == pytest.approx(0.5), "every node empty: their metrics, unweighted"
+    assert alone.round_costs["round-failures"] == 0 and alone.round_costs["round-updates-empty"] == 2
 
 
 def test_checked_fedavg_returns_nothing_when_every_update_is_bad():

@@ -97,6 +97,8 @@ def test_gain_share_is_the_ratio_of_mean_gains_with_each_seeds_own_share():
     assert out["share"] == pytest.approx(0.5) and out["share-per-run"] == pytest.approx([0.4, 0.6])
     assert out["low"] < 0.5 < out["high"] and out["n"] == 20
     assert gain_share(base, [base], [answers(4)], "wq-f1") is None
+    rare = gain_share(base, [answers(1)], [answers(1)], "wq-f1", resamples=2000)  # one question carries the gain
+    assert rare["share"] == 1.0 and rare["high"] is None, "resamples without that question have no share: open above"
     assert gain_share(base, [answers(10)], [answers(4)], "mmlu-circular-accuracy") is None
 
 
@@ -129,7 +131,7 @@ def test_the_table_runner_writes_each_rows_paired_comparison(tmp_path):
     paired = run_table.paired_rows(table, results, of)
     assert "gain-share" not in paired[0] and paired[1]["gain-share"]["share"] == pytest.approx(0.5)
     assert paired[1]["gain-share"]["of"] == ["tuned", "c"]
-    assert "| fed | tuned | 1 | 50.0% [" in run_table.summarise_paired(table, paired)
+    assert "| tuned | fed | 1 | 50.0% [" in run_table.summarise_paired(table, paired)
 
 
 def test_reread_summary_pairs_each_adapter_against_untuned_and_measures_the_choices_spread(tmp_path):

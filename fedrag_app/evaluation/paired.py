@@ -106,12 +106,13 @@ def gain_share(
     recall_k: int = 10,
     resamples: int = 10_000,
     seed: int = 0,
-) -> dict[str, float | list[float]] | None:
+) -> dict[str, float | list[float] | None] | None:
     """How much of a reference system's gain over the baseline the runs keep (a federation's share of centralized
     training's gain), on the questions all of them answered: the ratio of the mean gains, each run's own gain over
     the reference's mean gain, and a 95% interval with questions resampled (one resample for both gains, each
     question averaged over its system's runs). The interval covers which questions were asked, not the seeds'
-    spread, which 'share-per-run' shows. None when a system lacks the metric or the reference gains nothing."""
+    spread, which 'share-per-run' shows; 'high' is None (unbounded) when the reference gains nothing in more than
+    2.5% of the resamples. None when a system lacks the metric or the reference gains nothing."""
     base = question_scores(baseline, recall_k).get(metric)
     ref = [question_scores(r, recall_k).get(metric) for r in reference]
     tuned = [question_scores(r, recall_k).get(metric) for r in runs]
@@ -125,13 +126,15 @@ def gain_share(
         return None
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(keys), size=(resamples, len(keys)))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        shares = per_run.mean(axis=0)[idx].mean(axis=1) / ref_gain[idx].mean(axis=1)
-    low, high = np.nanpercentile(shares, [2.5, 97.5])
+    ref_boot, run_boot = ref_gain[idx].mean(axis=1), per_run.mean(axis=0)[idx].mean(axis=1)
+    # a resample where the reference gains nothing has no share: it counts as unbounded above, so when more than
+    # 2.5% of them do, the interval is open ('high' None) rather than a number that hides it
+    shares = np.where(ref_boot > 0, run_boot / np.where(ref_boot > 0, ref_boot, 1.0), np.inf)
+    low, high = np.quantile(shares, 0.025, method="lower"), np.quantile(shares, 0.975, method="higher")
     return {
         "n": float(len(keys)),
         "share": float(per_run.mean() / ref_gain.mean()),
-        "low": float(low),
-        "high": float(high),
+        "low": float(low) if np.isfinite(low) else None,
+        "high": float(high) if np.isfinite(high) else None,
         "share-per-run": [float(g.mean() / ref_gain.mean()) for g in per_run],
     }

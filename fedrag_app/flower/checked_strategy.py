@@ -82,17 +82,8 @@ class CheckedStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        passed, bytes_up, empty, replies = [], 0.0, 0, list(replies)
+        passed, empty, bytes_up, replies = [], [], 0.0, list(replies)
         for m in replies:
-            if not m.has_error() and _learned_nothing(m.content, self.aggregator.weighted_by_key):
-                empty += 1  # e.g. lsr.gate kept none of its questions: no update to average, and no fault
-                log(
-                    INFO,
-                    "node %s learned from no question in round %s: nothing to average",
-                    m.metadata.src_node_id,
-                    server_round,
-                )
-                continue
             size = 0 if m.has_error() else m.content["arrays"].count_bytes() if "arrays" in m.content else 0
             problem = None if m.has_error() else self._problem(m.content)
             bytes_up += 0 if problem else size
@@ -104,13 +95,21 @@ class CheckedStrategy(Strategy):
                     server_round,
                     problem,
                 )
+            elif not m.has_error() and _learned_nothing(m.content, self.aggregator.weighted_by_key):
+                empty.append(m)  # e.g. lsr.gate kept none of its questions: a sound reply with nothing to average
+                log(
+                    INFO,
+                    "node %s learned from no question in round %s: nothing to average",
+                    m.metadata.src_node_id,
+                    server_round,
+                )
             else:
                 passed.append(m)
         kept = [m for m in passed if not m.has_error()]
         rank_losses = self._merge_rank_updates(kept) if self.global_rank is not None else {}
         norm_bound = self._bound_update_norms(kept, server_round) if self.update_norm_bound and kept else {}
-        local = [float(m.content["metrics"].get("local-seconds", 0.0)) for m in kept]
-        handler = [float(m.content["metrics"].get("handler-seconds", 0.0)) for m in kept]
+        local = [float(m.content["metrics"].get("local-seconds", 0.0)) for m in kept + empty]  # an empty one worked
+        handler = [float(m.content["metrics"].get("handler-seconds", 0.0)) for m in kept + empty]
         self.round_costs = {  # what Flower adds on top of the clients' own work, and what crossed the network
             "round-train-seconds": time.perf_counter() - self._sent_at,
             "round-local-seconds-sum": sum(local),
@@ -120,15 +119,17 @@ class CheckedStrategy(Strategy):
             "round-bytes-down": float(self._sent_bytes),
             "round-bytes-up": bytes_up,
             "round-updates-averaged": float(len(kept)),
-            "round-updates-empty": float(empty),
-            "round-failures": float(len(replies) - len(kept) - empty),
+            "round-updates-empty": float(len(empty)),
+            "round-failures": float(len(replies) - len(kept) - len(empty)),
             **norm_bound,
         }  # error replies and dropped updates
         if self.inner is not self.aggregator:  # Flower's DP noise draws from numpy's global RNG, seeded by runtime.seed
             np.random.seed()  # fresh OS entropy: noise that anyone knowing the seed could subtract protects nothing
         arrays, metrics = self.inner.aggregate_train(server_round, passed)
         self.last_train_metrics = dict(metrics) if metrics else {}
-        self._disclose("train", kept)
+        if not kept and empty:  # every node learned nothing (say, the gate kept none): still report what they saw
+            self.last_train_metrics = _unweighted_means([m.content["metrics"] for m in empty])
+        self._disclose("train", kept + empty)
         if arrays is not None and (extra := getattr(self.aggregator, "last_aggregation_metrics", None)):
             self.round_costs.update(extra)
         if arrays is not None:
@@ -171,7 +172,7 @@ class CheckedStrategy(Strategy):
         return {f"round-{k}": v for k, v in stats.items()}
 
     def _problem(self, content) -> str | None:
-        problem = _reply_problem(content, self.aggregator.weighted_by_key)
+        problem = _reply_problem(content, self.aggregator.weighted_by_key)  # a weight of 0 passes: an empty update
         if problem is None and self.wire_updates:
             problem = _rebuild_wire_update(content, self.sent_global)
         if problem is None and self.global_rank is not None:
@@ -288,9 +289,14 @@ def _rebuild_wire_update(content, sent: dict) -> str | None:
 
 
 def _learned_nothing(content, weight_key: str) -> bool:
-    """A well-formed reply whose weight is 0: the node trained on no question (lsr.gate may keep none of a round's)."""
-    metrics = content.metric_records.get("metrics")
-    return metrics is not None and metrics.get(weight_key) == 0
+    """A sound reply whose weight is 0: the node trained on no question (lsr.gate may keep none of a round's)."""
+    return content["metrics"].get(weight_key) == 0
+
+
+def _unweighted_means(records: list[MetricRecord]) -> dict[str, float]:
+    """Each numeric metric's mean over the records that carry it, every node counting once."""
+    keys = sorted({k for r in records for k, v in r.items() if isinstance(v, (int, float))})
+    return {k: sum(float(r[k]) for r in records if k in r) / sum(1 for r in records if k in r) for k in keys}
 
 
 def _reply_problem(content, weight_key: str) -> str | None:
@@ -298,6 +304,6 @@ def _reply_problem(content, weight_key: str) -> str | None:
     if set(content.array_records) != {"arrays"} or set(content.metric_records) != {"metrics"}:
         return f"expected one ArrayRecord 'arrays' and one MetricRecord 'metrics', got {sorted(content.keys())}"
     weight = content["metrics"].get(weight_key)
-    if not isinstance(weight, (int, float)) or weight <= 0:
-        return f"metric '{weight_key}' = {weight!r}: expected a positive number"
+    if not isinstance(weight, (int, float)) or weight < 0 or not np.isfinite(weight):
+        return f"metric '{weight_key}' = {weight!r}: expected a number >= 0 (0: the node learned from no question)"
     return None

@@ -47,22 +47,26 @@ def test_a_table_without_rows_is_refused_by_name(tmp_path):
         run_table.load_table(bad)
 
 
-def test_a_gain_share_naming_a_missing_cell_is_refused_by_name(tmp_path):
+@pytest.mark.parametrize(
+    ("share", "refusal"),
+    [
+        ('{ metric = "wq-f1", row = "R", column = "c" }', "gain-share names row 'R'"),
+        ('{ metric = "wq-f1", row = "r" }', "exactly metric, row and column"),
+        ('{ metric = "wq-f1", row = "u", column = "c" }', "a baseline row other than that row"),
+        ('{ metric = "wq-f2", row = "r", column = "c" }', "metric 'wq-f2' is not among the paired metrics"),
+    ],
+)
+def test_a_gain_share_that_names_no_sound_reference_is_refused_by_name(tmp_path, share, refusal):
     bad = tmp_path / "t.toml"
-    head = 'name = "t"\nseeds = [1]\nmetrics = ["x"]\nbaseline = "u"\n'
-    cells = '[[rows]]\nname = "u"\n[[rows]]\nname = "r"\n[[columns]]\nname = "c"\n'
-    bad.write_text(head + 'gain-share = { metric = "wq-f1", row = "R", column = "c" }\n' + cells)
-    with pytest.raises(typer.BadParameter, match="gain-share names row 'R'"):
+    bad.write_text(
+        'name = "t"\nseeds = [1]\nmetrics = ["wq-f1"]\nbaseline = "u"\n'
+        f"gain-share = {share}\n"
+        '[[rows]]\nname = "u"\n[[rows]]\nname = "r"\n[[columns]]\nname = "c"\n'
+    )
+    with pytest.raises(typer.BadParameter, match=refusal):
         run_table.load_table(bad)
-    bad.write_text(head + 'gain-share = { metric = "wq-f1", row = "r" }\n' + cells)
-    with pytest.raises(typer.BadParameter, match="exactly metric, row and column"):
-        run_table.load_table(bad)
-    bad.write_text(head + 'gain-share = { metric = "wq-f1", row = "u", column = "c" }\n' + cells)
-    with pytest.raises(typer.BadParameter, match="a baseline row other than that row"):
-        run_table.load_table(bad)
-    bad.write_text(head + 'gain-share = { metric = "wq-f2", row = "r", column = "c" }\n' + cells)
-    with pytest.raises(typer.BadParameter, match="metric 'wq-f2' is not among the paired metrics"):
-        run_table.load_table(bad)
+    bad.write_text(bad.read_text().replace(share, '{ metric = "wq-f1", row = "r", column = "c" }'))
+    assert run_table.load_table(bad)["gain-share"]["row"] == "r", "the sound one loads"
 
 
 def test_summary_is_mean_and_sample_std_over_finished_seeds():

@@ -128,7 +128,8 @@ class CheckedStrategy(Strategy):
         arrays, metrics = self.inner.aggregate_train(server_round, passed)
         self.last_train_metrics = dict(metrics) if metrics else {}
         if not kept and empty:  # every node learned nothing (say, the gate kept none): still report what they saw
-            self.last_train_metrics = _unweighted_means([m.content["metrics"] for m in empty])
+            numbers = [{k: v for k, v in m.content["metrics"].items() if isinstance(v, (int, float))} for m in empty]
+            self.last_train_metrics = unprotected_means(numbers)  # each node counting once
         self._disclose("train", kept + empty)
         if arrays is not None and (extra := getattr(self.aggregator, "last_aggregation_metrics", None)):
             self.round_costs.update(extra)
@@ -291,12 +292,6 @@ def _rebuild_wire_update(content, sent: dict) -> str | None:
 def _learned_nothing(content, weight_key: str) -> bool:
     """A sound reply whose weight is 0: the node trained on no question (lsr.gate may keep none of a round's)."""
     return content["metrics"].get(weight_key) == 0
-
-
-def _unweighted_means(records: list[MetricRecord]) -> dict[str, float]:
-    """Each numeric metric's mean over the records that carry it, every node counting once."""
-    keys = sorted({k for r in records for k, v in r.items() if isinstance(v, (int, float))})
-    return {k: sum(float(r[k]) for r in records if k in r) / sum(1 for r in records if k in r) for k in keys}
 
 
 def _reply_problem(content, weight_key: str) -> str | None:

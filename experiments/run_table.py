@@ -274,7 +274,8 @@ def paired_rows(table: dict, results: list[dict], predictions_of) -> list[dict]:
     out = []
     for column in table["columns"]:
         for row in table["rows"]:
-            if runs := runs_of(row["name"], column["name"]):
+            is_reference = share is not None and (row["name"], column["name"]) == (share["row"], share["column"])
+            if runs := reference if is_reference else runs_of(row["name"], column["name"]):
                 entry = {
                     "row": row["name"],
                     "column": column["name"],
@@ -282,7 +283,7 @@ def paired_rows(table: dict, results: list[dict], predictions_of) -> list[dict]:
                     "seeds": len(runs),
                     "metrics": compare(base, runs, recall_k=recall_k),
                 }
-                if reference and (row["name"], column["name"]) != (share["row"], share["column"]):
+                if reference and not is_reference:
                     kept = gain_share(base, reference, runs, share["metric"], recall_k=recall_k)
                     if kept is not None:
                         entry["gain-share"] = {"metric": share["metric"], "of": [share["row"], share["column"]], **kept}

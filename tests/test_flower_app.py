@@ -146,6 +146,30 @@ def test_a_reply_that_learned_from_no_question_is_left_out_not_failed(caplog):
     assert alone.round_costs["round-failures"] == 0 and alone.round_costs["round-updates-empty"] == 2
 
 
+def test_lsr_shares_are_pooled_by_their_own_counts_across_nodes_the_empty_ones_too():
+    """Flower averages metrics by the FedAvg weight; in an LSR round that is lsr-examples, the questions the gate kept,
+    so a keep rate averaged by it counts a node by its own rate (0.9 x 9 + 0.1 x 1) / 10 = 0.82, and an empty node,
+    left out of the average, not at all. Pooled by the questions each node asked, 10 of 30 were kept."""
+    reference = {"lora.w": np.zeros((2, 2), np.float32), "retriever.v": np.zeros(3, np.float32)}
+
+    def node(kept: int, value: float) -> RecordDict:
+        update = _update(value, kept)
+        update["metrics"]["lsr-gate-kept"], update["metrics"]["lsr-gate-asked"] = kept / 10, 10.0
+        update["metrics"]["lsr-scores-cached"], update["metrics"]["lsr-scored"] = 1.0 if kept > 5 else 0.0, 40.0
+        return update
+
+    strategy = checked(reference)
+    _, metrics = strategy.aggregate_train(3, [reply(node(9, 1.0), 1), reply(node(1, 2.0), 2), reply(node(0, 0.0), 3)])
+    assert strategy.round_costs["round-updates-empty"] == 1
+    for shown in (metrics, strategy.last_train_metrics):
+        assert shown["lsr-gate-kept"] == pytest.approx(10 / 30)
+        assert shown["lsr-scores-cached"] == pytest.approx(1 / 3)
+        assert shown["loss"] == pytest.approx((9 * 1.0 + 1 * 2.0) / 10), "other metrics: Flower's weighted mean"
+    alone = checked(reference)
+    alone.aggregate_train(1, [reply(node(0, 0.0), 1), reply(node(0, 1.0), 2)])
+    assert alone.last_train_metrics["lsr-gate-kept"] == 0.0
+
+
 def test_checked_fedavg_returns_nothing_when_every_update_is_bad():
     reference = {"lora.w": np.zeros((2, 2), np.float32), "retriever.v": np.zeros(3, np.float32)}
     assert checked(reference).aggregate_train(1, [reply(_update(float("inf"), 2), 1)]) == (None, None)

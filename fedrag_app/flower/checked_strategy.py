@@ -30,6 +30,7 @@ from fedrag_app.federation.gaussian_dp import composed_epsilon, local_dp_sigma
 from fedrag_app.federation.lora_aggregation import adapter_rank, rank_update_average
 from fedrag_app.federation.robust import bound_update_norms
 from fedrag_app.flower.records import A_FINGERPRINT, CHECKS, from_wire_update, numpy_to_record, record_to_numpy
+from fedrag_app.training.lsr import pooled_shares
 
 
 class CheckedStrategy(Strategy):
@@ -130,6 +131,10 @@ class CheckedStrategy(Strategy):
         if not kept and empty:  # every node learned nothing (say, the gate kept none): still report what they saw
             numbers = [{k: v for k, v in m.content["metrics"].items() if isinstance(v, (int, float))} for m in empty]
             self.last_train_metrics = unprotected_means(numbers)  # each node counting once
+        if pooled := pooled_shares([dict(m.content["metrics"]) for m in kept + empty]):  # empty nodes asked too
+            self.last_train_metrics.update(pooled)
+            if metrics is not None:
+                metrics = MetricRecord({**dict(metrics), **pooled})
         self._disclose("train", kept + empty)
         if arrays is not None and (extra := getattr(self.aggregator, "last_aggregation_metrics", None)):
             self.round_costs.update(extra)

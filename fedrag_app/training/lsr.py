@@ -33,6 +33,21 @@ from fedrag_app.training.ralt import StepCallback
 from fedrag_app.training.score_cache import ScoreCache, generator_fingerprint, sequence_key
 from fedrag_app.training.sequences import build_sequence, collate
 
+# each share a node's LSR phase reports -> the count it is a share of. Across nodes a share is pooled by that count
+# (pooled_shares), not averaged by the FedAvg weight: in an LSR round the weight is lsr-examples, the questions the
+# gate kept, so a node that kept more would count more in its own keep rate, and one that kept none not at all.
+SHARES = {"lsr-candidates-kept": "lsr-questions", "lsr-gate-kept": "lsr-gate-asked", "lsr-scores-cached": "lsr-scored"}
+
+
+def pooled_shares(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Each of SHARES over the nodes that reported it with its count: sum(share x count) / sum(count)."""
+    pooled = {}
+    for share, count in SHARES.items():
+        pairs = [(float(r[share]), float(r[count])) for r in rows if share in r and count in r]
+        if (total := sum(n for _, n in pairs)) > 0:
+            pooled[share] = sum(v * n for v, n in pairs) / total
+    return pooled
+
 
 def log_distributions(
     retriever_scores: torch.Tensor, lm_scores: torch.Tensor, *, retriever_temperature: float, lm_temperature: float
@@ -222,9 +237,9 @@ def train_lsr(
     """One LSR phase: candidates and LM scores once (both fixed during the phase), then AdamW on the retriever.
     ``cache``: reuse LM scores of a frozen generator (train.mode = lsr; score_cache.py)."""
     start = time.perf_counter()
+    given = len(examples)
     hits = candidates(retriever, store, [e.question for e in examples], cfg)
     keep = [i for i, h in enumerate(hits) if len(h) == cfg.top_k]  # a store smaller than k cannot rank k
-    candidates_kept = len(keep) / max(1, len(examples))
     examples, hits = [examples[i] for i in keep], [hits[i] for i in keep]
     hits_before = cache.hits if cache is not None else 0
     asked = len(examples)
@@ -251,10 +266,13 @@ def train_lsr(
     )
     cached = (cache.hits - hits_before) / max(1, scored) if cache is not None else 0.0
     return metrics | {
-        "lsr-candidates-kept": candidates_kept,  # questions with k candidates (k articles with one-per-article)
+        "lsr-candidates-kept": asked / max(1, given),  # questions with k candidates (k articles with one-per-article)
         "lsr-gate-kept": len(examples) / max(1, asked),
         "lsr-examples": float(len(examples)),  # the questions the retriever learned from: its FedAvg weight
         "lsr-scores-cached": cached,
+        "lsr-questions": float(given),  # the counts the three shares above are shares of (SHARES)
+        "lsr-gate-asked": float(asked),
+        "lsr-scored": float(scored),
         "lsr-scoring-seconds": scoring_seconds,
         "lsr-seconds": time.perf_counter() - start,
     }

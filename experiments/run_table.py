@@ -265,22 +265,25 @@ def paired_rows(table: dict, results: list[dict], predictions_of) -> list[dict]:
     base = read_predictions(base_file)
     recall_k = int(table.get("run", {}).get("eval.recall-k", 10))
 
-    def runs_of(row: str, column: str) -> list[list[dict]]:
-        files = [predictions_of(r) for r in results if r["row"] == row and r["column"] == column and row != name]
-        return [read_predictions(f) for f in files if f is not None]
+    def runs_of(row: str, column: str) -> tuple[list[int], list[list[dict]]]:
+        cells = [r for r in results if r["row"] == row and r["column"] == column and row != name]
+        found = [(r["seed"], f) for r in cells if (f := predictions_of(r)) is not None]
+        return [seed for seed, _ in found], [read_predictions(f) for _, f in found]
 
     share = table.get("gain-share")  # {metric, row, column}: each row's share of that reference cell's gain
-    reference = runs_of(share["row"], share["column"]) if share else []
+    ref_seeds, reference = runs_of(share["row"], share["column"]) if share else ([], [])
     out = []
     for column in table["columns"]:
         for row in table["rows"]:
             is_reference = share is not None and (row["name"], column["name"]) == (share["row"], share["column"])
-            if runs := reference if is_reference else runs_of(row["name"], column["name"]):
+            seeds, runs = (ref_seeds, reference) if is_reference else runs_of(row["name"], column["name"])
+            if runs:
                 entry = {
                     "row": row["name"],
                     "column": column["name"],
                     "baseline": name,
                     "seeds": len(runs),
+                    "seed-list": seeds,
                     "metrics": compare(base, runs, recall_k=recall_k),
                 }
                 if reference and not is_reference:
@@ -291,15 +294,38 @@ def paired_rows(table: dict, results: list[dict], predictions_of) -> list[dict]:
     return out
 
 
+def seed_comparisons(paired: list[dict], metrics: list[str]) -> dict[tuple[str, str, int], dict]:
+    """(row, column, seed) -> each metric's comparison of that one seed against the baseline: difference, 95%
+    interval, questions gained/lost and sign-test p (what results.json carries per cell as 'paired')."""
+    out: dict[tuple[str, str, int], dict] = {}
+    for p in paired:
+        for i, seed in enumerate(p["seed-list"]):
+            out[(p["row"], p["column"], seed)] = {
+                metric: {
+                    "diff": m["diff-per-run"][i],
+                    "low": m["low-per-run"][i],
+                    "high": m["high-per-run"][i],
+                    "gained": m["gained-per-run"][i],
+                    "lost": m["lost-per-run"][i],
+                    "sign-p": m["sign-p-per-run"][i],
+                }
+                for metric in metrics
+                if (m := p["metrics"].get(metric)) is not None
+            }
+    return out
+
+
 def summarise_paired(table: dict, paired: list[dict]) -> str:
-    """Markdown: per column, each row's mean difference against the baseline with its 95% paired interval (and, for
-    0/1 metrics, questions gained/lost and the sign test's p)."""
+    """Markdown: per column, each row's mean difference against the baseline with its 95% paired interval,
+    questions gained/lost and the sign test's p seed by seed, and how many seeds confirm a change on their own."""
     if not paired:
         return ""
     metrics = table.get("paired-metrics", table["metrics"])
     lines = [
         f"## Paired against '{table['baseline']}' (same questions; difference, 95% bootstrap interval over "
-        "questions, each question averaged over the row's seeds; gained/lost and sign-test p, seed by seed)",
+        "questions, each question averaged over the row's seeds; gained/lost (F1, MRR: rose/fell) and sign-test p, "
+        "seed by seed; ↑ n/S: the seeds whose own sign test has p < 0.05 and whose own interval lies above 0, "
+        "↓ below)",
         "",
     ]
     for column in table["columns"]:
@@ -316,9 +342,11 @@ def summarise_paired(table: dict, paired: list[dict]) -> str:
                     cells.append("–")
                     continue
                 text = f"{m['diff']:+.3f} [{m['low']:+.3f}, {m['high']:+.3f}]"
-                if "sign-p-per-run" in m:  # each seed against the baseline: McNemar is per seed
-                    per_seed = zip(m["gained-per-run"], m["lost-per-run"], m["sign-p-per-run"])
-                    text += " " + ", ".join(f"{g:.0f}/{x:.0f} p={q:.2g}" for g, x, q in per_seed)
+                per_seed = zip(m["gained-per-run"], m["lost-per-run"], m["sign-p-per-run"])  # each seed: its own test
+                text += " " + ", ".join(f"{g:.0f}/{x:.0f} p={q:.2g}" for g, x, q in per_seed)
+                for arrow, key in (("↑", "confirmed-gain-runs"), ("↓", "confirmed-loss-runs")):
+                    if m[key]:
+                        text += f" {arrow}{m[key]:.0f}/{p['seeds']}"
                 cells.append(text)
             lines.append(f"| {p['row']} | {p['seeds']} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -492,6 +520,10 @@ def main(
     def report() -> list[dict]:
         results = finished()
         paired = paired_rows(table, results, predictions_of)
+        by_seed = seed_comparisons(paired, table.get("paired-metrics", table["metrics"]))
+        for r in results:  # each cell against the baseline on its own, beside its metrics
+            if (key := (r["row"], r["column"], r["seed"])) in by_seed:
+                r["paired"] = by_seed[key]
         write_text(root / "table.md", summarise(table, results) + "\n" + summarise_paired(table, paired))
         write_json(root / "results.json", results, indent=1, sort_keys=False)
         if paired:

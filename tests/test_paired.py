@@ -46,7 +46,7 @@ def test_compare_counts_gains_and_losses_question_by_question_over_seeds():
     out = compare(base, runs, recall_k=10, resamples=2000)
     assert out["wq-em"]["diff"] == pytest.approx(0.5) and out["wq-em"]["gained"] == 10 and out["wq-em"]["lost"] == 0
     assert out["wq-em"]["sign-p"] == pytest.approx(2 / 1024) and out["wq-em"]["low"] > 0
-    assert out["wq-f1"]["diff"] == pytest.approx(0.25) and "gained" not in out["wq-f1"]
+    assert out["wq-f1"]["diff"] == pytest.approx(0.25) and (out["wq-f1"]["gained"], out["wq-f1"]["lost"]) == (10, 0)
     assert out["retrieval-recall@10"]["diff"] == pytest.approx(0.5)
     mmlu = out["mmlu-circular-accuracy"]
     assert (mmlu["gained"], mmlu["lost"], mmlu["diff"]) == (10, 5, pytest.approx(0.25))
@@ -68,6 +68,11 @@ def test_compare_keeps_each_evaluated_set_apart_and_only_shared_questions():
         "gained-per-run": [0.0],
         "lost-per-run": [0.0],
         "sign-p-per-run": [1.0],
+        "diff-per-run": [0.0],
+        "low-per-run": [0.0],
+        "high-per-run": [0.0],
+        "confirmed-gain-runs": 0.0,
+        "confirmed-loss-runs": 0.0,
     }
     assert out["mmlu-all-circular-accuracy"]["diff"] == 1.0
 
@@ -85,6 +90,25 @@ def test_the_sign_test_is_seed_by_seed_so_an_unchanged_accuracy_shows_no_loss():
     three = compare(base, [runs[0], runs[1], [mc(i, True) for i in range(100)]], resamples=100)
     assert three["mmlu-circular-accuracy"]["sign-p"] == 1.0, "the median run's p: 2 of 3 seeds unchanged"
     assert three["mmlu-circular-accuracy"]["sign-p-per-run"][2] < 1e-6, "the third seed gains 75, loses none"
+
+
+def test_each_seed_gets_its_own_interval_and_sign_test_and_a_confirmed_count():
+    """Issue 38's bar is per seed: a retriever gains in a seed when that seed's own sign test has p < 0.05 and its own
+    interval lies above 0. Of three seeds over 60 questions, two move the answer up from rank 5 to rank 1 on 20
+    questions (MRR 0.2 -> 1.0), one changes nothing: 2 of 3 confirmed, and MRR, not a 0/1 metric, gets the sign
+    test of its paired differences (20 rose, 0 fell)."""
+    base = [wq(i, 0.0, 0.0, 5 if i < 20 else None) for i in range(60)]
+    up = [wq(i, 0.0, 0.0, 1 if i < 20 else None) for i in range(60)]
+    out = compare(base, [up, up, base], resamples=2000)["retrieval-mrr@10"]
+    assert out["diff-per-run"] == pytest.approx([0.8 / 3, 0.8 / 3, 0.0])
+    assert out["low-per-run"][0] > 0 and out["low-per-run"][2] == out["high-per-run"][2] == 0.0
+    assert out["gained-per-run"] == [20.0, 20.0, 0.0] and out["lost-per-run"] == [0.0, 0.0, 0.0]
+    assert out["sign-p-per-run"][0] == pytest.approx(2 / 2**20) and out["sign-p-per-run"][2] == 1.0
+    assert out["confirmed-gain-runs"] == 2.0 and out["confirmed-loss-runs"] == 0.0
+    down = compare(up, [base], resamples=2000)["retrieval-mrr@10"]
+    assert down["confirmed-loss-runs"] == 1.0 and down["confirmed-gain-runs"] == 0.0
+    few = compare(base[:3] + base[20:], [up[:3] + up[20:]], resamples=2000)["retrieval-mrr@10"]
+    assert few["diff"] > 0 and few["sign-p"] > 0.05 and few["confirmed-gain-runs"] == 0.0, "3 of 3: not significant"
 
 
 def test_gain_share_is_the_ratio_of_mean_gains_with_each_seeds_own_share():
@@ -118,7 +142,13 @@ def test_the_table_runner_writes_each_rows_paired_comparison(tmp_path):
     results = [{"row": "untuned", "column": "c", "seed": 1}, {"row": "tuned", "column": "c", "seed": 1}]
     paired = run_table.paired_rows(table, results, lambda r: base if r["row"] == "untuned" else tuned)
     assert [p["row"] for p in paired] == ["tuned"] and paired[0]["metrics"]["wq-em"]["gained"] == 12
-    assert "| tuned | 1 | +1.000 [+1.000, +1.000] 12/0 p=0.00049 |" in run_table.summarise_paired(table, paired)
+    assert "| tuned | 1 | +1.000 [+1.000, +1.000] 12/0 p=0.00049 ↑1/1 |" in run_table.summarise_paired(table, paired)
+    by_seed = run_table.seed_comparisons(paired, ["wq-em"])  # what results.json carries per cell
+    assert by_seed == {
+        ("tuned", "c", 1): {
+            "wq-em": pytest.approx(dict(diff=1, low=1, high=1, gained=12, lost=0, **{"sign-p": 2 / 4096}))
+        }
+    }
 
     half = tmp_path / "half.jsonl"  # a second column that gets half of the first column's gain
     half.write_text("".join(json.dumps(wq(i, float(i < 6), float(i < 6), 1)) + "\n" for i in range(12)))

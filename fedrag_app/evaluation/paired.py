@@ -4,8 +4,9 @@ A seed spread says how much training noise moves a figure, not whether the quest
 apart. Given the per-question records of a baseline and of one or more runs (seeds) of a tuned system (what
 ``fedrag-app evaluate --predictions`` and the server's ``predictions/round-N.jsonl`` write), each metric gets: the
 mean difference, a 95% paired-bootstrap interval of it (questions resampled with replacement; with several seeds,
-each question's difference is first averaged over the seeds), and for 0/1 metrics the questions gained and lost
-and the exact two-sided sign test on them (McNemar's exact test), seed by seed: McNemar compares two systems that
+each question's difference is first averaged over the seeds, and each seed gets its own too), and the questions
+gained and lost and the exact two-sided sign test on them (for 0/1 metrics McNemar's exact test; for F1 and MRR the
+sign test of the paired differences), seed by seed: McNemar compares two systems that
 each answer 0 or 1, and a consensus of seeds is not one (for a metric below 50%, "right in both seeds" is rarer than
 "wrong in both", so a majority vote shows losses where every seed's accuracy is unchanged).
 """
@@ -64,9 +65,12 @@ def compare(
     baseline: Sequence[dict], runs: Sequence[Sequence[dict]], *, recall_k: int = 10, resamples: int = 10_000
 ) -> dict[str, dict[str, float]]:
     """Per metric, the runs against the baseline on the questions all of them answered: n, mean difference, its
-    95% interval, and for 0/1 metrics (EM, recall, MMLU correctness) each run's questions gained / lost and sign
-    test ('gained-per-run', 'lost-per-run', 'sign-p-per-run'), with 'gained' / 'lost' their mean over the runs and
-    'sign-p' their median p (below 0.05 when most runs are significant; one run: its own)."""
+    95% interval (each question averaged over the runs); each run's own difference and interval ('diff-per-run',
+    'low-per-run', 'high-per-run'); each run's questions gained / lost (for EM, recall and MMLU correctness: right
+    now and wrong before, or the reverse; for F1 and MRR: the score rose or fell) and their exact sign test
+    ('gained-per-run', 'lost-per-run', 'sign-p-per-run'), with 'gained' / 'lost' their mean over the runs and
+    'sign-p' their median p (one run: its own); and 'confirmed-gain-runs' / 'confirmed-loss-runs', the runs whose
+    own sign test has p < 0.05 and whose own interval lies above (below) 0."""
     base = question_scores(baseline, recall_k)
     tuned = [question_scores(r, recall_k) for r in runs]
     out: dict[str, dict[str, float]] = {}
@@ -80,20 +84,27 @@ def compare(
         per_run = np.array([[run[metric][k] for k in keys] for run in tuned])  # (runs, questions)
         t = per_run.mean(axis=0)  # each question over the runs
         low, high = bootstrap_interval(t - b, resamples)
-        row = {"n": float(len(keys)), "diff": float((t - b).mean()), "low": low, "high": high}
-        if set(np.unique(b)) <= {0.0, 1.0} and metric != "wq-f1" and "mrr" not in metric:
-            gained = [int(np.sum((r == 1) & (b == 0))) for r in per_run]
-            lost = [int(np.sum((r == 0) & (b == 1))) for r in per_run]
-            p = [sign_test_p(g, x) for g, x in zip(gained, lost)]
-            row |= {
-                "gained": float(np.mean(gained)),
-                "lost": float(np.mean(lost)),
-                "sign-p": float(np.median(p)),
-                "gained-per-run": [float(g) for g in gained],
-                "lost-per-run": [float(x) for x in lost],
-                "sign-p-per-run": p,
-            }
-        out[metric] = row
+        own = [bootstrap_interval(r - b, resamples) for r in per_run] if len(per_run) > 1 else [(low, high)]
+        gained = [int(np.sum(r > b)) for r in per_run]  # a 0/1 metric: right now, wrong before
+        lost = [int(np.sum(r < b)) for r in per_run]
+        p = [sign_test_p(g, x) for g, x in zip(gained, lost)]
+        out[metric] = {
+            "n": float(len(keys)),
+            "diff": float((t - b).mean()),
+            "low": low,
+            "high": high,
+            "gained": float(np.mean(gained)),
+            "lost": float(np.mean(lost)),
+            "sign-p": float(np.median(p)),
+            "gained-per-run": [float(g) for g in gained],
+            "lost-per-run": [float(x) for x in lost],
+            "sign-p-per-run": p,
+            "diff-per-run": [float((r - b).mean()) for r in per_run],
+            "low-per-run": [lo for lo, _ in own],
+            "high-per-run": [hi for _, hi in own],
+            "confirmed-gain-runs": float(sum(q < 0.05 and lo > 0 for q, (lo, _) in zip(p, own))),
+            "confirmed-loss-runs": float(sum(q < 0.05 and hi < 0 for q, (_, hi) in zip(p, own))),
+        }
     return out
 
 

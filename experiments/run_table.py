@@ -48,6 +48,11 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+def paired_metrics(table: dict) -> list[str]:
+    """The metrics a table pairs against its baseline: `paired-metrics`, or else every metric it shows."""
+    return table.get("paired-metrics", table["metrics"])
+
+
 def load_table(path: Path) -> dict:
     try:
         table = tomllib.loads(path.read_text())
@@ -69,10 +74,10 @@ def load_table(path: Path) -> dict:
                 f"table file {path}: gain-share names row {share['row']!r} and column {share['column']!r}; the table "
                 f"has rows {rows}, columns {columns}, and needs a baseline row other than that row"
             )
-        if share["metric"] not in table.get("paired-metrics", table["metrics"]):
+        if share["metric"] not in paired_metrics(table):
             raise typer.BadParameter(
                 f"table file {path}: gain-share metric {share['metric']!r} is not among the paired metrics "
-                f"{table.get('paired-metrics', table['metrics'])}"
+                f"{paired_metrics(table)}"
             )
     return table
 
@@ -320,7 +325,7 @@ def summarise_paired(table: dict, paired: list[dict]) -> str:
     questions gained/lost and the sign test's p seed by seed, and how many seeds confirm a change on their own."""
     if not paired:
         return ""
-    metrics = table.get("paired-metrics", table["metrics"])
+    metrics = paired_metrics(table)
     lines = [
         f"## Paired against '{table['baseline']}' (same questions; difference, 95% bootstrap interval over "
         "questions, each question averaged over the row's seeds; gained/lost (F1, MRR: rose/fell) and sign-test p, "
@@ -520,7 +525,7 @@ def main(
     def report() -> list[dict]:
         results = finished()
         paired = paired_rows(table, results, predictions_of)
-        by_seed = seed_comparisons(paired, table.get("paired-metrics", table["metrics"]))
+        by_seed = seed_comparisons(paired, paired_metrics(table))
         for r in results:  # each cell against the baseline on its own, beside its metrics
             if (key := (r["row"], r["column"], r["seed"])) in by_seed:
                 r["paired"] = by_seed[key]

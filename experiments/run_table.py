@@ -11,7 +11,8 @@ interval, questions gained/lost and the sign test), per row over its seeds; `gai
 adds each row's share of that reference cell's gain. Finished cells are kept
 (`results/<table>/cells/.../seed-N.json`), so an interrupted table resumes where it stopped; --fresh starts over. The
 result table is rewritten after every cell. `keep-adapters` / `keep-retrievers` keep each training cell's final LoRA
-adapter / retriever trainable weights under results/<table>/adapters|retrievers/. A run-config string may name
+adapter / retriever (its trainable weights' fp16 update against the base; restore_retriever rebuilds it) under
+results/<table>/adapters|retrievers/. A run-config string may name
 "{repo}" (this checkout) and "{seed}" (the cell's seed), e.g. a per-seed lsr.scorer-adapter.
 """
 
@@ -207,11 +208,32 @@ def expand(value, seed: int):
     return value
 
 
+def _cell_retriever_config(config: dict):
+    """The RetrieverConfig a cell ran with, from its recorded run-config's retriever.* keys."""
+    from fedrag_app.config.app_config import AppConfig
+
+    return AppConfig.from_flat({k: v for k, v in config.items() if k.startswith("retriever.")}).retriever
+
+
+def _trainable_fingerprint(state: dict) -> str:
+    """sha256 over a retriever's trainable weights (keys, shapes, fp32 bytes): names the base an update applies to."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(f"{key}:{tuple(state[key].shape)}".encode())
+        h.update(state[key].astype("float32").tobytes())
+    return h.hexdigest()
+
+
 def keep_retriever(cell_out: Path, dest: Path) -> Path | None:
-    """Save a training cell's final retriever's trainable weights (query encoder's top retriever.train-top-layers
-    layers, + the context encoder's when it trains) as ``dest``/trainable.safetensors, the keys of
-    DualEncoder.trainable_state_dict: a few MB where the whole sentence-transformers folder is ~90 MB; load them onto
-    the base retriever with load_trainable_state_dict. None when the cell trained no retriever (RALT)."""
+    """Save a training cell's final retriever as ``dest``/update.safetensors: its trainable weights (query encoder's
+    top retriever.train-top-layers layers, + the context encoder's when it trains) minus the base retriever's, in
+    fp16, under the exchange keys ("retriever.query.<param>"). fp16 keeps ~3 digits of an update, where rounding the
+    weights themselves would lose most of a small LSR update; 7 MB a cell with MiniLM-L6's top 2 layers, against 14 MB
+    of fp32 weights and ~90 MB for the sentence-transformers folders. round.json records the run-config, the base's
+    fingerprint and the largest rounding error; restore_retriever rebuilds the retriever. None when the cell trained
+    no retriever (RALT)."""
     rounds = sorted(cell_out.glob("round-[0-9]*"), key=lambda p: int(p.name.split("-")[1]))
     if not rounds or rounds[-1].name.startswith("."):
         return None
@@ -219,24 +241,61 @@ def keep_retriever(cell_out: Path, dest: Path) -> Path | None:
     config = state.get("config", {})
     if config.get("train.mode") not in ("lsr", "ra-dit"):
         return None
-    from safetensors.torch import save_file
+    import numpy as np
+    from safetensors.numpy import save_file
 
-    from fedrag_app.config.app_config import RetrieverConfig
+    from fedrag_app.federation.exchange import flat_state, from_wire_update, to_wire_update
     from fedrag_app.rag.retriever import load_retriever
 
-    wanted = RetrieverConfig(
-        train_top_layers=int(config.get("retriever.train-top-layers", RetrieverConfig().train_top_layers)),
-        train_context_encoder=bool(config.get("retriever.train-context-encoder", False)),
-    )
-    weights = load_retriever(wanted, path=str(rounds[-1] / "retriever")).trainable_state_dict()
+    wanted = _cell_retriever_config(config)
+    base = flat_state({}, load_retriever(wanted).trainable_state_dict())
+    trained = flat_state({}, load_retriever(wanted, path=str(rounds[-1] / "retriever")).trainable_state_dict())
+    update = to_wire_update(trained, base, "float16")
+    rebuilt = from_wire_update(update, base)
     with atomic_dir(dest) as tmp:
-        save_file(weights, str(tmp / "trainable.safetensors"))
+        save_file(update, str(tmp / "update.safetensors"))
         write_json(
             tmp / "round.json",
-            {"round": state["round"], "run-config": {k: repo_relative(v) for k, v in config.items()}},
+            {
+                "round": state["round"],
+                "stored": "update.safetensors: trained minus base trainable weights, fp16; restore_retriever adds "
+                "them back to the base retriever.model",
+                "base-fingerprint": _trainable_fingerprint(base),
+                "max-abs-update": float(max(np.abs(trained[k] - base[k]).max() for k in trained)),
+                "max-abs-rounding-error": float(max(np.abs(rebuilt[k] - trained[k]).max() for k in trained)),
+                "run-config": {k: repo_relative(v) for k, v in config.items()},
+            },
             indent=1,
         )
     return dest
+
+
+def restore_retriever(kept: Path):
+    """The retriever keep_retriever saved in ``kept``: the base retriever its run-config names, plus the fp16
+    update, as a DualEncoder (``.save(folder)`` makes it a folder `fedrag-app evaluate --retriever` reads). A base
+    whose trainable weights differ from the one the update was taken against is refused by name."""
+    import torch
+    from safetensors.numpy import load_file
+
+    from fedrag_app.core.errors import WeightsError
+    from fedrag_app.federation.exchange import RETRIEVER, flat_state, from_wire_update
+    from fedrag_app.rag.retriever import load_retriever
+
+    meta = json.loads((kept / "round.json").read_text())
+    wanted = _cell_retriever_config(meta["run-config"])
+    retriever = load_retriever(wanted)
+    base = flat_state({}, retriever.trainable_state_dict())
+    if _trainable_fingerprint(base) != meta["base-fingerprint"]:
+        raise WeightsError(
+            f"{kept}/round.json: the update was taken against another base than retriever.model "
+            f"{wanted.model!r} loads now (trainable-weight fingerprints differ)"
+        )
+    try:
+        weights = from_wire_update(load_file(str(kept / "update.safetensors")), base)
+    except (KeyError, ValueError) as e:
+        raise WeightsError(f"{kept}/update.safetensors does not fit {wanted.model!r}: {e}") from e
+    retriever.load_trainable_state_dict({k.removeprefix(RETRIEVER): torch.from_numpy(v) for k, v in weights.items()})
+    return retriever
 
 
 def repo_relative(value):

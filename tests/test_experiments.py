@@ -217,30 +217,43 @@ def test_placeholders_fill_in_the_checkout_and_the_cells_seed_and_are_recorded_r
     assert run_table.expand("plain", 2) == "plain" and run_table.expand(0.5, 2) == 0.5
 
 
-def test_keep_retriever_saves_the_last_rounds_trainable_weights_of_a_retriever_cell_only(tmp_path, tiny_models_config):
+def test_keep_retriever_saves_the_last_rounds_update_and_restores_the_retriever_from_it(tmp_path, tiny_models_config):
+    """A retriever cell's final trainable weights are kept as their fp16 update against the base and rebuilt from it
+    to within fp16's rounding of the update; a RALT cell keeps none; a base that moved is refused."""
     import json as _json
 
     import torch
-    from safetensors.torch import load_file
+    from safetensors.numpy import load_file
 
     from fedrag_app.config.app_config import RetrieverConfig
+    from fedrag_app.core.errors import WeightsError
     from fedrag_app.rag.retriever import load_retriever
 
     config = {"retriever.model": tiny_models_config["retriever.model"], "retriever.train-top-layers": 1}
+    base = load_retriever(RetrieverConfig(model=config["retriever.model"], train_top_layers=1)).trainable_state_dict()
     for n in (1, 2):
         retriever = load_retriever(RetrieverConfig(model=config["retriever.model"], train_top_layers=1))
         with torch.no_grad():
             for p in retriever.trainable_parameters():
-                p.fill_(float(n))  # each round's weights told apart
+                p.add_(0.001 * n)  # each round's weights told apart, by an update the size of LSR's
         retriever.save(tmp_path / "cell" / f"round-{n:04d}" / "retriever")
         (tmp_path / "cell" / f"round-{n:04d}" / "state.json").write_text(
             _json.dumps({"round": n, "config": {**config, "train.mode": "ra-dit"}})
         )
     kept = run_table.keep_retriever(tmp_path / "cell", tmp_path / "retrievers" / "col" / "lsr" / "seed-1")
-    weights = load_file(str(kept / "trainable.safetensors"))
-    assert set(weights) == set(retriever.trainable_state_dict()), "the trainable weights, by their exchange keys"
-    assert all(torch.all(w == 2.0) for w in weights.values()), "the last round's"
-    assert _json.loads((kept / "round.json").read_text())["round"] == 2
+    update = load_file(str(kept / "update.safetensors"))
+    assert set(update) == {f"retriever.{k}" for k in base}, "the trainable weights, by their exchange keys"
+    assert all(u.dtype.name == "float16" for u in update.values())
+    meta = _json.loads((kept / "round.json").read_text())
+    assert meta["round"] == 2 and meta["max-abs-update"] == pytest.approx(0.002, rel=1e-3)
+    assert meta["max-abs-rounding-error"] < 0.002 * 2**-10, "fp16 keeps ~3 digits of the update"
+    restored = run_table.restore_retriever(kept).trainable_state_dict()
+    for key, value in restored.items():
+        torch.testing.assert_close(value, base[key] + 0.002, atol=0.002 * 2**-10 + 1e-7, rtol=0)
+    meta["base-fingerprint"] = "0" * 64
+    (kept / "round.json").write_text(_json.dumps(meta))
+    with pytest.raises(WeightsError, match="round.json"):
+        run_table.restore_retriever(kept)
     (tmp_path / "ralt" / "round-0001").mkdir(parents=True)
     (tmp_path / "ralt" / "round-0001" / "state.json").write_text(
         _json.dumps({"round": 1, "config": {"train.mode": "ralt"}})

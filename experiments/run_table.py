@@ -274,11 +274,10 @@ def restore_retriever(kept: Path):
     """The retriever keep_retriever saved in ``kept``: the base retriever its run-config names, plus the fp16
     update, as a DualEncoder (``.save(folder)`` makes it a folder `fedrag-app evaluate --retriever` reads). A base
     whose trainable weights differ from the one the update was taken against is refused by name."""
-    import torch
     from safetensors.numpy import load_file
 
     from fedrag_app.core.errors import WeightsError
-    from fedrag_app.federation.exchange import RETRIEVER, flat_state, from_wire_update
+    from fedrag_app.federation.exchange import flat_state, from_wire_update, split_state
     from fedrag_app.rag.retriever import load_retriever
 
     meta = json.loads((kept / "round.json").read_text())
@@ -294,7 +293,7 @@ def restore_retriever(kept: Path):
         weights = from_wire_update(load_file(str(kept / "update.safetensors")), base)
     except (KeyError, ValueError) as e:
         raise WeightsError(f"{kept}/update.safetensors does not fit {wanted.model!r}: {e}") from e
-    retriever.load_trainable_state_dict({k.removeprefix(RETRIEVER): torch.from_numpy(v) for k, v in weights.items()})
+    retriever.load_trainable_state_dict(split_state(weights, {}, retriever.trainable_state_dict())[1])
     return retriever
 
 

@@ -307,11 +307,14 @@ def test_a_scorer_adapter_scores_as_that_adapter_loaded_whole_and_leaves_the_gen
 
 
 def test_closed_book_score_equals_a_hand_computation_and_the_gate_keeps_the_questions_a_passage_helps(
-    generator, small_shard_path, data_dir
+    generator, small_shard_path, data_dir, tmp_path
 ):
     """lsr.gate: a question trains LSR only when its best candidate raises the answer's likelihood above no passage
-    at all; the closed-book score is the same answer log-likelihood with the passage left out of the prompt."""
+    at all; the closed-book score is the same answer log-likelihood with the passage left out of the prompt. The
+    scores the test computes go through a score cache the three train_lsr runs then read (as the test above), so
+    SmolLM2 scores each sequence once, and the gate's closed-book scores are shown to share it."""
     from fedrag_app.training.lsr import closed_book_scores
+    from fedrag_app.training.score_cache import ScoreCache
 
     cfg = LsrConfig(top_k=4, lm_score="sum", learning_rate=1e-4)
     seq = build_sequence(generator.tokenizer, QUESTION.question, None, QUESTION.target, 512, label_eos=False)
@@ -322,20 +325,23 @@ def test_closed_book_score_equals_a_hand_computation_and_the_gate_keeps_the_ques
 
     train = load_web_questions("train", DataConfig(dir=str(data_dir)))
     examples = [e for e in train if e.topic in SHARD_TOPICS][:12]
-    with KnowledgeStore.open(path=small_shard_path) as store:
+    with KnowledgeStore.open(path=small_shard_path) as store, ScoreCache(tmp_path / "scores.sqlite") as cache:
         retriever = load_retriever(RetrieverConfig())
         hits = retrieve(retriever, store, [e.question for e in examples], cfg.top_k, with_vectors=True)
-        best = lm_scores(generator, examples, hits, cfg).max(dim=1).values
-        closed = closed_book_scores(generator, examples, cfg)
+        best = lm_scores(generator, examples, hits, cfg, cache=cache).max(dim=1).values
+        closed = closed_book_scores(generator, examples, cfg, cache=cache)
         helped = (best > closed).float().mean().item()
         margin = (best - closed).clamp(min=0).median().item()  # a margin that drops some of those a passage helps
         by_margin = (best > closed + margin).float().mean().item()
         assert 0.0 < helped < 1.0, "a sample where the gate keeps some questions and drops others"
         assert 0.0 < by_margin < helped, "the margin drops questions a passage helps by less"
-        gated = train_lsr(generator, retriever, store, examples, LsrConfig(**{**cfg.__dict__, "gate": True}))
-        plain = train_lsr(generator, load_retriever(RetrieverConfig()), store, examples, cfg)
+        gated = train_lsr(
+            generator, retriever, store, examples, LsrConfig(**{**cfg.__dict__, "gate": True}), cache=cache
+        )
+        plain = train_lsr(generator, load_retriever(RetrieverConfig()), store, examples, cfg, cache=cache)
         wide = LsrConfig(**{**cfg.__dict__, "gate": True, "gate_margin": margin})
-        with_margin = train_lsr(generator, load_retriever(RetrieverConfig()), store, examples, wide)
+        with_margin = train_lsr(generator, load_retriever(RetrieverConfig()), store, examples, wide, cache=cache)
+    assert gated["lsr-scores-cached"] == 1.0, "candidates and closed-book scores alike come from the cache"
     assert gated["lsr-gate-kept"] == pytest.approx(helped)
     assert with_margin["lsr-gate-kept"] == pytest.approx(by_margin)
     assert plain["lsr-gate-kept"] == 1.0

@@ -147,7 +147,13 @@ def test_query_run_three_nodes_one_not_opted_in(tmp_path, data_dir, tiny_models_
         # stdio client: its `ask` tool is a query run like the one above, so the same answer from the same passages
         from mcp import Client, StdioServerParameters
 
-        sets = [a for item in common if item.split("=")[0] != "eval.top-k" for a in ("--set", item)]
+        mcp_out = tmp_path / "mcp"  # its query run writes answers there, not into the checkout's outputs/
+        sets = [
+            a
+            for item in common + [f"fed.output-dir='{mcp_out}'"]
+            if item.split("=")[0] != "eval.top-k"
+            for a in ("--set", item)
+        ]
         params = StdioServerParameters(
             command=str(VENV_BIN / "fedrag-app"),
             args=["mcp", "--federation", "local", "--federation-config", "num-supernodes=3", *sets],
@@ -164,6 +170,7 @@ def test_query_run_three_nodes_one_not_opted_in(tmp_path, data_dir, tiny_models_
         served = anyio.run(mcp_ask)
         assert served["answer"] == asked[0]["answer"]
         assert [p["id"] for p in served["sources"]] == [p["id"] for p in asked[0]["passages"][:2]]  # the prompt's 2
+        assert json.loads((mcp_out / "answers.jsonl").read_text())["answer"] == served["answer"]
     finally:
         follow_run.stop_local_superlink(env["FLWR_HOME"])
         assert not follow_run.local_federation_pids(env["FLWR_HOME"])

@@ -59,6 +59,29 @@ def test_search_matches_exact_cosine_and_batched_equals_single(tmp_path, small_p
             assert hits[0].title == passages[best[0]].title and hits[0].text == passages[best[0]].text
 
 
+def test_exact_search_is_the_brute_force_top_k_where_the_hnsw_graph_is_not(tmp_path):
+    """A segment past Qdrant's indexing threshold gets an HNSW graph, and on random 384-d points the graph's top 10
+    is approximate; exact=True scans every point, on both engines, so its top 10 is numpy's whatever graph the
+    store was built with (qdrant-client's local mode always scans)."""
+    rng = np.random.default_rng(0)
+    points = rng.standard_normal((10_000, 384)).astype(np.float32)  # 15 MB: indexed (3,000 are not)
+    points /= np.linalg.norm(points, axis=1, keepdims=True)
+    asked = rng.standard_normal((50, 384)).astype(np.float32)
+    asked /= np.linalg.norm(asked, axis=1, keepdims=True)
+    best = [[f"p{i}" for i in row] for row in np.argsort(-(asked @ points.T), axis=1)[:, :10]]
+    ids = [f"p{i}" for i in range(len(points))]
+    with (
+        KnowledgeStore.create(path=tmp_path / "edge", embedding_model="m", dim=384) as edge,
+        KnowledgeStore.create(url=":memory:", embedding_model="m", dim=384) as server,
+    ):
+        for store in (edge, server):
+            store.add(ids, points, ids, ids)
+            store.finalize()
+            assert [[h.id for h in hits] for hits in store.search_batch(asked, 10, exact=True)] == best
+        graph = [[h.id for h in hits] for hits in edge.search_batch(asked, 10)]
+        assert graph != best, "precondition: the graph search is approximate here (it misses in most lists)"
+
+
 def test_shard_persists_and_reopens(tmp_path, small_passages, vectors, queries):
     passages = small_passages[:120]
     with KnowledgeStore.create(path=tmp_path / "s", embedding_model="m", dim=384) as store:

@@ -76,17 +76,17 @@ class _EdgeBackend:
         points = [self.qe.Point(i, v.tolist(), p) for i, v, p in zip(ids, vectors, payloads)]
         self.shard.update(self.qe.UpdateOperation.upsert_points(points))
 
-    def _request(self, vector: np.ndarray, top_k: int, with_vectors: bool):
+    def _request(self, vector: np.ndarray, top_k: int, with_vectors: bool, exact: bool):
         return self.qe.QueryRequest(
             limit=top_k,
             query=self.qe.Query.Nearest(vector.tolist()),
             with_payload=True,
             with_vector=with_vectors,
-            params=self.qe.SearchParams(hnsw_ef=HNSW_EF_SEARCH),
+            params=self.qe.SearchParams(hnsw_ef=HNSW_EF_SEARCH, exact=exact),
         )
 
-    def search_batch(self, vectors: np.ndarray, top_k: int, with_vectors: bool) -> list[list]:
-        requests = [self._request(v, top_k, with_vectors) for v in vectors]
+    def search_batch(self, vectors: np.ndarray, top_k: int, with_vectors: bool, exact: bool = False) -> list[list]:
+        requests = [self._request(v, top_k, with_vectors, exact) for v in vectors]
         return self.shard.query_batch(self.qe.QueryBatchRequest(requests))
 
     def count(self) -> int:
@@ -134,9 +134,12 @@ class _ServerBackend:
             self.collection, points=self.models.Batch(ids=ids, vectors=vectors.tolist(), payloads=payloads)
         )
 
-    def search_batch(self, vectors: np.ndarray, top_k: int, with_vectors: bool) -> list[list]:
+    def search_batch(self, vectors: np.ndarray, top_k: int, with_vectors: bool, exact: bool = False) -> list[list]:
+        params = self.models.SearchParams(exact=exact)
         requests = [
-            self.models.QueryRequest(query=v.tolist(), limit=top_k, with_payload=True, with_vector=with_vectors)
+            self.models.QueryRequest(
+                query=v.tolist(), limit=top_k, with_payload=True, with_vector=with_vectors, params=params
+            )
             for v in vectors
         ]
         return [r.points for r in self.client.query_batch_points(self.collection, requests)]
@@ -240,11 +243,17 @@ class KnowledgeStore:
     def search(self, vector: np.ndarray, top_k: int, *, with_vectors: bool = False) -> list[Hit]:
         return self.search_batch(np.asarray(vector, dtype=np.float32)[None, :], top_k, with_vectors=with_vectors)[0]
 
-    def search_batch(self, vectors: np.ndarray, top_k: int, *, with_vectors: bool = False) -> list[list[Hit]]:
+    def search_batch(
+        self, vectors: np.ndarray, top_k: int, *, with_vectors: bool = False, exact: bool = False
+    ) -> list[list[Hit]]:
+        """Top-k hits per query vector. ``exact``: a full scan instead of the HNSW graph, whose answers are
+        approximate and depend on how the graph was built (a store rebuilt on another machine differs in a few
+        top-k lists): for checks that must not depend on the index."""
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise StoreError(f"query vectors of shape {vectors.shape} do not fit store {self.where} ({self.dim}-d)")
-        return [[_hit(p) for p in points] for points in self._backend.search_batch(vectors, top_k, with_vectors)]
+        found = self._backend.search_batch(vectors, top_k, with_vectors, exact)
+        return [[_hit(p) for p in points] for points in found]
 
     def count(self) -> int:
         return self._backend.count()

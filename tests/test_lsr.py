@@ -311,8 +311,9 @@ def test_closed_book_score_equals_a_hand_computation_and_the_gate_keeps_the_ques
 ):
     """lsr.gate: a question trains LSR only when its best candidate raises the answer's likelihood above no passage
     at all; the closed-book score is the same answer log-likelihood with the passage left out of the prompt. The
-    scores the test computes go through a score cache the three train_lsr runs then read (as the test above), so
-    SmolLM2 scores each sequence once, and the gate's closed-book scores are shown to share it."""
+    scores the test computes go through a score cache the three train_lsr runs then read (as in
+    test_train_lsr_with_the_defaults_moves_the_lm_preferred_passage_up), so SmolLM2 scores each sequence once, and
+    the gate's closed-book scores are shown to share it."""
     from fedrag_app.training.lsr import closed_book_scores
     from fedrag_app.training.score_cache import ScoreCache
 
